@@ -1,0 +1,1 @@
+"""The one owner of the model: requests in, generated text out."""

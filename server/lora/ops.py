@@ -1,0 +1,56 @@
+"""The batched multi-adapter LoRA op.
+
+Every token of a step carries one adapter slot (-1 = base). Tokens are grouped by slot
+(base tokens last) and all adapters of the step are applied in one grouped matmul,
+with no Python loop over adapters. Shapes, for a step of N tokens:
+
+    x        [N, in]        input activations, rows ordered as `mapping.order` says
+    a        [S, R, in]     per-slot A, zero-padded past each adapter's rank
+    b        [S, out, R]    per-slot B with the adapter's scale folded in
+    y        [N, out]       base output, updated in place:
+                            y[t] += b[s] @ (a[s] @ x[t])  for every token t with slot s >= 0
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from server.lora.mapping import LoraMapping
+
+Impl = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, LoraMapping], torch.Tensor]
+
+
+def grouped_lora(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, m: LoraMapping) -> torch.Tensor:
+    """Segmented matmul (SGMV): x [n_lora, in] sorted by slot -> delta [n_lora, out]."""
+    shrunk = torch._grouped_mm(x, a.transpose(1, 2), offs=m.offsets)
+    return torch._grouped_mm(shrunk, b.transpose(1, 2), offs=m.offsets)
+
+
+def gathered_lora(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, m: LoraMapping) -> torch.Tensor:
+    """Gather-then-bmm (BGMV): the reference, and the fallback where grouped matmul is unsupported."""
+    slots = m.sorted_slots
+    shrunk = torch.bmm(x.unsqueeze(1), a[slots].transpose(1, 2))
+    return torch.bmm(shrunk, b[slots].transpose(1, 2)).squeeze(1)
+
+
+def select_impl(device: torch.device, dtype: torch.dtype) -> Impl:
+    """Grouped matmul on the CPU and on Hopper-class GPUs in bfloat16; gather elsewhere."""
+    if device.type == "cpu":
+        return grouped_lora
+    if device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] >= 9:
+        return grouped_lora
+    return gathered_lora
+
+
+def add_lora_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, m: LoraMapping, impl: Impl) -> None:
+    """y[t] += b[s] @ a[s] @ x[t] for every token t whose slot s is not -1 (see module docstring)."""
+    n = m.num_lora_tokens
+    rank = m.rank
+    a, b = a[:, :rank], b[:, :, :rank]  # ranks past the step's largest adapter are zero padding
+    if m.order is None:
+        y[:n] += impl(x[:n], a, b, m)
+    else:
+        rows = m.order[:n]
+        y.index_add_(0, rows, impl(x.index_select(0, rows), a, b, m))
