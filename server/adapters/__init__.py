@@ -1,0 +1,1 @@
+"""Adapter lifecycle: PEFT format parsing and validation, the disk store, the registry."""

@@ -1,0 +1,196 @@
+"""A PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors), parsed and
+validated against the base model's layout.
+
+Input is untrusted (HTTP uploads): anything wrong is an `AdapterFormatError` whose message
+says what, and weights are only ever read with safetensors (never pickle / torch.load).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+
+from .layout import BaseLayout
+from .peft_config import (
+    DEFAULT_LORA_ALPHA,
+    AdapterFormatError,
+    ModulePlan,
+    parse_config,
+    plan_modules,
+    reject_unless_linear,
+)
+
+__all__ = ["AdapterFormatError", "LoraModuleWeights", "ParsedAdapter", "load_peft_adapter", "parse_peft_adapter"]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+_KEY_PREFIX = "base_model.model."
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_PICKLE_REFUSED = (
+    "pickle weights are refused (loading them can run arbitrary code); convert the adapter to "
+    "adapter_model.safetensors (e.g. PEFT save_pretrained(..., safe_serialization=True))"
+)
+
+
+@dataclass(frozen=True, eq=False)
+class LoraModuleWeights:
+    a: torch.Tensor  # [r, in_features], float32, CPU, contiguous
+    b: torch.Tensor  # [out_features, r], float32, CPU, contiguous, NOT yet scaled
+    scale: float  # lora_alpha/r, or lora_alpha/sqrt(r) with use_rslora, per-module patterns applied
+
+
+@dataclass(frozen=True, eq=False)
+class ParsedAdapter:
+    rank: int  # max rank over modules
+    alpha: float  # config lora_alpha
+    target_modules: tuple[str, ...]  # sorted base module names that carry LoRA
+    modules: dict[str, LoraModuleWeights]  # keyed by base module name
+    config: dict[str, Any]  # the parsed adapter_config.json
+    size_bytes: int  # size of the safetensors file
+
+
+def load_peft_adapter(folder: Path, layout: BaseLayout, max_rank: int) -> ParsedAdapter:
+    """Read a PEFT adapter folder and parse it (see `parse_peft_adapter`)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise AdapterFormatError(f"adapter folder {folder.name!r} does not exist")
+    config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    if not config_path.is_file():
+        raise AdapterFormatError(f"the adapter folder has no {CONFIG_NAME}")
+    if not weights_path.is_file():
+        if (folder / PICKLE_NAME).exists():
+            raise AdapterFormatError(f"the adapter has {PICKLE_NAME} but no {WEIGHTS_NAME}: {_PICKLE_REFUSED}")
+        raise AdapterFormatError(f"the adapter folder has no {WEIGHTS_NAME}")
+    return parse_peft_adapter(_read(config_path), _read(weights_path), layout, max_rank)
+
+
+def parse_peft_adapter(config_bytes: bytes, weights_bytes: bytes, layout: BaseLayout, max_rank: int) -> ParsedAdapter:
+    """Validate an adapter against the base layout and return its weights as float32.
+
+    Cheap config checks run before the tensors are decoded, so a bad upload fails fast.
+    """
+    config = parse_config(config_bytes)
+    plans = plan_modules(config, layout)
+    _check_rank_limit(plans, max_rank)
+    pairs = _pair_tensors(_read_tensors(weights_bytes), layout)
+    _check_same_modules(plans, pairs)
+    modules = {name: _module_weights(name, plans[name], pairs[name], layout) for name in sorted(plans)}
+    return ParsedAdapter(
+        rank=max(plan.rank for plan in plans.values()),
+        alpha=float(config.get("lora_alpha", DEFAULT_LORA_ALPHA)),
+        target_modules=tuple(modules),
+        modules=modules,
+        config=config,
+        size_bytes=len(weights_bytes),
+    )
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise AdapterFormatError(f"cannot read {path.name}: {exc.strerror}") from None
+
+
+def _check_rank_limit(plans: dict[str, ModulePlan], max_rank: int) -> None:
+    name, plan = max(plans.items(), key=lambda item: item[1].rank)
+    if plan.rank > max_rank:
+        raise AdapterFormatError(
+            f"adapter rank {plan.rank} (module {name!r}) exceeds this server's max LoRA rank of {max_rank}; "
+            "restart the server with a higher --max-lora-rank"
+        )
+
+
+def _read_tensors(data: bytes) -> dict[str, torch.Tensor]:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.frombuffer on read-only bytes
+            return safetensors.torch.load(data)
+    except BaseException as exc:
+        # safetensors raises its own error types on bad input, and a Rust panic surfaces as
+        # pyo3's PanicException, which derives from BaseException: all of them mean "bad file".
+        if not isinstance(exc, Exception) and type(exc).__name__ != "PanicException":
+            raise
+        if data[:4] == b"PK\x03\x04" or data[:1] == b"\x80":  # torch.save zip / raw pickle stream
+            raise AdapterFormatError(f"the weights look like a torch.save/pickle file: {_PICKLE_REFUSED}") from None
+        raise AdapterFormatError(
+            f"{WEIGHTS_NAME} is not a valid safetensors file (truncated or corrupt?): {str(exc)[:200]}"
+        ) from None
+
+
+def _split_key(key: str) -> tuple[str, str]:
+    """'base_model.model.<module>.lora_A[.default].weight' -> ('<module>', 'A')."""
+    if ".lora_embedding_A" in key or ".lora_embedding_B" in key:
+        raise AdapterFormatError(f"tensor {key!r}: LoRA on an embedding layer is not supported")
+    if ".lora_magnitude_vector" in key:
+        raise AdapterFormatError(f"tensor {key!r}: DoRA adapters are not supported")
+    if key.startswith(_KEY_PREFIX):
+        body = key[len(_KEY_PREFIX) :]
+        for which in ("A", "B"):
+            for suffix in (f".lora_{which}.weight", f".lora_{which}.default.weight"):
+                if body.endswith(suffix) and len(body) > len(suffix):
+                    return body[: -len(suffix)], which
+    if ".lora_B" in key and key.endswith(".bias"):
+        raise AdapterFormatError(f"tensor {key!r}: LoRA biases (lora_bias) are not supported")
+    raise AdapterFormatError(f"unexpected tensor {key[:200]!r} in {WEIGHTS_NAME} (not a LoRA A/B weight)")
+
+
+_Pairs = dict[str, dict[str, tuple[str, torch.Tensor]]]  # module -> {"A"|"B": (key, tensor)}
+
+
+def _pair_tensors(tensors: dict[str, torch.Tensor], layout: BaseLayout) -> _Pairs:
+    """Group the tensors by base module, each key checked on the way."""
+    pairs: _Pairs = {}
+    for key, tensor in tensors.items():
+        module, which = _split_key(key)
+        reject_unless_linear(module, layout, f"tensor {key[:200]!r}")
+        slot = pairs.setdefault(module, {})
+        if which in slot:
+            raise AdapterFormatError(f"duplicate tensors for {module!r}: {slot[which][0]!r} and {key!r}")
+        slot[which] = (key, tensor)
+    return pairs
+
+
+def _check_same_modules(plans: dict[str, ModulePlan], pairs: _Pairs) -> None:
+    """The config's targets and the tensors must describe the same modules, both A and B."""
+    extra = sorted(pairs.keys() - plans.keys())
+    if extra:
+        raise AdapterFormatError(
+            f"unexpected tensors for {len(extra)} module(s) adapter_config.json does not target, e.g. {extra[0]!r}"
+        )
+    missing = [f"{m}.lora_{w}.weight" for m in sorted(plans) for w in "AB" if w not in pairs.get(m, {})]
+    if missing:
+        raise AdapterFormatError(f"missing tensors: {len(missing)} LoRA weight(s), e.g. {missing[0]!r}")
+
+
+def _module_weights(
+    name: str, plan: ModulePlan, pair: dict[str, tuple[str, torch.Tensor]], layout: BaseLayout
+) -> LoraModuleWeights:
+    in_features, out_features = layout.linear[name]
+    a = _checked(*pair["A"], (plan.rank, in_features), plan.rank)
+    b = _checked(*pair["B"], (out_features, plan.rank), plan.rank)
+    return LoraModuleWeights(a=a, b=b, scale=plan.scale)
+
+
+def _checked(key: str, tensor: torch.Tensor, shape: tuple[int, int], rank: int) -> torch.Tensor:
+    """The tensor as float32 (an owned, contiguous copy) after dtype, shape and value checks."""
+    if tensor.dtype not in _FLOAT_DTYPES:
+        raise AdapterFormatError(
+            f"tensor {key!r} has dtype {str(tensor.dtype).removeprefix('torch.')}; "
+            "LoRA weights must be float16, bfloat16 or float32"
+        )
+    if tuple(tensor.shape) != shape:
+        raise AdapterFormatError(
+            f"tensor {key!r} has shape {list(tensor.shape)}, expected {list(shape)} "
+            f"(rank {rank} from adapter_config.json and the base layer's size)"
+        )
+    weight = tensor.to(torch.float32, copy=True).contiguous()
+    if not torch.isfinite(weight).all():
+        raise AdapterFormatError(f"tensor {key!r} contains NaN or Inf values")
+    return weight
