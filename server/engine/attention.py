@@ -1,0 +1,305 @@
+"""Packed multi-sequence attention over the engine's paged KV cache.
+
+One step runs ONE forward pass over `T` packed tokens: `input_ids` / `position_ids` of
+shape `[1, T]` are the concatenation of every scheduled sequence's tokens for this step
+(a prefill chunk, or exactly one token for a decoding sequence). Attention goes through
+`transformers.AttentionInterface` under the name `PAGED_ATTENTION`, so any causal LM whose
+attention modules call that interface (Llama, Qwen2, Mistral, ...) works unchanged:
+
+    use_paged_attention(model)                      # once, after loading
+    step = StepAttention.build(slices, kv_cache.block_size, device, kv_cache.dtype)
+    with step_context(kv_cache, step):              # per step
+        model.model(input_ids=..., position_ids=step.positions[None], use_cache=False)
+
+`packed_forward` wraps exactly that and returns last-token logits. transformers builds no
+mask for an implementation missing from `AttentionMaskInterface` (`attention_mask` is None
+here), and `use_cache=False` keeps it from creating a DynamicCache: the engine's `KVCache`
+is the only cache.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, fields, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AttentionInterface
+
+from server.engine.kv_cache import KVCache
+
+PAGED_ATTENTION = "loraplex_paged"
+
+
+@dataclass
+class SeqSlice:
+    """One scheduled sequence in a packed step.
+
+    Its tokens occupy packed rows `[query_start, query_start + query_len)`; after this step
+    it has `context_len` tokens in cache, so its new tokens sit at absolute positions
+    `context_len - query_len .. context_len - 1`. `block_table` lists its KV block ids in
+    token order and must cover `context_len` tokens.
+    """
+
+    query_start: int
+    query_len: int
+    context_len: int
+    block_table: list[int]
+
+
+@dataclass
+class PrefillPlan:
+    """One prefill chunk: packed rows `[query_start, query_start + query_len)`.
+
+    `blocks [n_blocks]` are the cache blocks holding its whole context and `bias
+    [query_len, n_blocks * block_size]` (additive: 0 or -inf) lets query i see keys
+    `0 .. context_len - query_len + i`. Both are None for a first chunk (`context_len ==
+    query_len`), which attends its own fresh keys causally and needs no gather.
+    """
+
+    query_start: int
+    query_len: int
+    blocks: torch.Tensor | None
+    bias: torch.Tensor | None
+
+
+@dataclass
+class StepAttention:
+    """Index tensors of one step, built once and shared by every layer.
+
+    - `slot_mapping [T]`: flat cache slot (`block * block_size + offset`) of each new token.
+    - `positions [T]`: absolute position of each packed token (the model's position_ids).
+    - `last_rows [n_seqs]`: packed row of each sequence's last token, in input order.
+    - `decode_rows [n_decode]`: packed rows of the decoding sequences (query_len == 1),
+      attended in one batched call: `decode_blocks [n_decode * max_blocks]` are their
+      block tables, right-padded with block 0, read with one `index_select` (a block is a
+      contiguous chunk, far cheaper to gather than single slots), and `decode_bias
+      [n_decode, 1, 1, max_blocks * block_size]` masks the padding (additive: 0 or -inf,
+      which SDPA takes without converting it every layer, unlike a bool mask).
+    - `prefills`: one `PrefillPlan` per prefill chunk, attended one call each.
+    """
+
+    slot_mapping: torch.Tensor
+    positions: torch.Tensor
+    last_rows: torch.Tensor
+    decode_rows: torch.Tensor
+    decode_blocks: torch.Tensor
+    decode_bias: torch.Tensor
+    prefills: list[PrefillPlan]
+    max_context: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.slot_mapping.numel()
+
+    @classmethod
+    def build(cls, seqs: list[SeqSlice], block_size: int, device: torch.device | str,
+              dtype: torch.dtype = torch.float32) -> StepAttention:
+        """Plan a step; `dtype` is the model's (the masks are additive biases in it)."""
+        _validate(seqs, block_size)
+        tables = _padded_block_tables(seqs)  # [n, max_blocks], on the CPU while we index
+        seq_of_token = torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor([s.query_len for s in seqs]))
+        positions = torch.cat([torch.arange(s.context_len - s.query_len, s.context_len) for s in seqs])
+        block_of_token = tables.view(-1)[seq_of_token * tables.shape[1] + positions // block_size]
+        slot_mapping = block_of_token * block_size + positions % block_size
+        last_rows = torch.tensor([s.query_start + s.query_len - 1 for s in seqs])
+
+        decode = [i for i, s in enumerate(seqs) if s.query_len == 1]
+        ctx = torch.tensor([seqs[i].context_len for i in decode], dtype=torch.long)
+        n_blocks = -(-int(ctx.max()) // block_size) if decode else 0
+        key_pos = torch.arange(n_blocks * block_size)
+        decode_bias = _bias(key_pos[None, :] < ctx[:, None], dtype)[:, None, None, :]
+
+        prefills = [_prefill_plan(s, tables[i], block_size, dtype) for i, s in enumerate(seqs) if s.query_len > 1]
+        step = cls(slot_mapping, positions, last_rows, last_rows[decode], tables[decode, :n_blocks].reshape(-1),
+                   decode_bias, [_to_device(p, device) for p in prefills], max(s.context_len for s in seqs))
+        return _to_device(step, device)  # built on the CPU, moved once per step
+
+
+def _bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf"))
+
+
+def _to_device(obj, device: torch.device | str):
+    """`obj` (a dataclass) with every tensor field moved to `device`."""
+    moved = {f.name: v.to(device) for f in fields(obj) if isinstance(v := getattr(obj, f.name), torch.Tensor)}
+    return replace(obj, **moved)
+
+
+def _validate(seqs: list[SeqSlice], block_size: int) -> None:
+    if not seqs:
+        raise ValueError("a step needs at least one sequence")
+    expected_start = 0
+    for s in seqs:
+        if s.query_start != expected_start or not 1 <= s.query_len <= s.context_len:
+            raise ValueError(f"bad packing for {s}: expected query_start {expected_start}, 1 <= query_len <= context_len")
+        if len(s.block_table) * block_size < s.context_len:
+            raise ValueError(f"block table of {len(s.block_table)} blocks cannot hold {s.context_len} tokens")
+        expected_start += s.query_len
+
+
+def _padded_block_tables(seqs: list[SeqSlice]) -> torch.Tensor:
+    width = max(len(s.block_table) for s in seqs)
+    return torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], dtype=torch.long)
+
+
+def _prefill_plan(s: SeqSlice, table: torch.Tensor, block_size: int, dtype: torch.dtype) -> PrefillPlan:
+    offset = s.context_len - s.query_len
+    if offset == 0:
+        return PrefillPlan(s.query_start, s.query_len, None, None)
+    n_blocks = -(-s.context_len // block_size)
+    allowed = torch.arange(n_blocks * block_size)[None, :] <= offset + torch.arange(s.query_len)[:, None]
+    return PrefillPlan(s.query_start, s.query_len, table[:n_blocks].clone(), _bias(allowed, dtype))
+
+
+@dataclass
+class StepContext:
+    kv_cache: KVCache
+    step: StepAttention
+
+
+# The one piece of ambient state: the step the current forward pass belongs to. A
+# ContextVar rather than a module global so a forward in another thread cannot see it.
+_CURRENT_STEP: ContextVar[StepContext | None] = ContextVar("loraplex_step", default=None)
+
+
+@contextmanager
+def step_context(kv_cache: KVCache, step: StepAttention):
+    """Make `kv_cache` and `step` visible to the paged attention function for one forward."""
+    token = _CURRENT_STEP.set(StepContext(kv_cache, step))
+    try:
+        yield
+    finally:
+        _CURRENT_STEP.reset(token)
+
+
+def paged_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask: torch.Tensor | None, scaling: float | None = None,
+                            dropout: float = 0.0, **kwargs) -> tuple[torch.Tensor, None]:
+    """AttentionInterface function: write this step's K/V to the cache, attend every sequence.
+
+    Args: `query [1, num_heads, T, head_dim]`, `key`/`value [1, num_kv_heads, T, head_dim]`
+    (rotary already applied), `module.layer_idx` picks the cache layer, `scaling` the softmax
+    scale (None: 1/sqrt(head_dim)). `attention_mask` and `dropout` are ignored: the mask is
+    implied by the step's sequences, and this is inference only.
+    Returns `(attn_output [1, T, num_heads, head_dim], None)`, the layout the modeling code
+    reshapes to `[1, T, hidden]`.
+    """
+    ctx = _CURRENT_STEP.get()
+    if ctx is None:
+        raise RuntimeError(f"{PAGED_ATTENTION} attention called outside step_context()")
+    step, cache, layer = ctx.step, ctx.kv_cache, module.layer_idx
+    if query.shape[0] != 1 or query.shape[2] != step.num_tokens:
+        raise ValueError(f"expected packed query [1, H, {step.num_tokens}, D], got {list(query.shape)}")
+    _check_supported(step, kwargs)
+    cache.flat_keys(layer).index_copy_(0, step.slot_mapping, key[0].transpose(0, 1).to(cache.dtype))
+    cache.flat_values(layer).index_copy_(0, step.slot_mapping, value[0].transpose(0, 1).to(cache.dtype))
+    k_blocks, v_blocks = cache.keys[layer], cache.values[layer]
+
+    out = query.new_empty(step.num_tokens, query.shape[1], query.shape[3])  # [T, H, D]
+    if step.decode_rows.numel():
+        out[step.decode_rows] = _decode_attention(query, k_blocks, v_blocks, step, scaling)
+    for plan in step.prefills:
+        rows = slice(plan.query_start, plan.query_start + plan.query_len)
+        out[rows] = _prefill_attention(query[:, :, rows], key[:, :, rows], value[:, :, rows],
+                                       k_blocks, v_blocks, plan, scaling)
+    return out.unsqueeze(0), None
+
+
+def _check_supported(step: StepAttention, kwargs: dict) -> None:
+    window = kwargs.get("sliding_window")
+    if window is not None and step.max_context > window:
+        raise NotImplementedError(f"sliding-window attention (window {window}) is not supported by {PAGED_ATTENTION}")
+    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+        raise NotImplementedError(f"attention softcapping / sinks are not supported by {PAGED_ATTENTION}")
+
+
+def _gather(cache_blocks: torch.Tensor, blocks: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """`n` equal-length block lists of one layer's `[num_blocks, block_size, kv_heads, D]` pool
+    -> `[n, kv_heads, len * block_size, D]` (a strided view SDPA reads as is)."""
+    gathered = cache_blocks.index_select(0, blocks)
+    return gathered.view(n, -1, *cache_blocks.shape[2:]).transpose(1, 2).to(dtype)
+
+
+def _decode_attention(query: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor,
+                      step: StepAttention, scaling: float | None) -> torch.Tensor:
+    """All decoding sequences in one SDPA call; returns `[n_decode, num_heads, head_dim]`.
+
+    GQA without repeating K/V: query head h uses kv head h // group, so the `group` query
+    heads of a kv head become `group` query rows against that head's keys.
+    """
+    n, heads, head_dim = step.decode_rows.numel(), query.shape[1], query.shape[3]
+    kv_heads = k_blocks.shape[2]
+    q = query[0, :, step.decode_rows].transpose(0, 1).reshape(n, kv_heads, heads // kv_heads, head_dim)
+    k = _gather(k_blocks, step.decode_blocks, n, q.dtype)
+    v = _gather(v_blocks, step.decode_blocks, n, q.dtype)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=step.decode_bias.to(q.dtype), scale=scaling)
+    return o.reshape(n, heads, head_dim)
+
+
+def _prefill_attention(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k_blocks: torch.Tensor,
+                       v_blocks: torch.Tensor, plan: PrefillPlan, scaling: float | None) -> torch.Tensor:
+    """One prefill chunk, causal with offset; `q [1, H, L, D]` -> `[L, H, D]`."""
+    if plan.blocks is None:  # the chunk is the whole context: its fresh K/V are all we need
+        o = F.scaled_dot_product_attention(q, key, value, is_causal=True, scale=scaling, enable_gqa=True)
+    else:
+        k, v = _gather(k_blocks, plan.blocks, 1, q.dtype), _gather(v_blocks, plan.blocks, 1, q.dtype)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.bias.to(q.dtype), scale=scaling, enable_gqa=True)
+    return o[0].transpose(0, 1)
+
+
+AttentionInterface.register(PAGED_ATTENTION, paged_attention_forward)
+
+
+def use_paged_attention(model: nn.Module) -> None:
+    """Switch a loaded transformers model (and its sub-models) to the paged attention function.
+
+    This sets `model.config._attn_implementation`: a config object shared with another model
+    (two `from_config` calls on one config) switches that model too.
+    """
+    model.set_attn_implementation(PAGED_ATTENTION)
+    if model.config._attn_implementation != PAGED_ATTENTION:
+        raise ValueError(f"{type(model).__name__} does not route attention through AttentionInterface")
+
+
+def pack(seqs: list[tuple[list[int], int, list[int]]]) -> tuple[list[SeqSlice], list[int]]:
+    """SeqSlices and the flat token ids of `(token_ids_this_step, context_len_after, block_table)` tuples."""
+    slices, tokens = [], []
+    for ids, context_len, table in seqs:
+        slices.append(SeqSlice(len(tokens), len(ids), context_len, table))
+        tokens.extend(ids)
+    return slices, tokens
+
+
+@torch.inference_mode()
+def packed_forward(model: nn.Module, kv_cache: KVCache,
+                   seqs: list[tuple[list[int], int, list[int]]]) -> torch.Tensor:
+    """One packed forward pass; returns the logits of each sequence's last token `[n_seqs, vocab]`.
+
+    `seqs` are `(token_ids_this_step, context_len_after, block_table)`. The output head runs
+    on the last-token hidden states only, not on all T packed tokens. The model must have
+    been switched with `use_paged_attention`; LoRA slot indices etc. are set by the caller.
+    """
+    slices, tokens = pack(seqs)
+    device = kv_cache.device
+    step = StepAttention.build(slices, kv_cache.block_size, device, kv_cache.dtype)
+    input_ids = torch.tensor(tokens, dtype=torch.long, device=device)[None]
+    head = model.get_output_embeddings()
+    with step_context(kv_cache, step):
+        if head is None:  # no separable head: run it all, then keep the last rows
+            return model(input_ids=input_ids, position_ids=step.positions[None], use_cache=False).logits[0, step.last_rows]
+        hidden = model.get_decoder()(input_ids=input_ids, position_ids=step.positions[None], use_cache=False)
+    return _finish_logits(model.config, head(hidden.last_hidden_state[0, step.last_rows]))
+
+
+def _finish_logits(config, logits: torch.Tensor) -> torch.Tensor:
+    # The few heads that do more than a Linear (Cohere, Granite, Gemma 2/3): mirror their CausalLM forward.
+    if getattr(config, "logit_scale", None) is not None:
+        logits = logits * config.logit_scale
+    if getattr(config, "logits_scaling", None) is not None:
+        logits = logits / config.logits_scaling
+    if getattr(config, "final_logit_softcapping", None) is not None:
+        logits = torch.tanh(logits / config.final_logit_softcapping) * config.final_logit_softcapping
+    return logits

@@ -1,0 +1,130 @@
+"""Engine-owned paged KV cache: a fixed pool of blocks and the allocator that hands them out.
+
+A sequence's keys/values live in fixed-size blocks of `block_size` token slots; its
+block table (a list of block ids, in token order) maps absolute position `p` to flat
+slot `block_table[p // block_size] * block_size + p % block_size`. Blocks of one
+sequence need not be contiguous, so memory never fragments and a finished sequence
+returns its blocks at once.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class OutOfBlocks(RuntimeError):
+    """Not enough free KV blocks for the request; nothing was allocated."""
+
+
+class BlockAllocator:
+    """Fixed pool of block ids `0 .. num_blocks - 1`.
+
+    `allocate` is all-or-nothing, so a scheduler can try to admit a sequence and back
+    off without leaking blocks. Freeing a block that is not allocated is a bug in the
+    caller (a double free would hand one block to two sequences), so it raises.
+    """
+
+    def __init__(self, num_blocks: int) -> None:
+        if num_blocks <= 0:
+            raise ValueError(f"num_blocks must be positive, got {num_blocks}")
+        self._num_total = num_blocks
+        # Popped from the end: low ids first, which keeps small tests readable.
+        self._free: list[int] = list(range(num_blocks - 1, -1, -1))
+        self._used: set[int] = set()
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_total(self) -> int:
+        return self._num_total
+
+    def allocate(self, n: int) -> list[int]:
+        """`n` block ids, or `OutOfBlocks` with the pool unchanged."""
+        if n < 0:
+            raise ValueError(f"cannot allocate {n} blocks")
+        if n > len(self._free):
+            raise OutOfBlocks(f"need {n} KV blocks, {len(self._free)} free of {self._num_total}")
+        blocks = [self._free.pop() for _ in range(n)]
+        self._used.update(blocks)
+        return blocks
+
+    def free(self, blocks: list[int]) -> None:
+        """Return `blocks` to the pool; raises `ValueError` (pool unchanged) on a double or foreign free."""
+        bad = [b for b in blocks if b not in self._used]
+        if bad or len(set(blocks)) != len(blocks):
+            raise ValueError(f"freeing blocks that are not allocated (double free?): {bad or blocks}")
+        self._used.difference_update(blocks)
+        self._free.extend(reversed(blocks))
+
+
+def _text_config(config):
+    # Multimodal configs nest the language model's config; plain LMs return themselves.
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+class KVCache:
+    """Per-layer key and value pools, allocated once.
+
+    Shapes: `keys[layer]` and `values[layer]` are `[num_blocks, block_size,
+    num_kv_heads, head_dim]`; `flat_keys(layer)` / `flat_values(layer)` view them as
+    `[num_blocks * block_size, num_kv_heads, head_dim]`, indexed by flat slot.
+    The cache also owns the `BlockAllocator` of its blocks.
+    """
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_blocks: int,
+                 block_size: int = 16, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> None:
+        if block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {block_size}")
+        self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.device, self.dtype = torch.device(device), dtype
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        self.keys = [torch.zeros(shape, device=self.device, dtype=dtype) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, device=self.device, dtype=dtype) for _ in range(num_layers)]
+        self.allocator = BlockAllocator(num_blocks)
+
+    @staticmethod
+    def dims_from_config(config) -> tuple[int, int, int]:
+        """(num_layers, num_kv_heads, head_dim) of a transformers config."""
+        cfg = _text_config(config)
+        heads = cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        return cfg.num_hidden_layers, kv_heads, head_dim
+
+    @classmethod
+    def from_config(cls, config, num_blocks: int, block_size: int = 16,
+                    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> KVCache:
+        return cls(*cls.dims_from_config(config), num_blocks=num_blocks, block_size=block_size,
+                   device=device, dtype=dtype)
+
+    @classmethod
+    def from_token_budget(cls, config, kv_cache_tokens: int, block_size: int = 16,
+                          device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> KVCache:
+        """A cache holding at least `kv_cache_tokens` tokens (rounded up to whole blocks)."""
+        if kv_cache_tokens <= 0:
+            raise ValueError(f"kv_cache_tokens must be positive, got {kv_cache_tokens}")
+        return cls.from_config(config, math.ceil(kv_cache_tokens / block_size), block_size, device, dtype)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        """Blocks needed to hold `num_tokens` tokens."""
+        return -(-num_tokens // self.block_size)
+
+    @property
+    def num_slots(self) -> int:
+        return self.num_blocks * self.block_size
+
+    @property
+    def bytes(self) -> int:
+        return sum(t.nbytes for t in self.keys) + sum(t.nbytes for t in self.values)
+
+    def flat_keys(self, layer: int) -> torch.Tensor:
+        return self.keys[layer].view(self.num_slots, self.num_kv_heads, self.head_dim)
+
+    def flat_values(self, layer: int) -> torch.Tensor:
+        return self.values[layer].view(self.num_slots, self.num_kv_heads, self.head_dim)

@@ -1,0 +1,157 @@
+"""Paged KV cache + packed attention: logits equal plain transformers, step after step."""
+
+from __future__ import annotations
+
+import copy
+import random
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+from transformers.masking_utils import create_causal_mask
+
+from server.engine.attention import PAGED_ATTENTION, SeqSlice, StepAttention, packed_forward, use_paged_attention
+from server.engine.kv_cache import BlockAllocator, KVCache, OutOfBlocks
+
+BLOCK = 4
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=128, max_position_embeddings=256)
+
+
+def _tiny_models(config_cls):
+    torch.manual_seed(0)
+    config = config_cls(**TINY, initializer_range=0.2)
+    ref = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    with torch.no_grad():  # non-zero q/k/v biases (Qwen2), so a missing bias would show
+        for name, p in ref.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.5)
+    paged = copy.deepcopy(ref)
+    use_paged_attention(paged)
+    assert ref.config._attn_implementation == "sdpa"
+    return ref, paged
+
+
+@pytest.fixture(scope="module", params=[LlamaConfig, Qwen2Config], ids=["llama", "qwen2"])
+def models(request):
+    return _tiny_models(request.param)
+
+
+def contiguous_tables(kv: KVCache, lengths: list[int]) -> list[list[int]]:
+    return [kv.allocator.allocate(kv.blocks_for(n)) for n in lengths]
+
+
+def interleaved_tables(kv: KVCache, lengths: list[int]) -> list[list[int]]:
+    """Blocks handed out round-robin across sequences, then shuffled within each table."""
+    tables: list[list[int]] = [[] for _ in lengths]
+    while any(len(t) < kv.blocks_for(n) for t, n in zip(tables, lengths)):
+        for t, n in zip(tables, lengths):
+            if len(t) < kv.blocks_for(n):
+                t.extend(kv.allocator.allocate(1))
+    rng = random.Random(1)
+    for t in tables:
+        rng.shuffle(t)
+    return tables
+
+
+def _schedule(prompts: dict[str, list[int]], decode_steps: int):
+    """Yield per step: list of (name, new_tokens_count). A whole, B in two chunks, C from step 2."""
+    yield [("A", len(prompts["A"])), ("B", 6)]
+    yield [("B", len(prompts["B"]) - 6), ("C", len(prompts["C"])), ("A", 1)]
+    for _ in range(decode_steps):
+        yield [("A", 1), ("B", 1), ("C", 1)]
+
+
+def _run_and_compare(ref, paged, make_tables) -> None:
+    gen = torch.Generator().manual_seed(3)
+    prompts = {name: torch.randint(0, 128, (n,), generator=gen).tolist() for name, n in [("A", 7), ("B", 11), ("C", 5)]}
+    total = {name: len(p) + 5 for name, p in prompts.items()}  # room for the decoded tokens
+    kv = KVCache.from_config(paged.config, num_blocks=32, block_size=BLOCK)
+    tables = dict(zip(total, make_tables(kv, list(total.values()))))
+    tokens = {name: list(p) for name, p in prompts.items()}  # tokens known so far
+    cached = {name: 0 for name in prompts}
+    for step in _schedule(prompts, decode_steps=4):
+        seqs = [(tokens[n][cached[n]:cached[n] + k], cached[n] + k, tables[n]) for n, k in step]
+        logits = packed_forward(paged, kv, seqs)
+        assert logits.shape == (len(step), 128)
+        for row, (name, k) in enumerate(step):
+            cached[name] += k
+            with torch.no_grad():
+                expected = ref(input_ids=torch.tensor([tokens[name][:cached[name]]])).logits[0, -1]
+            torch.testing.assert_close(logits[row], expected, atol=1e-4, rtol=0)
+            if cached[name] == len(tokens[name]):  # prompt done: greedy-extend it
+                tokens[name].append(int(expected.argmax()))
+
+
+def test_packed_steps_match_transformers(models):
+    _run_and_compare(*models, contiguous_tables)
+
+
+def test_shuffled_non_contiguous_blocks_match(models):
+    _run_and_compare(*models, interleaved_tables)
+
+
+def test_step_plan_indices():
+    seqs = [SeqSlice(0, 2, 6, [5, 2]), SeqSlice(2, 1, 3, [7]), SeqSlice(3, 3, 3, [1])]
+    step = StepAttention.build(seqs, block_size=4, device="cpu")
+    assert step.slot_mapping.tolist() == [8, 9, 30, 4, 5, 6]  # block * 4 + offset in block
+    assert step.positions.tolist() == [4, 5, 2, 0, 1, 2] and step.last_rows.tolist() == [1, 2, 5]
+    assert step.decode_rows.tolist() == [2] and step.decode_blocks.tolist() == [7]
+    assert torch.isinf(step.decode_bias[0, 0, 0]).tolist() == [False] * 3 + [True]
+    chunk, first = step.prefills  # a later chunk gathers its blocks; a first chunk needs nothing
+    assert chunk.blocks.tolist() == [5, 2] and first.blocks is None and first.bias is None
+    assert (chunk.bias == 0).sum(1).tolist() == [5, 6]  # query i sees keys 0 .. 4 + i
+    with pytest.raises(ValueError):
+        StepAttention.build([SeqSlice(0, 1, 5, [0])], block_size=4, device="cpu")
+
+
+def test_packed_forward_creates_no_transformers_cache(models, monkeypatch):
+    _, paged = models
+
+    def no_cache(*args, **kwargs):
+        raise AssertionError("transformers built its own KV cache")
+
+    monkeypatch.setattr(sys.modules[type(paged.model).__module__], "DynamicCache", no_cache)
+    kv = KVCache.from_config(paged.config, num_blocks=4, block_size=BLOCK)
+    assert packed_forward(paged, kv, [([1, 2, 3], 3, [0])]).shape == (1, 128)
+
+
+def test_no_causal_mask_is_built(models):
+    _, paged = models
+    assert paged.config._attn_implementation == PAGED_ATTENTION
+    embeds = torch.zeros(1, 9, 64)
+    assert create_causal_mask(paged.config, embeds, None, None, torch.arange(9)[None]) is None
+
+
+def test_attention_outside_step_context_raises(models):
+    _, paged = models
+    with pytest.raises(RuntimeError, match="step_context"), torch.no_grad():
+        paged(input_ids=torch.tensor([[1, 2, 3]]), use_cache=False)
+
+
+def test_kv_cache_shapes_and_budget():
+    config = LlamaConfig(**TINY)
+    kv = KVCache.from_token_budget(config, kv_cache_tokens=30, block_size=BLOCK)
+    assert kv.num_blocks == 8 and kv.keys[0].shape == (8, BLOCK, 2, 16) and len(kv.values) == 2
+    assert kv.bytes == 2 * 2 * 8 * BLOCK * 2 * 16 * 4
+    assert kv.blocks_for(0) == 0 and kv.blocks_for(4) == 1 and kv.blocks_for(5) == 2
+
+
+def test_allocator_all_or_nothing_and_double_free():
+    alloc = BlockAllocator(5)
+    a = alloc.allocate(3)
+    assert len(set(a)) == 3 and alloc.num_free == 2 and alloc.num_total == 5
+    with pytest.raises(OutOfBlocks):
+        alloc.allocate(3)
+    assert alloc.num_free == 2  # nothing was taken by the failed call
+    b = alloc.allocate(2)
+    assert not set(a) & set(b) and alloc.num_free == 0
+    alloc.free(a)
+    assert alloc.num_free == 3 and sorted(alloc.allocate(3)) == sorted(a)
+    alloc.free(b)
+    with pytest.raises(ValueError):
+        alloc.free(b)
+    with pytest.raises(ValueError):
+        alloc.free([99])
+    assert alloc.num_free == 2
