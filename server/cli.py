@@ -9,6 +9,8 @@ import sys
 SERVE_FLAGS = {
     "--host": str, "--port": int, "--model": str, "--served-model-name": str, "--cache-dir": str,
     "--adapters-dir": str, "--max-loras": int, "--max-lora-rank": int, "--device": str, "--dtype": str,
+    "--max-cpu-loras": int, "--kv-cache-tokens": int, "--block-size": int, "--max-batched-tokens": int,
+    "--max-running": int, "--max-queue": int,
 }
 
 

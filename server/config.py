@@ -26,7 +26,12 @@ class Settings(BaseSettings):
     max_lora_rank: int = Field(16, ge=1, le=1024)
     device: str = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    max_new_tokens_default: int = Field(16, ge=1)
+    max_cpu_loras: int = Field(32, ge=1, description="parsed adapters kept in CPU memory (LRU)")
+    kv_cache_tokens: int = Field(16384, ge=16, description="KV cache size in tokens, allocated once")
+    block_size: int = Field(16, ge=1, le=1024, description="tokens per KV cache block")
+    max_batched_tokens: int = Field(512, ge=1, description="tokens per engine step (prefill chunk budget)")
+    max_running: int = Field(64, ge=1, description="sequences decoding at once")
+    max_queue: int = Field(256, ge=0, description="waiting requests beyond which new ones get 429")
 
     @field_validator("device")
     @classmethod

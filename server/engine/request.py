@@ -1,4 +1,4 @@
-"""What the HTTP layer hands the engine and gets back (plain data, no torch)."""
+"""What the HTTP layer hands the engine and gets back: plain data, no torch."""
 
 from __future__ import annotations
 
@@ -10,8 +10,12 @@ class SamplingParams:
     max_tokens: int = 16
     temperature: float = 1.0        # 0 = greedy
     top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
+    top_k: int = 0                  # 0 = off
+    seed: int | None = None         # same seed, same output, whatever else is in the batch
+    stop: tuple[str, ...] = ()      # cut from the output, never sent
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None     # None = off; k = chosen token's logprob plus the top k
 
 
 @dataclass(frozen=True)
@@ -23,11 +27,30 @@ class GenerationRequest:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class Delta:
+    """One streamed piece of a generation; the last one has `finish_reason` set."""
+
+    text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
+    finish_reason: str | None = None     # "stop" or "length" on the last delta
+    prompt_tokens: int = 0
+    completion_tokens: int = 0           # generated so far
+
+
+@dataclass(frozen=True)
 class GenerationResult:
     text: str
-    finish_reason: str              # "stop" or "length"
+    finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 class EngineError(Exception):
@@ -35,6 +58,7 @@ class EngineError(Exception):
 
     status = 400
     code = "invalid_request"
+    retry_after: int | None = None
 
 
 class UnknownModelError(EngineError):
@@ -48,5 +72,48 @@ class PromptTooLongError(EngineError):
 
 
 class AdapterUnavailableError(EngineError):
+    """The adapter is registered but failed to load (status `error`)."""
+
     status = 409
     code = "adapter_unavailable"
+
+
+class QueueFullError(EngineError):
+    status = 429
+    code = "queue_full"
+    retry_after = 1
+
+
+class EngineNotReadyError(EngineError):
+    status = 503
+    code = "engine_not_ready"
+
+
+class AdapterRejectedError(EngineError):
+    """An adapter that fails validation; the message names the problem."""
+
+    status = 400
+    code = "invalid_adapter"
+
+
+class AdapterExistsError(EngineError):
+    status = 409
+    code = "adapter_exists"
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """What `GET /v1/adapters/{name}` shows of one adapter."""
+
+    name: str
+    version: int
+    status: str                  # "loading", "ready" or "error"
+    error: str | None
+    tier: str                    # "device", "cpu" or "disk"
+    rank: int
+    alpha: float
+    target_modules: tuple[str, ...]
+    size_bytes: int
+    created: int
+    requests: int = 0
+    tokens: int = 0
