@@ -11,6 +11,7 @@ SERVE_FLAGS = {
     "--adapters-dir": str, "--max-loras": int, "--max-lora-rank": int, "--device": str, "--dtype": str,
     "--max-cpu-loras": int, "--kv-cache-tokens": int, "--block-size": int, "--max-batched-tokens": int,
     "--max-running": int, "--max-queue": int,
+    "--api-key": str, "--admin-token": str, "--max-adapter-bytes": int, "--allowed-adapter-root": str,
 }
 
 
@@ -46,8 +47,12 @@ def serve(overrides: dict) -> int:
         print(f"loraplex: {exc}", file=sys.stderr)
         return 2
     engine = Engine(base, settings)
-    engine.load_store(settings.adapters_dir)
-    uvicorn.run(create_app(engine), host=settings.host, port=settings.port, log_level="info")
+    engine.load_store()
+    engine.start()
+    try:
+        uvicorn.run(create_app(engine), host=settings.host, port=settings.port, log_level="info")
+    finally:
+        engine.stop()
     return 0
 
 

@@ -24,6 +24,7 @@ class GenerationRequest:
     model: str                      # an adapter name or the base model's served name
     prompt: str
     params: SamplingParams = field(default_factory=SamplingParams)
+    add_special_tokens: bool = True   # False for prompts rendered by the chat template
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,133 @@
+"""Picks the sequences of each step: decodes first, then prefill chunks, within budgets.
+
+Budgets per step: `max_batched_tokens` tokens, `max_running` sequences, the KV blocks that
+are free, and `max_loras` distinct adapters (a device slot is pinned per running sequence).
+When a running sequence needs a block and none is free, the newest running sequence is
+preempted: its blocks and slot pin are released and it is recomputed later.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from server.engine.kv_cache import BlockAllocator, OutOfBlocks
+from server.engine.sequence import Sequence, SeqStatus
+
+
+@dataclass(frozen=True)
+class ScheduledSeq:
+    seq: Sequence
+    num_tokens: int          # tokens fed this step
+    samples: bool            # this step feeds all pending tokens, so the next token is sampled
+
+    @classmethod
+    def of(cls, seq: Sequence, num_tokens: int) -> ScheduledSeq:
+        return cls(seq, num_tokens, num_tokens == seq.num_pending)
+
+
+class Scheduler:
+    def __init__(self, allocator: BlockAllocator, block_size: int, max_batched_tokens: int, max_running: int,
+                 admit: Callable[[Sequence], bool], release: Callable[[Sequence], None]) -> None:
+        """`admit(seq)` pins the sequence's adapter slot (False = not now); `release(seq)` unpins it."""
+        self.allocator = allocator
+        self.block_size = block_size
+        self.max_batched_tokens = max_batched_tokens
+        self.max_running = max_running
+        self._admit = admit
+        self._release = release
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[ScheduledSeq]:
+        budget = self.max_batched_tokens
+        plan: list[ScheduledSeq] = []
+        for seq in list(self.running):
+            if seq.status is not SeqStatus.RUNNING or budget <= 0:
+                continue
+            n = min(seq.num_pending, budget)
+            if not self._reserve(seq, n, plan):
+                continue
+            plan.append(ScheduledSeq.of(seq, n))
+            budget -= n
+        self._admit_waiting(plan, budget)
+        return plan
+
+    def finish(self, seq: Sequence) -> None:
+        """Free everything a sequence holds (finished, aborted or failed)."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self._free(seq)
+        seq.status = SeqStatus.FINISHED
+
+    # Internals --------------------------------------------------------------------------------
+
+    def _admit_waiting(self, plan: list[ScheduledSeq], budget: int) -> None:
+        skipped: list[Sequence] = []
+        while self.waiting and budget > 0 and len(self.running) < self.max_running:
+            seq = self.waiting.popleft()
+            if not self._admit(seq):
+                skipped.append(seq)  # its adapter is loading or every slot is pinned: let others go first
+                continue
+            n = min(seq.num_pending, budget)
+            try:
+                seq.blocks = self.allocator.allocate(self._blocks_needed(seq, n))
+            except OutOfBlocks:
+                self._release(seq)
+                self.waiting.appendleft(seq)
+                break
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            plan.append(ScheduledSeq.of(seq, n))
+            budget -= n
+        self.waiting.extendleft(reversed(skipped))
+
+    def _reserve(self, seq: Sequence, n: int, plan: list[ScheduledSeq]) -> bool:
+        """Make sure `seq` has blocks for `n` more tokens, preempting newer sequences if needed."""
+        while True:
+            missing = self._blocks_needed(seq, n) - len(seq.blocks)
+            if missing <= 0:
+                return True
+            try:
+                seq.blocks.extend(self.allocator.allocate(missing))
+                return True
+            except OutOfBlocks:
+                victim = self._newest_unplanned(plan)
+                if victim is None:
+                    return False
+                self._preempt(victim)
+                if victim is seq:
+                    return False
+
+    def _newest_unplanned(self, plan: list[ScheduledSeq]) -> Sequence | None:
+        planned = {id(p.seq) for p in plan}
+        for seq in reversed(self.running):
+            if id(seq) not in planned:
+                return seq
+        return None
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self._free(seq)
+        seq.num_computed = 0
+        seq.status = SeqStatus.WAITING
+        self.waiting.appendleft(seq)
+
+    def _free(self, seq: Sequence) -> None:
+        if seq.blocks:
+            self.allocator.free(seq.blocks)
+            seq.blocks = []
+        if seq.slot is not None:
+            self._release(seq)
+
+    def _blocks_needed(self, seq: Sequence, n: int) -> int:
+        return -(-(seq.num_computed + n) // self.block_size)

@@ -1,0 +1,64 @@
+"""One request's state inside the engine."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from server.adapters.peft_format import ParsedAdapter
+from server.adapters.registry import AdapterRecord
+from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.request import SamplingParams
+from server.engine.sampler import SamplingOptions
+from server.engine.stream import RequestStream
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """Tokens, KV blocks and adapter pin of one request.
+
+    `token_ids` is the prompt plus every generated token; the first `num_computed` of them
+    are in the KV cache. A step feeds `token_ids[num_computed:]` (a prefill chunk, or the one
+    newest token when decoding); after preemption `num_computed` drops to 0 and the whole
+    sequence is recomputed.
+    """
+
+    request_id: str
+    prompt_len: int
+    token_ids: list[int]
+    params: SamplingParams
+    options: SamplingOptions
+    generator: torch.Generator
+    detokenizer: IncrementalDetokenizer
+    stream: RequestStream
+    record: AdapterRecord | None          # None = the base model
+    adapter: ParsedAdapter | None = None  # this request's own reference to its version's weights
+    status: SeqStatus = SeqStatus.WAITING
+    num_computed: int = 0
+    blocks: list[int] = field(default_factory=list)
+    slot: int | None = None               # device slot while running; -1 = base
+    arrival: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    aborted: bool = False
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len:]
+
+    @property
+    def num_pending(self) -> int:
+        """Tokens not yet in the KV cache: the rest of the prompt, or the newest token."""
+        return len(self.token_ids) - self.num_computed
+
+    @property
+    def adapter_key(self) -> tuple[str, int] | None:
+        return None if self.record is None else self.record.key
