@@ -27,6 +27,7 @@ class LoraModel:
         self.context = LoraContext(max_loras, weight.device)
         impl = select_impl(weight.device, weight.dtype)
         self.layers: dict[str, LoraLinear] = {}
+        self.slot_writes = 0  # adapters copied into slots since start-up (swaps show up here)
         for name, (fan_in, fan_out) in layout.linear.items():
             base = model.get_submodule(name)
             layer = LoraLinear(base, fan_in, fan_out, max_loras, max_rank, self.context, impl)
@@ -45,6 +46,7 @@ class LoraModel:
             else:
                 layer.write_slot(slot, weights.a, weights.b, weights.scale)
         self.context.slot_ranks[slot] = adapter.rank
+        self.slot_writes += 1
 
     def clear_slot(self, slot: int) -> None:
         for layer in self.layers.values():
