@@ -94,3 +94,8 @@ def started() -> Callable[[Engine], Engine]:
     yield start
     for engine in engines:
         engine.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    return save_tiny(tmp_path_factory.mktemp("tiny-llama"), "llama", tokenizer_dir)
