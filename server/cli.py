@@ -12,6 +12,7 @@ SERVE_FLAGS = {
     "--max-cpu-loras": int, "--kv-cache-tokens": int, "--block-size": int, "--max-batched-tokens": int,
     "--max-running": int, "--max-queue": int,
     "--api-key": str, "--admin-token": str, "--max-adapter-bytes": int, "--allowed-adapter-root": str,
+    "--max-tokens-default": int, "--chat-max-tokens-default": int,
 }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "loraplex"
@@ -32,6 +32,20 @@ class Settings(BaseSettings):
     max_batched_tokens: int = Field(512, ge=1, description="tokens per engine step (prefill chunk budget)")
     max_running: int = Field(64, ge=1, description="sequences decoding at once")
     max_queue: int = Field(256, ge=0, description="waiting requests beyond which new ones get 429")
+    # HTTP API: keys are SecretStr so they never show in a repr or a log line; "" means unset.
+    api_key: SecretStr | None = Field(None, description="bearer key required on inference routes; None = open")
+    admin_token: SecretStr | None = Field(None, description="bearer token of the adapter admin routes; None = disabled")
+    max_adapter_bytes: int = Field(256 * 2**20, ge=1024, description="largest adapter upload (bytes, also decompressed)")
+    allowed_adapter_root: Path | None = Field(None, description="folder that /v1/load_lora_adapter may read from")
+    max_tokens_default: int = Field(16, ge=1, description="max_tokens of a completion that sets none (OpenAI: 16)")
+    chat_max_tokens_default: int = Field(512, ge=1, description="max_tokens of a chat completion that sets none")
+
+    @field_validator("api_key", "admin_token", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("device")
     @classmethod
