@@ -1,26 +1,64 @@
-"""The FastAPI app factory. The engine is built elsewhere and handed in."""
+"""The FastAPI app factory. The engine is built elsewhere and handed in; nothing here imports torch."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server import __version__
-from server.api.errors import install_error_handlers
+from server.api.access_log import AccessLog
+from server.api.admin_routes import router as admin_router
+from server.api.errors import error_response, install_error_handlers
+from server.api.metrics import ApiMetrics
 from server.api.openai_routes import router as openai_router
+from server.config import Settings
+
+DESCRIPTION = """Multi-adapter LoRA inference server with an OpenAI-compatible API.
+
+`model` is an adapter name or the base model's served name. Inference routes need
+`Authorization: Bearer <LORAPLEX_API_KEY>` when a key is configured; adapter admin routes
+need `Authorization: Bearer <LORAPLEX_ADMIN_TOKEN>` and are disabled without one."""
 
 
-def create_app(engine: Any) -> FastAPI:
-    """`engine` offers `generate(GenerationRequest)` (async) and `models()`."""
-    app = FastAPI(title="loraplex", version=__version__,
-                  description="Multi-adapter LoRA inference server with an OpenAI-compatible API.")
-    app.state.engine = engine
+def engine_ready(engine: Any) -> bool:
+    """True once the model is loaded and the engine loop runs (`engine.ready` or `engine.running`)."""
+    if engine is None:
+        return False
+    for attribute in ("ready", "running"):
+        if hasattr(engine, attribute):
+            value = getattr(engine, attribute)
+            return bool(value() if callable(value) else value)
+    return True
+
+
+def create_app(engine: Any, settings: Settings | None = None) -> FastAPI:
+    """`engine` follows the engine contract (`submit`, `models`, `chat_prompt`, adapter admin, `stats`)."""
+    settings = settings or getattr(engine, "settings", None) or Settings()
+    app = FastAPI(title="loraplex", version=__version__, description=DESCRIPTION)
+    app.state.engine, app.state.settings = engine, settings
+    app.state.metrics = metrics = ApiMetrics(engine)
     install_error_handlers(app)
     app.include_router(openai_router)
+    app.include_router(admin_router)
+    app.add_middleware(AccessLog, metrics=metrics)
 
-    @app.get("/health")
+    @app.get("/health", tags=["operations"], summary="Liveness: the process answers")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/ready", tags=["operations"], summary="Readiness: model loaded and engine running (else 503)",
+             responses={503: {"description": "engine not ready"}})
+    async def ready(request: Request) -> JSONResponse:
+        if not engine_ready(request.app.state.engine):
+            return error_response(503, "the engine is not running yet", code="engine_not_ready")
+        return JSONResponse({"status": "ready"})
+
+    @app.get("/metrics", tags=["operations"], summary="Prometheus metrics", response_class=Response,
+             responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app

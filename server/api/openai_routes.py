@@ -1,34 +1,131 @@
-"""OpenAI-compatible inference routes: `model` names an adapter or the base model."""
+"""OpenAI-compatible inference routes: `model` names an adapter or the base model.
+
+An unknown model is a 404 from the engine, never a silent fallback to the base model.
+Non-streamed requests are aborted when the client disconnects, like streamed ones.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import time
-import uuid
+from contextlib import suppress
+from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
 
-from server.api.schemas import (CompletionChoice, CompletionRequest, CompletionResponse, ModelList,
-                                ModelObject, Usage)
-from server.engine.request import GenerationRequest, SamplingParams
+from server.api.auth import require_api_key
+from server.api.errors import ApiError
+from server.api.formatting import chat_logprobs, completion_logprobs
+from server.api.generation import Choice, Generation
+from server.api.schemas import (AssistantMessage, ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
+                                ChatCompletionResponse, CompletionChoice, CompletionRequest, CompletionResponse,
+                                ModelList, ModelObject, SamplingFields)
+from server.api.streaming import EventStreamResponse, chat_events, completion_events
+from server.engine.request import EngineError, SamplingParams
 
-router = APIRouter(prefix="/v1")
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"description": "invalid field, or prompt plus max_tokens longer than the context"},
+    401: {"description": "missing or wrong API key"}, 404: {"description": "unknown model"},
+    409: {"description": "the adapter is registered but failed to load"},
+    429: {"description": "queue full; see Retry-After"}, 503: {"description": "engine not ready"}}
+STREAM_DOC = {"text/event-stream": {"schema": {"type": "string", "description": "`data: {chunk}` lines, "
+                                               "then `data: [DONE]`"}}}
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=["inference"], responses=ERRORS)
 
 
-@router.post("/completions", response_model=CompletionResponse)
-async def create_completion(body: CompletionRequest, request: Request) -> CompletionResponse:
-    engine = request.app.state.engine
-    request_id = f"cmpl-{uuid.uuid4().hex}"
-    params = SamplingParams(max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
-                            seed=body.seed, stop=body.stop_list())
-    result = await engine.generate(GenerationRequest(request_id, body.model, body.prompt_text(), params))
-    usage = Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
-                  total_tokens=result.prompt_tokens + result.completion_tokens)
-    choice = CompletionChoice(index=0, text=result.text, finish_reason=result.finish_reason)
-    return CompletionResponse(id=request_id, created=int(time.time()), model=body.model,
-                              choices=[choice], usage=usage)
+def sampling_params(body: SamplingFields, default_max_tokens: int, logprobs: int | None) -> SamplingParams:
+    max_tokens = body.requested_max_tokens()
+    return SamplingParams(max_tokens=max_tokens if max_tokens is not None else default_max_tokens,
+                          temperature=body.temperature, top_p=body.top_p, top_k=max(0, body.top_k), seed=body.seed,
+                          stop=body.stop_list(), presence_penalty=body.presence_penalty,
+                          frequency_penalty=body.frequency_penalty, logprobs=logprobs)
 
 
-@router.get("/models", response_model=ModelList)
+def _generation(request: Request, body: SamplingFields, prefix: str) -> tuple[Generation, dict, dict]:
+    state = request.app.state
+    info = request.scope.setdefault("loraplex", {})
+    request_id = f"{prefix}-{info.get('id') or int(time.time() * 1e6)}"
+    gen = Generation(state.engine, state.metrics, info, body.model, request_id)
+    return gen, info, {"id": request_id, "created": int(time.time()), "model": body.model}
+
+
+async def _run_unless_disconnected(request: Request, gen: Generation, info: dict) -> list[Choice] | None:
+    """Run every choice to its end; None (and everything aborted) if the client goes away first."""
+    async def client_gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    running = asyncio.ensure_future(gen.run())
+    watching = asyncio.ensure_future(client_gone())
+    try:
+        await asyncio.wait({running, watching}, return_when=asyncio.FIRST_COMPLETED)
+        if running.done():
+            return running.result()
+        info["outcome"] = "client_closed"
+        return None
+    finally:
+        for task in (running, watching):
+            task.cancel()
+            with suppress(asyncio.CancelledError):
+                await task
+        await gen.aclose()
+
+
+def _client_closed() -> Response:
+    return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+
+
+@router.post("/completions", response_model=CompletionResponse, summary="Text completion",
+             responses={200: {"content": STREAM_DOC}})
+async def create_completion(body: CompletionRequest, request: Request) -> Any:
+    settings = request.app.state.settings
+    gen, info, base = _generation(request, body, "cmpl")
+    gen.submit(body.prompts(), body.n, sampling_params(body, settings.max_tokens_default, body.logprobs))
+    base["object"] = "text_completion"
+    if body.stream:
+        events = completion_events(gen, base, body.logprobs is not None, body.include_usage())
+        return EventStreamResponse(events, gen, info)
+    choices = await _run_unless_disconnected(request, gen, info)
+    if choices is None:
+        return _client_closed()
+    return CompletionResponse(**base, usage=gen.usage(), choices=[
+        CompletionChoice(index=c.index, text=c.text, finish_reason=c.finish_reason,
+                         logprobs=completion_logprobs(c.logprobs) if body.logprobs is not None else None)
+        for c in choices])
+
+
+def _chat_prompt(engine: Any, body: ChatCompletionRequest) -> str:
+    try:
+        return engine.chat_prompt([m.as_template_message() for m in body.messages])
+    except EngineError:
+        raise
+    except Exception as exc:  # the tokenizer's template refused these messages
+        raise ApiError(400, f"the chat template cannot render these messages: {exc}", code="invalid_messages",
+                       param="messages") from exc
+
+
+@router.post("/chat/completions", response_model=ChatCompletionResponse, summary="Chat completion",
+             responses={200: {"content": STREAM_DOC, "model": ChatCompletionChunk}})
+async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Any:
+    state = request.app.state
+    prompt = _chat_prompt(state.engine, body)
+    gen, info, base = _generation(request, body, "chatcmpl")
+    params = sampling_params(body, state.settings.chat_max_tokens_default, body.logprobs_k())
+    gen.submit([prompt], body.n, params, templated=True)
+    if body.stream:
+        base["object"] = "chat.completion.chunk"
+        return EventStreamResponse(chat_events(gen, base, body.logprobs, body.include_usage()), gen, info)
+    choices = await _run_unless_disconnected(request, gen, info)
+    if choices is None:
+        return _client_closed()
+    return ChatCompletionResponse(**base, usage=gen.usage(), choices=[
+        ChatChoice(index=c.index, message=AssistantMessage(content=c.text), finish_reason=c.finish_reason,
+                   logprobs=chat_logprobs(c.logprobs) if body.logprobs else None)
+        for c in choices])
+
+
+@router.get("/models", response_model=ModelList, summary="The base model and every registered adapter")
 async def list_models(request: Request) -> ModelList:
-    cards = request.app.state.engine.models()
+    cards = await asyncio.to_thread(request.app.state.engine.models)
     return ModelList(data=[ModelObject(id=c.id, created=c.created, parent=c.parent) for c in cards])

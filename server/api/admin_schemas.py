@@ -1,0 +1,82 @@
+"""Bodies of the adapter admin routes."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class AdapterObject(BaseModel):
+    id: str = Field(description="the adapter's name, usable as `model` in inference requests")
+    object: Literal["adapter"] = "adapter"
+    parent: str = Field(description="the base model")
+    version: int = Field(description="bumped by every overwrite; requests in flight finish on their version")
+    status: str = Field(description="loading, ready or error")
+    error: str | None = Field(None, description="why the adapter is in status error")
+    tier: str = Field(description="where its weights are now: device, cpu or disk")
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    size_bytes: int
+    created: int = Field(description="Unix time the current version was registered")
+    requests: int = Field(0, description="requests served")
+    tokens: int = Field(0, description="tokens generated")
+
+    @classmethod
+    def from_info(cls, info: Any, parent: str) -> AdapterObject:
+        return cls(id=info.name, parent=parent, version=info.version, status=info.status, error=info.error,
+                   tier=info.tier, rank=info.rank, alpha=info.alpha, target_modules=list(info.target_modules),
+                   size_bytes=info.size_bytes, created=info.created, requests=info.requests, tokens=info.tokens)
+
+
+class AdapterList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[AdapterObject]
+
+
+class AdapterDeleted(BaseModel):
+    id: str
+    object: Literal["adapter"] = "adapter"
+    deleted: bool = True
+
+
+class LoadLoraRequest(BaseModel):
+    """vLLM's body for `/v1/load_lora_adapter`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lora_name: str
+    lora_path: str = Field(description="an adapter folder under --allowed-adapter-root (absolute or relative to it)")
+    load_inplace: bool = Field(False, description="replace an adapter of the same name (a new version)")
+
+
+class UnloadLoraRequest(BaseModel):
+    """vLLM's body for `/v1/unload_lora_adapter`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lora_name: str
+    lora_int_id: int | None = Field(None, description="accepted for vLLM compatibility and ignored")
+
+
+UPLOAD_OPENAPI = {
+    "requestBody": {
+        "required": True,
+        "content": {"multipart/form-data": {"schema": {
+            "type": "object",
+            "required": ["name"],
+            "properties": {
+                "name": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,64}$",
+                         "description": "the adapter's name (not starting with '.', not the base model's name)"},
+                "overwrite": {"type": "boolean", "default": False,
+                              "description": "replace an existing adapter (a new version)"},
+                "adapter_config.json": {"type": "string", "format": "binary", "description": "PEFT config"},
+                "adapter_model.safetensors": {"type": "string", "format": "binary",
+                                              "description": "PEFT weights (safetensors only; pickle is refused)"},
+                "archive": {"type": "string", "format": "binary",
+                            "description": "instead of the two files: a .zip, .tar or .tar.gz holding them"},
+            },
+        }}},
+    },
+}

@@ -1,0 +1,162 @@
+"""One HTTP request's engine requests: submitted together, consumed as one merged stream.
+
+`n` choices (times the prompts of a completion) become that many engine requests; with a
+seed, choice j of a prompt uses seed + j. Every engine request is aborted (`aclose`) as
+soon as the HTTP request ends early: client gone, error, or cancelled task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from server.api.metrics import ApiMetrics
+from server.api.schemas import INT64_MAX, Usage
+from server.engine.request import Delta, GenerationRequest, SamplingParams, TokenLogprob
+
+_END = object()
+
+
+@dataclass
+class Choice:
+    """What one choice has produced so far."""
+
+    index: int
+    prompt_index: int
+    parts: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
+def choice_seed(seed: int | None, j: int) -> int | None:
+    if seed is None:
+        return None
+    return seed + j if seed + j <= INT64_MAX else seed - j
+
+
+class Generation:
+    def __init__(self, engine: Any, metrics: ApiMetrics, log_info: dict, model: str, request_id: str) -> None:
+        self.engine, self.metrics, self.info = engine, metrics, log_info
+        self.model, self.request_id = model, request_id
+        self.streams: list[Any] = []
+        self.choices: list[Choice] = []
+        self.started = time.perf_counter()
+        self.first_token_at: float | None = None
+        self._finished = False
+        log_info["model"] = model
+
+    def submit(self, prompts: list[str], n: int, params: SamplingParams, templated: bool = False) -> None:
+        """Submit every choice; the engine validates synchronously, so errors raise here.
+
+        `templated`: the prompts were rendered by the chat template, which adds its own special tokens.
+        """
+        try:
+            for p, prompt in enumerate(prompts):
+                for j in range(n):
+                    index = p * n + j
+                    choice_params = replace(params, seed=choice_seed(params.seed, j))
+                    rid = self.request_id if len(prompts) * n == 1 else f"{self.request_id}-{index}"
+                    request = GenerationRequest(rid, self.model, prompt, choice_params, add_special_tokens=not templated)
+                    self.streams.append(self.engine.submit(request))
+                    self.choices.append(Choice(index=index, prompt_index=p))
+        except BaseException:
+            self._abort_submitted()
+            raise
+        self.metrics.generation_started(self.model)
+
+    def _abort_submitted(self) -> None:
+        for stream in self.streams:
+            asyncio.ensure_future(stream.aclose())
+
+    async def deltas(self) -> AsyncIterator[tuple[Choice, Delta]]:
+        """Deltas of all choices as they come; aborts whatever is unfinished when left early."""
+        source = self._single() if len(self.streams) == 1 else self._merged()
+        try:
+            async for index, delta in source:
+                yield self._record(self.choices[index], delta), delta
+            self._finished = True
+        finally:
+            await source.aclose()
+            await self.aclose()
+
+    async def _single(self) -> AsyncIterator[tuple[int, Delta]]:
+        async for delta in self.streams[0]:
+            yield 0, delta
+
+    async def _merged(self) -> AsyncIterator[tuple[int, Delta]]:
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index: int, stream: Any) -> None:
+            try:
+                async for delta in stream:
+                    queue.put_nowait((index, delta))
+            except Exception as exc:  # an engine error ends the whole request
+                queue.put_nowait((index, exc))
+            finally:
+                queue.put_nowait((index, _END))
+
+        tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(self.streams)]
+        try:
+            open_streams = len(tasks)
+            while open_streams:
+                index, item = await queue.get()
+                if item is _END:
+                    open_streams -= 1
+                elif isinstance(item, Exception):
+                    raise item
+                else:
+                    yield index, item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _record(self, choice: Choice, delta: Delta) -> Choice:
+        if self.first_token_at is None and (delta.text or delta.completion_tokens):
+            self.first_token_at = time.perf_counter()
+            self.metrics.ttft.observe(self.first_token_at - self.started)
+            self.info["ttft_ms"] = round((self.first_token_at - self.started) * 1000, 1)
+        choice.parts.append(delta.text)
+        choice.logprobs.extend(delta.logprobs)
+        choice.prompt_tokens = delta.prompt_tokens or choice.prompt_tokens
+        choice.completion_tokens = delta.completion_tokens or choice.completion_tokens
+        if delta.finish_reason is not None:
+            choice.finish_reason = delta.finish_reason
+        return choice
+
+    async def run(self) -> list[Choice]:
+        """Consume every choice to its end (non-streamed responses)."""
+        async for _ in self.deltas():
+            pass
+        return self.choices
+
+    def usage(self) -> Usage:
+        prompt_tokens: dict[int, int] = {}
+        for c in self.choices:  # a prompt counts once, whatever n is
+            prompt_tokens[c.prompt_index] = max(prompt_tokens.get(c.prompt_index, 0), c.prompt_tokens)
+        prompt = sum(prompt_tokens.values())
+        completion = sum(c.completion_tokens for c in self.choices)
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+    async def aclose(self) -> None:
+        """Abort unfinished engine requests and record the request's tokens and timings once."""
+        streams, self.streams = self.streams, []
+        for stream in streams:
+            await stream.aclose()
+        if not streams:
+            return
+        usage = self.usage()
+        self.info.update(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens)
+        if not self._finished:
+            self.info.setdefault("outcome", "aborted")
+        self.metrics.generation_finished(self.model, usage.prompt_tokens, usage.completion_tokens,
+                                         self.started, self.first_token_at, aborted=not self._finished)

@@ -1,0 +1,108 @@
+"""Server-sent events: `data: {chunk}` per delta, an optional usage chunk, then `data: [DONE]`.
+
+`EventStreamResponse` watches the connection while it streams: when the client goes away
+it cancels the stream and closes the event generator, whose `finally` aborts the engine
+requests at once (their KV blocks and adapter pins are freed within one engine step).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import aclosing, suppress
+from typing import Any
+
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from server.api.errors import engine_error_body, error_body
+from server.api.formatting import chat_logprobs, completion_logprobs
+from server.api.generation import Generation
+from server.engine.request import EngineError
+
+log = logging.getLogger(__name__)
+
+
+def sse(payload: dict | str) -> str:
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {data}\n\n"
+
+
+class EventStreamResponse(StreamingResponse):
+    def __init__(self, events: AsyncIterator[str], gen: Generation, log_info: dict) -> None:
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.gen, self.log_info = gen, log_info
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def client_gone() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        streaming = asyncio.ensure_future(self.stream_response(send))
+        watching = asyncio.ensure_future(client_gone())
+        try:
+            await asyncio.wait({streaming, watching}, return_when=asyncio.FIRST_COMPLETED)
+            if streaming.done():
+                with suppress(OSError):  # the client went away between two sends
+                    streaming.result()
+            else:
+                self.log_info["outcome"] = "client_closed"
+        finally:
+            for task in (streaming, watching):
+                task.cancel()
+                with suppress(asyncio.CancelledError, OSError):
+                    await task
+            await self.body_iterator.aclose()  # type: ignore[union-attr]
+            await self.gen.aclose()  # also when the events never started
+
+
+def _usage_chunk(base: dict, gen: Generation) -> dict:
+    return {**base, "choices": [], "usage": gen.usage().model_dump()}
+
+
+def _error_event(exc: Exception) -> str:
+    if isinstance(exc, EngineError):
+        return sse(engine_error_body(exc))
+    log.error("stream failed: %s", type(exc).__name__, exc_info=exc)
+    return sse(error_body(500, "The server had an error while processing your request.", code="internal_error"))
+
+
+async def completion_events(gen: Generation, base: dict, want_logprobs: bool, include_usage: bool
+                            ) -> AsyncIterator[str]:
+    extra: dict[str, Any] = {"usage": None} if include_usage else {}
+    try:
+        async with aclosing(gen.deltas()) as deltas:
+            async for choice, delta in deltas:
+                logprobs = None
+                if want_logprobs:
+                    start = len(choice.text) - len(delta.text)
+                    logprobs = completion_logprobs(delta.logprobs, start).model_dump()
+                yield sse({**base, "choices": [{"index": choice.index, "text": delta.text, "logprobs": logprobs,
+                                                "finish_reason": delta.finish_reason}], **extra})
+        if include_usage:
+            yield sse(_usage_chunk(base, gen))
+    except Exception as exc:
+        yield _error_event(exc)
+    yield sse("[DONE]")
+
+
+async def chat_events(gen: Generation, base: dict, want_logprobs: bool, include_usage: bool) -> AsyncIterator[str]:
+    extra: dict[str, Any] = {"usage": None} if include_usage else {}
+    try:
+        for choice in gen.choices:  # OpenAI opens every choice with the role
+            yield sse({**base, "choices": [{"index": choice.index, "delta": {"role": "assistant", "content": ""},
+                                            "logprobs": None, "finish_reason": None}], **extra})
+        async with aclosing(gen.deltas()) as deltas:
+            async for choice, delta in deltas:
+                logprobs = chat_logprobs(delta.logprobs).model_dump() if want_logprobs else None
+                content = {"content": delta.text} if delta.text or delta.finish_reason is None else {}
+                yield sse({**base, "choices": [{"index": choice.index, "delta": content, "logprobs": logprobs,
+                                                "finish_reason": delta.finish_reason}], **extra})
+        if include_usage:
+            yield sse(_usage_chunk(base, gen))
+    except Exception as exc:
+        yield _error_event(exc)
+    yield sse("[DONE]")
