@@ -51,7 +51,9 @@ def serve(overrides: dict) -> int:
     engine.load_store()
     engine.start()
     try:
-        uvicorn.run(create_app(engine), host=settings.host, port=settings.port, log_level="info")
+        # access_log off: the API logs one line per request itself (server.api.access), without keys or prompts.
+        uvicorn.run(create_app(engine, settings), host=settings.host, port=settings.port, log_level="info",
+                    access_log=False)
     finally:
         engine.stop()
     return 0
