@@ -107,7 +107,9 @@ def _plan_modules(config: dict[str, Any], layout: BaseLayout, rx: BoundedRegex) 
     names = sorted(layout.linear.keys() | layout.other)
     targets = [name for name in names if spec.selects(name, rx)]
     if not targets:
-        raise AdapterFormatError("target_modules match no module of the base model (adapter made for another model?)")
+        wanted = str(config.get("target_modules"))[:200]
+        raise AdapterFormatError(f"target_modules {wanted} match no module of the base model "
+                                 "(adapter made for another model?)")
     for name in targets:
         reject_unless_linear(name, layout, f"target module {name!r}")
     r = _positive_int(config.get("r", DEFAULT_LORA_R), "r")

@@ -302,7 +302,7 @@ class Engine:
         if seq.record is not None:
             seq.record.tokens += 1
         is_eos = out.token in self.eos_ids
-        text = "" if is_eos else seq.detokenizer.push(out.token)
+        text = "" if is_eos and not seq.params.ignore_eos else seq.detokenizer.push(out.token)
         reason = finish_reason(seq, is_eos, self._max_context)
         if reason is not None:
             text += seq.detokenizer.finish()

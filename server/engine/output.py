@@ -8,7 +8,7 @@ from server.engine.sequence import Sequence
 
 
 def finish_reason(seq: Sequence, is_eos: bool, max_context: int) -> str | None:
-    if is_eos or seq.detokenizer.stopped:
+    if (is_eos and not seq.params.ignore_eos) or seq.detokenizer.stopped:
         return "stop"
     if len(seq.output_ids) >= seq.params.max_tokens or len(seq.token_ids) >= max_context:
         return "length"

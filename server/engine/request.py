@@ -16,6 +16,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logprobs: int | None = None     # None = off; k = chosen token's logprob plus the top k
+    ignore_eos: bool = False        # generate exactly max_tokens (benchmarks)
 
 
 @dataclass(frozen=True)
