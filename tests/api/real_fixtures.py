@@ -1,0 +1,109 @@
+"""The real default model behind a real `loraplex serve`, and an in-process engine as the oracle.
+
+The oracle is an `Engine` built in the test process on a copy of the server's adapter
+store: what it generates (greedy) is what the server must send back over HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import io
+import json
+import shutil
+import uuid
+import zipfile
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from server.config import Settings
+from server.engine.engine import Engine
+from server.engine.request import GenerationRequest, SamplingParams
+from server.models import load_base_model
+from tests.conftest import TEST_CACHE
+
+ADMIN = "real-admin-token"
+KEY = "real-api-key"
+BASE_NAME = "SmolLM2-135M-Instruct"
+MAX_ADAPTER_BYTES = 16_000_000
+ADAPTERS = {  # name -> (seed, LoRA config)
+    "alpha": (1, dict(r=8, lora_alpha=16, target_modules="all-linear")),
+    "beta": (2, dict(r=16, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"])),
+    "gamma": (3, dict(r=4, lora_alpha=8, target_modules=["k_proj", "o_proj", "up_proj"])),
+}
+
+
+def fresh_base():
+    return load_base_model(Settings(cache_dir=TEST_CACHE, device="cpu"))
+
+
+def save_adapter(base_model: torch.nn.Module, folder: Path, seed: int, **lora) -> Path:
+    torch.manual_seed(seed)
+    model = get_peft_model(copy.deepcopy(base_model), LoraConfig(init_lora_weights=False, **lora))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(0.3)
+    model.save_pretrained(folder)
+    return folder
+
+
+def adapter_files(folder: Path) -> tuple[bytes, bytes]:
+    return (folder / "adapter_config.json").read_bytes(), (folder / "adapter_model.safetensors").read_bytes()
+
+
+def zipped(folder: Path, prefix: str = "adapter/") -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for path in sorted(folder.iterdir()):
+            archive.write(path, prefix + path.name)
+    return buffer.getvalue()
+
+
+def edited_weights(weights: bytes, edit) -> bytes:
+    tensors = load_safetensors(weights)
+    edit(tensors)
+    return save_safetensors(tensors)
+
+
+def edited_config(config: bytes, **changes) -> bytes:
+    return json.dumps({**json.loads(config), **changes}).encode()
+
+
+def store_snapshot(store: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(store)): (p.stat().st_size, p.stat().st_mtime_ns) for p in store.rglob("*")}
+
+
+class Oracle:
+    """An in-process engine on a copy of the store: the expected output of every greedy request."""
+
+    def __init__(self, store: Path, scratch: Path) -> None:
+        copy_dir = scratch / "oracle-store"
+        shutil.copytree(store, copy_dir)
+        settings = Settings(cache_dir=TEST_CACHE, device="cpu", adapters_dir=copy_dir)
+        self.engine = Engine(fresh_base(), settings)
+        self.engine.load_store()
+        self.engine.start()
+
+    def add(self, name: str, folder: Path) -> None:
+        self.engine.add_adapter(name, *adapter_files(folder))
+
+    def chat_prompt(self, messages: list[dict]) -> str:
+        return self.engine.chat_prompt(messages)
+
+    def greedy(self, items: list[tuple[str, str, int, bool]]) -> list[str]:
+        """(model, prompt, max_tokens, templated) -> text, all generated in one batch."""
+        async def run() -> list[str]:
+            streams = [self.engine.submit(GenerationRequest(uuid.uuid4().hex, model, prompt,
+                                                            SamplingParams(max_tokens=n, temperature=0.0),
+                                                            add_special_tokens=not templated))
+                       for model, prompt, n, templated in items]
+            return [(await s.collect()).text for s in streams]
+        return asyncio.run(run())
+
+    def stop(self) -> None:
+        self.engine.stop()
