@@ -17,7 +17,8 @@ class AdapterObject(BaseModel):
     tier: str = Field(description="where its weights are now: device, cpu or disk")
     rank: int
     alpha: float
-    target_modules: list[str]
+    target_modules: list[str] = Field(description="the kinds of module it adapts (q_proj, v_proj, ...)")
+    num_modules: int = Field(description="how many modules of the base it adapts (e.g. 30 layers x 2 kinds = 60)")
     size_bytes: int
     created: int = Field(description="Unix time the current version was registered")
     requests: int = Field(0, description="requests served")
@@ -26,7 +27,9 @@ class AdapterObject(BaseModel):
     @classmethod
     def from_info(cls, info: Any, parent: str) -> AdapterObject:
         return cls(id=info.name, parent=parent, version=info.version, status=info.status, error=info.error,
-                   tier=info.tier, rank=info.rank, alpha=info.alpha, target_modules=list(info.target_modules),
+                   tier=info.tier, rank=info.rank, alpha=info.alpha,
+                   target_modules=sorted({m.rsplit(".", 1)[-1] for m in info.target_modules}),
+                   num_modules=len(info.target_modules),
                    size_bytes=info.size_bytes, created=info.created, requests=info.requests, tokens=info.tokens)
 
 

@@ -11,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from server import __version__
 from server.api.access_log import AccessLog
 from server.api.admin_routes import router as admin_router
+from server.api.body_limit import BodyLimit
 from server.api.errors import error_response, install_error_handlers
 from server.api.metrics import ApiMetrics
 from server.api.openai_routes import router as openai_router
@@ -43,7 +44,8 @@ def create_app(engine: Any, settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(openai_router)
     app.include_router(admin_router)
-    app.add_middleware(AccessLog, metrics=metrics)
+    app.add_middleware(BodyLimit)
+    app.add_middleware(AccessLog, metrics=metrics)  # added last: outermost, so it logs the 413s too
 
     @app.get("/health", tags=["operations"], summary="Liveness: the process answers")
     async def health() -> dict[str, str]:

@@ -39,7 +39,7 @@ def sampling_params(body: SamplingFields, default_max_tokens: int, logprobs: int
     return SamplingParams(max_tokens=max_tokens if max_tokens is not None else default_max_tokens,
                           temperature=body.temperature, top_p=body.top_p, top_k=max(0, body.top_k), seed=body.seed,
                           stop=body.stop_list(), presence_penalty=body.presence_penalty,
-                          frequency_penalty=body.frequency_penalty, logprobs=logprobs)
+                          frequency_penalty=body.frequency_penalty, logprobs=logprobs, ignore_eos=body.ignore_eos)
 
 
 def _generation(request: Request, body: SamplingFields, prefix: str) -> tuple[Generation, dict, dict]:

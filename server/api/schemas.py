@@ -33,6 +33,7 @@ class SamplingFields(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 = greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=-1, description="extension: keep the k most likely tokens; 0 or -1 = off")
+    ignore_eos: bool = Field(False, description="extension: generate exactly max_tokens, past end-of-sequence")
     seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX, description="choice i uses seed + i")
     stop: str | list[str] | None = Field(None, description=f"up to {MAX_STOP} strings, cut from the output")
     n: int = Field(1, ge=1, le=MAX_CHOICES, description="choices per prompt")

@@ -11,6 +11,7 @@ those. Pickle weights are refused by name and by content and never unpickled.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from dataclasses import dataclass, field
 
@@ -188,7 +189,8 @@ async def read_upload(request: Request, limit: int, base_name: str) -> Upload:
     except ApiError:
         await _drain(stream, received)
         raise
-    return _assemble(reader, limit, base_name)
+    # Archive reading and checks run off the event loop: streams in flight keep flowing.
+    return await asyncio.to_thread(_assemble, reader, limit, base_name)
 
 
 async def _drain(stream, received: int) -> None:

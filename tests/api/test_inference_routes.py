@@ -28,12 +28,13 @@ def test_completion_matches_engine_output(client, engine):
 def test_every_sampling_field_reaches_the_engine(client, engine):
     response = client.post("/v1/completions", json={
         "model": BASE, "prompt": "x", "max_tokens": 2, "temperature": 0.7, "top_p": 0.9, "top_k": 5, "seed": 11,
-        "stop": ["\n", "END"], "presence_penalty": 0.5, "frequency_penalty": -0.5, "user": "u1"})
+        "stop": ["\n", "END"], "presence_penalty": 0.5, "frequency_penalty": -0.5, "user": "u1",
+        "ignore_eos": True})
     assert response.status_code == 200, response.text
     params = engine.submitted[-1].params
     assert (params.max_tokens, params.temperature, params.top_p, params.top_k, params.seed) == (2, 0.7, 0.9, 5, 11)
     assert params.stop == ("\n", "END") and params.presence_penalty == 0.5 and params.frequency_penalty == -0.5
-    assert params.logprobs is None
+    assert params.logprobs is None and params.ignore_eos is True
 
 
 def test_max_completion_tokens_wins_and_defaults_apply(client, engine):
@@ -204,3 +205,20 @@ def test_responses_carry_a_request_id(client):
     assert response.headers["x-request-id"] == "abc-123" and response.json()["id"] == "cmpl-abc-123"
     bad = client.get("/health", headers={"X-Request-Id": "evil\tid with spaces"})
     assert bad.headers["x-request-id"] != "evil\tid with spaces"
+
+
+def test_oversized_json_body_is_413(client, engine):
+    from server.api.body_limit import JSON_BODY_LIMIT
+    big = {"model": BASE, "prompt": "x" * (JSON_BODY_LIMIT + 10)}
+    response = client.post("/v1/completions", json=big)
+    assert response.status_code == 413 and response.json()["error"]["code"] == "body_too_large"
+
+    def chunks():  # no Content-Length: counted as it arrives
+        yield b'{"model": "base-model", "prompt": "'
+        for _ in range(JSON_BODY_LIMIT // 65536 + 2):
+            yield b"x" * 65536
+        yield b'"}'
+    response = client.post("/v1/completions", content=chunks(), headers={"Content-Type": "application/json"})
+    assert response.status_code == 413
+    assert engine.submitted == []
+    assert client.post("/v1/completions", json={"model": BASE, "prompt": "x", "max_tokens": 1}).status_code == 200

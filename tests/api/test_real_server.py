@@ -172,7 +172,8 @@ def test_admin_listing_with_right_token(world):
     alpha = next(a for a in data if a["id"] == "alpha")
     assert alpha["rank"] == 8 and alpha["alpha"] == 16 and alpha["status"] in ("ready", "loading")
     assert alpha["tier"] in ("device", "cpu", "disk") and alpha["size_bytes"] > 0 and alpha["version"] == 1
-    assert any(t.endswith("q_proj") for t in alpha["target_modules"])
+    assert alpha["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert alpha["num_modules"] == 7 * 30
 
 
 def _rank32(world):
