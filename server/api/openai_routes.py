@@ -18,7 +18,7 @@ from server.api.auth import require_api_key
 from server.api.errors import ApiError
 from server.api.formatting import chat_logprobs, completion_logprobs
 from server.api.generation import Choice, Generation
-from server.api.schemas import (AssistantMessage, ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
+from server.api.schemas import (AssistantMessage, ChatChoice, ChatCompletionRequest,
                                 ChatCompletionResponse, CompletionChoice, CompletionRequest, CompletionResponse,
                                 ModelList, ModelObject, SamplingFields)
 from server.api.streaming import EventStreamResponse, chat_events, completion_events
@@ -29,8 +29,9 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"description": "missing or wrong API key"}, 404: {"description": "unknown model"},
     409: {"description": "the adapter is registered but failed to load"},
     429: {"description": "queue full; see Retry-After"}, 503: {"description": "engine not ready"}}
-STREAM_DOC = {"text/event-stream": {"schema": {"type": "string", "description": "`data: {chunk}` lines, "
-                                               "then `data: [DONE]`"}}}
+STREAM_DOC = {"text/event-stream": {"schema": {"type": "string", "description": "with stream=true: `data: {chunk}` "
+                                               "events (object text_completion or chat.completion.chunk), an "
+                                               "optional usage chunk, then `data: [DONE]`"}}}
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=["inference"], responses=ERRORS)
 
 
@@ -106,7 +107,7 @@ def _chat_prompt(engine: Any, body: ChatCompletionRequest) -> str:
 
 
 @router.post("/chat/completions", response_model=ChatCompletionResponse, summary="Chat completion",
-             responses={200: {"content": STREAM_DOC, "model": ChatCompletionChunk}})
+             responses={200: {"content": STREAM_DOC}})
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Any:
     state = request.app.state
     prompt = _chat_prompt(state.engine, body)

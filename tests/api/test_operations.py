@@ -91,3 +91,6 @@ def test_openapi_describes_every_route():
     completion = schema["components"]["schemas"]["CompletionRequest"]["properties"]
     assert {"max_tokens", "top_k", "seed", "stop", "n", "logprobs", "stream_options"} <= set(completion)
     assert "429" in paths["/v1/completions"]["post"]["responses"]
+    chat_200 = paths["/v1/chat/completions"]["post"]["responses"]["200"]["content"]
+    assert chat_200["application/json"]["schema"]["$ref"].endswith("/ChatCompletionResponse")
+    assert "text/event-stream" in chat_200
