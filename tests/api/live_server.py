@@ -6,7 +6,6 @@ import threading
 import time
 from contextlib import contextmanager
 
-import httpx
 import uvicorn
 
 from tests.e2e.server_process import free_port
@@ -39,5 +38,3 @@ def wait_until(predicate, timeout: float = 5.0) -> bool:
         time.sleep(0.02)
     return predicate()
 
-
-__all__ = ["serve_in_thread", "wait_until", "httpx"]

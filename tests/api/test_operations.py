@@ -6,7 +6,6 @@ import logging
 import subprocess
 import sys
 
-from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
 
 from server.api.app import create_app

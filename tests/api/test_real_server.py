@@ -4,6 +4,8 @@ official `openai` SDK; every text is checked against an in-process engine's own 
 from __future__ import annotations
 
 import asyncio
+import json
+import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +14,7 @@ import httpx
 import pytest
 from openai import APIStatusError, AsyncOpenAI, AuthenticationError, NotFoundError, OpenAI
 
+from tests.api.archive_builders import make_tar, tar_member
 from tests.api.real_fixtures import (ADAPTERS, ADMIN, BASE_NAME, KEY, MAX_ADAPTER_BYTES, Oracle, adapter_files,
                                      edited_config, edited_weights, fresh_base, save_adapter, store_snapshot, zipped)
 from tests.conftest import TEST_CACHE
@@ -233,9 +236,7 @@ REJECTIONS = {
 
 
 def _tar_with_link(world) -> bytes:
-    from tests.api.archive_builders import make_tar, tar_member
-    import tarfile
-    config, weights = _delta(world)
+    config, _ = _delta(world)
     return make_tar([("adapter_config.json", config),
                      tar_member("adapter_model.safetensors", kind=tarfile.SYMTYPE, linkname="/etc/passwd")], gz=True)
 
@@ -275,7 +276,6 @@ def test_upload_while_20_streams_run_on_other_adapters(world):
             assert r.status_code == 200
             async for line in r.aiter_lines():
                 if line.startswith("data: {"):
-                    import json
                     text += json.loads(line[6:])["choices"][0]["text"]
                     if text and not started.is_set():
                         counter.append(1)
@@ -288,7 +288,6 @@ def test_upload_while_20_streams_run_on_other_adapters(world):
             started, counter = asyncio.Event(), []
             tasks = [asyncio.ensure_future(stream(client, m, p, started, counter)) for m, p in jobs]
             await started.wait()
-            config, weights = adapter_files(world.uploads / "delta")
             upload = await client.post("/v1/adapters", headers=ADMIN_HEADERS, data={"name": "delta"},
                                        files={"archive": ("delta.zip", zipped(world.uploads / "delta"))})
             uploaded_at = time.monotonic()
