@@ -47,6 +47,7 @@ class AdapterRecord:
     requests: int = 0
     tokens: int = 0
     loads: int = 0
+    load_seconds: float = 0.0
 
     @property
     def key(self) -> tuple[str, int]:
@@ -193,6 +194,5 @@ class AdapterRegistry:
     def _cache(self, record: AdapterRecord, adapter: ParsedAdapter) -> None:
         self._cpu[record.key] = adapter
         self._cpu.move_to_end(record.key)
-        record.loads += 1
         while len(self._cpu) > self.max_cpu_loras:
             self._cpu.popitem(last=False)

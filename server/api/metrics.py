@@ -123,19 +123,10 @@ class EngineCollector(Collector):
                                     labels=["adapter"])
         load_seconds = GaugeMetricFamily("loraplex_adapter_load_seconds", "Duration of the adapter's last load",
                                          labels=["adapter"])
-        has_loads = has_load_seconds = False
         for a in adapters:
             info.add_metric([a.name, str(a.version), a.status, a.tier], 1)
             requests.add_metric([a.name], a.requests)
             tokens.add_metric([a.name], a.tokens)
-            if getattr(a, "loads", None) is not None:
-                has_loads = True
-                loads.add_metric([a.name], a.loads)
-            if getattr(a, "load_seconds", None) is not None:
-                has_load_seconds = True
-                load_seconds.add_metric([a.name], a.load_seconds)
-        yield from (info, requests, tokens)
-        if has_loads:
-            yield loads
-        if has_load_seconds:
-            yield load_seconds
+            loads.add_metric([a.name], a.loads)
+            load_seconds.add_metric([a.name], a.load_seconds)
+        yield from (info, requests, tokens, loads, load_seconds)

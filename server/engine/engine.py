@@ -219,7 +219,7 @@ class Engine:
         return AdapterInfo(name=record.name, version=record.version, status=record.status, error=record.error,
                            tier=tier, rank=record.rank, alpha=record.alpha, target_modules=record.target_modules,
                            size_bytes=record.size_bytes, created=int(record.created), requests=record.requests,
-                           tokens=record.tokens)
+                           tokens=record.tokens, loads=record.loads, load_seconds=record.load_seconds)
 
     def _resolve(self, model: str) -> AdapterRecord | None:
         if model == self.base_name:
@@ -327,12 +327,17 @@ class Engine:
             if seq.adapter is None:
                 self.registry.request_load(seq.record)
                 return False
-        adapter = seq.adapter
         try:
-            seq.slot = self.slots.acquire(seq.record.key, lambda slot: self.lora.write_slot(slot, adapter))
+            seq.slot = self.slots.acquire(seq.record.key, lambda slot: self._load_slot(slot, seq))
         except NoFreeSlotError:
             return False
         return True
+
+    def _load_slot(self, slot: int, seq: Sequence) -> None:
+        started = time.perf_counter()
+        self.lora.write_slot(slot, seq.adapter)
+        seq.record.loads += 1
+        seq.record.load_seconds = time.perf_counter() - started
 
     def _release(self, seq: Sequence) -> None:
         if seq.slot is not None and seq.slot >= 0:

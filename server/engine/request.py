@@ -119,3 +119,5 @@ class AdapterInfo:
     created: int
     requests: int = 0
     tokens: int = 0
+    loads: int = 0               # times written into a device slot
+    load_seconds: float = 0.0    # duration of the last such write
