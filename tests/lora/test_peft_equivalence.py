@@ -11,7 +11,7 @@ from peft import PeftModel
 
 from server.adapters.layout import BaseLayout
 from server.adapters.peft_format import load_peft_adapter
-from server.engine.generate import forward_logits, generate_batch
+from tests.lora.padded_batch import forward_logits, generate_batch
 from server.lora.model import LoraModel
 from tests.conftest import tiny_llama
 from tests.lora.peft_fixtures import ADAPTER_CONFIGS, make_peft_adapters

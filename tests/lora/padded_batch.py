@@ -1,4 +1,5 @@
-"""Batched generation over a padded batch where every row names its own adapter slot."""
+"""The LoRA layers in a left-padded batch where every row names its own adapter slot (row mode),
+driven by plain transformers forward and `generate`: the PEFT comparison without the engine."""
 
 from __future__ import annotations
 
