@@ -27,3 +27,8 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# Rebuild the demo LoRA adapters in adapters/ (about 15 minutes on 2 CPU cores). PHONY: adapters/ is a folder.
+.PHONY: adapters
+adapters: $(STAMP)
+	$(BIN)/python -m server.train.make_adapters $(ARGS)
