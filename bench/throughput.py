@@ -1,6 +1,7 @@
 """Throughput of one workload through four systems, side by side in one process and one run.
 
-    python bench/throughput.py            # 64 requests, prompts 16-256 tokens, 16-256 new tokens
+    python bench/throughput.py            # 32 requests, prompts 16-256 tokens, 16-256 new tokens
+    python bench/throughput.py --requests 64 --adapters 32
     python bench/throughput.py --quick    # 16 requests, shorter: a smoke run
 
 Systems: the loraplex engine with every request on the base model; the engine with the
@@ -67,17 +68,17 @@ def run_engine(settings: Settings, work: Workload, models: list[str]) -> float:
     engine.load_store()
     engine.start()
 
-    async def burst() -> None:
-        requests = [GenerationRequest(f"r{i}", models[i % len(models)], prompt,
+    async def burst(items: Workload) -> None:
+        requests = [GenerationRequest(f"r{i}-{len(items)}", models[i % len(models)], prompt,
                                       SamplingParams(max_tokens=new, temperature=0, ignore_eos=True))
-                    for i, (prompt, new) in enumerate(work)]
+                    for i, (prompt, new) in enumerate(items)]
         results = await asyncio.gather(*(engine.generate(r) for r in requests))
-        assert [r.completion_tokens for r in results] == [new for _, new in work]
+        assert [r.completion_tokens for r in results] == [new for _, new in items]
 
     try:
-        asyncio.run(burst())  # warm-up on the first request's shapes is part of a real server's life too
+        asyncio.run(burst(work[:2]))  # warm-up: first-touch of the slot buffers and KV cache pages
         start = time.perf_counter()
-        asyncio.run(burst())
+        asyncio.run(burst(work))
         return time.perf_counter() - start
     finally:
         engine.stop()
@@ -100,7 +101,7 @@ def run_static(model, tokenizer, work: Workload, batch: int, adapter_names: list
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--adapters", type=int, default=32)
     parser.add_argument("--batch", type=int, default=16, help="static batch size of the transformers/PEFT peers")
     parser.add_argument("--seed", type=int, default=0)
@@ -119,16 +120,25 @@ def main() -> None:
         store = Path(tmp)
         names = make_adapters(base.model, store, args.adapters)
         settings = settings.model_copy(update={"adapters_dir": store})
-        times = {"engine, base model only": run_engine(settings, work, [base.name]),
-                 f"engine, {args.adapters} adapters": run_engine(settings, work, names)}
-        times["transformers generate, base"] = run_static(base.model, base.tokenizer, work, args.batch, None)
+        times: dict[str, float] = {}
+        timed(times, "engine, base model only", lambda: run_engine(settings, work, [base.name]))
+        timed(times, f"engine, {args.adapters} adapters", lambda: run_engine(settings, work, names))
+        timed(times, "transformers generate, base",
+              lambda: run_static(base.model, base.tokenizer, work, args.batch, None))
         from peft import PeftModel
 
         peft = PeftModel.from_pretrained(base.model, store / names[0], adapter_name=names[0])
         for name in names[1:]:
             peft.load_adapter(store / name, adapter_name=name)
-        times[f"PEFT mixed batch, {args.adapters} adapters"] = run_static(peft, base.tokenizer, work, args.batch, names)
+        timed(times, f"PEFT mixed batch, {args.adapters} adapters",
+              lambda: run_static(peft, base.tokenizer, work, args.batch, names))
     print_table(times, tokens, requests, prompt_range, new_range, args)
+
+
+def timed(times: dict[str, float], name: str, run) -> None:
+    print(f"running: {name} ...", file=sys.stderr, flush=True)
+    times[name] = run()
+    print(f"  {times[name]:.1f} s", file=sys.stderr, flush=True)
 
 
 def print_table(times: dict[str, float], tokens: int, requests: int, prompt_range, new_range, args) -> None:
