@@ -11,7 +11,7 @@ import torch
 
 from server.train.data import DataError, encode_all, load_jsonl, pad_id_of
 from server.train.evaluate import evaluate
-from server.train.trainer import TrainConfig, parse_targets, save_adapter, seed_everything, train, wrap_with_lora
+from server.train.trainer import TrainConfig, default_threads, parse_targets, save_adapter, seed_everything, train, wrap_with_lora
 
 DEFAULTS = TrainConfig()
 
@@ -32,7 +32,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=int, default=DEFAULTS.max_length, help="tokens per example (default %(default)s)")
     parser.add_argument("--model", default=None, help="local base model folder (default: the embedded default model)")
     parser.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the server's setting, auto)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: the idle cores, at least 1)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -62,8 +62,7 @@ def run_train(args: argparse.Namespace) -> int:
     """Train one adapter; 0 on success, 2 on bad input, with the reason on stderr."""
     try:
         config = config_from_args(args)
-        if args.threads:
-            torch.set_num_threads(args.threads)
+        torch.set_num_threads(args.threads or default_threads())
         seed_everything(config.seed)
         base = load_base(args)
         tokenizer = base.tokenizer

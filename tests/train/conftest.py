@@ -49,3 +49,12 @@ def tiny_base(tiny_model_dir: Path):
     from server.models import load_base_model
 
     return load_base_model(Settings(model=str(tiny_model_dir), device="cpu"))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models are all small ops: on a shared CPU a second thread only adds waiting at barriers."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
