@@ -10,8 +10,10 @@ from pathlib import Path
 import torch
 
 from server.train.data import DataError, encode_all, load_jsonl, pad_id_of
-from server.train.evaluate import evaluate
-from server.train.trainer import TrainConfig, default_threads, parse_targets, save_adapter, seed_everything, train, wrap_with_lora
+from server.train.evaluate import EvalReport, evaluate
+from server.train.trainer import (
+    TrainConfig, TrainStats, default_threads, parse_targets, save_adapter, seed_everything, train, wrap_with_lora,
+)
 
 DEFAULTS = TrainConfig()
 
@@ -58,31 +60,52 @@ def load_base(args: argparse.Namespace):
     return load_base_model(Settings(**given))
 
 
+def prepare(args: argparse.Namespace):
+    """Everything that can fail on bad input, before any training starts."""
+    config = config_from_args(args)
+    torch.set_num_threads(args.threads or default_threads())
+    seed_everything(config.seed)
+    base = load_base(args)
+    train_set, dropped = encode_all(load_jsonl(args.data, base.tokenizer), base.tokenizer, config.max_length)
+    if not train_set:
+        raise DataError(f"{args.data}: no example fits in --max-length {config.max_length}")
+    if dropped:
+        print(f"train: skipped {dropped} examples longer than --max-length", file=sys.stderr)
+    held_out = load_jsonl(args.eval, base.tokenizer) if args.eval else None
+    return config, base, train_set, held_out
+
+
+def card(base_name: str, config: TrainConfig, stats: TrainStats, report: EvalReport | None) -> str:
+    """A short model card; it replaces PEFT's generic one, which names the local base folder."""
+    targets = config.targets if isinstance(config.targets, str) else ", ".join(config.targets)
+    lines = [
+        f"# LoRA adapter for {base_name}", "",
+        f"- LoRA: rank {config.rank}, alpha {config.alpha:g}, dropout {config.dropout:g}, targets: {targets}",
+        f"- training: lr {config.lr:g}, {config.epochs} epoch(s), batch {config.batch_size}, seed {config.seed}, "
+        f"{stats.steps} steps in {stats.seconds:.0f} s, loss {stats.first_loss:.4f} -> {stats.last_loss:.4f}",
+    ]
+    if report:
+        lines.append(f"- held-out: exact match {report.accuracy:.1%} on {report.examples} examples, mean loss {report.mean_loss:.4f}")
+    return "\n".join(lines) + "\n"
+
+
 def run_train(args: argparse.Namespace) -> int:
     """Train one adapter; 0 on success, 2 on bad input, with the reason on stderr."""
     try:
-        config = config_from_args(args)
-        torch.set_num_threads(args.threads or default_threads())
-        seed_everything(config.seed)
-        base = load_base(args)
-        tokenizer = base.tokenizer
-        train_set, dropped = encode_all(load_jsonl(args.data, tokenizer), tokenizer, config.max_length)
-        if not train_set:
-            raise DataError(f"{args.data}: no example fits in --max-length {config.max_length}")
-        held_out = load_jsonl(args.eval, tokenizer) if args.eval else None
+        config, base, train_set, held_out = prepare(args)
     except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: ModelLoadError
         print(f"train: {exc}", file=sys.stderr)
         return 2
-    if dropped:
-        print(f"train: skipped {dropped} examples longer than --max-length", file=sys.stderr)
     model = wrap_with_lora(base.model, config)
-    stats = train(model, train_set, config, pad_id_of(tokenizer), progress=not args.no_progress)
+    stats = train(model, train_set, config, pad_id_of(base.tokenizer), progress=not args.no_progress)
     save_adapter(model, args.output, base.name)
     print(f"saved {args.output} ({stats.steps} steps, {stats.seconds:.1f} s, loss {stats.first_loss:.4f} -> {stats.last_loss:.4f})")
+    report = None
     if held_out:
-        encoded, _ = encode_all(held_out, tokenizer, config.max_length)
-        report = evaluate(model, tokenizer, held_out, encoded)
+        encoded, _ = encode_all(held_out, base.tokenizer, config.max_length)
+        report = evaluate(model, base.tokenizer, held_out, encoded)
         print(json.dumps({"accuracy": report.accuracy, "mean_loss": report.mean_loss, "examples": report.examples}))
         if args.report:
             args.report.write_text(json.dumps(report.as_dict(), indent=2) + "\n")
+    (args.output / "README.md").write_text(card(base.name, config, stats, report))
     return 0

@@ -70,6 +70,7 @@ def test_command_writes_a_standard_peft_folder(tiny_model_dir: Path, tiny_base, 
     assert saved and all(torch.equal(v, state[k.replace(".weight", ".default.weight")]) for k, v in saved.items())
     result = json.loads(report.read_text())
     assert 0.0 <= result["accuracy"] <= 1.0 and result["mean_loss"] > 0 and result["examples"] == 4
+    assert "rank 4" in (out / "README.md").read_text()  # our card, not PEFT's
     assert '"accuracy"' in capsys.readouterr().out
 
 
