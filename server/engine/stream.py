@@ -24,7 +24,11 @@ class RequestStream:
 
     # Called from the engine thread.
     def put(self, item: Delta | EngineError) -> None:
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:  # the consumer's event loop is gone: nobody will read this request
+            self._finished = True
+            self._abort(self.request_id)
 
     def __aiter__(self) -> RequestStream:
         return self

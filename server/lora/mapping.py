@@ -22,6 +22,12 @@ class LoraMapping:
     sorted_slots: torch.Tensor      # [num_lora_tokens] int64, slot of each sorted LoRA token
     num_lora_tokens: int
     rank: int                       # largest rank among the slots in use
+    max_count: int                  # most tokens any one slot has in this pass
+    pad_index: torch.Tensor         # [num_lora_tokens] row of each sorted LoRA token in a [S * max_count] padding
+    padded: bool                    # padding every slot to max_count costs little: use the padded bmm
+
+    # The padded bmm computes S * max_count rows; allow up to this many per real LoRA token.
+    PADDING_FACTOR = 2
 
     @classmethod
     def build(cls, token_slots: torch.Tensor, slot_ranks: list[int]) -> LoraMapping:
@@ -37,13 +43,21 @@ class LoraMapping:
         counts_list = counts.tolist()
         used = [s for s, c in enumerate(counts_list) if c]
         n_lora = sum(counts_list)
+        max_count = max(counts_list, default=0)
+        sorted_slots = key[:n_lora]
+        offsets = torch.cumsum(counts, 0)
+        starts = offsets - counts
+        within = torch.arange(n_lora, device=key.device) - starts[sorted_slots]
         return cls(
             num_tokens=int(token_slots.numel()),
             order=order,
-            offsets=torch.cumsum(counts, 0).to(torch.int32),
-            sorted_slots=key[:n_lora],
+            offsets=offsets.to(torch.int32),
+            sorted_slots=sorted_slots,
             num_lora_tokens=n_lora,
             rank=max((slot_ranks[s] for s in used), default=0),
+            max_count=max_count,
+            pad_index=sorted_slots * max_count + within,
+            padded=num_slots * max_count <= cls.PADDING_FACTOR * n_lora,
         )
 
 

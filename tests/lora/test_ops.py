@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from server.lora.mapping import LoraContext, LoraMapping
-from server.lora.ops import add_lora_, gathered_lora, grouped_lora
+from server.lora.ops import add_lora_, gathered_lora, grouped_lora, padded_lora
 
 S, R, IN, OUT = 5, 8, 12, 10
 
@@ -19,7 +19,7 @@ def reference(x, a, b, slots):
     return y
 
 
-@pytest.mark.parametrize("impl", [grouped_lora, gathered_lora])
+@pytest.mark.parametrize("impl", [grouped_lora, gathered_lora, padded_lora])
 @pytest.mark.parametrize("slots", [
     [0, 0, 1, 3, 3, 3, -1, -1],          # engine order: grouped, base last
     [2, -1, 0, 4, 2, -1, 0, 1, 4, 4],    # arbitrary order
@@ -71,3 +71,17 @@ def test_context_per_row_expands_to_tokens():
         ctx.mapping_for(7)
     ctx.clear()
     assert ctx.mapping_for(6) is None
+
+
+def test_padded_path_is_chosen_for_decode_steps_only():
+    ranks = [R] * S
+    decode = LoraMapping.build(torch.tensor([0, 1, 2, 3, 4, 4]), ranks)  # 5 slots x 2 rows for 6 tokens
+    prefill = LoraMapping.build(torch.tensor([0] * 40 + [1]), ranks)    # 5 x 40 rows for 41 tokens
+    assert decode.padded and not prefill.padded
+    torch.manual_seed(3)
+    a, b = torch.randn(S, R, IN), torch.randn(S, OUT, R)
+    for slots, mapping in [([0, 1, 2, 3, 4, 4], decode), ([0] * 40 + [1], prefill)]:
+        x = torch.randn(len(slots), IN)
+        y = torch.zeros(len(slots), OUT)
+        add_lora_(y, x, a, b, mapping, grouped_lora)
+        assert torch.allclose(y, reference(x, a, b, torch.tensor(slots)), atol=1e-4)
