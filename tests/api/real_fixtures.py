@@ -7,7 +7,6 @@ store: what it generates (greedy) is what the server must send back over HTTP.
 from __future__ import annotations
 
 import asyncio
-import copy
 import io
 import json
 import shutil
@@ -16,7 +15,6 @@ import zipfile
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
@@ -25,6 +23,7 @@ from server.engine.engine import Engine
 from server.engine.request import GenerationRequest, SamplingParams
 from server.models import load_base_model
 from tests.conftest import TEST_CACHE
+from tests.peft_adapters import save_adapter as save_peft_adapter
 
 ADMIN = "real-admin-token"
 KEY = "real-api-key"
@@ -42,14 +41,7 @@ def fresh_base():
 
 
 def save_adapter(base_model: torch.nn.Module, folder: Path, seed: int, **lora) -> Path:
-    torch.manual_seed(seed)
-    model = get_peft_model(copy.deepcopy(base_model), LoraConfig(init_lora_weights=False, **lora))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.mul_(0.3)
-    model.save_pretrained(folder)
-    return folder
+    return save_peft_adapter(base_model, folder, seed, scale_b=0.3, **lora)
 
 
 def adapter_files(folder: Path) -> tuple[bytes, bytes]:

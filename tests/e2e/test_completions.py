@@ -2,31 +2,19 @@
 
 from __future__ import annotations
 
-import copy
-
 import httpx
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 
 from tests.conftest import TEST_CACHE
 from tests.e2e.server_process import running_server
 from tests.lora.peft_fixtures import peft_reference
+from tests.peft_adapters import save_adapter
 
 pytestmark = pytest.mark.slow
 
 PROMPT = "The three most useful things to pack for a hike are"
 TOKENS = 12
-
-
-def save_adapter(base, folder, seed: int, **kwargs) -> None:
-    torch.manual_seed(seed)
-    model = get_peft_model(copy.deepcopy(base), LoraConfig(init_lora_weights=False, **kwargs))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.mul_(0.3)
-    model.save_pretrained(folder)
 
 
 def peft_greedy(model, tokenizer) -> str:
@@ -43,8 +31,8 @@ def peft_greedy(model, tokenizer) -> str:
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, default_base):
     folder = tmp_path_factory.mktemp("store")
-    save_adapter(default_base.model, folder / "alpha", 1, r=8, lora_alpha=16, target_modules="all-linear")
-    save_adapter(default_base.model, folder / "beta", 2, r=16, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"])
+    save_adapter(default_base.model, folder / "alpha", 1, scale_b=0.3, r=8, lora_alpha=16, target_modules="all-linear")
+    save_adapter(default_base.model, folder / "beta", 2, scale_b=0.3, r=16, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"])
     return folder
 
 

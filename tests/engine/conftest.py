@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import copy
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config
 
 from server.config import Settings
@@ -17,6 +15,7 @@ from server.engine.engine import Engine
 from server.engine.request import GenerationRequest, GenerationResult, SamplingParams
 from server.models import embedded_model_dir, load_base_model
 from tests.conftest import TEST_CACHE
+from tests.peft_adapters import save_adapter  # noqa: F401  (re-exported for the engine tests)
 
 TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=1024, eos_token_id=2, pad_token_id=2, bos_token_id=1)
@@ -40,18 +39,6 @@ def save_tiny(folder: Path, arch: str, tokenizer_dir: Path) -> Path:
 @pytest.fixture(scope="session", params=["llama", "qwen2"])
 def tiny_model_dir(request, tmp_path_factory, tokenizer_dir) -> Path:
     return save_tiny(tmp_path_factory.mktemp(f"tiny-{request.param}"), request.param, tokenizer_dir)
-
-
-def save_adapter(base: torch.nn.Module, folder: Path, seed: int, scale_b: float = 1.0, **kwargs) -> Path:
-    """A PEFT adapter with random non-zero A and B (B scaled to keep logits sane)."""
-    torch.manual_seed(seed)
-    model = get_peft_model(copy.deepcopy(base), LoraConfig(init_lora_weights=False, **kwargs))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.mul_(scale_b)
-    model.save_pretrained(folder)
-    return folder
 
 
 def make_engine(model_dir: Path | None, store: Path, **overrides) -> Engine:
