@@ -13,7 +13,6 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from pathlib import Path
 
 from server.adapters.layout import BaseLayout
 from server.adapters.peft_format import AdapterFormatError
@@ -172,20 +171,6 @@ class Engine:
 
     def add_adapter(self, name: str, config_bytes: bytes, weights_bytes: bytes, overwrite: bool = False) -> AdapterInfo:
         return self._info(self._registering(lambda: self.registry.add(name, config_bytes, weights_bytes, overwrite)))
-
-    def add_adapter_from_folder(self, name: str, folder: Path, overwrite: bool = False) -> AdapterInfo:
-        """Validate a PEFT folder and copy it into the store (the vLLM-style load by path)."""
-        from server.adapters.store import CONFIG_FILE, WEIGHTS_FILE
-
-        def register() -> AdapterRecord:
-            try:
-                config, weights = (folder / CONFIG_FILE).read_bytes(), (folder / WEIGHTS_FILE).read_bytes()
-            except OSError as exc:
-                bin_hint = " (pickle .bin weights are refused; convert them to safetensors)" \
-                    if (folder / "adapter_model.bin").exists() else ""
-                raise AdapterFormatError(f"cannot read the adapter files: {exc.strerror}{bin_hint}") from exc
-            return self.registry.add(name, config, weights, overwrite)
-        return self._info(self._registering(register))
 
     def delete_adapter(self, name: str) -> None:
         record = self.registry.remove(name)
