@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import safetensors.torch
+from safetensors.torch import load as load_safetensors  # safetensors only: never torch.load or pickle
 import torch
 
 from .layout import BaseLayout
@@ -111,7 +111,7 @@ def _read_tensors(data: bytes) -> dict[str, torch.Tensor]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.frombuffer on read-only bytes
-            return safetensors.torch.load(data)
+            return load_safetensors(data)
     except BaseException as exc:
         # safetensors raises its own error types on bad input, and a Rust panic surfaces as
         # pyo3's PanicException, which derives from BaseException: all of them mean "bad file".
