@@ -249,7 +249,6 @@ class Engine:
             elif kind == "abort":
                 seq = self._seqs.pop(payload, None)
                 if seq is not None:
-                    seq.aborted = True
                     self.scheduler.finish(seq)
             elif kind == "evict":
                 self._evict_if_idle(payload)
@@ -276,14 +275,12 @@ class Engine:
         seqs = [ordered[i].seq for i in rows]
         outs = self.sampler.sample(logits[rows], [s.options for s in seqs], [s.generator for s in seqs],
                                    [s.output_ids for s in seqs])
-        now = time.monotonic()
         for seq, out in zip(seqs, outs):
-            self._append(seq, out, now)
+            self._append(seq, out)
         return True
 
-    def _append(self, seq: Sequence, out, now: float) -> None:
+    def _append(self, seq: Sequence, out) -> None:
         seq.token_ids.append(out.token)
-        seq.first_token_at = seq.first_token_at or now
         if seq.record is not None:
             seq.record.tokens += 1
         is_eos = out.token in self.eos_ids

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -46,9 +45,6 @@ class Sequence:
     num_computed: int = 0
     blocks: list[int] = field(default_factory=list)
     slot: int | None = None               # device slot while running; -1 = base
-    arrival: float = field(default_factory=time.monotonic)
-    first_token_at: float | None = None
-    aborted: bool = False
 
     @property
     def output_ids(self) -> list[int]:
@@ -58,7 +54,3 @@ class Sequence:
     def num_pending(self) -> int:
         """Tokens not yet in the KV cache: the rest of the prompt, or the newest token."""
         return len(self.token_ids) - self.num_computed
-
-    @property
-    def adapter_key(self) -> tuple[str, int] | None:
-        return None if self.record is None else self.record.key

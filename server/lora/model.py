@@ -52,6 +52,3 @@ class LoraModel:
         for layer in self.layers.values():
             layer.clear_slot(slot)
         self.context.slot_ranks[slot] = 0
-
-    def device_bytes(self) -> int:
-        return sum(l.lora_a.nbytes + l.lora_b.nbytes for l in self.layers.values())
