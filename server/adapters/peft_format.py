@@ -16,6 +16,7 @@ from safetensors.torch import load as load_safetensors  # safetensors only: neve
 import torch
 
 from .layout import BaseLayout
+from .names import CONFIG_FILE, WEIGHTS_FILE
 from .peft_config import (
     DEFAULT_LORA_ALPHA,
     AdapterFormatError,
@@ -25,10 +26,11 @@ from .peft_config import (
     reject_unless_linear,
 )
 
-__all__ = ["AdapterFormatError", "LoraModuleWeights", "ParsedAdapter", "load_peft_adapter", "parse_peft_adapter"]
+__all__ = ["AdapterFormatError", "LoraModuleWeights", "ParsedAdapter", "load_peft_adapter", "looks_like_pickle",
+           "parse_peft_adapter"]
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = CONFIG_FILE
+WEIGHTS_NAME = WEIGHTS_FILE
 PICKLE_NAME = "adapter_model.bin"
 _KEY_PREFIX = "base_model.model."
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -91,6 +93,11 @@ def parse_peft_adapter(config_bytes: bytes, weights_bytes: bytes, layout: BaseLa
     )
 
 
+def looks_like_pickle(head: bytes) -> bool:
+    """True for the first bytes of a torch.save zip archive or a raw pickle stream (protocol 2-5)."""
+    return head[:4] == b"PK\x03\x04" or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
+
+
 def _read(path: Path) -> bytes:
     try:
         return path.read_bytes()
@@ -117,7 +124,7 @@ def _read_tensors(data: bytes) -> dict[str, torch.Tensor]:
         # pyo3's PanicException, which derives from BaseException: all of them mean "bad file".
         if not isinstance(exc, Exception) and type(exc).__name__ != "PanicException":
             raise
-        if data[:4] == b"PK\x03\x04" or data[:1] == b"\x80":  # torch.save zip / raw pickle stream
+        if looks_like_pickle(data[:4]):
             raise AdapterFormatError(f"the weights look like a torch.save/pickle file: {_PICKLE_REFUSED}") from None
         raise AdapterFormatError(
             f"{WEIGHTS_NAME} is not a valid safetensors file (truncated or corrupt?): {str(exc)[:200]}"

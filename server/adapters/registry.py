@@ -1,30 +1,39 @@
-"""The adapter registry: names, versions, status, and the CPU tier of parsed weights.
+"""The adapter registry: names, versions, identities, status, and the CPU tier of parsed weights.
 
-Tiers: device slots (see `slots.py`, owned by the engine), an LRU of parsed adapters in
-CPU memory (`max_cpu_loras`), and the disk store (everything registered). Every name maps
-to its current version; a request holds on to the version it started with, so replacing
-or deleting an adapter never changes a generation in flight.
+Tiers: device slots (see `slots.py`, owned by the adapter manager), an LRU of parsed adapters
+in CPU memory (bounded by `max_cpu_loras` and `max_cpu_bytes`), and the disk store (everything registered). Every name maps
+to its current version; a request holds on to the version it started with, so replacing or
+deleting an adapter never changes a generation in flight.
+
+Locking: `_lock` guards only in-memory maps and is never held across disk I/O, so the engine's
+admission, `submit` and stats never wait on a store write, fsync or rmtree. Work on one name
+(add, overwrite, delete) is serialised by that name's own lock.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 
+from server.adapters.identity import AdapterKey, adapter_sha256, read_hashed
 from server.adapters.layout import BaseLayout
+from server.adapters.names import CONFIG_FILE, WEIGHTS_FILE, AdapterNameError, check_adapter_name
 from server.adapters.peft_format import AdapterFormatError, ParsedAdapter, load_peft_adapter, parse_peft_adapter
+from server.adapters.state import RegistryState
 from server.adapters.store import AdapterStore
 
 log = logging.getLogger(__name__)
 
-ADAPTER_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 LOADING, READY, ERROR = "loading", "ready", "error"
+
+__all__ = ["ERROR", "LOADING", "READY", "AdapterExists", "AdapterKey", "AdapterNameError", "AdapterRecord",
+           "AdapterRegistry"]
 
 
 class AdapterExists(Exception):
@@ -35,6 +44,8 @@ class AdapterExists(Exception):
 class AdapterRecord:
     name: str
     version: int
+    generation: int
+    sha256: str
     folder: Path
     rank: int
     alpha: float
@@ -50,52 +61,65 @@ class AdapterRecord:
     load_seconds: float = 0.0
 
     @property
-    def key(self) -> tuple[str, int]:
-        """Identity of this exact version, used for device slots and the CPU cache."""
-        return (self.name, self.version)
+    def key(self) -> AdapterKey:
+        """Identity of this exact version: device slots and the CPU tier are keyed by it."""
+        return AdapterKey(self.generation, self.sha256)
 
 
 class AdapterRegistry:
     """Thread-safe: the API registers and deletes, the engine thread reads and loads."""
 
     def __init__(self, store: AdapterStore, layout: BaseLayout, max_rank: int, max_cpu_loras: int,
-                 reserved_names: frozenset[str] = frozenset()) -> None:
+                 reserved_names: frozenset[str] = frozenset(), max_bytes: int = 1 << 40,
+                 max_cpu_bytes: int = 1 << 62) -> None:
         self.store = store
         self.layout = layout
         self.max_rank = max_rank
         self.max_cpu_loras = max_cpu_loras
+        self.max_cpu_bytes = max_cpu_bytes
         self.reserved_names = reserved_names
+        self.max_bytes = max_bytes
+        self.state = RegistryState(store.root)
         self._records: dict[str, AdapterRecord] = {}
-        self._cpu: OrderedDict[tuple[str, int], ParsedAdapter] = OrderedDict()
+        self._cpu: OrderedDict[AdapterKey, ParsedAdapter] = OrderedDict()
+        self._cpu_bytes = 0  # sum of size_bytes over self._cpu
         self._lock = threading.RLock()
+        self._name_locks: dict[str, threading.Lock] = {}
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-loader")
+        # Called (outside the lock) with every version that stops being current: replaced or deleted.
+        self.on_retired: Callable[[AdapterRecord], None] = lambda record: None
 
     # Registration -----------------------------------------------------------------------------
 
     def check_name(self, name: str) -> None:
-        if not ADAPTER_NAME.fullmatch(name) or name in (".", ".."):
-            raise AdapterFormatError(f"invalid adapter name {name!r}: use 1-64 characters of [A-Za-z0-9._-]")
-        if name in self.reserved_names:
-            raise AdapterFormatError(f"adapter name {name!r} is reserved for the base model")
+        """Raises `AdapterNameError` (a ValueError) for a name the registry refuses."""
+        check_adapter_name(name, self.reserved_names)
 
     def register_folder(self, name: str, folder: Path, overwrite: bool = False) -> AdapterRecord:
-        """Validate a PEFT folder in place and register it (the store's own folders, at start-up)."""
+        """Validate a store folder in place and register it (start-up); keeps a known identity."""
+        self.check_name(name)
+        with self._name_lock(name):
+            self._check_free(name, overwrite)
+            adapter = load_peft_adapter(folder, self.layout, self.max_rank)
+            sha = adapter_sha256(_read(folder / CONFIG_FILE), _read(folder / WEIGHTS_FILE))
+            issued = self.state.known(name, sha) or self.state.issue(name, sha)
+            return self._insert(name, folder, adapter, sha, issued.generation, issued.version)
+
+    def add_file(self, name: str, config_bytes: bytes, weights_path: Path, overwrite: bool = False) -> AdapterRecord:
+        """Register an upload whose weights are a file; hashes while reading, never keeps the path."""
         self.check_name(name)
         self._check_free(name, overwrite)
-        return self._insert(name, folder, load_peft_adapter(folder, self.layout, self.max_rank))
+        weights, sha = read_hashed(config_bytes, Path(weights_path), self.max_bytes)
+        return self._add(name, config_bytes, weights, sha, overwrite)
 
     def add(self, name: str, config_bytes: bytes, weights_bytes: bytes, overwrite: bool = False) -> AdapterRecord:
         """Validate uploaded bytes in full, then write them to the store atomically and register."""
         self.check_name(name)
         self._check_free(name, overwrite)
-        adapter = parse_peft_adapter(config_bytes, weights_bytes, self.layout, self.max_rank)
-        with self._lock:  # check and write under one lock: two uploads of one name cannot interleave
-            self._check_free(name, overwrite)
-            folder = self.store.write(name, config_bytes, weights_bytes)
-            return self._insert(name, folder, adapter)
+        return self._add(name, config_bytes, weights_bytes, adapter_sha256(config_bytes, weights_bytes), overwrite)
 
     def scan(self) -> dict[str, str]:
-        """Register every adapter folder of the store; returns the rejected ones with their errors."""
+        """Recover the store, then register every adapter folder; returns the rejected ones with errors."""
         self.store.recover()
         rejected: dict[str, str] = {}
         root = self.store.root
@@ -105,23 +129,26 @@ class AdapterRegistry:
         for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
             try:
                 record = self.register_folder(folder.name, folder)
-                log.info("registered adapter %s (rank %d, %d modules)", record.name, record.rank,
+                log.info("registered adapter %s v%d (generation %d, sha256 %s, rank %d, %d modules)", record.name,
+                         record.version, record.generation, record.sha256[:12], record.rank,
                          len(record.target_modules))
-            except (AdapterFormatError, AdapterExists) as exc:
+            except (AdapterFormatError, AdapterExists, AdapterNameError) as exc:
                 rejected[folder.name] = str(exc)
                 log.error("adapter %s rejected: %s", folder.name, exc)
         return rejected
 
     def remove(self, name: str) -> AdapterRecord | None:
-        """Unregister `name` and delete it from the store; running requests keep their own copy."""
-        with self._lock:
-            record = self._records.pop(name, None)
-            if record is None:
-                return None
-            record.deleted = True
-            for key in [k for k in self._cpu if k[0] == name]:
-                del self._cpu[key]
+        """Unregister `name` at once, then delete it from the store; running requests keep their copy."""
+        with self._name_lock(name):
+            with self._lock:
+                record = self._records.pop(name, None)
+                if record is None:
+                    return None
+                record.deleted = True
+                self._uncache(record.key)
+            self.on_retired(record)
             self.store.remove(name)
+            self.state.forget(name)
             return record
 
     # Lookup and the CPU tier ------------------------------------------------------------------
@@ -149,6 +176,10 @@ class AdapterRegistry:
         with self._lock:
             return record.key in self._cpu
 
+    def cpu_keys(self) -> list[AdapterKey]:
+        with self._lock:
+            return list(self._cpu)
+
     def request_load(self, record: AdapterRecord) -> None:
         """Parse the adapter from disk into the CPU tier in the background (no-op if cached or loading)."""
         with self._lock:
@@ -162,37 +193,91 @@ class AdapterRegistry:
 
     # Internals --------------------------------------------------------------------------------
 
+    def _add(self, name: str, config: bytes, weights: bytes, sha: str, overwrite: bool) -> AdapterRecord:
+        adapter = parse_peft_adapter(config, weights, self.layout, self.max_rank)
+        with self._name_lock(name):  # one writer per name; the registry lock is free meanwhile
+            self._check_free(name, overwrite)
+            issued = self.state.issue(name, sha)
+            folder = self.store.write(name, config, weights)
+            return self._insert(name, folder, adapter, sha, issued.generation, issued.version)
+
     def _load(self, record: AdapterRecord) -> None:
+        """Background parse; the result is cached only if the bytes read are still this version's."""
         try:
-            adapter = load_peft_adapter(record.folder, self.layout, self.max_rank)
+            config, weights = _read(record.folder / CONFIG_FILE), _read(record.folder / WEIGHTS_FILE)
+            if adapter_sha256(config, weights) != record.sha256:
+                if record.deleted:
+                    raise _Superseded
+                raise AdapterFormatError("the stored files changed since registration (sha256 mismatch)")
+            adapter = parse_peft_adapter(config, weights, self.layout, self.max_rank)
+        except _Superseded:
+            with self._lock:
+                record.status = READY
+            log.info("discarded a load of %s v%d: the store holds another version now", record.name, record.version)
+            return
         except (AdapterFormatError, OSError) as exc:
             with self._lock:
                 record.status, record.error = ERROR, str(exc)
             log.error("adapter %s failed to load: %s", record.name, exc)
             return
         with self._lock:
-            self._cache(record, adapter)
             record.status = READY
+            if record.deleted or self._records.get(record.name) is not record:
+                log.info("discarded a load of %s v%d: no longer current", record.name, record.version)
+                return
+            self._cache(record, adapter)
 
     def _check_free(self, name: str, overwrite: bool) -> None:
         if not overwrite and self.get(name) is not None:
             raise AdapterExists(f"adapter {name!r} already exists; pass overwrite=true to replace it")
 
-    def _insert(self, name: str, folder: Path, adapter: ParsedAdapter) -> AdapterRecord:
+    def _name_lock(self, name: str) -> threading.Lock:
+        with self._lock:
+            return self._name_locks.setdefault(name, threading.Lock())
+
+    def _insert(self, name: str, folder: Path, adapter: ParsedAdapter, sha: str, generation: int,
+                version: int) -> AdapterRecord:
+        record = AdapterRecord(name=name, version=version, generation=generation, sha256=sha, folder=folder,
+                               rank=adapter.rank, alpha=adapter.alpha, target_modules=adapter.target_modules,
+                               size_bytes=adapter.size_bytes)
         with self._lock:
             previous = self._records.get(name)
-            record = AdapterRecord(name=name, version=previous.version + 1 if previous else 1, folder=folder,
-                                   rank=adapter.rank, alpha=adapter.alpha, target_modules=adapter.target_modules,
-                                   size_bytes=adapter.size_bytes)
             if previous is not None:
                 previous.deleted = True  # superseded: its slot is freed once its last request ends
-                self._cpu.pop(previous.key, None)
+                self._uncache(previous.key)
             self._records[name] = record
             self._cache(record, adapter)
-            return record
+        if previous is not None:
+            self.on_retired(previous)
+        return record
+
+    def cpu_bytes(self) -> int:
+        """Bytes of parsed adapters held in the CPU tier now."""
+        with self._lock:
+            return self._cpu_bytes
 
     def _cache(self, record: AdapterRecord, adapter: ParsedAdapter) -> None:
+        """Insert (caller holds `_lock`), then evict least recently used entries while the tier holds more
+        than `max_cpu_loras` adapters or `max_cpu_bytes` bytes; the adapter just inserted always stays."""
+        self._uncache(record.key)
         self._cpu[record.key] = adapter
-        self._cpu.move_to_end(record.key)
-        while len(self._cpu) > self.max_cpu_loras:
-            self._cpu.popitem(last=False)
+        self._cpu_bytes += adapter.size_bytes
+        while len(self._cpu) > 1 and (len(self._cpu) > self.max_cpu_loras or self._cpu_bytes > self.max_cpu_bytes):
+            _, evicted = self._cpu.popitem(last=False)
+            self._cpu_bytes -= evicted.size_bytes
+
+    def _uncache(self, key: AdapterKey) -> None:
+        adapter = self._cpu.pop(key, None)
+        if adapter is not None:
+            self._cpu_bytes -= adapter.size_bytes
+
+
+class _Superseded(Exception):
+    """The store's bytes for a name are not the version being loaded."""
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise AdapterFormatError(f"cannot read {path.name}: {exc.strerror}") from None

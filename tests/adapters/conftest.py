@@ -7,10 +7,11 @@ from typing import Any, Callable
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from server.adapters.layout import BaseLayout
+from tests.peft_adapters import random_peft_model
 
 
 def tiny_llama(num_hidden_layers: int = 2) -> LlamaForCausalLM:
@@ -52,8 +53,7 @@ def make_adapter(tmp_path: Path) -> MakeAdapter:
         lora.setdefault("target_modules", ["q_proj", "v_proj"])
         lora.setdefault("r", 4)
         lora.setdefault("lora_alpha", 8)
-        torch.manual_seed(count)
-        model = get_peft_model(tiny_llama(num_hidden_layers), LoraConfig(init_lora_weights=False, **lora))
+        model = random_peft_model(tiny_llama(num_hidden_layers), seed=count, copy_base=False, **lora)
         model.save_pretrained(folder)
         return folder, model
 

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from server.adapters.layout import BaseLayout
+from server.adapters.names import AdapterNameError
 from server.adapters.peft_format import AdapterFormatError
 from server.adapters.registry import AdapterExists, AdapterRegistry
 from server.adapters.store import AdapterStore
@@ -67,7 +68,7 @@ def test_rejected_upload_leaves_store_unchanged(make_adapter, layout, tmp_path):
         reg.add("task", config, weights[: len(weights) // 2], overwrite=True)  # truncated
     with pytest.raises(AdapterExists):
         reg.add("task", config, weights)  # no overwrite
-    with pytest.raises(AdapterFormatError, match="invalid adapter name"):
+    with pytest.raises(AdapterNameError, match="invalid adapter name"):
         reg.add("../escape", config, weights)
     after = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "store").rglob("*") if p.is_file()}
     assert after == before and reg.get("task") is first
@@ -96,4 +97,4 @@ def test_store_recovers_an_interrupted_replace(make_adapter, layout, tmp_path):
     reg = registry(root, layout)
     assert reg.scan() == {}
     assert [r.name for r in reg.records()] == ["task"]
-    assert sorted(p.name for p in root.iterdir()) == ["task"]
+    assert sorted(p.name for p in root.iterdir()) == [".loraplex-registry.json", "task"]

@@ -1,0 +1,55 @@
+"""Adapter identity: the SHA-256 of the exact stored bytes plus a registry generation.
+
+The generation only grows (it is persisted, see `state.py`), so no two registered versions
+of any name ever share a key, even across delete + re-upload or a restart. Everything that
+caches adapter data (device slots, the CPU tier, loads in flight) is keyed by `AdapterKey`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from server.adapters.peft_config import AdapterFormatError
+
+_DOMAIN = b"loraplex-adapter-v1\0"
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True, order=True)
+class AdapterKey:
+    """Identity of one registered version: unique by `generation`, auditable by `sha256`."""
+
+    generation: int
+    sha256: str
+
+
+def adapter_sha256(config_bytes: bytes, weights_bytes: bytes) -> str:
+    """sha256(b"loraplex-adapter-v1\\0" + len(config) as 8 little-endian bytes + config + weights), hex."""
+    digest = _start(config_bytes)
+    digest.update(weights_bytes)
+    return digest.hexdigest()
+
+
+def read_hashed(config_bytes: bytes, weights_path: Path, max_bytes: int) -> tuple[bytes, str]:
+    """Read a weights file of at most `max_bytes` in chunks, hashing as it goes; returns (bytes, sha256)."""
+    digest = _start(config_bytes)
+    data = bytearray()
+    try:
+        with open(weights_path, "rb") as handle:
+            while chunk := handle.read(_CHUNK):
+                if len(data) + len(chunk) > max_bytes:
+                    raise AdapterFormatError(f"the adapter weights exceed this server's limit of {max_bytes} bytes")
+                digest.update(chunk)
+                data += chunk
+    except OSError as exc:
+        raise AdapterFormatError(f"cannot read the adapter weights: {exc.strerror}") from None
+    return bytes(data), digest.hexdigest()
+
+
+def _start(config_bytes: bytes):
+    digest = hashlib.sha256(_DOMAIN)
+    digest.update(len(config_bytes).to_bytes(8, "little"))
+    digest.update(config_bytes)
+    return digest

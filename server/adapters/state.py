@@ -1,0 +1,87 @@
+"""The registry's persisted counters: `.loraplex-registry.json` in the store root.
+
+Holds the generation counter (only grows) and, per name, the last version handed out and the
+identity of the version on disk, so versions never restart at 1 after a delete or a restart
+and an unchanged folder keeps its identity across restarts. Written atomically (temp file,
+fsync, rename, fsync of the folder). A hidden file: the store scan ignores it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from server.adapters.fsutil import fsync_dir
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = ".loraplex-registry.json"
+
+
+@dataclass(frozen=True)
+class Issued:
+    """What the state hands a new version."""
+
+    generation: int
+    version: int
+
+
+class RegistryState:
+    """Thread-safe counters; `issue` and `forget` persist before they return."""
+
+    def __init__(self, root: Path) -> None:
+        self.path = root / STATE_FILE
+        self._lock = threading.Lock()
+        self.generation = 0
+        self.names: dict[str, dict] = {}  # name -> {"version": int, "generation": int|None, "sha256": str|None}
+        self._read()
+
+    def issue(self, name: str, sha256: str) -> Issued:
+        """A new generation and the next version of `name`, persisted."""
+        with self._lock:
+            self.generation += 1
+            entry = self.names.setdefault(name, {"version": 0})
+            entry.update(version=entry["version"] + 1, generation=self.generation, sha256=sha256)
+            issued = Issued(self.generation, entry["version"])
+            self._write()
+            return issued
+
+    def known(self, name: str, sha256: str) -> Issued | None:
+        """The identity recorded for `name` if its stored bytes are still `sha256` (a restart)."""
+        with self._lock:
+            entry = self.names.get(name)
+            if entry and entry.get("sha256") == sha256 and entry.get("generation"):
+                return Issued(entry["generation"], entry["version"])
+            return None
+
+    def forget(self, name: str) -> None:
+        """`name` is deleted: keep its version counter, drop its identity."""
+        with self._lock:
+            entry = self.names.get(name)
+            if entry is not None:
+                entry.update(generation=None, sha256=None)
+                self._write()
+
+    def _read(self) -> None:
+        try:
+            data = json.loads(self.path.read_text())
+            self.generation = int(data["generation"])
+            self.names = {str(k): dict(v) for k, v in data.get("names", {}).items()}
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            log.error("registry state %s is unreadable (%s); starting counters from 0", self.path, exc)
+
+    def _write(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        temp = self.path.with_name(self.path.name + ".tmp")
+        with open(temp, "w") as handle:
+            json.dump({"generation": self.generation, "names": self.names}, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, self.path)
+        fsync_dir(self.path.parent)
