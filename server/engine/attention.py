@@ -7,11 +7,11 @@ shape `[1, T]` are the concatenation of every scheduled sequence's tokens for th
 attention modules call that interface (Llama, Qwen2, Mistral, ...) works unchanged:
 
     use_paged_attention(model)                      # once, after loading
-    step = StepAttention.build(slices, kv_cache.block_size, device, kv_cache.dtype)
-    with step_context(kv_cache, step):              # per step
-        model.model(input_ids=..., position_ids=step.positions[None], use_cache=False)
+    step = StepAttention.build(slices, kv_cache.block_size, device, kv_cache.dtype)  # per step
+    model.model(input_ids=..., position_ids=step.positions[None], use_cache=False,
+                paged_step=StepContext(kv_cache, step))  # explicit: no ambient state
 
-`packed_forward` wraps exactly that and returns last-token logits. transformers builds no
+`packed_forward` / `forward_step` wrap exactly that and return last-token logits. transformers builds no
 mask for an implementation missing from `AttentionMaskInterface` (`attention_mask` is None
 here), and `use_cache=False` keeps it from creating a DynamicCache: the engine's `KVCache`
 is the only cache.
@@ -19,8 +19,6 @@ is the only cache.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -156,28 +154,20 @@ def _prefill_plan(s: SeqSlice, table: torch.Tensor, block_size: int, dtype: torc
 
 @dataclass
 class StepContext:
+    """What the paged attention function needs for one forward: the cache and the step's plan.
+
+    Passed explicitly: `model(..., paged_step=StepContext(...))`; transformers hands unknown
+    keyword arguments down to the attention function of every layer.
+    """
+
     kv_cache: KVCache
     step: StepAttention
 
 
-# The one piece of ambient state: the step the current forward pass belongs to. A
-# ContextVar rather than a module global so a forward in another thread cannot see it.
-_CURRENT_STEP: ContextVar[StepContext | None] = ContextVar("loraplex_step", default=None)
-
-
-@contextmanager
-def step_context(kv_cache: KVCache, step: StepAttention):
-    """Make `kv_cache` and `step` visible to the paged attention function for one forward."""
-    token = _CURRENT_STEP.set(StepContext(kv_cache, step))
-    try:
-        yield
-    finally:
-        _CURRENT_STEP.reset(token)
-
-
 def paged_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                             attention_mask: torch.Tensor | None, scaling: float | None = None,
-                            dropout: float = 0.0, **kwargs) -> tuple[torch.Tensor, None]:
+                            dropout: float = 0.0, paged_step: StepContext | None = None,
+                            **kwargs) -> tuple[torch.Tensor, None]:
     """AttentionInterface function: write this step's K/V to the cache, attend every sequence.
 
     Args: `query [1, num_heads, T, head_dim]`, `key`/`value [1, num_kv_heads, T, head_dim]`
@@ -185,26 +175,24 @@ def paged_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
     scale (None: 1/sqrt(head_dim)). `attention_mask` and `dropout` are ignored: the mask is
     implied by the step's sequences, and this is inference only.
     Returns `(attn_output [1, T, num_heads, head_dim], None)`, the layout the modeling code
-    reshapes to `[1, T, hidden]`.
+    reshapes to `[1, T, hidden]`. `paged_step` is the step's `StepContext`.
     """
-    ctx = _CURRENT_STEP.get()
-    if ctx is None:
-        raise RuntimeError(f"{PAGED_ATTENTION} attention called outside step_context()")
-    step, cache, layer = ctx.step, ctx.kv_cache, module.layer_idx
+    if paged_step is None:
+        raise RuntimeError(f"{PAGED_ATTENTION} attention called without paged_step (use packed_forward)")
+    step, cache, layer = paged_step.step, paged_step.kv_cache, module.layer_idx
     if query.shape[0] != 1 or query.shape[2] != step.num_tokens:
         raise ValueError(f"expected packed query [1, H, {step.num_tokens}, D], got {list(query.shape)}")
     _check_supported(step, kwargs)
-    cache.flat_keys(layer).index_copy_(0, step.slot_mapping, key[0].transpose(0, 1).to(cache.dtype))
-    cache.flat_values(layer).index_copy_(0, step.slot_mapping, value[0].transpose(0, 1).to(cache.dtype))
-    k_blocks, v_blocks = cache.keys[layer], cache.values[layer]
+    cache.flat_keys(layer).index_copy_(1, step.slot_mapping, key[0].to(cache.dtype))
+    cache.flat_values(layer).index_copy_(1, step.slot_mapping, value[0].to(cache.dtype))
 
     out = query.new_empty(step.num_tokens, query.shape[1], query.shape[3])  # [T, H, D]
     if step.decode_rows.numel():
-        out[step.decode_rows] = _decode_attention(query, k_blocks, v_blocks, step, scaling)
+        out[step.decode_rows] = _decode_attention(query, cache, layer, step, scaling)
     for plan in step.prefills:
         rows = slice(plan.query_start, plan.query_start + plan.query_len)
         out[rows] = _prefill_attention(query[:, :, rows], key[:, :, rows], value[:, :, rows],
-                                       k_blocks, v_blocks, plan, scaling)
+                                       cache, layer, plan, scaling)
     return out.unsqueeze(0), None
 
 
@@ -216,36 +204,39 @@ def _check_supported(step: StepAttention, kwargs: dict) -> None:
         raise NotImplementedError(f"attention softcapping / sinks are not supported by {PAGED_ATTENTION}")
 
 
-def _gather(cache_blocks: torch.Tensor, blocks: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
-    """`n` equal-length block lists of one layer's `[num_blocks, block_size, kv_heads, D]` pool
-    -> `[n, kv_heads, len * block_size, D]` (a strided view SDPA reads as is)."""
-    gathered = cache_blocks.index_select(0, blocks)
-    return gathered.view(n, -1, *cache_blocks.shape[2:]).transpose(1, 2).to(dtype)
-
-
-def _decode_attention(query: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor,
-                      step: StepAttention, scaling: float | None) -> torch.Tensor:
-    """All decoding sequences in one SDPA call; returns `[n_decode, num_heads, head_dim]`.
+def _decode_attention(query: torch.Tensor, cache: KVCache, layer: int, step: StepAttention,
+                      scaling: float | None) -> torch.Tensor:
+    """All decoding sequences in two batched matmuls; returns `[n_decode, num_heads, head_dim]`.
 
     GQA without repeating K/V: query head h uses kv head h // group, so the `group` query
-    heads of a kv head become `group` query rows against that head's keys.
+    heads of a kv head become `group` query rows against that head's keys. The gathered keys
+    are `[kv_heads * n, L, D]` matrices as they lie, so `bmm` reads them without the copy
+    SDPA's strided path made (2.3x faster per layer at 64 sequences x 200 tokens, measured).
     """
     n, heads, head_dim = step.decode_rows.numel(), query.shape[1], query.shape[3]
-    kv_heads = k_blocks.shape[2]
-    q = query[0, :, step.decode_rows].transpose(0, 1).reshape(n, kv_heads, heads // kv_heads, head_dim)
-    k = _gather(k_blocks, step.decode_blocks, n, q.dtype)
-    v = _gather(v_blocks, step.decode_blocks, n, q.dtype)
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=step.decode_bias.to(q.dtype), scale=scaling)
-    return o.reshape(n, heads, head_dim)
+    kv_heads = cache.num_kv_heads
+    group = heads // kv_heads
+    q = query[0, :, step.decode_rows].view(kv_heads, group, n, head_dim).transpose(1, 2).reshape(-1, group, head_dim)
+    index = cache.gather_index(step.decode_blocks)
+    k = cache.gather(cache.keys[layer], index, n).view(kv_heads * n, -1, head_dim).to(q.dtype)
+    v = cache.gather(cache.values[layer], index, n).view(kv_heads * n, -1, head_dim).to(q.dtype)
+    bias = step.decode_bias.view(1, n, 1, -1).expand(kv_heads, n, 1, -1).reshape(kv_heads * n, 1, -1)
+    scale = head_dim ** -0.5 if scaling is None else scaling
+    scores = torch.baddbmm(bias.to(q.dtype), q, k.transpose(1, 2), alpha=scale)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+    o = torch.bmm(probs, v)  # [kv_heads * n, group, D]
+    return o.view(kv_heads, n, group, head_dim).transpose(0, 1).reshape(n, heads, head_dim)
 
 
-def _prefill_attention(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k_blocks: torch.Tensor,
-                       v_blocks: torch.Tensor, plan: PrefillPlan, scaling: float | None) -> torch.Tensor:
+def _prefill_attention(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: KVCache, layer: int,
+                       plan: PrefillPlan, scaling: float | None) -> torch.Tensor:
     """One prefill chunk, causal with offset; `q [1, H, L, D]` -> `[L, H, D]`."""
     if plan.blocks is None:  # the chunk is the whole context: its fresh K/V are all we need
         o = F.scaled_dot_product_attention(q, key, value, is_causal=True, scale=scaling, enable_gqa=True)
     else:
-        k, v = _gather(k_blocks, plan.blocks, 1, q.dtype), _gather(v_blocks, plan.blocks, 1, q.dtype)
+        index = cache.gather_index(plan.blocks)
+        k = cache.gather(cache.keys[layer], index, 1).transpose(0, 1).to(q.dtype)    # [1, kv_heads, L, D]
+        v = cache.gather(cache.values[layer], index, 1).transpose(0, 1).to(q.dtype)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.bias.to(q.dtype), scale=scaling, enable_gqa=True)
     return o[0].transpose(0, 1)
 
@@ -278,19 +269,26 @@ def packed_forward(model: nn.Module, kv_cache: KVCache,
                    seqs: list[tuple[list[int], int, list[int]]]) -> torch.Tensor:
     """One packed forward pass; returns the logits of each sequence's last token `[n_seqs, vocab]`.
 
-    `seqs` are `(token_ids_this_step, context_len_after, block_table)`. The output head runs
-    on the last-token hidden states only, not on all T packed tokens. The model must have
+    `seqs` are `(token_ids_this_step, context_len_after, block_table)`. The model must have
     been switched with `use_paged_attention`; LoRA slot indices etc. are set by the caller.
     """
     slices, tokens = pack(seqs)
-    device = kv_cache.device
-    step = StepAttention.build(slices, kv_cache.block_size, device, kv_cache.dtype)
-    input_ids = torch.tensor(tokens, dtype=torch.long, device=device)[None]
+    step = StepAttention.build(slices, kv_cache.block_size, kv_cache.device, kv_cache.dtype)
+    return forward_step(model, kv_cache, step, torch.tensor(tokens, dtype=torch.long, device=kv_cache.device))
+
+
+def forward_step(model: nn.Module, kv_cache: KVCache, step: StepAttention, input_ids: torch.Tensor) -> torch.Tensor:
+    """The forward of a planned step over packed `input_ids [T]`; last-token logits `[n_seqs, vocab]`.
+
+    The output head runs on the last-token hidden states only, not on all T packed tokens.
+    """
+    context = StepContext(kv_cache, step)
     head = model.get_output_embeddings()
-    with step_context(kv_cache, step):
-        if head is None:  # no separable head: run it all, then keep the last rows
-            return model(input_ids=input_ids, position_ids=step.positions[None], use_cache=False).logits[0, step.last_rows]
-        hidden = model.get_decoder()(input_ids=input_ids, position_ids=step.positions[None], use_cache=False)
+    kwargs = {"input_ids": input_ids[None], "position_ids": step.positions[None], "use_cache": False,
+              "paged_step": context}
+    if head is None:  # no separable head: run it all, then keep the last rows
+        return model(**kwargs).logits[0, step.last_rows]
+    hidden = model.get_decoder()(**kwargs)
     return _finish_logits(model.config, head(hidden.last_hidden_state[0, step.last_rows]))
 
 

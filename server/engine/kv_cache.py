@@ -19,11 +19,13 @@ class OutOfBlocks(RuntimeError):
 
 
 class BlockAllocator:
-    """Fixed pool of block ids `0 .. num_blocks - 1`.
+    """Fixed pool of block ids `0 .. num_blocks - 1`, each with a reference count.
 
     `allocate` is all-or-nothing, so a scheduler can try to admit a sequence and back
-    off without leaking blocks. Freeing a block that is not allocated is a bug in the
-    caller (a double free would hand one block to two sequences), so it raises.
+    off without leaking blocks. `fork` adds a holder to blocks already allocated (the `n`
+    choices of one prompt share its prefilled blocks); `free` drops one holder per block
+    and returns a block to the pool when its last holder lets go. Freeing a block nobody
+    holds is a bug in the caller (it would hand one block to two sequences), so it raises.
     """
 
     def __init__(self, num_blocks: int) -> None:
@@ -32,7 +34,7 @@ class BlockAllocator:
         self._num_total = num_blocks
         # Popped from the end: low ids first, which keeps small tests readable.
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))
-        self._used: set[int] = set()
+        self._refs: dict[int, int] = {}
 
     @property
     def num_free(self) -> int:
@@ -42,6 +44,9 @@ class BlockAllocator:
     def num_total(self) -> int:
         return self._num_total
 
+    def refcount(self, block: int) -> int:
+        return self._refs.get(block, 0)
+
     def allocate(self, n: int) -> list[int]:
         """`n` block ids, or `OutOfBlocks` with the pool unchanged."""
         if n < 0:
@@ -49,16 +54,31 @@ class BlockAllocator:
         if n > len(self._free):
             raise OutOfBlocks(f"need {n} KV blocks, {len(self._free)} free of {self._num_total}")
         blocks = [self._free.pop() for _ in range(n)]
-        self._used.update(blocks)
+        for block in blocks:
+            self._refs[block] = 1
         return blocks
 
+    def fork(self, blocks: list[int]) -> list[int]:
+        """Add one holder to each of `blocks` (all allocated); returns a new list of the same ids."""
+        bad = [b for b in blocks if b not in self._refs]
+        if bad:
+            raise ValueError(f"forking blocks that are not allocated: {bad}")
+        for block in blocks:
+            self._refs[block] += 1
+        return list(blocks)
+
     def free(self, blocks: list[int]) -> None:
-        """Return `blocks` to the pool; raises `ValueError` (pool unchanged) on a double or foreign free."""
-        bad = [b for b in blocks if b not in self._used]
+        """Drop one holder of each block; raises `ValueError` (pool unchanged) on a double or foreign free."""
+        bad = [b for b in blocks if b not in self._refs]
         if bad or len(set(blocks)) != len(blocks):
             raise ValueError(f"freeing blocks that are not allocated (double free?): {bad or blocks}")
-        self._used.difference_update(blocks)
-        self._free.extend(reversed(blocks))
+        released = []
+        for block in blocks:
+            self._refs[block] -= 1
+            if not self._refs[block]:
+                del self._refs[block]
+                released.append(block)
+        self._free.extend(reversed(released))
 
 
 def _text_config(config):
@@ -69,9 +89,12 @@ def _text_config(config):
 class KVCache:
     """Per-layer key and value pools, allocated once.
 
-    Shapes: `keys[layer]` and `values[layer]` are `[num_blocks, block_size,
-    num_kv_heads, head_dim]`; `flat_keys(layer)` / `flat_values(layer)` view them as
-    `[num_blocks * block_size, num_kv_heads, head_dim]`, indexed by flat slot.
+    Shapes: `keys[layer]` and `values[layer]` are `[num_kv_heads, num_blocks, block_size,
+    head_dim]`, head-major so that a gather of a sequence's blocks lands as `[kv_heads, L, D]`
+    matrices attention multiplies as they lie (no transpose copy); `flat_keys(layer)` /
+    `flat_values(layer)` view them as `[num_kv_heads, num_blocks * block_size, head_dim]`,
+    indexed by flat slot, and `block_rows(layer)` as `[num_kv_heads * num_blocks, block_size *
+    head_dim]`, indexed by `head * num_blocks + block`.
     The cache also owns the `BlockAllocator` of its blocks.
     """
 
@@ -83,7 +106,7 @@ class KVCache:
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.num_blocks, self.block_size = num_blocks, block_size
         self.device, self.dtype = torch.device(device), dtype
-        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        shape = (num_kv_heads, num_blocks, block_size, head_dim)
         self.keys = [torch.zeros(shape, device=self.device, dtype=dtype) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, device=self.device, dtype=dtype) for _ in range(num_layers)]
         self.allocator = BlockAllocator(num_blocks)
@@ -123,8 +146,27 @@ class KVCache:
     def bytes(self) -> int:
         return sum(t.nbytes for t in self.keys) + sum(t.nbytes for t in self.values)
 
+    def copy_block(self, src: int, dst: int) -> None:
+        """Copy one block's keys and values in every layer (a fork's own copy of a partial block)."""
+        for pool in (*self.keys, *self.values):  # [kv_heads, num_blocks, block_size, head_dim]
+            pool[:, dst].copy_(pool[:, src])
+
     def flat_keys(self, layer: int) -> torch.Tensor:
-        return self.keys[layer].view(self.num_slots, self.num_kv_heads, self.head_dim)
+        return self.keys[layer].view(self.num_kv_heads, self.num_slots, self.head_dim)
 
     def flat_values(self, layer: int) -> torch.Tensor:
-        return self.values[layer].view(self.num_slots, self.num_kv_heads, self.head_dim)
+        return self.values[layer].view(self.num_kv_heads, self.num_slots, self.head_dim)
+
+    def block_rows(self, pool: torch.Tensor) -> torch.Tensor:
+        """A layer's key or value pool as `[num_kv_heads * num_blocks, block_size * head_dim]`."""
+        return pool.view(self.num_kv_heads * self.num_blocks, self.block_size * self.head_dim)
+
+    def gather_index(self, blocks: torch.Tensor) -> torch.Tensor:
+        """Rows of `block_rows` for block ids `blocks [m]`, every kv head: `[num_kv_heads * m]`."""
+        heads = torch.arange(self.num_kv_heads, device=blocks.device) * self.num_blocks
+        return (heads[:, None] + blocks[None, :]).reshape(-1)
+
+    def gather(self, pool: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
+        """`n` equal-length block lists (`index` from `gather_index`) -> `[kv_heads, n, L, head_dim]`,
+        one `index_select` of whole blocks (contiguous chunks, far cheaper than single slots)."""
+        return self.block_rows(pool).index_select(0, index).view(self.num_kv_heads, n, -1, self.head_dim)

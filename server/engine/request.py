@@ -22,10 +22,12 @@ class SamplingParams:
 @dataclass(frozen=True)
 class GenerationRequest:
     request_id: str
-    model: str                      # an adapter name or the base model's served name
-    prompt: str
+    model: str                      # an adapter name, "name@<sha256 prefix>", or the base model's served name
+    prompt: str | None = None       # exactly one of prompt / messages
     params: SamplingParams = field(default_factory=SamplingParams)
-    add_special_tokens: bool = True   # False for prompts rendered by the chat template
+    add_special_tokens: bool = True   # ignored with `messages` (the rendered template has its own)
+    n: int = 1                      # choices of this prompt; choice j is seeded seed + j
+    messages: tuple[dict, ...] | None = None   # chat messages: the engine renders the chat template
 
 
 @dataclass(frozen=True)
@@ -56,50 +58,56 @@ class GenerationResult:
 
 
 class EngineError(Exception):
-    """A request the engine cannot serve; `status` is the HTTP status the API maps it to."""
+    """A request the engine cannot serve. `code` names the failure; the API maps it to an HTTP status."""
 
-    status = 400
     code = "invalid_request"
     retry_after: int | None = None
 
 
+class InvalidRequestError(EngineError):
+    code = "invalid_request"
+
+
 class UnknownModelError(EngineError):
-    status = 404
     code = "model_not_found"
 
 
 class PromptTooLongError(EngineError):
-    status = 400
     code = "context_length_exceeded"
 
 
 class AdapterUnavailableError(EngineError):
-    """The adapter is registered but failed to load (status `error`)."""
+    """The adapter is registered but failed to load (status `error`), or vanished before it started."""
 
-    status = 409
     code = "adapter_unavailable"
 
 
+class AdapterVersionMismatchError(EngineError):
+    """`model` named `name@<sha256 prefix>` and the current version's sha256 differs."""
+
+    code = "adapter_version_mismatch"
+
+
 class QueueFullError(EngineError):
-    status = 429
     code = "queue_full"
     retry_after = 1
 
 
 class EngineNotReadyError(EngineError):
-    status = 503
     code = "engine_not_ready"
 
 
-class AdapterRejectedError(EngineError):
-    """An adapter that fails validation; the message names the problem."""
+class ShuttingDownError(EngineError):
+    code = "shutting_down"
 
-    status = 400
+
+class AdapterRejectedError(EngineError):
+    """An adapter (or adapter name) that fails validation; the message names the problem."""
+
     code = "invalid_adapter"
 
 
 class AdapterExistsError(EngineError):
-    status = 409
     code = "adapter_exists"
 
 
@@ -121,3 +129,5 @@ class AdapterInfo:
     tokens: int = 0
     loads: int = 0               # times written into a device slot
     load_seconds: float = 0.0    # duration of the last such write
+    sha256: str = ""             # identity hash of the stored config + weights bytes
+    generation: int = 0          # registry generation: unique per registered version, only grows

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from server.engine.attention import packed_forward
+from server.engine.attention import StepAttention, forward_step, pack
 from server.engine.kv_cache import KVCache
 from server.engine.scheduler import ScheduledSeq
 from server.lora.model import LoraModel
@@ -20,21 +20,28 @@ class ModelRunner:
         """Feed every planned sequence its tokens; returns the plan in packed order and the
         last-token logits `[len(plan), vocab]` in that order.
 
-        Sequences are packed grouped by adapter slot, base last, so the LoRA op sees tokens
-        already sorted and needs no permutation.
+        The step context is built here, once: the attention plan (`StepAttention`) and the
+        LoRA plan (`LoraStepMeta`), both passed explicitly to the forward. Sequences are packed
+        decode rows first, then prefill chunks, each grouped by adapter row with base last, after
+        `LoraModel.place` has moved the step's adapters into a dense prefix of rows.
         """
-        plan = sorted(plan, key=lambda p: p.seq.slot if p.seq.slot >= 0 else self.lora.max_loras)
-        seqs, slots = [], []
+        rows = self.lora.place(item.seq.slot for item in plan if item.seq.slot >= 0)
+        last = self.lora.max_loras
+        plan = sorted(plan, key=lambda p: (p.num_tokens != 1, rows.get(p.seq.slot, last)))
+        seqs, token_rows, num_decode = [], [], 0
         for item in plan:
             seq = item.seq
             start, end = seq.num_computed, seq.num_computed + item.num_tokens
             seqs.append((seq.token_ids[start:end], end, seq.blocks))
-            slots.extend([seq.slot] * item.num_tokens)
-        self.lora.context.set_token_slots(torch.tensor(slots, dtype=torch.long))
-        try:
-            logits = packed_forward(self.lora.model, self.kv_cache, seqs)
-        finally:
-            self.lora.context.clear()
+            token_rows.extend([rows.get(seq.slot, -1)] * item.num_tokens)
+            num_decode += item.num_tokens == 1
+        slices, tokens = pack(seqs)
+        device = self.kv_cache.device
+        attention = StepAttention.build(slices, self.kv_cache.block_size, device, self.kv_cache.dtype)
+        meta = self.lora.step_meta(token_rows, num_decode) if rows else None
+        with self.lora.stepping(meta):
+            logits = forward_step(self.lora.model, self.kv_cache, attention,
+                                  torch.tensor(tokens, dtype=torch.long, device=device))
         for item in plan:
             item.seq.num_computed += item.num_tokens
         return plan, logits

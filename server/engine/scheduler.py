@@ -4,16 +4,27 @@ Budgets per step: `max_batched_tokens` tokens, `max_running` sequences, the KV b
 are free, and `max_loras` distinct adapters (a device slot is pinned per running sequence).
 When a running sequence needs a block and none is free, the newest running sequence is
 preempted: its blocks and slot pin are released and it is recomputed later.
+
+Progress is guaranteed: the front refuses any sequence larger than the whole KV cache, and
+a sequence refused a device slot `max_skips` times stops the admission of every other
+sequence that would pin a slot, until running ones drain and it gets one (aging).
 """
 
 from __future__ import annotations
 
 from collections import deque
+import enum
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from server.engine.kv_cache import BlockAllocator, OutOfBlocks
 from server.engine.sequence import Sequence, SeqStatus
+
+
+class Admission(enum.Enum):
+    ADMITTED = "admitted"
+    LOADING = "loading"      # its adapter's weights are still being read from disk
+    NO_SLOT = "no_slot"      # every device slot is pinned by a running sequence
 
 
 @dataclass(frozen=True)
@@ -29,8 +40,10 @@ class ScheduledSeq:
 
 class Scheduler:
     def __init__(self, allocator: BlockAllocator, block_size: int, max_batched_tokens: int, max_running: int,
-                 admit: Callable[[Sequence], bool], release: Callable[[Sequence], None]) -> None:
-        """`admit(seq)` pins the sequence's adapter slot (False = not now); `release(seq)` unpins it."""
+                 admit: Callable[[Sequence], Admission], release: Callable[[Sequence], None],
+                 max_skips: int = 8) -> None:
+        """`admit(seq)` pins the sequence's adapter slot; `release(seq)` unpins it."""
+        self.max_skips = max_skips
         self.allocator = allocator
         self.block_size = block_size
         self.max_batched_tokens = max_batched_tokens
@@ -42,6 +55,11 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
+
+    def add_front(self, seq: Sequence) -> None:
+        """A sequence that was already due (a choice whose fork could not happen)."""
+        seq.status = SeqStatus.WAITING
+        self.waiting.appendleft(seq)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -73,10 +91,21 @@ class Scheduler:
 
     def _admit_waiting(self, plan: list[ScheduledSeq], budget: int) -> None:
         skipped: list[Sequence] = []
+        starving = False  # an older sequence waits too long for a slot: admit none that would pin one
         while self.waiting and budget > 0 and len(self.running) < self.max_running:
             seq = self.waiting.popleft()
-            if not self._admit(seq):
+            if self.running and len(self.running) + seq.group_size > self.max_running:
+                skipped.append(seq)
+                continue
+            if starving and seq.record is not None:
+                skipped.append(seq)
+                continue
+            admission = self._admit(seq)
+            if admission is not Admission.ADMITTED:
                 skipped.append(seq)  # its adapter is loading or every slot is pinned: let others go first
+                if admission is Admission.NO_SLOT:
+                    seq.skips += 1
+                    starving = starving or seq.skips >= self.max_skips
                 continue
             n = min(seq.num_pending, budget)
             try:

@@ -32,6 +32,7 @@ class Sequence:
     """
 
     request_id: str
+    key: str                               # unique per choice: "<request_id>" or "<request_id>#<j>"
     prompt_len: int
     token_ids: list[int]
     params: SamplingParams
@@ -45,6 +46,14 @@ class Sequence:
     num_computed: int = 0
     blocks: list[int] = field(default_factory=list)
     slot: int | None = None               # device slot while running; -1 = base
+    children: list[Sequence] = field(default_factory=list)  # choices 1..n-1, forked after this one's prefill
+    skips: int = 0                        # times admission found every device slot pinned
+    sha_prefix: str | None = None         # "name@<prefix>" requests: never rebound to another version
+
+    @property
+    def group_size(self) -> int:
+        """Sequences that run once this one is admitted (itself plus the choices forked from it)."""
+        return 1 + len(self.children)
 
     @property
     def output_ids(self) -> list[int]:

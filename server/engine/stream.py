@@ -15,8 +15,11 @@ class RequestStream:
     request, which frees its KV cache and adapter pin within one engine step.
     """
 
-    def __init__(self, request_id: str, abort: Callable[[str], None]) -> None:
+    def __init__(self, request_id: str, abort: Callable[[str], None], index: int = 0,
+                 abort_key: str | None = None) -> None:
         self.request_id = request_id
+        self.index = index                            # the choice this stream carries
+        self._abort_key = abort_key or request_id     # what `abort` is called with (unique per choice)
         self._abort = abort
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[Delta | EngineError] = asyncio.Queue()
@@ -28,7 +31,7 @@ class RequestStream:
             self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
         except RuntimeError:  # the consumer's event loop is gone: nobody will read this request
             self._finished = True
-            self._abort(self.request_id)
+            self._abort(self._abort_key)
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -51,7 +54,7 @@ class RequestStream:
     async def aclose(self) -> None:
         if not self._finished:
             self._finished = True
-            self._abort(self.request_id)
+            self._abort(self._abort_key)
 
     async def collect(self) -> GenerationResult:
         """Run the stream to its end and join the deltas into one result."""

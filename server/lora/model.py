@@ -1,15 +1,29 @@
-"""Injection of slot-buffered LoRA layers into a transformers model, and slot writes."""
+"""Injection of slot-buffered LoRA layers into a transformers model, slot writes, and the dense
+prefix of used slots that lets the op skip idle adapters.
+
+Slots are the engine's names for adapter places (`SlotTable`); rows are where their weights
+physically sit in the buffers. `place(used)` moves the adapters a step uses into rows
+`0 .. len(used)-1` (swapping rows, which only copies when the used set outgrows its prefix), so
+the op's padded batch reads exactly the adapters in flight and no idle one.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from server.adapters.layout import BaseLayout
 from server.adapters.peft_format import ParsedAdapter
-from server.lora.layers import LoraLinear
-from server.lora.mapping import LoraContext
-from server.lora.ops import select_impl
+from server.lora.layers import LoraGroup, LoraLinear, StepState
+from server.lora.ops import backend_for
+from server.lora.step import LoraStepMeta
+
+# Sibling projections that read the same input and so share one stacked shrink.
+STACKED_SIBLINGS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"),
+                                                 ("query", "key", "value"), ("w1", "w3"))
 
 
 class LoraModel:
@@ -24,31 +38,104 @@ class LoraModel:
         self.model = model
         self.layout = layout
         self.max_loras, self.max_rank = max_loras, max_rank
-        self.context = LoraContext(max_loras, weight.device)
-        impl = select_impl(weight.device, weight.dtype)
+        self.device = weight.device
+        self.state = StepState()
+        self.backend = backend_for(weight.device)
         self.layers: dict[str, LoraLinear] = {}
+        self.groups: list[LoraGroup] = []
         self.slot_writes = 0  # adapters copied into slots since start-up (swaps show up here)
-        for name, (fan_in, fan_out) in layout.linear.items():
-            base = model.get_submodule(name)
-            layer = LoraLinear(base, fan_in, fan_out, max_loras, max_rank, self.context, impl)
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
-            self.layers[name] = layer
+        self.row_moves = 0    # adapters moved between rows to keep the used slots a dense prefix
+        self.row_of = list(range(max_loras))   # slot -> row
+        self.slot_at = list(range(max_loras))  # row -> slot
+        self.row_ranks = [0] * max_loras       # rank of the adapter in each row, 0 = empty
+        for names in _group_names(layout):
+            fan_in = layout.linear[names[0]][0]
+            group = LoraGroup(len(names), fan_in, max_loras, max_rank, weight.device, weight.dtype, self.backend)
+            self.groups.append(group)
+            for index, name in enumerate(names):
+                base = model.get_submodule(name)
+                layer = LoraLinear(base, fan_in, layout.linear[name][1], group, index, self.state)
+                parent_name, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+                self.layers[name] = layer
+
+    # Slots ----------------------------------------------------------------------------------------
 
     def write_slot(self, slot: int, adapter: ParsedAdapter) -> None:
         """Load `adapter` into `slot` of every layer (modules it does not target get zeros)."""
         if adapter.rank > self.max_rank:
             raise ValueError(f"adapter rank {adapter.rank} exceeds max_lora_rank {self.max_rank}")
+        row = self.row_of[slot]
         for name, layer in self.layers.items():
             weights = adapter.modules.get(name)
             if weights is None:
-                layer.clear_slot(slot)
+                layer.clear_slot(row)
             else:
-                layer.write_slot(slot, weights.a, weights.b, weights.scale)
-        self.context.slot_ranks[slot] = adapter.rank
+                layer.write_slot(row, weights.a, weights.b, weights.scale)
+        self.row_ranks[row] = adapter.rank
         self.slot_writes += 1
 
     def clear_slot(self, slot: int) -> None:
+        row = self.row_of[slot]
         for layer in self.layers.values():
-            layer.clear_slot(slot)
-        self.context.slot_ranks[slot] = 0
+            layer.clear_slot(row)
+        self.row_ranks[row] = 0
+
+    def place(self, used: Iterable[int]) -> dict[int, int]:
+        """Rows of the `used` slots, all below `len(used)` (moving adapters there if needed)."""
+        used = sorted(set(used))
+        k = len(used)
+        movers = [s for s in used if self.row_of[s] >= k]
+        if movers:
+            used_set = set(used)
+            free = [r for r in range(k) if self.slot_at[r] not in used_set]
+            self._swap_rows([(self.row_of[s], r) for s, r in zip(movers, free)])
+        return {s: self.row_of[s] for s in used}
+
+    @torch.no_grad()
+    def _swap_rows(self, pairs: list[tuple[int, int]]) -> None:
+        src = list(range(self.max_loras))
+        for p, q in pairs:
+            src[p], src[q] = q, p
+            sp, sq = self.slot_at[p], self.slot_at[q]
+            self.slot_at[p], self.slot_at[q] = sq, sp
+            self.row_of[sp], self.row_of[sq] = q, p
+            self.row_ranks[p], self.row_ranks[q] = self.row_ranks[q], self.row_ranks[p]
+        rows = [r for r in range(self.max_loras) if src[r] != r]
+        dst = torch.tensor(rows, device=self.device)
+        from_ = torch.tensor([src[r] for r in rows], device=self.device)
+        for buf in [g.lora_a for g in self.groups] + [layer.b_storage for layer in self.layers.values()]:
+            buf.index_copy_(0, dst, buf.index_select(0, from_))
+        self.row_moves += len(pairs)
+
+    # Steps ----------------------------------------------------------------------------------------
+
+    def step_meta(self, token_rows: list[int], num_decode: int = 0) -> LoraStepMeta:
+        """The step context for packed tokens whose adapter ROWS (from `place`; -1 = base) are given."""
+        return LoraStepMeta.build(token_rows, self.row_ranks, self.device, num_decode)
+
+    @contextmanager
+    def stepping(self, meta: LoraStepMeta | None) -> Iterator[None]:
+        """Run the layers with `meta` for one forward pass (None: base model only)."""
+        self.state.meta = meta
+        try:
+            yield
+        finally:
+            self.state.meta = None
+
+
+def _group_names(layout: BaseLayout) -> list[tuple[str, ...]]:
+    """Every LoRA-able module in a group: stacked siblings of one parent with one input size, else alone."""
+    names = set(layout.linear)
+    groups: list[tuple[str, ...]] = []
+    grouped: set[str] = set()
+    parents = sorted({n.rpartition(".")[0] for n in names})
+    for parent in parents:
+        prefix = f"{parent}." if parent else ""
+        for siblings in STACKED_SIBLINGS:
+            full = tuple(prefix + s for s in siblings)
+            if all(f in names for f in full) and len({layout.linear[f][0] for f in full}) == 1:
+                groups.append(full)
+                grouped.update(full)
+    groups += [(n,) for n in sorted(names - grouped)]
+    return groups

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2
 from server.config import Settings
 from server.engine.engine import Engine
 from server.engine.request import GenerationRequest, GenerationResult, SamplingParams
+from server.engine.stream import RequestStream
 from server.models import embedded_model_dir, load_base_model
 from tests.conftest import TEST_CACHE
 from tests.peft_adapters import save_adapter  # noqa: F401  (re-exported for the engine tests)
@@ -63,6 +64,12 @@ async def run_all(engine: Engine, requests: list[GenerationRequest], stagger: fl
         if stagger:
             await asyncio.sleep(stagger)
     return await asyncio.gather(*tasks)
+
+
+async def submit_one(engine: Engine, request: GenerationRequest) -> RequestStream:
+    """The one stream of an n == 1 request."""
+    (stream,) = await engine.submit(request)
+    return stream
 
 
 async def one_at_a_time(engine: Engine, requests: list[GenerationRequest]) -> list[GenerationResult]:

@@ -124,16 +124,16 @@ def test_no_causal_mask_is_built(models):
     assert create_causal_mask(paged.config, embeds, None, None, torch.arange(9)[None]) is None
 
 
-def test_attention_outside_step_context_raises(models):
+def test_attention_without_step_raises(models):
     _, paged = models
-    with pytest.raises(RuntimeError, match="step_context"), torch.no_grad():
+    with pytest.raises(RuntimeError, match="paged_step"), torch.no_grad():
         paged(input_ids=torch.tensor([[1, 2, 3]]), use_cache=False)
 
 
 def test_kv_cache_shapes_and_budget():
     config = LlamaConfig(**TINY)
     kv = KVCache.from_token_budget(config, kv_cache_tokens=30, block_size=BLOCK)
-    assert kv.num_blocks == 8 and kv.keys[0].shape == (8, BLOCK, 2, 16) and len(kv.values) == 2
+    assert kv.num_blocks == 8 and kv.keys[0].shape == (2, 8, BLOCK, 16) and len(kv.values) == 2
     assert kv.bytes == 2 * 2 * 8 * BLOCK * 2 * 16 * 4
     assert kv.blocks_for(0) == 0 and kv.blocks_for(4) == 1 and kv.blocks_for(5) == 2
 

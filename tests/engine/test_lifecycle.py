@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from server.engine.request import (AdapterUnavailableError, GenerationRequest, QueueFullError, SamplingParams,
                                    UnknownModelError)
-from tests.engine.conftest import greedy, make_engine, run_all, save_adapter
+from tests.engine.conftest import greedy, make_engine, run_all, save_adapter, submit_one
 
 PROMPT = "Once upon a time in a land far away, there lived"
 
@@ -69,10 +69,10 @@ def test_stop_string_is_cut_and_not_sent(tiny_llama_dir, store, started):
 @pytest.mark.slow
 def test_eos_ends_generation(default_base, tmp_path, started):
     engine = started(make_engine(None, tmp_path))
-    prompt = engine.chat_prompt([{"role": "user", "content": "What is the capital of France?"}])
-    result = asyncio.run(engine.generate(GenerationRequest("e", engine.base_name, prompt,
+    messages = ({"role": "user", "content": "What is the capital of France?"},)
+    result = asyncio.run(engine.generate(GenerationRequest("e", engine.base_name, None,
                                                            SamplingParams(max_tokens=64, temperature=0),
-                                                           add_special_tokens=False)))
+                                                           messages=messages)))
     assert result.finish_reason == "stop" and result.completion_tokens < 64
     assert "Paris" in result.text and "<|im_end|>" not in result.text
 
@@ -81,12 +81,13 @@ def test_queue_bound_gives_queue_full(tiny_llama_dir, store, started):
     engine = started(make_engine(tiny_llama_dir, store, max_running=1, max_queue=2))
 
     async def scenario():
-        first = engine.submit(greedy("ad0", PROMPT, 400))
+        first = await submit_one(engine, greedy("ad0", PROMPT, 400))
         await asyncio.to_thread(wait_for, lambda: len(engine.scheduler.running) == 1)
-        waiting = [engine.submit(greedy("ad1", PROMPT, 5)), engine.submit(greedy("ad2", PROMPT, 5))]
+        waiting = [await submit_one(engine, greedy("ad1", PROMPT, 5)),
+                   await submit_one(engine, greedy("ad2", PROMPT, 5))]
         with pytest.raises(QueueFullError) as info:
-            engine.submit(greedy("ad0", "one too many", 5))
-        assert info.value.status == 429 and info.value.retry_after
+            await engine.submit(greedy("ad0", "one too many", 5))
+        assert info.value.code == "queue_full" and info.value.retry_after
         await first.aclose()
         for stream in waiting:
             await stream.collect()
@@ -99,7 +100,7 @@ def test_cancellation_frees_kv_blocks_and_slot_pins(tiny_llama_dir, store, start
     engine = started(make_engine(tiny_llama_dir, store))
 
     async def scenario():
-        stream = engine.submit(greedy("ad1", PROMPT * 4, 500))
+        stream = await submit_one(engine, greedy("ad1", PROMPT * 4, 500))
         await stream.__anext__()
         slot = engine.slots.slot_of(engine.registry.get("ad1").key)
         assert engine.slots.pinned(slot) == 1
@@ -113,11 +114,12 @@ def test_cancellation_frees_kv_blocks_and_slot_pins(tiny_llama_dir, store, start
 def test_replaced_adapter_keeps_running_generation_on_old_version(tiny_llama_dir, store, started):
     engine = started(make_engine(tiny_llama_dir, store))
     v1_text = asyncio.run(engine.generate(greedy("ad0", PROMPT, 200))).text
+    v1_key = engine.registry.get("ad0").key
     v2_folder = store.parent / "v2"
-    config, weights = (v2_folder / "adapter_config.json").read_bytes(), (v2_folder / "adapter_model.safetensors").read_bytes()
+    config, weights = (v2_folder / "adapter_config.json").read_bytes(), v2_folder / "adapter_model.safetensors"
 
     async def scenario():
-        stream = engine.submit(greedy("ad0", PROMPT, 200))
+        stream = await submit_one(engine, greedy("ad0", PROMPT, 200))
         parts = [(await stream.__anext__()).text]
         info = await asyncio.to_thread(engine.add_adapter, "ad0", config, weights, True)
         assert info.version == 2
@@ -130,7 +132,7 @@ def test_replaced_adapter_keeps_running_generation_on_old_version(tiny_llama_dir
     assert old_run == v1_text
     assert new_run != v1_text
     wait_for(lambda: all_free(engine))
-    assert engine.slots.slot_of(("ad0", 1)) is None  # the old version's slot was freed
+    assert engine.slots.slot_of(v1_key) is None  # the old version's slot was freed
 
 
 def test_deleting_adapter_in_use_frees_it_after_last_request(tiny_llama_dir, store, started):
@@ -140,18 +142,18 @@ def test_deleting_adapter_in_use_frees_it_after_last_request(tiny_llama_dir, sto
     key = record.key
 
     async def scenario():
-        stream = engine.submit(greedy("ad2", PROMPT, 150))
+        stream = await submit_one(engine, greedy("ad2", PROMPT, 150))
         first = await stream.__anext__()
-        engine.delete_adapter("ad2")
+        await asyncio.to_thread(engine.delete_adapter, "ad2")
         assert engine.slots.slot_of(key) is not None  # still in use
         with pytest.raises(UnknownModelError):
-            engine.submit(greedy("ad2", PROMPT, 5))
+            await engine.submit(greedy("ad2", PROMPT, 5))
         rest = [d.text async for d in stream]
         return first.text + "".join(rest)
 
     assert asyncio.run(scenario()) == expected
     wait_for(lambda: engine.slots.slot_of(key) is None)
-    assert engine.lora.context.slot_ranks.count(0) == engine.slots.num_slots  # the slot's weights are zeroed
+    assert engine.lora.row_ranks.count(0) == engine.slots.num_slots  # the slot's weights are zeroed
     assert not engine.registry.in_cpu(record)
     assert not (store / "ad2").exists()
     assert all(r.name != "ad2" for r in engine.registry.records())
@@ -175,7 +177,7 @@ def test_broken_adapter_fails_fast_and_others_keep_working(tiny_llama_dir, store
     assert not isinstance(healthy, Exception) and healthy.completion_tokens == 8
     assert engine.adapter_info("ad0").status == "error"
     with pytest.raises(AdapterUnavailableError):  # later requests fail at once
-        engine.submit(greedy("ad0", PROMPT, 8))
+        asyncio.run(engine.submit(greedy("ad0", PROMPT, 8)))
 
 
 def test_rejected_folder_is_not_registered(tiny_llama_dir, store, started):
@@ -185,4 +187,4 @@ def test_rejected_folder_is_not_registered(tiny_llama_dir, store, started):
     engine = make_engine(tiny_llama_dir, store)
     assert "bad" not in {r.name for r in engine.registry.records()}
     with pytest.raises(UnknownModelError):
-        started(engine).submit(greedy("bad", PROMPT, 4))
+        asyncio.run(started(engine).submit(greedy("bad", PROMPT, 4)))

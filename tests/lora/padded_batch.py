@@ -3,21 +3,41 @@ driven by plain transformers forward and `generate`: the PEFT comparison without
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 from server.lora.model import LoraModel
 
 
+@contextmanager
+def row_slots(lora: LoraModel, slots: list[int]) -> Iterator[None]:
+    """Every forward of the model (one, or each of `generate`'s) gets a step context in which
+    every token of row b uses slot `slots[b]`; single-token forwards count as decode rows."""
+    rows = [lora.row_of[s] if s >= 0 else -1 for s in slots]
+
+    def plan(module, args, kwargs):
+        batch, width = kwargs["input_ids"].shape
+        assert batch == len(rows)
+        token_rows = [r for r in rows for _ in range(width)]
+        lora.state.meta = lora.step_meta(token_rows, num_decode=batch if width == 1 else 0)
+
+    handle = lora.model.register_forward_pre_hook(plan, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+        lora.state.meta = None
+
+
 @torch.inference_mode()
 def forward_logits(lora: LoraModel, rows: list[list[int]], slots: list[int], pad_id: int) -> list[torch.Tensor]:
     """Logits [len(row), vocab] of every row, from one forward pass over the left-padded batch."""
-    input_ids, mask = left_pad(rows, pad_id, lora.context.device)
-    lora.context.set_row_slots(torch.tensor(slots))
-    try:
+    input_ids, mask = left_pad(rows, pad_id, lora.device)
+    with row_slots(lora, slots):
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         logits = lora.model(input_ids=input_ids, attention_mask=mask, position_ids=positions).logits
-    finally:
-        lora.context.clear()
     width = input_ids.shape[1]
     return [logits[i, width - len(row):] for i, row in enumerate(rows)]
 
@@ -27,18 +47,15 @@ def generate_batch(lora: LoraModel, rows: list[list[int]], slots: list[int], max
                    eos_ids: list[int], pad_id: int, temperature: float = 0.0, top_p: float = 1.0,
                    generator_seed: int | None = None) -> list[list[int]]:
     """New token ids per row (up to and including the first EOS) from transformers `generate`."""
-    input_ids, mask = left_pad(rows, pad_id, lora.context.device)
+    input_ids, mask = left_pad(rows, pad_id, lora.device)
     sampling: dict = {"do_sample": False}
     if temperature > 0:
         if generator_seed is not None:
             torch.manual_seed(generator_seed)
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
-    lora.context.set_row_slots(torch.tensor(slots))
-    try:
+    with row_slots(lora, slots):
         out = lora.model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                   eos_token_id=eos_ids, pad_token_id=pad_id, **sampling)
-    finally:
-        lora.context.clear()
     return [cut_at_eos(seq, eos_ids) for seq in out[:, input_ids.shape[1]:].tolist()]
 
 

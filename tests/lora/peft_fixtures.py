@@ -1,43 +1,5 @@
-"""Adapters made by PEFT itself, the oracle for LoRA numerics."""
+"""Kept for existing imports: the PEFT adapter helpers live in `tests/peft_adapters.py`."""
 
-from __future__ import annotations
+from tests.peft_adapters import ADAPTER_CONFIGS, make_peft_adapters, peft_reference
 
-import copy
-from pathlib import Path
-
-import torch
-from peft import LoraConfig, PeftModel, get_peft_model
-
-# Mixed ranks 4..64, rsLoRA and plain, rank/alpha patterns, and different target sets.
-ADAPTER_CONFIGS: dict[str, dict] = {
-    "qv-r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
-    "all-r8-rslora": dict(r=8, lora_alpha=16, target_modules="all-linear", use_rslora=True),
-    "regex-r16": dict(r=16, lora_alpha=8, target_modules=r".*\.(k_proj|o_proj)"),
-    "mlp-r32": dict(r=32, lora_alpha=64, target_modules=["gate_proj", "up_proj", "down_proj"]),
-    "all-r64": dict(r=64, lora_alpha=32, target_modules="all-linear"),
-    "patterns-r8": dict(r=8, lora_alpha=16, target_modules="all-linear",
-                        rank_pattern={"q_proj": 16}, alpha_pattern={"down_proj": 4}),
-    "layer1-r12": dict(r=12, lora_alpha=24, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                       layers_to_transform=[1]),
-    "rslora-r6": dict(r=6, lora_alpha=3, target_modules=["q_proj", "up_proj"], use_rslora=True),
-}
-
-
-def make_peft_adapters(base: torch.nn.Module, folder: Path, scale_b: float = 1.0) -> dict[str, Path]:
-    """Save every adapter of ADAPTER_CONFIGS with non-zero random A and B; returns name -> folder."""
-    paths = {}
-    for i, (name, kwargs) in enumerate(ADAPTER_CONFIGS.items()):
-        torch.manual_seed(100 + i)
-        peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(init_lora_weights=False, **kwargs))
-        if scale_b != 1.0:
-            with torch.no_grad():
-                for param_name, param in peft_model.named_parameters():
-                    if "lora_B" in param_name:
-                        param.mul_(scale_b)
-        paths[name] = folder / name
-        peft_model.save_pretrained(paths[name])
-    return paths
-
-
-def peft_reference(base: torch.nn.Module, path: Path) -> PeftModel:
-    return PeftModel.from_pretrained(copy.deepcopy(base), path).eval()
+__all__ = ["ADAPTER_CONFIGS", "make_peft_adapters", "peft_reference"]

@@ -1,87 +1,107 @@
-"""The batched LoRA op against a per-token loop, for sorted and unsorted tokens with base tokens mixed in."""
+"""The LoRA op's backends (CPU fast path, torch reference) against a per-token loop, over every
+layout the step plan produces: decode rows sorted or not, uniform or ragged, heavy slots, prefill
+segments, base rows mixed in, stacked A with strided column slices of the shrink output."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from server.lora.mapping import LoraContext, LoraMapping
-from server.lora.ops import add_lora_, gathered_lora, grouped_lora, padded_lora
+from server.lora.ops import CPU, REFERENCE, add_lora_, backend_for
+from server.lora.step import LoraStepMeta
 
 S, R, IN, OUT = 5, 8, 12, 10
 
 
 def reference(x, a, b, slots):
-    y = torch.zeros(x.shape[0], OUT)
-    for t, s in enumerate(slots.tolist()):
+    y = torch.zeros(x.shape[0], b.shape[1], dtype=x.dtype)
+    for t, s in enumerate(slots):
         if s >= 0:
             y[t] = b[s] @ (a[s] @ x[t])
     return y
 
 
-@pytest.mark.parametrize("impl", [grouped_lora, gathered_lora, padded_lora])
-@pytest.mark.parametrize("slots", [
-    [0, 0, 1, 3, 3, 3, -1, -1],          # engine order: grouped, base last
-    [2, -1, 0, 4, 2, -1, 0, 1, 4, 4],    # arbitrary order
-    [-1, -1, -1],                        # base only
-    [3],                                 # one decode token
-])
-def test_add_lora_matches_per_token_loop(impl, slots):
+CASES = [
+    ([0, 0, 1, 1, 2, 2, 3, 3, 4, 4], 10),           # decode, uniform: the pure-view path
+    ([0, 1, 2, 3, 4, -1, -1], 7),                    # one token per slot, base rows after
+    ([0, 0, 1, 3, 3, 3, -1, -1], 8),                 # ragged counts and a gap in the slots
+    ([2, -1, 0, 4, 2, -1, 0, 1, 4, 4], 10),          # arbitrary order
+    ([0] * 9 + [1, 2], 11),                          # one heavy slot: its run becomes a segment
+    ([0, 1, 1, 2, 3, 3, 3, 3, 3, 3, -1, 4, 4, 4, 2, 2, -1, 0], 4),  # decode then prefill chunks
+    ([3, 3, 3, -1, -1, 1, 1], 0),                    # prefill only
+    ([-1, -1, -1], 3),                               # base only
+    ([3], 1),                                        # one decode token
+]
+
+
+@pytest.mark.parametrize("backend", [CPU, REFERENCE], ids=lambda b: b.name)
+@pytest.mark.parametrize("slots,num_decode", CASES)
+def test_shrink_expand_match_per_token_loop(backend, slots, num_decode):
     torch.manual_seed(0)
-    slots_t = torch.tensor(slots)
     a, b = torch.randn(S, R, IN), torch.randn(S, OUT, R)
     x = torch.randn(len(slots), IN)
-    ranks = [R] * S
-    mapping = LoraMapping.build(slots_t, ranks)
-    y = torch.zeros(len(slots), OUT)
-    if mapping.num_lora_tokens:
-        add_lora_(y, x, a, b, mapping, impl)
-    assert torch.allclose(y, reference(x, a, b, slots_t), atol=1e-5)
+    meta = LoraStepMeta.build(slots, [R] * S, "cpu", num_decode)
+    y = torch.randn(len(slots), OUT)
+    expected = y + reference(x, a, b, slots)
+    add_lora_(y, x, a, b, meta, backend)
+    torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-4)
+    t = backend.shrink(x, a, meta)
+    assert t.shape == (len(slots), R)
+    assert not t[torch.tensor(slots) < 0].any()  # base rows are zero
 
 
-def test_mapping_sorted_input_needs_no_permutation():
-    mapping = LoraMapping.build(torch.tensor([0, 0, 2, -1]), [4, 8, 16])
-    assert mapping.order is None
-    assert mapping.offsets.tolist() == [2, 2, 3]
-    assert mapping.num_lora_tokens == 3
-    assert mapping.rank == 16  # slot 1 is unused, so only slots 0 and 2 count
-
-
-def test_rank_slice_skips_padding_but_keeps_values():
+@pytest.mark.parametrize("backend", [CPU, REFERENCE], ids=lambda b: b.name)
+@pytest.mark.parametrize("slots,num_decode", CASES[:6])
+def test_stacked_shrink_and_expand_into_column_slices(backend, slots, num_decode):
+    """q/k/v style: A stacked to [S, 3R, in], one shrink, three expands on strided slices of t and y."""
     torch.manual_seed(1)
-    a, b = torch.zeros(2, R, IN), torch.zeros(2, OUT, R)
-    a[:, :3], b[:, :, :3] = torch.randn(2, 3, IN), torch.randn(2, OUT, 3)
-    slots = torch.tensor([1, 0, 1])
-    x = torch.randn(3, IN)
-    mapping = LoraMapping.build(slots, [3, 3])
-    assert mapping.rank == 3
-    y = torch.zeros(3, OUT)
-    add_lora_(y, x, a, b, mapping, grouped_lora)
-    assert torch.allclose(y, reference(x, a, b, slots), atol=1e-5)
+    outs = (10, 6, 6)
+    a = [torch.randn(S, R, IN) for _ in outs]
+    b = [torch.randn(S, o, R) for o in outs]
+    x = torch.randn(len(slots), IN)
+    meta = LoraStepMeta.build(slots, [R] * S, "cpu", num_decode)
+    y = torch.randn(len(slots), sum(outs))
+    expected = y.clone()
+    t = backend.shrink(x, torch.cat(a, dim=1), meta)
+    offset = 0
+    for g, out in enumerate(outs):
+        expected[:, offset:offset + out] += reference(x, a[g], b[g], slots)
+        backend.expand_(y, t[:, g * R:(g + 1) * R], b[g], meta, offset)
+        offset += out
+    torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-4)
 
 
-def test_context_per_row_expands_to_tokens():
-    ctx = LoraContext(num_slots=3, device=torch.device("cpu"))
-    ctx.slot_ranks[:] = [4, 4, 4]
-    ctx.set_row_slots(torch.tensor([2, -1, 0]))
-    mapping = ctx.mapping_for(6)  # 3 rows x 2 tokens
-    assert mapping.num_tokens == 6 and mapping.num_lora_tokens == 4
-    assert ctx.mapping_for(6) is mapping  # cached for the other layers of the same pass
-    with pytest.raises(RuntimeError):
-        ctx.mapping_for(7)
-    ctx.clear()
-    assert ctx.mapping_for(6) is None
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_buffers(dtype):
+    torch.manual_seed(2)
+    slots, num_decode = CASES[5]
+    a, b = torch.randn(S, R, IN, dtype=dtype), torch.randn(S, OUT, R, dtype=dtype)
+    x = torch.randn(len(slots), IN, dtype=dtype)
+    meta = LoraStepMeta.build(slots, [R] * S, "cpu", num_decode)
+    y = torch.zeros(len(slots), OUT, dtype=dtype)
+    add_lora_(y, x, a, b, meta, CPU)
+    expected = reference(x.float(), a.float(), b.float(), slots)
+    torch.testing.assert_close(y.float(), expected, atol=0.1, rtol=0.05)
 
 
-def test_padded_path_is_chosen_for_decode_steps_only():
-    ranks = [R] * S
-    decode = LoraMapping.build(torch.tensor([0, 1, 2, 3, 4, 4]), ranks)  # 5 slots x 2 rows for 6 tokens
-    prefill = LoraMapping.build(torch.tensor([0] * 40 + [1]), ranks)    # 5 x 40 rows for 41 tokens
-    assert decode.padded and not prefill.padded
-    torch.manual_seed(3)
-    a, b = torch.randn(S, R, IN), torch.randn(S, OUT, R)
-    for slots, mapping in [([0, 1, 2, 3, 4, 4], decode), ([0] * 40 + [1], prefill)]:
-        x = torch.randn(len(slots), IN)
-        y = torch.zeros(len(slots), OUT)
-        add_lora_(y, x, a, b, mapping, grouped_lora)
-        assert torch.allclose(y, reference(x, a, b, torch.tensor(slots)), atol=1e-4)
+def test_plan_uniform_decode_needs_no_index():
+    meta = LoraStepMeta.build([0, 0, 1, 1, 2, 2, -1], [4, 8, 16], "cpu", num_decode=7)
+    assert (meta.pad_slots, meta.pad_width, meta.pad_count) == (3, 2, 6)
+    assert meta.pad_rows is None and meta.pad_index is None and meta.host_segments == ()
+    assert meta.seg_starts.tolist() == [0, 2, 4] and meta.seg_lens.tolist() == [2, 2, 2]
+    assert meta.num_segments == 3 and meta.max_seg_len == 2 and meta.num_lora_tokens == 6
+
+
+def test_plan_heavy_decode_slot_and_prefill_become_segments():
+    slots = [0] * 9 + [1, 2] + [2, 2, 2, -1, 1]
+    meta = LoraStepMeta.build(slots, [8, 8, 8], "cpu", num_decode=11)
+    assert meta.host_segments == ((0, 9, 0), (11, 3, 2), (15, 1, 1))
+    assert (meta.pad_slots, meta.pad_width, meta.pad_count) == (3, 1, 2)
+    assert meta.token_slots.tolist() == slots
+    assert meta.seg_slots.tolist() == [0, 1, 2, 1]  # every run: decode runs merge with the prefill run of slot 2
+    assert meta.num_decode == 11
+
+
+def test_backend_for_cpu_is_the_fast_path():
+    assert backend_for(torch.device("cpu")) is CPU
+    assert backend_for(torch.device("meta")) is REFERENCE

@@ -67,6 +67,9 @@ def check_logits_and_greedy(base, paths, vocab, pad_id, eos_ids, steps=32):
     lora, names = build_lora(base, paths)
     rows, slots = mixed_rows(vocab, names)
     ours = forward_logits(lora, rows, slots, pad_id)
+    # q/k/v and gate/up share one stacked shrink: one per group per forward (4 per Llama layer, not 7).
+    assert [g.shrinks for g in lora.groups] == [1] * len(lora.groups)
+    assert sum(g.members for g in lora.groups) == len(lora.layers) > len(lora.groups)
     ours_greedy = generate_batch(lora, rows, slots, steps, eos_ids, pad_id)
     oracle = peft_oracle(base, paths)
     for row, slot, logits, greedy in zip(rows, slots, ours, ours_greedy):

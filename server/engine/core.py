@@ -1,0 +1,209 @@
+"""The engine core: the one thread that steps the model.
+
+Other threads talk to it only through its inbox (`post`). Every step, the scheduler picks which
+sequences run, the runner feeds them all through ONE packed forward pass whatever adapter each
+uses, and the sampler picks every sampled sequence's next token in one vectorised pass. The `n`
+choices of one prompt share its prefill: the first choice is prefilled alone, then the others
+fork its KV blocks (shared full blocks, a private copy of the last partial one) and sample their
+first token from the same logits row.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+
+from server.engine.adapters import AdapterManager
+from server.engine.kv_cache import KVCache, OutOfBlocks
+from server.engine.output import finish_reason, make_delta
+from server.engine.request import EngineError
+from server.engine.runner import ModelRunner
+from server.engine.sampler import Sampler
+from server.engine.scheduler import Admission, Scheduler
+from server.engine.sequence import Sequence, SeqStatus
+
+log = logging.getLogger(__name__)
+
+
+class EngineCore:
+    def __init__(self, kv_cache: KVCache, scheduler: Scheduler, runner: ModelRunner, manager: AdapterManager,
+                 tokenizer, eos_ids: frozenset[int], max_context: int) -> None:
+        self.kv_cache = kv_cache
+        self.scheduler = scheduler
+        self.runner = runner
+        self.manager = manager
+        self.sampler = Sampler()
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_ids
+        self.max_context = max_context
+        self.prefill_tokens = 0  # prompt tokens fed through the model since start-up (forks add none)
+        self._inbox: deque[tuple[str, object]] = deque()
+        self._seqs: dict[str, Sequence] = {}
+        self._live = 0           # sequences posted and not yet finished (any thread reads it)
+        self._live_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # Any thread -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="loraplex-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def add(self, seqs: list[Sequence]) -> None:
+        """Enqueue one request's sequences: the first is prefilled, the others fork from it."""
+        with self._live_lock:
+            self._live += sum(s.group_size for s in seqs)
+        self.post("add", seqs)
+
+    def abort(self, key: str) -> None:
+        self.post("abort", key)
+
+    def post(self, kind: str, payload: object) -> None:
+        self._inbox.append((kind, payload))
+        self._wake.set()
+
+    def num_active(self) -> int:
+        """Sequences enqueued, waiting or running."""
+        return self._live
+
+    def num_waiting(self) -> int:
+        waiting = sum(s.group_size for s in list(self.scheduler.waiting))
+        return waiting + sum(s.group_size for k, p in list(self._inbox) if k == "add" for s in p)
+
+    # The engine thread ------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            self._drain_inbox()
+            self._fail_unstartable()
+            if not self.scheduler.has_work():
+                self._wake.wait(timeout=1.0)
+                self._wake.clear()
+                continue
+            try:
+                if not self._step():
+                    self._wake.wait(timeout=0.005)  # everything waits on an adapter load
+                    self._wake.clear()
+            except Exception:  # a bug must not kill the server: fail the batch, keep serving
+                log.exception("engine step failed")
+                for seq in list(self.scheduler.running):
+                    self._fail(seq, EngineError("internal error while generating; see the server log"))
+
+    def _drain_inbox(self) -> None:
+        while self._inbox:
+            kind, payload = self._inbox.popleft()
+            if kind == "add":
+                for seq in payload:
+                    self._seqs[seq.key] = seq
+                    for child in seq.children:
+                        self._seqs[child.key] = child
+                    self.scheduler.add(seq)
+            elif kind == "abort":
+                seq = self._seqs.get(payload)
+                if seq is not None:
+                    self._finish(seq)
+            elif kind == "evict":
+                self.manager.evict_if_idle(payload)
+
+    def _fail_unstartable(self) -> None:
+        for seq in list(self.scheduler.waiting):
+            error = self.manager.waiting_error(seq)
+            if error is not None:
+                self._fail(seq, error)
+
+    def _step(self) -> bool:
+        plan = self.scheduler.schedule()
+        if not plan:
+            return False
+        self.prefill_tokens += sum(max(0, min(p.num_tokens, p.seq.prompt_len - p.seq.num_computed)) for p in plan)
+        ordered, logits = self.runner.step(plan)
+        rows = [i for i, item in enumerate(ordered) if item.samples]
+        if not rows:
+            return True
+        seqs = [ordered[i].seq for i in rows]
+        for i, seq in enumerate(list(seqs)):
+            if seq.children and not seq.output_ids:  # its prefill just ended: the other choices fork now
+                forked = self._fork_children(seq)
+                seqs += forked
+                rows += [rows[i]] * len(forked)
+        outs = self.sampler.sample(logits[rows], [s.options for s in seqs], [s.generator for s in seqs],
+                                   [s.output_ids for s in seqs])
+        for seq, out in zip(seqs, outs):
+            self._append(seq, out)
+        return True
+
+    def _fork_children(self, parent: Sequence) -> list[Sequence]:
+        """Give each child the parent's prompt KV: shared full blocks, an own copy of the partial one."""
+        children = [c for c in parent.children if c.status is not SeqStatus.FINISHED]  # not aborted meanwhile
+        parent.children = []
+        forked: list[Sequence] = []
+        block_size = self.kv_cache.block_size
+        full, partial = divmod(parent.prompt_len, block_size)
+        allocator = self.kv_cache.allocator
+        for child in children:
+            child.record, child.adapter = parent.record, parent.adapter
+            if self.manager.admit(child) is not Admission.ADMITTED:  # cannot happen: the parent pins the slot
+                self.scheduler.add_front(child)
+                continue
+            shared = allocator.fork(parent.blocks[:full])
+            try:
+                own = allocator.allocate(1) if partial else []
+            except OutOfBlocks:  # no room to fork: this choice prefills on its own later
+                allocator.free(shared)
+                self.manager.release(child)
+                self.scheduler.add_front(child)
+                continue
+            if own:
+                self.kv_cache.copy_block(parent.blocks[full], own[0])
+            child.blocks, child.num_computed = shared + own, parent.prompt_len
+            child.status = SeqStatus.RUNNING
+            self.scheduler.running.append(child)
+            forked.append(child)
+        return forked
+
+    def _append(self, seq: Sequence, out) -> None:
+        seq.token_ids.append(out.token)
+        if seq.record is not None:
+            seq.record.tokens += 1
+        is_eos = out.token in self.eos_ids
+        text = "" if is_eos and not seq.params.ignore_eos else seq.detokenizer.push(out.token)
+        reason = finish_reason(seq, is_eos, self.max_context)
+        if reason is not None:
+            text += seq.detokenizer.finish()
+            self._finish(seq)
+        seq.stream.put(make_delta(self.tokenizer, seq, text, out, reason))
+
+    def _fail(self, seq: Sequence, error: EngineError) -> None:
+        self._finish(seq)
+        seq.stream.put(error)
+
+    def _finish(self, seq: Sequence) -> None:
+        """Free a finished, failed or aborted sequence; choices still waiting to fork start on their own."""
+        if seq.status is SeqStatus.FINISHED:
+            return
+        if self._seqs.get(seq.key) is seq:
+            del self._seqs[seq.key]
+        alive = [c for c in seq.children if c.status is not SeqStatus.FINISHED]
+        seq.children = []
+        if alive:
+            alive[0].children = alive[1:]
+            self.scheduler.add_front(alive[0])
+        self.scheduler.finish(seq)
+        with self._live_lock:
+            self._live -= 1

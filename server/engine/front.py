@@ -1,0 +1,136 @@
+"""The engine's front: validates a request, resolves its model, tokenizes it off the event loop,
+and hands the core the sequences of its `n` choices.
+
+Cheap checks (engine state, model, queue room, prompt length in characters) run first on the
+event loop; the chat template and the tokenizer then run ONCE per request in a one-thread pool
+(fast tokenizers are not safe to call from two threads at once), so a huge prompt never blocks
+the loop or other clients' first bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+from server.engine.core import EngineCore
+from server.engine.adapters import AdapterManager
+from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.request import (EngineNotReadyError, GenerationRequest, InvalidRequestError, PromptTooLongError,
+                                   QueueFullError, ShuttingDownError)
+from server.engine.sampler import SamplingOptions, make_generator
+from server.engine.sequence import Sequence
+from server.engine.stream import RequestStream
+
+CHARS_PER_TOKEN_BOUND = 32   # no tokenizer makes a token of more characters than this
+_MAX_SEED = 2**63 - 1
+
+
+class EngineFront:
+    def __init__(self, core: EngineCore, manager: AdapterManager, tokenizer, max_queue: int, max_context: int,
+                 kv_capacity: int) -> None:
+        self.core = core
+        self.manager = manager
+        self.tokenizer = tokenizer
+        self.max_queue = max_queue
+        self.max_context = max_context
+        self.kv_capacity = kv_capacity   # tokens the whole KV cache holds
+        self.shutting_down = False
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraplex-tokenize")
+        self._tokenizing = 0
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def num_tokenizing(self) -> int:
+        return self._tokenizing
+
+    async def submit(self, request: GenerationRequest) -> list[RequestStream]:
+        """Validate and enqueue; returns one stream per choice. Raises EngineError subclasses."""
+        record, prefix = self._check(request)
+        self._tokenizing += 1
+        try:
+            prompt_ids = await asyncio.get_running_loop().run_in_executor(self._pool, self._tokenize, request)
+        finally:
+            self._tokenizing -= 1
+        self._check_length(len(prompt_ids), request.params.max_tokens)
+        if self.shutting_down:
+            raise ShuttingDownError("the server is shutting down")
+        seqs = [self._sequence(request, j, prompt_ids, record, prefix) for j in range(request.n)]
+        if record is not None:
+            record.requests += request.n
+        first, *rest = seqs
+        first.children = rest
+        self.core.add([first])
+        return [s.stream for s in seqs]
+
+    # Checks -----------------------------------------------------------------------------------
+
+    def _check(self, request: GenerationRequest):
+        if self.shutting_down:
+            raise ShuttingDownError("the server is shutting down and admits no new requests")
+        if not self.core.running:
+            raise EngineNotReadyError("the engine is not running yet")
+        if not isinstance(request.n, int) or request.n < 1:
+            raise InvalidRequestError(f"n must be a positive integer, got {request.n!r}")
+        if (request.prompt is None) == (request.messages is None):
+            raise InvalidRequestError("give exactly one of prompt and messages")
+        resolved = self.manager.resolve(request.model)
+        if self.core.num_waiting() + self._tokenizing + request.n > self.max_queue:
+            raise QueueFullError(f"the queue is full ({self.max_queue} waiting sequences); retry later")
+        chars = len(request.prompt) if request.prompt is not None else \
+            sum(len(str(m.get("content") or "")) for m in request.messages)
+        limit = CHARS_PER_TOKEN_BOUND * self._token_limit()
+        if chars > limit:
+            raise PromptTooLongError(f"the prompt has {chars} characters, more than {limit} can fit in "
+                                     f"{self._token_limit()} tokens")
+        return resolved
+
+    def _token_limit(self) -> int:
+        return min(self.max_context, self.kv_capacity)
+
+    def _check_length(self, prompt_len: int, max_tokens: int) -> None:
+        if not prompt_len:
+            raise PromptTooLongError("the prompt is empty")
+        total = prompt_len + max_tokens
+        if total > self.max_context:
+            raise PromptTooLongError(f"the prompt ({prompt_len} tokens) plus max_tokens ({max_tokens}) exceeds "
+                                     f"the model's context of {self.max_context} tokens")
+        if total > self.kv_capacity:
+            raise PromptTooLongError(f"the prompt ({prompt_len} tokens) plus max_tokens ({max_tokens}) exceeds "
+                                     f"the KV cache capacity of {self.kv_capacity} tokens, so it could never run")
+
+    # Worker thread ----------------------------------------------------------------------------
+
+    def _tokenize(self, request: GenerationRequest) -> list[int]:
+        if request.messages is None:
+            return self.tokenizer(request.prompt, add_special_tokens=request.add_special_tokens)["input_ids"]
+        try:
+            text = self.tokenizer.apply_chat_template(list(request.messages), tokenize=False,
+                                                      add_generation_prompt=True)
+        except Exception as exc:  # jinja errors from the model's own template (raise_exception, bad roles)
+            raise InvalidRequestError(f"the chat template refused the messages: {exc}") from None
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    # Sequences --------------------------------------------------------------------------------
+
+    def _sequence(self, request: GenerationRequest, j: int, prompt_ids: list[int], record, prefix) -> Sequence:
+        params = request.params
+        seed = choice_seed(params.seed, j)
+        key = request.request_id if j == 0 else f"{request.request_id}#{j}"
+        options = SamplingOptions(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+                                  presence_penalty=params.presence_penalty,
+                                  frequency_penalty=params.frequency_penalty, logprobs=params.logprobs, seed=seed)
+        return Sequence(request_id=request.request_id, key=key, prompt_len=len(prompt_ids),
+                        token_ids=list(prompt_ids), params=params, options=options, generator=make_generator(seed),
+                        detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop),
+                        stream=RequestStream(request.request_id, self.core.abort, index=j, abort_key=key),
+                        record=record, sha_prefix=prefix,
+                        adapter=None if record is None else self.manager.registry.cached(record))
+
+
+def choice_seed(seed: int | None, j: int) -> int | None:
+    """Choice j's seed: seed + j, or seed - j where seed + j would pass 2**63 - 1."""
+    if seed is None:
+        return None
+    return seed + j if seed + j <= _MAX_SEED else seed - j

@@ -1,0 +1,128 @@
+"""The LoRA half of one step's context: which adapter slot every packed token uses, in the
+layouts the LoRA op wants, built ONCE per step on the host and shared by every LoRA layer.
+
+Row order the engine packs (and the CPU fast path is fastest on, though any order is correct):
+decode rows first (one token per sequence) grouped by slot, then prefill chunks.
+
+Fields (N packed tokens, S slots, G segments; every tensor on the model's device):
+
+- `token_slots [N]` int64: slot of each token, -1 = base model (the BGMV view of the step).
+- `seg_starts / seg_lens / seg_slots [G]` int64: every maximal run of consecutive rows with one
+  slot != -1, over ALL rows (decode runs and prefill chunks alike; base runs omitted): the SGMV
+  view of the step. `num_segments`, `max_seg_len` are python ints.
+- `slot_ranks [S]` int32: rank of the adapter in each slot, 0 for an empty slot; A/B are
+  zero-padded past it, so a kernel may compute with the buffers' full R.
+- `num_decode`: rows `[0, num_decode)` are decode rows, the rest prefill rows.
+
+The CPU fast path (`server/lora/ops.py`) reads a host plan built here too, so it never syncs:
+decode rows go through one padded batched matmul over slots `[0, pad_slots)` (`pad_width` rows
+per slot; `pad_rows [n]` are the packed rows it covers and `pad_index [n]` their rows in the
+`[pad_slots * pad_width]` padded layout, both None when they are the identity), and every other
+LoRA row is covered by `host_segments` ((start, length, slot) triples; prefill chunks, and decode
+runs of a slot far busier than the rest, which would blow up the padding).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+
+# A decode slot with more than this many times the mean tokens per slot runs as its own segment
+# instead of widening the padded batch for every slot.
+HEAVY_FACTOR = 2.0
+
+
+@dataclass(frozen=True, eq=False)
+class LoraStepMeta:
+    """One step's token -> slot mapping (see the module docstring for every field)."""
+
+    token_slots: torch.Tensor
+    seg_starts: torch.Tensor
+    seg_lens: torch.Tensor
+    seg_slots: torch.Tensor
+    max_seg_len: int
+    num_segments: int
+    slot_ranks: torch.Tensor
+    num_tokens: int
+    num_decode: int
+    num_lora_tokens: int
+    # Host plan of the CPU fast path.
+    pad_slots: int
+    pad_width: int
+    pad_count: int
+    pad_rows: torch.Tensor | None
+    pad_index: torch.Tensor | None
+    host_segments: tuple[tuple[int, int, int], ...]
+
+    @property
+    def has_lora(self) -> bool:
+        return self.num_lora_tokens > 0
+
+    @classmethod
+    def build(cls, token_slots: list[int], slot_ranks: list[int], device: torch.device | str = "cpu",
+              num_decode: int = 0) -> LoraStepMeta:
+        """Plan a step from host ints: `token_slots` per packed row (-1 = base), the rank of every
+        slot, and how many leading rows are decode rows."""
+        n = len(token_slots)
+        if not 0 <= num_decode <= n:
+            raise ValueError(f"num_decode {num_decode} outside 0..{n}")
+        runs = _runs(token_slots, 0, n)
+        pad_slots, width, pad_rows, pad_index, heavy = _decode_plan(token_slots[:num_decode])
+        host = tuple(sorted(heavy + _runs(token_slots, num_decode, n)))
+
+        def t(values, dtype=torch.int64) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype).to(device)
+
+        return cls(
+            token_slots=t(token_slots),
+            seg_starts=t([r[0] for r in runs]), seg_lens=t([r[1] for r in runs]), seg_slots=t([r[2] for r in runs]),
+            max_seg_len=max((r[1] for r in runs), default=0), num_segments=len(runs),
+            slot_ranks=t(slot_ranks, torch.int32),
+            num_tokens=n, num_decode=num_decode, num_lora_tokens=sum(s >= 0 for s in token_slots),
+            pad_slots=pad_slots, pad_width=width, pad_count=len(pad_rows),
+            pad_rows=None if pad_rows == list(range(len(pad_rows))) else t(pad_rows),
+            pad_index=None if pad_index == list(range(pad_slots * width)) else t(pad_index),
+            host_segments=host,
+        )
+
+
+def _runs(slots: list[int], start: int, end: int) -> list[tuple[int, int, int]]:
+    """Maximal runs (start, length, slot) of one slot != -1 in `slots[start:end]`."""
+    runs: list[tuple[int, int, int]] = []
+    i = start
+    while i < end:
+        j = i + 1
+        while j < end and slots[j] == slots[i]:
+            j += 1
+        if slots[i] >= 0:
+            runs.append((i, j - i, slots[i]))
+        i = j
+    return runs
+
+
+def _decode_plan(dec: list[int]) -> tuple[int, int, list[int], list[int], list[tuple[int, int, int]]]:
+    """(pad_slots, pad_width, pad_rows, pad_index, heavy runs) for the decode rows `dec`.
+
+    Slots far busier than the mean whose rows are one contiguous run become segments; the
+    rest share one padded `[pad_slots, pad_width]` batch (slots are assumed to be a dense
+    prefix `0..pad_slots-1`, which `LoraModel` keeps them in; gaps only cost padding).
+    """
+    counts = Counter(s for s in dec if s >= 0)
+    if not counts:
+        return 0, 0, [], [], []
+    mean = sum(counts.values()) / len(counts)
+    runs = {r[2]: r for r in _runs(dec, 0, len(dec))}
+    heavy = {s for s, c in counts.items() if c > HEAVY_FACTOR * mean and c > 1 and runs.get(s, (0, 0))[1] == c}
+    light = {s: c for s, c in counts.items() if s not in heavy}
+    if not light:
+        return 0, 0, [], [], [runs[s] for s in sorted(heavy)]
+    pad_slots, width = max(light) + 1, max(light.values())
+    rows, index, seen = [], [], Counter()
+    for row, s in enumerate(dec):
+        if s in light:
+            rows.append(row)
+            index.append(s * width + seen[s])
+            seen[s] += 1
+    return pad_slots, width, rows, index, [runs[s] for s in sorted(heavy)]
