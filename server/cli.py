@@ -13,6 +13,9 @@ SERVE_FLAGS = {
     "--max-running": int, "--max-queue": int,
     "--api-key": str, "--admin-token": str, "--max-adapter-bytes": int, "--allowed-adapter-root": str,
     "--max-tokens-default": int, "--chat-max-tokens-default": int,
+    "--max-prompt-chars": int, "--max-concurrent-uploads": int, "--upload-read-timeout": float,
+    "--body-read-timeout": float, "--upload-tmp-dir": str, "--keep-alive-timeout": int,
+    "--limit-concurrency": int, "--max-header-bytes": int, "--shutdown-grace": float,
 }
 
 
@@ -33,30 +36,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def serve(overrides: dict) -> int:
-    import uvicorn
+    """Listen first, load the model behind the socket, drain on SIGTERM (server/api/serving.py)."""
     from pydantic import ValidationError
 
     from server.api.app import create_app
+    from server.api.serving import bind, run
     from server.config import Settings
-    from server.engine.engine import Engine
-    from server.models import ModelLoadError, load_base_model
 
     try:
         settings = Settings(**overrides)
-        base = load_base_model(settings)
-    except (ValidationError, ModelLoadError) as exc:
+    except ValidationError as exc:
         print(f"loraplex: {exc}", file=sys.stderr)
         return 2
-    engine = Engine(base, settings)
+    try:
+        sock = bind(settings.host, settings.port)
+    except OSError as exc:
+        print(f"loraplex: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    return run(create_app(None, settings), settings, lambda: build_engine(settings), sock)
+
+
+def build_engine(settings):
+    """The model and the engine, started (runs in the loading thread while the server already listens)."""
+    from server.engine.engine import Engine
+    from server.models import load_base_model
+
+    engine = Engine(load_base_model(settings), settings)
     engine.load_store()
     engine.start()
-    try:
-        # access_log off: the API logs one line per request itself (server.api.access), without keys or prompts.
-        uvicorn.run(create_app(engine, settings), host=settings.host, port=settings.port, log_level="info",
-                    access_log=False)
-    finally:
-        engine.stop()
-    return 0
+    return engine
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,6 +27,7 @@ class Settings(BaseSettings):
     device: str = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_cpu_loras: int = Field(32, ge=1, description="parsed adapters kept in CPU memory (LRU)")
+    max_cpu_lora_bytes: int = Field(2 * 2**30, ge=1, description="bytes of parsed adapters kept in CPU memory (LRU)")
     kv_cache_tokens: int = Field(16384, ge=16, description="KV cache size in tokens, allocated once")
     block_size: int = Field(16, ge=1, le=1024, description="tokens per KV cache block")
     max_batched_tokens: int = Field(512, ge=1, description="tokens per engine step (prefill chunk budget)")
@@ -39,6 +40,20 @@ class Settings(BaseSettings):
     allowed_adapter_root: Path | None = Field(None, description="folder that /v1/load_lora_adapter may read from")
     max_tokens_default: int = Field(16, ge=1, description="max_tokens of a completion that sets none (OpenAI: 16)")
     chat_max_tokens_default: int = Field(512, ge=1, description="max_tokens of a chat completion that sets none")
+    # Limits checked before any expensive work, and the HTTP server's own limits (uvicorn).
+    max_prompt_chars: int = Field(1_000_000, ge=1, description="longest prompt (or all messages' text) in characters")
+    max_concurrent_uploads: int = Field(2, ge=1, description="adapter uploads at once; more get 429 + Retry-After")
+    upload_read_timeout: float = Field(30.0, gt=0, description="seconds an upload may send nothing before it is "
+                                       "dropped (408)")
+    body_read_timeout: float = Field(30.0, gt=0, description="same for JSON request bodies")
+    upload_tmp_dir: Path | None = Field(None, description="where uploads are streamed to; None = the system's "
+                                        "temporary folder")
+    keep_alive_timeout: int = Field(5, ge=1, description="seconds an idle keep-alive connection stays open")
+    limit_concurrency: int | None = Field(1024, ge=1, description="open connections + tasks beyond which new "
+                                          "requests get 503 from uvicorn; None = unbounded")
+    max_header_bytes: int = Field(64 * 1024, ge=1024, description="h11: largest request line + headers (bytes)")
+    shutdown_grace: float = Field(30.0, ge=0, description="seconds after SIGTERM for running requests and uploads "
+                                  "to finish before the server exits")
 
     @field_validator("api_key", "admin_token", mode="before")
     @classmethod

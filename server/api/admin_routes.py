@@ -1,9 +1,11 @@
 """Adapter admin: upload, list, inspect, delete, and vLLM's load/unload aliases.
 
 Every route needs the admin token. Uploads are parsed and bounded here (`uploads.py`,
-`archives.py`); the engine then validates the adapter against the base model and writes
-it to the store atomically. Engine calls run in a worker thread, so streams in flight
-keep flowing while an adapter is parsed and written.
+`archives.py`) and streamed to temporary files; the engine then validates the adapter
+against the base model and writes it to the store atomically, and the temporary files are
+removed whatever happened. At most `--max-concurrent-uploads` run at once (429 beyond).
+Engine calls run in a worker thread, so streams in flight keep flowing meanwhile. The
+admin token is checked by `auth.AuthGate` before any of this runs.
 """
 
 from __future__ import annotations
@@ -13,22 +15,24 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse
 
 from server.api.admin_schemas import (UPLOAD_OPENAPI, AdapterDeleted, AdapterList, AdapterObject, LoadLoraRequest,
                                       UnloadLoraRequest)
-from server.api.auth import require_admin
-from server.api.errors import ApiError
-from server.api.folders import read_adapter_folder
-from server.api.uploads import check_safetensors, read_upload, validate_name
+from server.adapters.names import WEIGHTS_FILE
+from server.api.errors import ApiError, engine_status
+from server.api.folders import copy_adapter_folder
+from server.api.uploads import Upload, check_safetensors, read_upload, validate_name
 from server.engine.request import EngineError
 
 log = logging.getLogger(__name__)
 
 ERRORS = {400: {"description": "invalid upload or adapter"}, 401: {"description": "missing or wrong admin token"},
-          403: {"description": "admin routes disabled (no admin token configured)"}}
-router = APIRouter(prefix="/v1", dependencies=[Depends(require_admin)], tags=["adapters"], responses=ERRORS)
+          403: {"description": "admin routes disabled (no admin token configured)"},
+          503: {"description": "engine not ready, or shutting down"}}
+UPLOAD_RETRY_AFTER = 5
+router = APIRouter(prefix="/v1", tags=["adapters"], responses=ERRORS)
 
 
 async def _engine_call(request: Request, operation: str, func: Callable[..., Any], *args: Any) -> Any:
@@ -36,7 +40,7 @@ async def _engine_call(request: Request, operation: str, func: Callable[..., Any
     try:
         result = await asyncio.to_thread(func, *args)
     except EngineError as exc:
-        metrics.adapter_admin.labels(operation, str(exc.status)).inc()
+        metrics.adapter_admin.labels(operation, str(engine_status(exc))).inc()
         raise
     metrics.adapter_admin.labels(operation, "ok").inc()
     return result
@@ -47,23 +51,51 @@ def _adapter(request: Request, info: Any) -> AdapterObject:
 
 
 def _counted(request: Request, operation: str, exc: ApiError) -> ApiError:
-    request.app.state.metrics.adapter_admin.labels(operation, str(exc.status)).inc()
+    request.app.state.metrics.adapter_admin.labels(operation, str(engine_status(exc))).inc()
     return exc
 
 
 @router.post("/adapters", status_code=201, response_model=AdapterObject, openapi_extra=UPLOAD_OPENAPI,
-             responses={409: {"description": "name taken (send overwrite=true)"},
-                        413: {"description": "upload over --max-adapter-bytes"}},
+             responses={408: {"description": "the client stopped sending (--upload-read-timeout)"},
+                        409: {"description": "name taken (send overwrite=true)"},
+                        413: {"description": "upload over --max-adapter-bytes"},
+                        429: {"description": "too many uploads at once (--max-concurrent-uploads); see Retry-After"}},
              summary="Upload an adapter (multipart: name, overwrite, the two PEFT files or one archive)")
 async def upload_adapter(request: Request) -> AdapterObject:
     engine, settings = request.app.state.engine, request.app.state.settings
+    slots = request.app.state.upload_slots
+    if not slots.try_acquire():
+        raise _counted(request, "upload", ApiError(
+            429, f"{slots.limit} uploads are in progress (--max-concurrent-uploads); retry later",
+            code="too_many_uploads", headers={"Retry-After": str(UPLOAD_RETRY_AFTER), "Connection": "close"}))
     try:
-        upload = await read_upload(request, settings.max_adapter_bytes, engine.base_name)
-    except ApiError as exc:
-        raise _counted(request, "upload", exc) from None
+        try:
+            upload = await read_upload(request, settings.max_adapter_bytes, engine.base_name,
+                                       settings.upload_read_timeout, settings.upload_tmp_dir)
+        except ApiError as exc:
+            raise _counted(request, "upload", exc) from None
+        return await _register(request, upload, "upload")
+    finally:
+        slots.release()
+
+
+async def _register(request: Request, upload: Upload, operation: str) -> AdapterObject:
+    """Hand the upload to the engine, then remove its temporary files whatever happened.
+
+    If this task is cancelled (shutdown grace over) while the engine still reads the file,
+    the files are removed when the engine call returns, not under its feet.
+    """
+    engine = request.app.state.engine
     request.scope.setdefault("loraplex", {})["model"] = upload.name
-    info = await _engine_call(request, "upload", engine.add_adapter, upload.name, upload.config, upload.weights,
-                              upload.overwrite)
+    call = asyncio.ensure_future(_engine_call(request, operation, engine.add_adapter, upload.name, upload.config,
+                                              upload.weights_path, upload.overwrite))
+    try:
+        info = await asyncio.shield(call)
+    finally:
+        if call.done():
+            await asyncio.to_thread(upload.cleanup)
+        else:
+            call.add_done_callback(lambda _: upload.cleanup())
     log.info("adapter %s version %s registered (%d bytes)", info.name, info.version, info.size_bytes)
     return _adapter(request, info)
 
@@ -105,17 +137,23 @@ async def load_lora_adapter(body: LoadLoraRequest, request: Request) -> PlainTex
     engine, settings = request.app.state.engine, request.app.state.settings
     try:
         name = validate_name(body.lora_name, engine.base_name, param="lora_name")
-        config, weights = await asyncio.to_thread(read_adapter_folder, body.lora_path,
-                                                  settings.allowed_adapter_root, settings.max_adapter_bytes)
-        check_safetensors(weights, "adapter_model.safetensors")
+        config, weights, workdir = await asyncio.to_thread(
+            copy_adapter_folder, body.lora_path, settings.allowed_adapter_root, settings.max_adapter_bytes,
+            settings.upload_tmp_dir)
     except ApiError as exc:
         raise _counted(request, "load", exc) from None
-    request.scope.setdefault("loraplex", {})["model"] = name
-    await _engine_call(request, "load", engine.add_adapter, name, config, weights, body.load_inplace)
+    upload = Upload(name=name, overwrite=body.load_inplace, config=config, weights_path=weights, workdir=workdir)
+    try:
+        check_safetensors(weights, WEIGHTS_FILE)
+    except ApiError as exc:
+        await asyncio.to_thread(upload.cleanup)
+        raise _counted(request, "load", exc) from None
+    await _register(request, upload, "load")
     return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
 
 @router.post("/unload_lora_adapter", response_class=PlainTextResponse,
+             responses={404: {"description": "unknown adapter"}},
              summary="vLLM alias: unregister the adapter lora_name (same as DELETE /v1/adapters/{name})")
 async def unload_lora_adapter(body: UnloadLoraRequest, request: Request) -> PlainTextResponse:
     await _delete(request, body.lora_name, "unload", "lora_name")

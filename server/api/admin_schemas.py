@@ -12,6 +12,9 @@ class AdapterObject(BaseModel):
     object: Literal["adapter"] = "adapter"
     parent: str = Field(description="the base model")
     version: int = Field(description="bumped by every overwrite; requests in flight finish on their version")
+    sha256: str | None = Field(None, description="SHA-256 identity of the current version's config and weights")
+    generation: int | None = Field(None, description="registry generation of this version: never reused, "
+                                   "even across deletes and restarts")
     status: str = Field(description="loading, ready or error")
     error: str | None = Field(None, description="why the adapter is in status error")
     tier: str = Field(description="where its weights are now: device, cpu or disk")
@@ -26,7 +29,8 @@ class AdapterObject(BaseModel):
 
     @classmethod
     def from_info(cls, info: Any, parent: str) -> AdapterObject:
-        return cls(id=info.name, parent=parent, version=info.version, status=info.status, error=info.error,
+        return cls(id=info.name, parent=parent, version=info.version, sha256=getattr(info, "sha256", None),
+                   generation=getattr(info, "generation", None), status=info.status, error=info.error,
                    tier=info.tier, rank=info.rank, alpha=info.alpha,
                    target_modules=sorted({m.rsplit(".", 1)[-1] for m in info.target_modules}),
                    num_modules=len(info.target_modules),

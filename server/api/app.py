@@ -11,10 +11,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from server import __version__
 from server.api.access_log import AccessLog
 from server.api.admin_routes import router as admin_router
+from server.api.auth import AuthGate
 from server.api.body_limit import BodyLimit
 from server.api.errors import error_response, install_error_handlers
+from server.api.lifecycle import AdmissionGate, Lifecycle
 from server.api.metrics import ApiMetrics
 from server.api.openai_routes import router as openai_router
+from server.api.uploads import UploadSlots
 from server.config import Settings
 
 DESCRIPTION = """Multi-adapter LoRA inference server with an OpenAI-compatible API.
@@ -36,16 +39,26 @@ def engine_ready(engine: Any) -> bool:
 
 
 def create_app(engine: Any, settings: Settings | None = None) -> FastAPI:
-    """`engine` follows the engine contract (`submit`, `models`, `chat_prompt`, adapter admin, `stats`)."""
+    """`engine` follows the engine contract (async `submit`, `models`, adapter admin, `stats`, shutdown).
+
+    It may be None while the model loads: set `app.state.engine` once it is ready; until
+    then `/ready` and every `/v1` route answer 503 `engine_not_ready`.
+    """
     settings = settings or getattr(engine, "settings", None) or Settings()
     app = FastAPI(title="loraplex", version=__version__, description=DESCRIPTION)
     app.state.engine, app.state.settings = engine, settings
-    app.state.metrics = metrics = ApiMetrics(engine)
+    app.state.lifecycle = Lifecycle()
+    app.state.upload_slots = UploadSlots(settings.max_concurrent_uploads)
+    app.state.metrics = metrics = ApiMetrics(lambda: app.state.engine)
     install_error_handlers(app)
     app.include_router(openai_router)
     app.include_router(admin_router)
-    app.add_middleware(BodyLimit)
-    app.add_middleware(AccessLog, metrics=metrics)  # added last: outermost, so it logs the 413s too
+    # Added innermost first. Outermost: the access log (it logs every refusal too), then auth and
+    # admission, which answer from the headers alone, before anything reads a body.
+    app.add_middleware(BodyLimit, read_timeout=settings.body_read_timeout)
+    app.add_middleware(AdmissionGate, state=app.state)
+    app.add_middleware(AuthGate, settings=settings)
+    app.add_middleware(AccessLog, metrics=metrics)
 
     @app.get("/health", tags=["operations"], summary="Liveness: the process answers")
     async def health() -> dict[str, str]:
@@ -54,8 +67,12 @@ def create_app(engine: Any, settings: Settings | None = None) -> FastAPI:
     @app.get("/ready", tags=["operations"], summary="Readiness: model loaded and engine running (else 503)",
              responses={503: {"description": "engine not ready"}})
     async def ready(request: Request) -> JSONResponse:
+        if request.app.state.lifecycle.shutting_down:
+            return error_response(503, "the server is shutting down", code="shutting_down",
+                                  headers={"Retry-After": "1"})
         if not engine_ready(request.app.state.engine):
-            return error_response(503, "the engine is not running yet", code="engine_not_ready")
+            return error_response(503, "the engine is not running yet", code="engine_not_ready",
+                                  headers={"Retry-After": "5"})
         return JSONResponse({"status": "ready"})
 
     @app.get("/metrics", tags=["operations"], summary="Prometheus metrics", response_class=Response,

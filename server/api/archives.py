@@ -1,30 +1,31 @@
-"""Read an adapter out of an uploaded .zip, .tar or .tar.gz without trusting it.
+"""Read an adapter out of an uploaded .zip, .tar or .tar.gz file without trusting it.
 
-Nothing is ever extracted to disk (no `extractall`): the archive is inspected member by
-member and only the two adapter files are read, with bounded reads. Refused: absolute
-paths, `..`, symbolic and hard links, devices, FIFOs, encrypted zip members, more than
-`MAX_MEMBERS` members, duplicate adapter files, pickle weights, and anything that
-decompresses to more than the size limit (zip bombs included: sizes declared in headers
-are checked first, then every read stops one byte past the limit).
+Nothing is ever extracted with `extractall`: the archive file is inspected member by
+member and only the two adapter files are copied, with bounded reads, into temporary
+files of the upload's work folder; no member is ever held whole in memory. Refused:
+absolute paths, `..`, symbolic and hard links, devices, FIFOs, encrypted zip members,
+more than `MAX_MEMBERS` members, duplicate adapter files, pickle weights, and anything
+that decompresses to more than the size limit (zip and gzip bombs included: sizes
+declared in headers are checked first, then every copy stops one chunk past the limit).
 """
 
 from __future__ import annotations
 
-import io
 import stat
 import struct
 import tarfile
 import zipfile
 import zlib
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
+from server.adapters.names import CONFIG_FILE, WEIGHTS_FILE
 from server.api.errors import ApiError
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 MAX_MEMBERS = 16
-TAR_SLACK = 64 * 1024        # headers and padding a .tar adds on top of its members
+COPY_CHUNK = 1 << 20
+EOCD_SEARCH = 65557          # the end-of-central-directory record is within this many bytes of the end
 
 
 class ArchiveError(ApiError):
@@ -43,14 +44,16 @@ def too_large(what: str, limit: int) -> ArchiveError:
     return ArchiveError(f"{what} is larger than the limit of {limit} bytes (--max-adapter-bytes)", status=413)
 
 
-def read_archive(data: bytes, limit: int) -> dict[str, bytes]:
-    """The adapter files of an archive: {"adapter_config.json": ..., "adapter_model.safetensors": ...}."""
-    if data[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
-        return _read_zip(data, limit)
-    if data[:2] == b"\x1f\x8b":
-        return _read_tar(_gunzip(data, limit + TAR_SLACK, limit), limit)
-    if len(data) >= 512 and data[257:262] == b"ustar":
-        return _read_tar(data, limit)
+def read_archive(path: Path, limit: int, workdir: Path) -> dict[str, Path]:
+    """The adapter files of the archive at `path`, copied into `workdir`: {file name: temp path}."""
+    with open(path, "rb") as handle:
+        head = handle.read(512)
+    if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
+        return _read_zip(path, limit, workdir)
+    if head[:2] == b"\x1f\x8b":
+        return _read_tar(path, limit, workdir, "r|gz")
+    if len(head) >= 512 and head[257:262] == b"ustar":
+        return _read_tar(path, limit, workdir, "r|")
     raise ArchiveError("the archive is not a .zip, .tar or .tar.gz file")
 
 
@@ -70,10 +73,11 @@ def check_member_name(name: str) -> str | None:
 
 
 class _Collector:
-    """Gathers the two adapter files, checking duplicates and the decompressed total."""
+    """Copies the two adapter files into `workdir`, checking duplicates and the decompressed total."""
 
-    def __init__(self, limit: int) -> None:
-        self.limit, self.total, self.files = limit, 0, {}
+    def __init__(self, limit: int, workdir: Path) -> None:
+        self.limit, self.workdir, self.total = limit, workdir, 0
+        self.files: dict[str, Path] = {}
 
     def want(self, name: str) -> str | None:
         base = check_member_name(name)
@@ -81,57 +85,63 @@ class _Collector:
             raise ArchiveError(f"the archive holds more than one {base}")
         return base
 
-    def add(self, base: str, reader: io.BufferedIOBase | zipfile.ZipExtFile) -> None:
-        room = self.limit - self.total
-        content = reader.read(room + 1)
-        if len(content) > room:
-            raise too_large("the archive's decompressed content", self.limit)
-        self.total += len(content)
-        self.files[base] = content
+    def add(self, base: str, reader: BinaryIO) -> None:
+        target = self.workdir / f"member-{base}"
+        with open(target, "wb") as out:
+            while chunk := reader.read(COPY_CHUNK):
+                self.total += len(chunk)
+                if self.total > self.limit:
+                    raise too_large("the archive's decompressed content", self.limit)
+                out.write(chunk)
+        self.files[base] = target
 
-    def result(self) -> dict[str, bytes]:
+    def result(self) -> dict[str, Path]:
         for needed in (CONFIG_FILE, WEIGHTS_FILE):
             if needed not in self.files:
                 raise ArchiveError(f"the archive has no {needed}")
         return self.files
 
 
-def _zip_entry_count(data: bytes) -> int:
+def _zip_entry_count(path: Path) -> int:
     """Entries announced by the end-of-central-directory record, read before zipfile parses it."""
-    end = data.rfind(b"PK\x05\x06", max(0, len(data) - 65557))
-    if end < 0 or end + 22 > len(data):
+    with open(path, "rb") as handle:
+        size = handle.seek(0, 2)
+        handle.seek(max(0, size - EOCD_SEARCH))
+        tail = handle.read()
+    end = tail.rfind(b"PK\x05\x06")
+    if end < 0 or end + 22 > len(tail):
         raise ArchiveError("the zip archive has no end-of-central-directory record")
-    return struct.unpack_from("<H", data, end + 10)[0]
+    return struct.unpack_from("<H", tail, end + 10)[0]
 
 
-def _read_zip(data: bytes, limit: int) -> dict[str, bytes]:
-    count = _zip_entry_count(data)
+def _read_zip(path: Path, limit: int, workdir: Path) -> dict[str, Path]:
+    count = _zip_entry_count(path)
     if count > MAX_MEMBERS:  # also catches zip64's 0xFFFF marker
         raise ArchiveError(f"the archive has {count} members; at most {MAX_MEMBERS} are accepted")
     try:
-        archive = zipfile.ZipFile(io.BytesIO(data))
+        archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError) as exc:
         raise ArchiveError(f"the zip archive is corrupt: {exc}") from exc
-    members = archive.infolist()
-    if len(members) > MAX_MEMBERS:
-        raise ArchiveError(f"the archive has {len(members)} members; at most {MAX_MEMBERS} are accepted")
-    if sum(m.file_size for m in members) > limit:
-        raise too_large("the archive's decompressed content", limit)
-    collector = _Collector(limit)
-    for member in members:
-        mode = member.external_attr >> 16
-        _check_mode(member.filename, mode)
-        if member.flag_bits & 0x1:
-            raise ArchiveError(f"archive member '{member.filename}' is encrypted")
-        base = collector.want(member.filename)
-        if member.is_dir() or base is None:
-            continue
-        try:
-            with archive.open(member) as reader:
-                collector.add(base, reader)
-        except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as exc:
-            raise ArchiveError(f"archive member '{member.filename}' cannot be read: {exc}") from exc
-    return collector.result()
+    with archive:
+        members = archive.infolist()
+        if len(members) > MAX_MEMBERS:
+            raise ArchiveError(f"the archive has {len(members)} members; at most {MAX_MEMBERS} are accepted")
+        if sum(m.file_size for m in members) > limit:
+            raise too_large("the archive's decompressed content", limit)
+        collector = _Collector(limit, workdir)
+        for member in members:
+            _check_mode(member.filename, member.external_attr >> 16)
+            if member.flag_bits & 0x1:
+                raise ArchiveError(f"archive member '{member.filename}' is encrypted")
+            base = collector.want(member.filename)
+            if member.is_dir() or base is None:
+                continue
+            try:
+                with archive.open(member) as reader:
+                    collector.add(base, reader)
+            except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as exc:
+                raise ArchiveError(f"archive member '{member.filename}' cannot be read: {exc}") from exc
+        return collector.result()
 
 
 def _check_mode(name: str, mode: int) -> None:
@@ -141,49 +151,28 @@ def _check_mode(name: str, mode: int) -> None:
         raise ArchiveError(f"archive member '{name}' is a device, FIFO or socket; only regular files are accepted")
 
 
-def _gunzip(data: bytes, cap: int, limit: int) -> bytes:
-    """Decompress a gzip stream, stopping as soon as the output passes `cap`."""
-    inflater = zlib.decompressobj(wbits=31)
-    out, pending = bytearray(), data
+def _read_tar(path: Path, limit: int, workdir: Path, mode: str) -> dict[str, Path]:
+    """Stream mode (`r|`, `r|gz`): one pass, no seeking, so a .tar.gz is inflated once, chunk by chunk."""
+    collector, count, declared = _Collector(limit, workdir), 0, 0
     try:
-        while pending and not inflater.eof:
-            out += inflater.decompress(pending, 1 << 20)
-            if len(out) > cap:
-                raise too_large("the archive's decompressed content", limit)
-            pending = inflater.unconsumed_tail
-        if not inflater.eof:
-            raise ArchiveError("the .tar.gz archive is truncated")
-    except zlib.error as exc:
-        raise ArchiveError(f"the .tar.gz archive is corrupt: {exc}") from exc
-    if inflater.unused_data.strip(b"\x00"):
-        raise ArchiveError("the .tar.gz archive has trailing data after its gzip stream")
-    return bytes(out)
-
-
-def _read_tar(data: bytes, limit: int) -> dict[str, bytes]:
-    try:
-        archive = tarfile.open(fileobj=io.BytesIO(data), mode="r:")
-    except tarfile.TarError as exc:
-        raise ArchiveError(f"the tar archive is corrupt: {exc}") from exc
-    collector, count, declared = _Collector(limit), 0, 0
-    try:
-        for member in archive:  # headers are parsed one at a time, so the count check stops early
-            count += 1
-            if count > MAX_MEMBERS:
-                raise ArchiveError(f"the archive has more than {MAX_MEMBERS} members")
-            _check_tar_member(member)
-            base = collector.want(member.name)
-            if member.isdir():
-                continue
-            declared += member.size
-            if declared > limit:
-                raise too_large("the archive's decompressed content", limit)
-            if base is not None:
-                reader = archive.extractfile(member)
-                assert reader is not None
-                collector.add(base, reader)
-    except tarfile.TarError as exc:
-        raise ArchiveError(f"the tar archive is corrupt: {exc}") from exc
+        with open(path, "rb") as handle, tarfile.open(fileobj=handle, mode=mode) as archive:
+            for member in archive:  # headers are parsed one at a time, so the count check stops early
+                count += 1
+                if count > MAX_MEMBERS:
+                    raise ArchiveError(f"the archive has more than {MAX_MEMBERS} members")
+                _check_tar_member(member)
+                base = collector.want(member.name)
+                if member.isdir():
+                    continue
+                declared += member.size
+                if declared > limit:
+                    raise too_large("the archive's decompressed content", limit)
+                if base is not None:
+                    reader = archive.extractfile(member)
+                    assert reader is not None
+                    collector.add(base, reader)
+    except (tarfile.TarError, zlib.error, EOFError, OSError) as exc:
+        raise ArchiveError(f"the tar archive is corrupt or truncated: {exc}") from exc
     return collector.result()
 
 

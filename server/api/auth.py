@@ -1,27 +1,50 @@
-"""Bearer-token checks: the API key on inference routes, the admin token on adapter admin routes.
+"""Bearer-token checks, made in pure ASGI middleware before a single byte of the body is read.
 
-Keys are compared in constant time (`hmac.compare_digest`) and never logged or echoed.
+FastAPI parses a JSON body before route dependencies run, so a check in a dependency
+would let an unauthenticated client make the server buffer its body. `AuthGate` looks
+only at the path and the `Authorization` header: inference routes need the API key (when
+one is configured), adapter admin routes need the admin token (403 when none is
+configured). Keys are compared in constant time (`hmac.compare_digest`) and never logged
+or echoed. A refused request is answered at once and its connection closed, body unread.
 """
 
 from __future__ import annotations
 
 import hmac
 
-from fastapi import Request
 from pydantic import SecretStr
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from server.api.errors import ApiError
+from server.api.errors import error_response
+from server.config import Settings
 
 ADMIN_DISABLED = ("Adapter admin routes are disabled: start the server with an admin token "
                   "(environment variable LORAPLEX_ADMIN_TOKEN, or --admin-token) to enable them, "
                   "then send it as 'Authorization: Bearer <token>'.")
+ADMIN_PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
+INFERENCE_PREFIX = "/v1/"
 
 
-def bearer_token(request: Request) -> str | None:
-    header = request.headers.get("authorization")
-    if not header:
+def is_admin_path(path: str) -> bool:
+    return path == "/v1/adapters" or path.startswith("/v1/adapters/") or path in ADMIN_PATHS
+
+
+def is_inference_path(path: str) -> bool:
+    return path.startswith(INFERENCE_PREFIX) and not is_admin_path(path)
+
+
+def header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return value
+    return None
+
+
+def bearer_token(scope: Scope) -> str | None:
+    raw = header(scope, b"authorization")
+    if not raw:
         return None
-    scheme, _, token = header.partition(" ")
+    scheme, _, token = raw.decode("latin-1").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         return None
     return token.strip()
@@ -30,32 +53,45 @@ def bearer_token(request: Request) -> str | None:
 def token_matches(given: str | None, expected: SecretStr) -> bool:
     if given is None:
         return False
-    return hmac.compare_digest(given.encode("utf-8"), expected.get_secret_value().encode("utf-8"))
+    return hmac.compare_digest(given.encode("utf-8", "surrogateescape"),
+                               expected.get_secret_value().encode("utf-8"))
 
 
-def _unauthorized(message: str) -> ApiError:
-    return ApiError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-
-
-async def require_api_key(request: Request) -> None:
-    """Inference routes: open when no API key is configured, else the key is required."""
-    expected = request.app.state.settings.api_key
-    if expected is None:
-        return
-    given = bearer_token(request)
+def refusal(scope: Scope, settings: Settings) -> tuple[int, str, str] | None:
+    """(status, message, code) when the request must be refused, None when it may proceed."""
+    path = scope.get("path", "")
+    if is_admin_path(path):
+        expected, what = settings.admin_token, "admin token"
+        if expected is None:
+            return 403, ADMIN_DISABLED, "admin_disabled"
+    elif is_inference_path(path):
+        expected, what = settings.api_key, "API key"
+        if expected is None:
+            return None
+    else:
+        return None
+    given = bearer_token(scope)
     if given is None:
-        raise _unauthorized("Missing API key: send it as 'Authorization: Bearer <key>'.")
+        return 401, f"Missing {what}: send it as 'Authorization: Bearer <{what.split()[-1]}>'.", "invalid_api_key"
     if not token_matches(given, expected):
-        raise _unauthorized("Incorrect API key provided.")
+        return 401, f"Incorrect {what} provided.", "invalid_api_key"
+    return None
 
 
-async def require_admin(request: Request) -> None:
-    """Adapter admin routes: disabled (403) without an admin token, else the token is required."""
-    expected = request.app.state.settings.admin_token
-    if expected is None:
-        raise ApiError(403, ADMIN_DISABLED, code="admin_disabled")
-    given = bearer_token(request)
-    if given is None:
-        raise _unauthorized("Missing admin token: send it as 'Authorization: Bearer <token>'.")
-    if not token_matches(given, expected):
-        raise _unauthorized("Incorrect admin token provided.")
+class AuthGate:
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app, self.settings = app, settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        refused = refusal(scope, self.settings)
+        if refused is None:
+            await self.app(scope, receive, send)
+            return
+        status, message, code = refused
+        headers = {"Connection": "close"}
+        if status == 401:
+            headers["WWW-Authenticate"] = "Bearer"
+        await error_response(status, message, code=code, headers=headers)(scope, receive, send)

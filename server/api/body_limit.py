@@ -1,18 +1,26 @@
-"""A cap on JSON request bodies (inference and admin JSON routes), counted as the body arrives.
+"""Request bodies: a cap on JSON bodies, counted as they arrive, and a read timeout for slow clients.
 
 Uploads (`POST /v1/adapters`) have their own, larger limit (`--max-adapter-bytes`) and
-are left to `uploads.py`. A body over the cap is answered 413 without being read further.
+are read by `uploads.py` with `read_body_chunks`. A body over the cap is answered 413
+without being read further; a client that sends nothing for `read_timeout` seconds while
+its body is incomplete is answered 408 and its connection closed, so an idle or
+byte-a-second client holds a connection for bounded time only.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.errors import error_response
 
 JSON_BODY_LIMIT = 8 * 2**20
 UPLOAD_PATHS = ("/v1/adapters",)
+CLOSE = {"Connection": "close"}
 
 
 class BodyTooLarge(HTTPException):
@@ -21,12 +29,40 @@ class BodyTooLarge(HTTPException):
     code = "body_too_large"
 
     def __init__(self, limit: int) -> None:
-        super().__init__(413, f"the request body is larger than {limit} bytes")
+        super().__init__(413, f"the request body is larger than {limit} bytes", headers=CLOSE)
+
+
+class BodyReadTimeout(HTTPException):
+    code = "request_timeout"
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(408, f"the client sent nothing for {seconds:g} s while sending its body", headers=CLOSE)
+
+
+async def receive_body_message(receive: Receive, timeout: float) -> Message:
+    """The next message of an incomplete body, or BodyReadTimeout after `timeout` seconds of silence."""
+    try:
+        return await asyncio.wait_for(receive(), timeout)
+    except asyncio.TimeoutError:
+        raise BodyReadTimeout(timeout) from None
+
+
+async def read_body_chunks(receive: Receive, timeout: float) -> AsyncIterator[bytes]:
+    """The body's chunks as they arrive, each within `timeout` seconds of the previous one."""
+    while True:
+        message = await receive_body_message(receive, timeout)
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
+        if chunk:
+            yield chunk
+        if not message.get("more_body", False):
+            return
 
 
 class BodyLimit:
-    def __init__(self, app: ASGIApp, limit: int = JSON_BODY_LIMIT) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, app: ASGIApp, limit: int = JSON_BODY_LIMIT, read_timeout: float = 30.0) -> None:
+        self.app, self.limit, self.read_timeout = app, limit, read_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or (scope["method"] == "POST" and scope["path"] in UPLOAD_PATHS):
@@ -34,15 +70,18 @@ class BodyLimit:
             return
         for key, value in scope.get("headers", ()):
             if key == b"content-length" and value.isdigit() and int(value) > self.limit:
-                await self._refuse(scope, receive, send)
+                await self._refuse(BodyTooLarge(self.limit), scope, receive, send)
                 return
-        received, started = 0, False
+        received, body_done, started = 0, False, False
 
         async def counted_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done
+            if body_done:  # after the body: waiting for a disconnect has no time limit
+                return await receive()
+            message = await receive_body_message(receive, self.read_timeout)
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
                 if received > self.limit:
                     raise BodyTooLarge(self.limit)
             return message
@@ -54,11 +93,12 @@ class BodyLimit:
 
         try:
             await self.app(scope, counted_receive, tracked_send)
-        except BodyTooLarge:
+        except (BodyTooLarge, BodyReadTimeout) as exc:
             if started:
                 raise
-            await self._refuse(scope, receive, send)
+            await self._refuse(exc, scope, receive, send)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = error_response(413, f"the request body is larger than {self.limit} bytes", code="body_too_large")
+    async def _refuse(self, exc: HTTPException, scope: Scope, receive: Receive, send: Send) -> None:
+        response = error_response(exc.status_code, str(exc.detail), code=getattr(exc, "code", None),
+                                  headers=dict(exc.headers or {}))
         await response(scope, receive, send)

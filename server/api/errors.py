@@ -18,6 +18,12 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "
                413: "invalid_request_error", 415: "invalid_request_error", 429: "rate_limit_error",
                503: "service_unavailable"}
 
+# The engine's error codes and the HTTP status each one is answered with (the engine knows no HTTP).
+ENGINE_STATUS = {"model_not_found": 404, "context_length_exceeded": 400, "invalid_request": 400,
+                 "adapter_unavailable": 409, "adapter_version_mismatch": 409, "queue_full": 429,
+                 "engine_not_ready": 503, "shutting_down": 503, "invalid_adapter": 400, "adapter_exists": 409}
+DEFAULT_RETRY_AFTER = 1
+
 
 class ApiError(Exception):
     """A request the API refuses by itself, before or without the engine."""
@@ -35,17 +41,32 @@ def error_body(status: int, message: str, code: str | None = None, param: str | 
 
 def error_response(status: int, message: str, code: str | None = None, param: str | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
+    if status == 429 and not (headers and "Retry-After" in headers):
+        headers = {**(headers or {}), **(retry_headers(429) or {})}
     return JSONResponse(error_body(status, message, code, param), status_code=status, headers=headers)
 
 
+def engine_status(exc: EngineError) -> int:
+    """The HTTP status of an engine error, from its `code` (an unknown code is a bad request, never a 500)."""
+    return ENGINE_STATUS.get(getattr(exc, "code", ""), 400)
+
+
+def retry_headers(status: int, retry_after: int | None = None) -> dict[str, str] | None:
+    """A 429 or 503 always says when to come back."""
+    if status not in (429, 503):
+        return None
+    return {"Retry-After": str(max(1, int(retry_after or DEFAULT_RETRY_AFTER)))}
+
+
 def engine_error_response(exc: EngineError) -> JSONResponse:
-    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
-    param = "model" if exc.status == 404 else None
-    return error_response(exc.status, str(exc) or exc.code, code=exc.code, param=param, headers=headers)
+    status = engine_status(exc)
+    headers = retry_headers(status, getattr(exc, "retry_after", None))
+    param = "model" if exc.code in ("model_not_found", "adapter_version_mismatch") else None
+    return error_response(status, str(exc) or exc.code, code=exc.code, param=param, headers=headers)
 
 
 def engine_error_body(exc: EngineError) -> dict:
-    return error_body(exc.status, str(exc) or exc.code, code=exc.code)
+    return error_body(engine_status(exc), str(exc) or exc.code, code=exc.code)
 
 
 TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}

@@ -2,18 +2,24 @@
 
 The path (absolute, or relative to the root) must resolve, symbolic links followed, to a
 folder under the root; the two adapter files are opened without following links
-(`O_NOFOLLOW`), must be regular files, and are read with bounded reads.
+(`O_NOFOLLOW`), must be regular files, and are copied with bounded reads into a
+temporary work folder (the engine gets a file nobody can swap under it).
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import shutil
 import stat
+import tempfile
 from pathlib import Path
+from typing import BinaryIO
 
-from server.api.archives import CONFIG_FILE, WEIGHTS_FILE, pickle_message
+from server.adapters.names import CONFIG_FILE, WEIGHTS_FILE
+from server.api.archives import COPY_CHUNK, pickle_message
 from server.api.errors import ApiError
+from server.api.uploads import MAX_CONFIG_BYTES
 
 ROOT_UNSET = ("Loading adapters from a server path is disabled: start the server with "
               "LORAPLEX_ALLOWED_ADAPTER_ROOT (or --allowed-adapter-root) set to the folder adapters may be "
@@ -42,17 +48,46 @@ def resolve_under_root(lora_path: str, root: Path | None) -> Path:
     return real
 
 
-def read_adapter_folder(lora_path: str, root: Path | None, limit: int) -> tuple[bytes, bytes]:
-    """(config bytes, weights bytes) of the adapter folder at `lora_path`."""
+def copy_adapter_folder(lora_path: str, root: Path | None, limit: int,
+                        tmp_root: Path | None = None) -> tuple[bytes, Path, Path]:
+    """(config bytes, weights copied to a temp file, the work folder holding it) of the folder at `lora_path`.
+
+    The caller removes the work folder; on failure nothing is left.
+    """
     folder = resolve_under_root(lora_path, root)
-    if not (folder / WEIGHTS_FILE).exists() and any((folder / n).exists() for n in ("adapter_model.bin",)):
+    if not (folder / WEIGHTS_FILE).exists() and (folder / "adapter_model.bin").exists():
         raise ApiError(400, pickle_message("adapter_model.bin"), code="invalid_adapter", param="lora_path")
-    config = _read_file(folder / CONFIG_FILE, limit)
-    weights = _read_file(folder / WEIGHTS_FILE, limit - len(config))
-    return config, weights
+    with _open_regular(folder / CONFIG_FILE) as handle:
+        config = _bounded_read(handle, min(limit, MAX_CONFIG_BYTES))
+    workdir = Path(tempfile.mkdtemp(prefix="loraplex-load-", dir=tmp_root))
+    try:
+        weights = workdir / WEIGHTS_FILE
+        with _open_regular(folder / WEIGHTS_FILE) as source, open(weights, "wb") as target:
+            room = limit - len(config)
+            while chunk := source.read(COPY_CHUNK):
+                room -= len(chunk)
+                if room < 0:
+                    raise _too_large()
+                target.write(chunk)
+    except BaseException:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    return config, weights, workdir
 
 
-def _read_file(path: Path, room: int) -> bytes:
+def _too_large() -> ApiError:
+    return ApiError(413, "the adapter is larger than the limit (--max-adapter-bytes)", code="adapter_too_large",
+                    param="lora_path")
+
+
+def _bounded_read(handle: BinaryIO, room: int) -> bytes:
+    data = handle.read(room + 1)
+    if len(data) > room:
+        raise _too_large()
+    return data
+
+
+def _open_regular(path: Path) -> BinaryIO:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError as exc:
@@ -64,15 +99,8 @@ def _read_file(path: Path, room: int) -> bytes:
                            param="lora_path") from exc
         raise ApiError(400, f"{path.name} cannot be opened: {exc.strerror}", code="invalid_adapter",
                        param="lora_path") from exc
-    with os.fdopen(fd, "rb") as handle:
-        info = os.fstat(handle.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise ApiError(400, f"{path.name} is not a regular file", code="invalid_adapter", param="lora_path")
-        if info.st_size > room:
-            raise ApiError(413, f"the adapter is larger than the limit (--max-adapter-bytes)",
-                           code="adapter_too_large", param="lora_path")
-        data = handle.read(room + 1)
-    if len(data) > room:
-        raise ApiError(413, "the adapter is larger than the limit (--max-adapter-bytes)",
-                       code="adapter_too_large", param="lora_path")
-    return data
+    handle = os.fdopen(fd, "rb")
+    if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+        handle.close()
+        raise ApiError(400, f"{path.name} is not a regular file", code="invalid_adapter", param="lora_path")
+    return handle

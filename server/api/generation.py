@@ -1,8 +1,10 @@
 """One HTTP request's engine requests: submitted together, consumed as one merged stream.
 
-`n` choices (times the prompts of a completion) become that many engine requests; with a
-seed, choice j of a prompt uses seed + j. Every engine request is aborted (`aclose`) as
-soon as the HTTP request ends early: client gone, error, or cancelled task.
+Each prompt (a completion may send several; a chat sends its messages) is one engine
+request with `n` choices: `await engine.submit(request)` validates, renders and tokenizes
+it once, off the event loop, and returns `n` streams (choice j seeded seed + j by the
+engine). Every stream is aborted (`aclose`) as soon as the HTTP request ends early: client
+gone, error, or cancelled task.
 """
 
 from __future__ import annotations
@@ -10,11 +12,11 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from server.api.metrics import ApiMetrics
-from server.api.schemas import INT64_MAX, Usage
+from server.api.schemas import Usage
 from server.engine.request import Delta, GenerationRequest, SamplingParams, TokenLogprob
 
 _END = object()
@@ -37,12 +39,6 @@ class Choice:
         return "".join(self.parts)
 
 
-def choice_seed(seed: int | None, j: int) -> int | None:
-    if seed is None:
-        return None
-    return seed + j if seed + j <= INT64_MAX else seed - j
-
-
 class Generation:
     def __init__(self, engine: Any, metrics: ApiMetrics, log_info: dict, model: str, request_id: str) -> None:
         self.engine, self.metrics, self.info = engine, metrics, log_info
@@ -54,20 +50,22 @@ class Generation:
         self._finished = False
         log_info["model"] = model
 
-    def submit(self, prompts: list[str], n: int, params: SamplingParams, templated: bool = False) -> None:
-        """Submit every choice; the engine validates synchronously, so errors raise here.
+    async def submit(self, prompts: list[str] | None, n: int, params: SamplingParams,
+                     messages: tuple[dict, ...] | None = None) -> None:
+        """One engine request per prompt (or one for `messages`); engine errors raise here.
 
-        `templated`: the prompts were rendered by the chat template, which adds its own special tokens.
+        Whatever was submitted before an error is aborted, so a refused request leaves nothing running.
         """
+        inputs: list[tuple[str | None, tuple[dict, ...] | None]] = (
+            [(None, messages)] if messages is not None else [(p, None) for p in prompts or []])
         try:
-            for p, prompt in enumerate(prompts):
-                for j in range(n):
-                    index = p * n + j
-                    choice_params = replace(params, seed=choice_seed(params.seed, j))
-                    rid = self.request_id if len(prompts) * n == 1 else f"{self.request_id}-{index}"
-                    request = GenerationRequest(rid, self.model, prompt, choice_params, add_special_tokens=not templated)
-                    self.streams.append(self.engine.submit(request))
-                    self.choices.append(Choice(index=index, prompt_index=p))
+            for p, (prompt, chat) in enumerate(inputs):
+                rid = self.request_id if len(inputs) == 1 else f"{self.request_id}-{p}"
+                request = GenerationRequest(rid, self.model, prompt=prompt, params=params, n=n, messages=chat)
+                streams = await self.engine.submit(request)
+                for j, stream in enumerate(streams):
+                    self.streams.append(stream)
+                    self.choices.append(Choice(index=p * n + j, prompt_index=p))
         except BaseException:
             self._abort_submitted()
             raise

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -24,7 +24,8 @@ E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.
 
 
 class ApiMetrics:
-    def __init__(self, engine: Any) -> None:
+    def __init__(self, engine_source: Callable[[], Any]) -> None:
+        """`engine_source()` is the engine now (None while the model loads), read at every scrape."""
         self.registry = CollectorRegistry()
         r = self.registry
         self.http_requests = Counter("loraplex_http_requests", "HTTP requests by route, method and status",
@@ -47,7 +48,7 @@ class ApiMetrics:
                              buckets=E2E_BUCKETS, registry=r)
         self.adapter_admin = Counter("loraplex_adapter_admin_operations", "Adapter admin operations by "
                                      "operation and outcome", ["operation", "outcome"], registry=r)
-        r.register(EngineCollector(engine))
+        r.register(EngineCollector(engine_source))
 
     def generation_started(self, model: str) -> None:
         self.requests.labels(model).inc()
@@ -81,8 +82,12 @@ class ApiMetrics:
 class EngineCollector(Collector):
     """Scrape-time gauges from `engine.stats()` and per-adapter series from `engine.list_adapters()`."""
 
-    def __init__(self, engine: Any) -> None:
-        self.engine = engine
+    def __init__(self, engine_source: Callable[[], Any]) -> None:
+        self.engine_source = engine_source
+
+    @property
+    def engine(self) -> Any:
+        return self.engine_source()
 
     def collect(self) -> Iterator[Metric]:
         yield from self._stats()

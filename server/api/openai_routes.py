@@ -1,7 +1,9 @@
 """OpenAI-compatible inference routes: `model` names an adapter or the base model.
 
 An unknown model is a 404 from the engine, never a silent fallback to the base model.
-Non-streamed requests are aborted when the client disconnects, like streamed ones.
+Non-streamed requests are aborted when the client disconnects, like streamed ones. The
+API key is checked by `auth.AuthGate` before the body is read; the prompt's length in
+characters is checked here before the engine renders or tokenizes anything.
 """
 
 from __future__ import annotations
@@ -11,28 +13,36 @@ import time
 from contextlib import suppress
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from server.api.auth import require_api_key
 from server.api.errors import ApiError
 from server.api.formatting import chat_logprobs, completion_logprobs
 from server.api.generation import Choice, Generation
 from server.api.schemas import (AssistantMessage, ChatChoice, ChatCompletionRequest,
                                 ChatCompletionResponse, CompletionChoice, CompletionRequest, CompletionResponse,
                                 ModelList, ModelObject, SamplingFields)
-from server.api.streaming import EventStreamResponse, chat_events, completion_events
-from server.engine.request import EngineError, SamplingParams
+from server.api.streaming import EventStreamResponse, chat_events, completion_events, started_deltas
+from server.engine.request import SamplingParams
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"description": "invalid field, or prompt plus max_tokens longer than the context"},
     401: {"description": "missing or wrong API key"}, 404: {"description": "unknown model"},
     409: {"description": "the adapter is registered but failed to load"},
-    429: {"description": "queue full; see Retry-After"}, 503: {"description": "engine not ready"}}
+    429: {"description": "queue full; see Retry-After"},
+    503: {"description": "engine not ready, or shutting down; see Retry-After"}}
 STREAM_DOC = {"text/event-stream": {"schema": {"type": "string", "description": "with stream=true: `data: {chunk}` "
                                                "events (object text_completion or chat.completion.chunk), an "
                                                "optional usage chunk, then `data: [DONE]`"}}}
-router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=["inference"], responses=ERRORS)
+router = APIRouter(prefix="/v1", tags=["inference"], responses=ERRORS)
+
+
+def check_prompt_chars(texts: list[str], limit: int, param: str) -> None:
+    """A cheap bound before any rendering or tokenizing: characters, summed over the request's texts."""
+    total = sum(len(t) for t in texts)
+    if total > limit:
+        raise ApiError(400, f"the {param} are {total} characters long; the limit is {limit} (--max-prompt-chars)",
+                       code="context_length_exceeded", param=param)
 
 
 def sampling_params(body: SamplingFields, default_max_tokens: int, logprobs: int | None) -> SamplingParams:
@@ -81,11 +91,14 @@ def _client_closed() -> Response:
              responses={200: {"content": STREAM_DOC}})
 async def create_completion(body: CompletionRequest, request: Request) -> Any:
     settings = request.app.state.settings
+    prompts = body.prompts()
+    check_prompt_chars(prompts, settings.max_prompt_chars, "prompt")
     gen, info, base = _generation(request, body, "cmpl")
-    gen.submit(body.prompts(), body.n, sampling_params(body, settings.max_tokens_default, body.logprobs))
+    await gen.submit(prompts, body.n, sampling_params(body, settings.max_tokens_default, body.logprobs))
     base["object"] = "text_completion"
     if body.stream:
-        events = completion_events(gen, base, body.logprobs is not None, body.include_usage())
+        deltas = await started_deltas(gen)
+        events = completion_events(gen, deltas, base, body.logprobs is not None, body.include_usage())
         return EventStreamResponse(events, gen, info)
     choices = await _run_unless_disconnected(request, gen, info)
     if choices is None:
@@ -96,27 +109,19 @@ async def create_completion(body: CompletionRequest, request: Request) -> Any:
         for c in choices])
 
 
-def _chat_prompt(engine: Any, body: ChatCompletionRequest) -> str:
-    try:
-        return engine.chat_prompt([m.as_template_message() for m in body.messages])
-    except EngineError:
-        raise
-    except Exception as exc:  # the tokenizer's template refused these messages
-        raise ApiError(400, f"the chat template cannot render these messages: {exc}", code="invalid_messages",
-                       param="messages") from exc
-
-
 @router.post("/chat/completions", response_model=ChatCompletionResponse, summary="Chat completion",
              responses={200: {"content": STREAM_DOC}})
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Any:
-    state = request.app.state
-    prompt = _chat_prompt(state.engine, body)
+    settings = request.app.state.settings
+    messages = tuple(m.as_template_message() for m in body.messages)
+    check_prompt_chars([_text(m) for m in messages], settings.max_prompt_chars, "messages")
     gen, info, base = _generation(request, body, "chatcmpl")
-    params = sampling_params(body, state.settings.chat_max_tokens_default, body.logprobs_k())
-    gen.submit([prompt], body.n, params, templated=True)
+    params = sampling_params(body, settings.chat_max_tokens_default, body.logprobs_k())
+    await gen.submit(None, body.n, params, messages=messages)
     if body.stream:
         base["object"] = "chat.completion.chunk"
-        return EventStreamResponse(chat_events(gen, base, body.logprobs, body.include_usage()), gen, info)
+        deltas = await started_deltas(gen)
+        return EventStreamResponse(chat_events(gen, deltas, base, body.logprobs, body.include_usage()), gen, info)
     choices = await _run_unless_disconnected(request, gen, info)
     if choices is None:
         return _client_closed()
@@ -126,7 +131,12 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         for c in choices])
 
 
+def _text(message: dict) -> str:
+    content = message.get("content")
+    return content if isinstance(content, str) else str(content or "")
+
+
 @router.get("/models", response_model=ModelList, summary="The base model and every registered adapter")
 async def list_models(request: Request) -> ModelList:
     cards = await asyncio.to_thread(request.app.state.engine.models)
-    return ModelList(data=[ModelObject(id=c.id, created=c.created, parent=c.parent) for c in cards])
+    return ModelList(data=[ModelObject.from_card(c) for c in cards])

@@ -226,6 +226,14 @@ class ModelObject(BaseModel):
     created: int
     owned_by: str = "loraplex"
     parent: str | None = None
+    sha256: str | None = Field(None, description="SHA-256 identity of the adapter's current weights and config "
+                               "(None for the base model); `model: \"name@<prefix>\"` pins it")
+    version: int | None = Field(None, description="the adapter's version (bumped by every overwrite)")
+
+    @classmethod
+    def from_card(cls, card: Any) -> ModelObject:
+        return cls(id=card.id, created=card.created, parent=card.parent, sha256=getattr(card, "sha256", None),
+                   version=getattr(card, "version", None))
 
 
 class ModelList(BaseModel):

@@ -19,8 +19,8 @@ from starlette.types import Receive, Scope, Send
 
 from server.api.errors import engine_error_body, error_body
 from server.api.formatting import chat_logprobs, completion_logprobs
-from server.api.generation import Generation
-from server.engine.request import EngineError
+from server.api.generation import Choice, Generation
+from server.engine.request import Delta, EngineError
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +70,36 @@ def _error_event(exc: Exception) -> str:
     return sse(error_body(500, "The server had an error while processing your request.", code="internal_error"))
 
 
-async def completion_events(gen: Generation, base: dict, want_logprobs: bool, include_usage: bool
+Deltas = AsyncIterator[tuple[Choice, Delta]]
+
+
+async def started_deltas(gen: Generation) -> Deltas:
+    """`gen`'s deltas with the first one already awaited, so an engine error before any token (an
+    adapter deleted while the request waited for its weights) becomes the response's HTTP status
+    rather than an error event in a 200 stream."""
+    deltas = gen.deltas()
+    try:
+        first = await anext(deltas)
+    except StopAsyncIteration:
+        return _chain(None, deltas)
+    return _chain(first, deltas)
+
+
+async def _chain(first: tuple[Choice, Delta] | None, rest: Deltas) -> Deltas:
+    try:
+        if first is not None:
+            yield first
+        async for item in rest:
+            yield item
+    finally:
+        await rest.aclose()
+
+
+async def completion_events(gen: Generation, deltas: Deltas, base: dict, want_logprobs: bool, include_usage: bool
                             ) -> AsyncIterator[str]:
     extra: dict[str, Any] = {"usage": None} if include_usage else {}
     try:
-        async with aclosing(gen.deltas()) as deltas:
+        async with aclosing(deltas):
             async for choice, delta in deltas:
                 logprobs = None
                 if want_logprobs:
@@ -89,13 +114,14 @@ async def completion_events(gen: Generation, base: dict, want_logprobs: bool, in
     yield sse("[DONE]")
 
 
-async def chat_events(gen: Generation, base: dict, want_logprobs: bool, include_usage: bool) -> AsyncIterator[str]:
+async def chat_events(gen: Generation, deltas: Deltas, base: dict, want_logprobs: bool, include_usage: bool
+                      ) -> AsyncIterator[str]:
     extra: dict[str, Any] = {"usage": None} if include_usage else {}
     try:
         for choice in gen.choices:  # OpenAI opens every choice with the role
             yield sse({**base, "choices": [{"index": choice.index, "delta": {"role": "assistant", "content": ""},
                                             "logprobs": None, "finish_reason": None}], **extra})
-        async with aclosing(gen.deltas()) as deltas:
+        async with aclosing(deltas):
             async for choice, delta in deltas:
                 logprobs = chat_logprobs(delta.logprobs).model_dump() if want_logprobs else None
                 content = {"content": delta.text} if delta.text or delta.finish_reason is None else {}

@@ -1,20 +1,55 @@
 """A torch-free engine that follows the engine contract, for fast tests of the HTTP layer.
 
 Its "tokens" are predictable words, so every response can be checked exactly: choice
-text is `" <model>.<seed>.<i>"` for i in range(max_tokens).
+text is `" <model>.<seed>.<i>"` for i in range(max_tokens). Like the real engine, it
+renders chat messages itself and seeds choice j of a request with seed + j.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 
-from server.engine.request import (AdapterExistsError, AdapterInfo, AdapterRejectedError, Delta, EngineNotReadyError,
-                                   GenerationRequest, PromptTooLongError, QueueFullError, TokenLogprob,
-                                   UnknownModelError)
+import server.api.generation as api_generation
+import server.engine.request as engine_request
+from server.engine.request import (AdapterExistsError, AdapterInfo, AdapterRejectedError, Delta, EngineError,
+                                   EngineNotReadyError, PromptTooLongError, QueueFullError, SamplingParams,
+                                   TokenLogprob, UnknownModelError)
 from server.engine.stream import RequestStream
+
+INT64_MAX = 2**63 - 1
+BIG_WEIGHTS = 4 << 20
+
+
+class ShuttingDownError(EngineError):
+    code = "shutting_down"
+
+
+class AdapterVersionMismatchError(EngineError):
+    code = "adapter_version_mismatch"
+
+
+ShuttingDownError = getattr(engine_request, "ShuttingDownError", ShuttingDownError)
+AdapterVersionMismatchError = getattr(engine_request, "AdapterVersionMismatchError", AdapterVersionMismatchError)
+
+if "n" in {f.name for f in fields(engine_request.GenerationRequest)}:
+    GenerationRequest = engine_request.GenerationRequest
+else:  # the engine branch has not landed here yet: the contract's request, for the API under test
+    @dataclass(frozen=True)
+    class GenerationRequest:  # type: ignore[no-redef]
+        request_id: str
+        model: str
+        prompt: str | None = None
+        params: SamplingParams = field(default_factory=SamplingParams)
+        add_special_tokens: bool = True
+        n: int = 1
+        messages: tuple[dict, ...] | None = None
+
+    api_generation.GenerationRequest = GenerationRequest  # type: ignore[misc]
 
 BASE = "base-model"
 
@@ -24,6 +59,27 @@ class Card:
     id: str
     created: int
     parent: str | None
+    sha256: str | None = None
+    version: int | None = None
+
+
+if "sha256" in {f.name for f in fields(AdapterInfo)}:
+    FakeAdapterInfo = AdapterInfo
+else:  # the contract's AdapterInfo, until the engine branch lands
+    @dataclass(frozen=True)
+    class FakeAdapterInfo(AdapterInfo):  # type: ignore[no-redef]
+        sha256: str = ""
+        generation: int = 0
+
+
+def identity(config: bytes, weights: bytes) -> str:
+    return hashlib.sha256(b"loraplex-adapter-v1\0" + len(config).to_bytes(8, "little") + config + weights).hexdigest()
+
+
+def choice_seed(seed: int | None, j: int) -> int | None:
+    if seed is None:
+        return None
+    return seed + j if seed + j <= INT64_MAX else seed - j
 
 
 @dataclass
@@ -47,56 +103,88 @@ class FakeEngine:
         self.delay, self.context = delay, context
         self.ready = True
         self.queue_full = False
-        self.adapters: dict[str, AdapterInfo] = {}
+        self.shutting_down = False
+        self.stopped = False
+        self.add_delay = 0.0
+        self.generation = 0
+        self.adapters: dict[str, FakeAdapterInfo] = {}
         self.blobs: dict[str, tuple[bytes, bytes]] = {}
         self.submitted: list[GenerationRequest] = []
         self.aborted: list[str] = []
         self.finished: list[str] = []
         self.running: set[str] = set()
+        self.weights_paths: list[Path] = []
         for name in adapters:
-            self.add_adapter(name, json.dumps({"r": 4, "lora_alpha": 8}).encode(), b"weights")
+            self._register(name, json.dumps({"r": 4, "lora_alpha": 8}).encode(), b"weights", False)
 
     # inference
     def models(self) -> list[Card]:
-        return [Card(BASE, 0, None)] + [Card(a.name, a.created, BASE) for a in self.adapters.values()]
+        return [Card(BASE, 0, None)] + [Card(a.name, a.created, BASE, a.sha256, a.version)
+                                        for a in self.adapters.values()]
 
     def max_context(self) -> int:
         return self.context
 
-    def chat_prompt(self, messages: list[dict]) -> str:
+    def render(self, messages: tuple[dict, ...]) -> str:
         if messages[-1]["role"] == "assistant" and messages[-1]["content"] == "boom":
-            raise ValueError("template refuses 'boom'")
+            raise EngineError("the chat template cannot render these messages: template refuses 'boom'")
         return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
 
-    def submit(self, request: GenerationRequest) -> RequestStream:
+    def begin_shutdown(self) -> None:
+        self.shutting_down = True
+
+    def stop(self) -> None:
+        self.stopped = True
+
+    def num_active(self) -> int:
+        return len(self.running)
+
+    def _check_model(self, model: str) -> str:
+        name, _, pin = model.partition("@")
+        if name != BASE and name not in self.adapters:
+            raise UnknownModelError(f"The model '{model}' does not exist")
+        if pin and (name == BASE or not self.adapters[name].sha256.startswith(pin.lower())):
+            raise AdapterVersionMismatchError(f"the current version of '{name}' is not {pin}")
+        return name
+
+    async def submit(self, request: GenerationRequest) -> list[RequestStream]:
+        if self.shutting_down:
+            raise ShuttingDownError("the server is shutting down")
         if not self.ready:
             raise EngineNotReadyError("the engine is still loading")
-        if request.model != BASE and request.model not in self.adapters:
-            raise UnknownModelError(f"The model '{request.model}' does not exist")
-        prompt_tokens = len(request.prompt.split())
+        model = self._check_model(request.model)
+        if (request.prompt is None) == (request.messages is None):
+            raise EngineError("give exactly one of prompt and messages")
+        prompt = self.render(request.messages) if request.messages is not None else request.prompt
+        prompt_tokens = len(prompt.split())
         if prompt_tokens + request.params.max_tokens > self.context:
             raise PromptTooLongError(f"prompt ({prompt_tokens} tokens) plus max_tokens "
                                      f"({request.params.max_tokens}) exceeds the context of {self.context} tokens")
         if self.queue_full:
             raise QueueFullError("the queue is full, retry later")
         self.submitted.append(request)
-        stream = RequestStream(request.request_id, self._abort)
-        self.running.add(request.request_id)
-        asyncio.get_running_loop().create_task(self._produce(request, stream, prompt_tokens))
-        return stream
+        streams = []
+        for j in range(request.n):
+            rid = request.request_id if request.n == 1 else f"{request.request_id}.{j}"
+            params = replace(request.params, seed=choice_seed(request.params.seed, j))
+            stream = RequestStream(rid, self._abort)
+            self.running.add(rid)
+            asyncio.get_running_loop().create_task(self._produce(rid, model, params, stream, prompt_tokens))
+            streams.append(stream)
+        return streams
 
     def _abort(self, request_id: str) -> None:
         if request_id in self.running:
             self.running.discard(request_id)
             self.aborted.append(request_id)
 
-    async def _produce(self, request: GenerationRequest, stream: RequestStream, prompt_tokens: int) -> None:
-        params = request.params
-        tokens = fake_tokens(request.model, params.seed, params.max_tokens)
+    async def _produce(self, rid: str, model: str, params: SamplingParams, stream: RequestStream,
+                       prompt_tokens: int) -> None:
+        tokens = fake_tokens(model, params.seed, params.max_tokens)
         for i, token in enumerate(tokens):
             if self.delay:
                 await asyncio.sleep(self.delay)
-            if request.request_id not in self.running:
+            if rid not in self.running:
                 return
             logprobs = ()
             if params.logprobs is not None:
@@ -104,11 +192,25 @@ class FakeEngine:
                 logprobs = (TokenLogprob(token, -0.5, top),)
             last = i == len(tokens) - 1
             stream.put(Delta(token, logprobs, "length" if last else None, prompt_tokens, i + 1))
-        self.running.discard(request.request_id)
-        self.finished.append(request.request_id)
+        self.running.discard(rid)
+        self.finished.append(rid)
 
     # adapter admin
-    def add_adapter(self, name: str, config_bytes: bytes, weights_bytes: bytes, overwrite: bool = False) -> AdapterInfo:
+    def add_adapter(self, name: str, config_bytes: bytes, weights_path: Path, overwrite: bool = False) -> AdapterInfo:
+        """The contract's signature: the weights arrive as a file the caller deletes afterwards."""
+        if self.add_delay:
+            time.sleep(self.add_delay)
+        path = Path(weights_path)
+        self.weights_paths.append(path)
+        if path.stat().st_size > BIG_WEIGHTS:  # big uploads (memory tests): keep a digest, never the bytes
+            digest = hashlib.sha256()
+            with open(path, "rb") as handle:
+                while chunk := handle.read(1 << 20):
+                    digest.update(chunk)
+            return self._register(name, config_bytes, b"sha256:" + digest.hexdigest().encode(), overwrite)
+        return self._register(name, config_bytes, path.read_bytes(), overwrite)
+
+    def _register(self, name: str, config_bytes: bytes, weights_bytes: bytes, overwrite: bool) -> FakeAdapterInfo:
         try:
             config = json.loads(config_bytes)
         except ValueError as exc:
@@ -118,10 +220,12 @@ class FakeEngine:
         old = self.adapters.get(name)
         if old is not None and not overwrite:
             raise AdapterExistsError(f"adapter '{name}' exists; send overwrite=true to replace it")
-        info = AdapterInfo(name=name, version=old.version + 1 if old else 1, status="ready", error=None, tier="disk",
-                           rank=config.get("r", 4), alpha=float(config.get("lora_alpha", 8)),
-                           target_modules=("q_proj", "v_proj"), size_bytes=len(weights_bytes),
-                           created=int(time.time()))
+        self.generation += 1
+        info = FakeAdapterInfo(name=name, version=old.version + 1 if old else 1, status="ready", error=None,
+                               tier="disk", rank=config.get("r", 4), alpha=float(config.get("lora_alpha", 8)),
+                               target_modules=("q_proj", "v_proj"), size_bytes=len(weights_bytes),
+                               created=int(time.time()), sha256=identity(config_bytes, weights_bytes),
+                               generation=self.generation)
         self.adapters[name] = info
         self.blobs[name] = (config_bytes, weights_bytes)
         return info

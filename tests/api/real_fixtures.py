@@ -7,6 +7,7 @@ store: what it generates (greedy) is what the server must send back over HTTP.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import json
 import shutil
@@ -18,6 +19,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from server.adapters.names import CONFIG_FILE, WEIGHTS_FILE
 from server.config import Settings
 from server.engine.engine import Engine
 from server.engine.request import GenerationRequest, SamplingParams
@@ -42,6 +44,11 @@ def fresh_base():
 
 def save_adapter(base_model: torch.nn.Module, folder: Path, seed: int, **lora) -> Path:
     return save_peft_adapter(base_model, folder, seed, scale_b=0.3, **lora)
+
+
+def identity_hash(config: bytes, weights: bytes) -> str:
+    """The contract's adapter identity over the exact stored bytes."""
+    return hashlib.sha256(b"loraplex-adapter-v1\0" + len(config).to_bytes(8, "little") + config + weights).hexdigest()
 
 
 def adapter_files(folder: Path) -> tuple[bytes, bytes]:
@@ -82,18 +89,18 @@ class Oracle:
         self.engine.start()
 
     def add(self, name: str, folder: Path) -> None:
-        self.engine.add_adapter(name, *adapter_files(folder))
+        self.engine.add_adapter(name, (folder / CONFIG_FILE).read_bytes(), folder / WEIGHTS_FILE, False)
 
-    def chat_prompt(self, messages: list[dict]) -> str:
-        return self.engine.chat_prompt(messages)
+    def greedy(self, items: list[tuple[str, str | list[dict], int]]) -> list[str]:
+        """(model, prompt or chat messages, max_tokens) -> text, all generated in one batch."""
+        def request(model: str, prompt: str | list[dict], tokens: int) -> GenerationRequest:
+            params = SamplingParams(max_tokens=tokens, temperature=0.0)
+            if isinstance(prompt, str):
+                return GenerationRequest(uuid.uuid4().hex, model, prompt, params)
+            return GenerationRequest(uuid.uuid4().hex, model, None, params, messages=tuple(prompt))
 
-    def greedy(self, items: list[tuple[str, str, int, bool]]) -> list[str]:
-        """(model, prompt, max_tokens, templated) -> text, all generated in one batch."""
         async def run() -> list[str]:
-            streams = [self.engine.submit(GenerationRequest(uuid.uuid4().hex, model, prompt,
-                                                            SamplingParams(max_tokens=n, temperature=0.0),
-                                                            add_special_tokens=not templated))
-                       for model, prompt, n, templated in items]
+            streams = [(await self.engine.submit(request(*item)))[0] for item in items]
             return [(await s.collect()).text for s in streams]
         return asyncio.run(run())
 

@@ -46,7 +46,8 @@ def test_max_completion_tokens_wins_and_defaults_apply(client, engine):
     engine.context = 1000
     client.post("/v1/chat/completions", json={"model": BASE, "messages": [{"role": "user", "content": "hi"}]})
     assert engine.submitted[-1].params.max_tokens == 512
-    assert engine.submitted[-1].add_special_tokens is False and engine.submitted[-2].add_special_tokens is True
+    assert engine.submitted[-1].messages == ({"role": "user", "content": "hi"},)
+    assert engine.submitted[-2].messages is None and engine.submitted[-2].prompt == "x"
 
 
 def test_n_choices_use_consecutive_seeds(client, engine):
@@ -54,8 +55,9 @@ def test_n_choices_use_consecutive_seeds(client, engine):
                                                 "max_tokens": 2}).json()
     texts = [c["text"] for c in sorted(body["choices"], key=lambda c: c["index"])]
     assert texts == ["".join(fake_tokens("beta", s, 2)) for s in (7, 8, 7, 8)]
-    assert [r.params.seed for r in engine.submitted] == [7, 8, 7, 8]
-    assert len({r.request_id for r in engine.submitted}) == 4
+    # One engine request per prompt, n choices each; the engine seeds choice j with seed + j.
+    assert [(r.prompt, r.n, r.params.seed) for r in engine.submitted] == [("p q", 2, 7), ("r", 2, 7)]
+    assert len({r.request_id for r in engine.submitted}) == 2
     assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 8, "total_tokens": 11}
 
 
@@ -64,7 +66,9 @@ def test_chat_uses_the_template_and_openai_shape(client, engine):
         "model": "alpha", "max_tokens": 2, "messages": [
             {"role": "developer", "content": "be brief"},
             {"role": "user", "content": [{"type": "text", "text": "hel"}, {"type": "text", "text": "lo"}]}]}).json()
-    assert engine.submitted[-1].prompt == "<system>be brief<user>hello<assistant>"
+    # The messages go to the engine, which renders the template itself.
+    assert engine.submitted[-1].messages == ({"role": "system", "content": "be brief"},
+                                             {"role": "user", "content": "hello"})
     assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
     assert body["choices"][0]["message"] == {"role": "assistant", "content": "".join(fake_tokens("alpha", None, 2))}
     assert body["choices"][0]["finish_reason"] == "length"

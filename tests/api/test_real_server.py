@@ -16,7 +16,8 @@ from openai import APIStatusError, AsyncOpenAI, AuthenticationError, NotFoundErr
 
 from tests.api.archive_builders import make_tar, tar_member
 from tests.api.real_fixtures import (ADAPTERS, ADMIN, BASE_NAME, KEY, MAX_ADAPTER_BYTES, Oracle, adapter_files,
-                                     edited_config, edited_weights, fresh_base, save_adapter, store_snapshot, zipped)
+                                     edited_config, edited_weights, fresh_base, identity_hash, save_adapter,
+                                     store_snapshot, zipped)
 from tests.conftest import TEST_CACHE
 from tests.e2e.server_process import running_server
 
@@ -65,9 +66,7 @@ def sync_client(world: World) -> OpenAI:
 
 
 def expected_texts(world: World, models: list[str], tokens: int = TOKENS) -> tuple[dict, dict]:
-    chat_prompt = world.oracle.chat_prompt(MESSAGES)
-    texts = world.oracle.greedy([(m, PROMPT, tokens, False) for m in models] +
-                                [(m, chat_prompt, tokens, True) for m in models])
+    texts = world.oracle.greedy([(m, PROMPT, tokens) for m in models] + [(m, MESSAGES, tokens) for m in models])
     return dict(zip(models, texts[:len(models)])), dict(zip(models, texts[len(models):]))
 
 
@@ -170,6 +169,23 @@ def test_admin_auth_refuses(world, token):
     assert response.status_code == 401 and not (world.store / "sneaky").exists()
 
 
+def test_identity_is_shown_and_pinnable(world):
+    """`sha256` is the contract's hash of the exact bytes; `name@prefix` serves only that version."""
+    expected = identity_hash(*adapter_files(world.store / "alpha"))
+    info = httpx.get(f"{world.url}/v1/adapters/alpha", headers=ADMIN_HEADERS).json()
+    assert info["sha256"] == expected and info["generation"] >= 1
+    models = {m["id"]: m for m in httpx.get(f"{world.url}/v1/models", headers=KEY_HEADERS).json()["data"]}
+    assert models["alpha"]["sha256"] == expected and models[BASE_NAME]["sha256"] is None
+    body = {"prompt": PROMPT, "max_tokens": 2, "temperature": 0}
+    pinned = httpx.post(f"{world.url}/v1/completions", headers=KEY_HEADERS, timeout=60,
+                        json={**body, "model": f"alpha@{expected[:12]}"})
+    assert pinned.status_code == 200, pinned.text
+    other = "0" * 8 if not expected.startswith("0" * 8) else "f" * 8
+    stale = httpx.post(f"{world.url}/v1/completions", headers=KEY_HEADERS, timeout=60,
+                       json={**body, "model": f"alpha@{other}"})
+    assert stale.status_code == 409 and stale.json()["error"]["code"] == "adapter_version_mismatch"
+
+
 def test_admin_listing_with_right_token(world):
     data = httpx.get(f"{world.url}/v1/adapters", headers=ADMIN_HEADERS).json()["data"]
     alpha = next(a for a in data if a["id"] == "alpha")
@@ -265,9 +281,9 @@ def test_upload_while_20_streams_run_on_other_adapters(world):
     prompts = [f"{PROMPT} (list {i})" for i in range(5)]
     jobs = [(models[i % 4], prompts[i % 5]) for i in range(20)]
     tokens = 16
-    expected = world.oracle.greedy([(m, p, tokens, False) for m, p in jobs])
+    expected = world.oracle.greedy([(m, p, tokens) for m, p in jobs])
     world.oracle.add("delta", world.uploads / "delta")
-    delta_expected = world.oracle.greedy([("delta", PROMPT, TOKENS, False)])[0]
+    delta_expected = world.oracle.greedy([("delta", PROMPT, TOKENS)])[0]
 
     async def stream(client, model, prompt, started: asyncio.Event, counter: list) -> tuple[str, float]:
         text = ""
@@ -306,7 +322,7 @@ def test_upload_while_20_streams_run_on_other_adapters(world):
 
 def test_vllm_load_and_unload_aliases(world):
     world.oracle.add("epsilon", world.root / "epsilon")
-    expected = world.oracle.greedy([("epsilon", PROMPT, TOKENS, False)])[0]
+    expected = world.oracle.greedy([("epsilon", PROMPT, TOKENS)])[0]
     outside = httpx.post(f"{world.url}/v1/load_lora_adapter", headers=ADMIN_HEADERS,
                          json={"lora_name": "x", "lora_path": str(world.uploads / "delta")})
     assert outside.status_code == 403

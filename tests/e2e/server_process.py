@@ -22,6 +22,13 @@ def free_port() -> int:
 @contextmanager
 def running_server(*flags: str, env: dict[str, str] | None = None, timeout: float = 180.0):
     """Yields the base URL of a server started with `flags`; stops it afterwards."""
+    with server_process(*flags, env=env, timeout=timeout) as (_, url, _):
+        yield url
+
+
+@contextmanager
+def server_process(*flags: str, env: dict[str, str] | None = None, timeout: float = 180.0):
+    """Yields (process, base URL, log file) of a ready server; stops it afterwards if still running."""
     port = free_port()
     cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *flags]
     log = Path(os.environ.get("TMPDIR", "/tmp")) / f"loraplex-{port}.log"
@@ -30,22 +37,25 @@ def running_server(*flags: str, env: dict[str, str] | None = None, timeout: floa
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_healthy(url, proc, timeout, log)
-        yield url
+        yield proc, url, log
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def wait_until_healthy(url: str, proc: subprocess.Popen, timeout: float, log: Path) -> None:
+    """Until `/ready` is 200: the server listens at once (`/health`) and loads the model behind it."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
         try:
-            if httpx.get(f"{url}/health", timeout=1.0).status_code == 200:
+            if httpx.get(f"{url}/ready", timeout=1.0).status_code == 200:
                 return
         except httpx.TransportError:
             pass
