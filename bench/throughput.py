@@ -1,161 +1,228 @@
-"""Throughput of one workload through four systems, side by side in one process and one run.
+"""Throughput of several workloads through four systems, side by side in one process and one run.
 
-    python bench/throughput.py            # 32 requests, prompts 16-256 tokens, 16-256 new tokens
-    python bench/throughput.py --requests 64 --adapters 32
-    python bench/throughput.py --quick    # 16 requests, shorter: a smoke run
+    python bench/throughput.py                   # every workload below, full size
+    python bench/throughput.py --workloads 64x32 # one of them
+    python bench/throughput.py --quick           # small sizes: a smoke run (about 2 minutes)
 
-Systems: the loraplex engine with every request on the base model; the engine with the
-requests spread over N distinct rank-16 all-linear adapters; transformers `generate` on the
-base model in static batches; PEFT mixed-adapter `generate(adapter_names=...)` in static
-batches. Every request generates exactly its `max_tokens` (EOS ignored everywhere), greedy.
-Output tokens per second = requested new tokens / wall time.
+Workloads (prompts 16-256 tokens, 16-256 new tokens unless said otherwise):
+  64x32        64 requests over 32 distinct rank-16 all-linear adapters (the headline)
+  32x32        32 requests over 32 adapters
+  64x32-equal  64 requests over 32 adapters, every request 256 prompt + 256 new tokens
+  64x32-ranks  64 requests over 32 all-linear adapters of ranks 8, 16, 32, 64 in one batch
+
+Systems: the loraplex engine with every request on the base model; the engine with the requests
+spread over the adapters; transformers `generate` on the base model in static batches; PEFT
+mixed-adapter `generate(adapter_names=...)` in static batches. Every request generates exactly
+its `max_tokens` (EOS ignored everywhere), greedy. Output tokens per second = new tokens / wall time.
+
+Next to each ratio: the bytes a full decode step reads (base weights, and the A and B of every
+distinct adapter in the batch), this machine's copy bandwidth measured in this run, the step time
+those bytes set as a floor, and the ratio that memory traffic alone allows.
+Writes bench/results/throughput.md and throughput.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import copy
-import random
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.common import (RESULTS, Workload, base_step_bytes, copy_bandwidth, latency_summary,  # noqa: E402
+                          lora_bytes, make_workload, run_burst, start_engine, write_json)
+from server.adapters.layout import BaseLayout  # noqa: E402
 from server.config import Settings  # noqa: E402
-from server.engine.engine import Engine  # noqa: E402
-from server.engine.request import GenerationRequest, SamplingParams  # noqa: E402
 from server.models import load_base_model  # noqa: E402
-
-Workload = list[tuple[str, int]]  # (prompt text, max_tokens)
-
-
-def make_workload(tokenizer, n: int, prompt_range: tuple[int, int], new_range: tuple[int, int], seed: int) -> Workload:
-    rng = random.Random(seed)
-    words = [w for w in (tokenizer.decode([i]) for i in range(1000, 20000)) if w.strip().isalpha()]
-    work = []
-    for _ in range(n):
-        length = rng.randint(*prompt_range)
-        text = "".join(rng.choice(words) for _ in range(length))
-        ids = tokenizer(text)["input_ids"][:length]  # exactly `length` tokens
-        work.append((tokenizer.decode(ids), rng.randint(*new_range)))
-    return work
+from tests.peft_adapters import save_adapter  # noqa: E402
 
 
-def make_adapters(base, folder: Path, count: int) -> list[str]:
-    from peft import LoraConfig, get_peft_model
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    requests: int
+    adapters: int
+    ranks: tuple[int, ...]   # adapter i has rank ranks[i % len(ranks)]
+    equal: bool = False
 
+    @property
+    def adapter_set(self) -> str:
+        return "r" + "-".join(map(str, self.ranks))
+
+
+def specs(quick: bool) -> list[Spec]:
+    n, a = (8, 4) if quick else (64, 32)
+    return [Spec(f"{n}x{a}", n, a, (16,)), Spec(f"{n // 2}x{a}", n // 2, a, (16,)),
+            Spec(f"{n}x{a}-equal", n, a, (16,), equal=True), Spec(f"{n}x{a}-ranks", n, a, (8, 16, 32, 64))]
+
+
+def make_adapters(base, folder: Path, spec: Spec) -> list[str]:
+    """Real PEFT adapters (tests/peft_adapters.py), rank-cycled, all-linear; returns their names."""
     names = []
-    for i in range(count):
-        torch.manual_seed(i)
-        model = get_peft_model(copy.deepcopy(base), LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
-                                                               init_lora_weights=False))
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if "lora_B" in name:
-                    param.mul_(0.05)
-        model.save_pretrained(folder / f"bench-{i}")
-        names.append(f"bench-{i}")
+    for i in range(spec.adapters):
+        rank = spec.ranks[i % len(spec.ranks)]
+        name = f"{spec.adapter_set}-{i}"
+        save_adapter(base, folder / name, seed=i, scale_b=0.05, r=rank, lora_alpha=2 * rank,
+                     target_modules="all-linear")
+        names.append(name)
     return names
 
 
-def run_engine(settings: Settings, work: Workload, models: list[str]) -> float:
-    engine = Engine(load_base_model(settings), settings)
-    engine.load_store()
-    engine.start()
-
-    async def burst(items: Workload) -> None:
-        requests = [GenerationRequest(f"r{i}-{len(items)}", models[i % len(models)], prompt,
-                                      SamplingParams(max_tokens=new, temperature=0, ignore_eos=True))
-                    for i, (prompt, new) in enumerate(items)]
-        results = await asyncio.gather(*(engine.generate(r) for r in requests))
-        assert [r.completion_tokens for r in results] == [new for _, new in items]
-
+def run_engine(settings: Settings, work: Workload, models: list[str]) -> dict:
+    """Warm every model once (slots, KV pages), then time the whole workload as one burst."""
+    engine = start_engine(settings)
     try:
-        asyncio.run(burst(work[:2]))  # warm-up: first-touch of the slot buffers and KV cache pages
-        start = time.perf_counter()
-        asyncio.run(burst(work))
-        return time.perf_counter() - start
+        warm = [(work[0][0][:40], 2)] * len(set(models))
+        asyncio.run(run_burst(engine, warm, sorted(set(models)), "warm"))
+        seconds, timings = asyncio.run(run_burst(engine, work, models, "run"))
+        return {"seconds": seconds, **latency_summary(timings)}
     finally:
         engine.stop()
 
 
 @torch.inference_mode()
-def run_static(model, tokenizer, work: Workload, batch: int, adapter_names: list[str] | None) -> float:
+def run_static(model, tokenizer, work: Workload, batch: int, adapter_names: list[str] | None) -> dict:
     tokenizer.padding_side = "left"
     start = time.perf_counter()
     for b in range(0, len(work), batch):
         chunk = work[b: b + batch]
         enc = tokenizer([p for p, _ in chunk], return_tensors="pt", padding=True)
         new = max(n for _, n in chunk)
-        extra = {} if adapter_names is None else {"adapter_names": [adapter_names[(b + i) % len(adapter_names)]
-                                                                    for i in range(len(chunk))]}
+        extra = {} if adapter_names is None else {"adapter_names": adapter_names[b: b + len(chunk)]}
         model.generate(**enc, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                        pad_token_id=tokenizer.pad_token_id, **extra)
-    return time.perf_counter() - start
+    return {"seconds": time.perf_counter() - start}
+
+
+def timed(label: str, run) -> dict:
+    print(f"running: {label} ...", file=sys.stderr, flush=True)
+    result = run()
+    print(f"  {result['seconds']:.1f} s", file=sys.stderr, flush=True)
+    return result
+
+
+def traffic(spec: Spec, layout: BaseLayout, base_bytes: int, bandwidth: float) -> dict:
+    """Bytes one decode step reads with every request of `spec` running, and the floor they set."""
+    active = min(spec.adapters, spec.requests)
+    lora = sum(lora_bytes(layout, spec.ranks[i % len(spec.ranks)]) for i in range(active))
+    return {"base_mb": base_bytes / 1e6, "lora_mb": lora / 1e6, "bandwidth_gbs": bandwidth / 1e9,
+            "base_floor_ms": 1e3 * base_bytes / bandwidth, "lora_floor_ms": 1e3 * (base_bytes + lora) / bandwidth,
+            "bound": base_bytes / (base_bytes + lora)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=32)
-    parser.add_argument("--adapters", type=int, default=32)
+    parser.add_argument("--workloads", nargs="*", help="names to run (default: all)")
     parser.add_argument("--batch", type=int, default=16, help="static batch size of the transformers/PEFT peers")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="16 requests, prompts 16-64, 16-64 new tokens")
+    parser.add_argument("--quick", action="store_true", help="8 requests over 4 adapters, 8-24 tokens")
     parser.add_argument("--cache-dir", type=Path, default=Settings().cache_dir)
     args = parser.parse_args()
-    prompt_range, new_range = ((16, 64), (16, 64)) if args.quick else ((16, 256), (16, 256))
-    requests = 16 if args.quick else args.requests
+    prompt_range, new_range = ((8, 24), (8, 24)) if args.quick else ((16, 256), (16, 256))
+    todo = [s for s in specs(args.quick) if not args.workloads or s.name in args.workloads]
 
-    settings = Settings(cache_dir=args.cache_dir, device="cpu", max_lora_rank=16, max_loras=args.adapters,
-                        max_running=requests)
+    settings = Settings(cache_dir=args.cache_dir, device="cpu")
     base = load_base_model(settings)
-    work = make_workload(base.tokenizer, requests, prompt_range, new_range, args.seed)
-    tokens = sum(n for _, n in work)
+    layout = BaseLayout.from_model(base.model)
+    bandwidth = copy_bandwidth()
+    base_bytes = base_step_bytes(base.model)
+    works = {(s.requests, s.equal): make_workload(base.tokenizer, s.requests, prompt_range, new_range, args.seed,
+                                                  s.equal) for s in todo}
+    rows: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        store = Path(tmp)
-        names = make_adapters(base.model, store, args.adapters)
-        settings = settings.model_copy(update={"adapters_dir": store})
-        times: dict[str, float] = {}
-        timed(times, "engine, base model only", lambda: run_engine(settings, work, [base.name]))
-        timed(times, f"engine, {args.adapters} adapters", lambda: run_engine(settings, work, names))
-        timed(times, "transformers generate, base",
-              lambda: run_static(base.model, base.tokenizer, work, args.batch, None))
+        stores, names = {}, {}
+        for spec in todo:
+            if spec.adapter_set not in stores:
+                stores[spec.adapter_set] = Path(tmp) / spec.adapter_set
+                names[spec.adapter_set] = make_adapters(base.model, stores[spec.adapter_set], spec)
+        base_runs: dict[tuple, dict] = {}
+        for spec in todo:
+            key = (spec.requests, spec.equal)
+            work = works[key]
+            cfg = settings.model_copy(update={"adapters_dir": stores[spec.adapter_set], "max_loras": spec.adapters,
+                                              "max_lora_rank": max(spec.ranks), "max_running": spec.requests,
+                                              "max_cpu_loras": spec.adapters})
+            if key not in base_runs:
+                base_runs[key] = {"first": spec.name,
+                                  "engine": timed(f"{spec.name}: engine, base only",
+                                                  lambda: run_engine(cfg, work, [base.name] * len(work))),
+                                  "generate": timed(f"{spec.name}: transformers generate",
+                                                    lambda: run_static(base.model, base.tokenizer, work, args.batch,
+                                                                       None))}
+            models = [names[spec.adapter_set][i % spec.adapters] for i in range(len(work))]
+            multi = timed(f"{spec.name}: engine, {spec.adapters} adapters", lambda: run_engine(cfg, work, models))
+            rows[spec.name] = {"spec": spec.__dict__, "tokens": sum(n for _, n in work),
+                               "engine_base": base_runs[key]["engine"], "engine_multi": multi,
+                               "generate": base_runs[key]["generate"], "models": models,
+                               "base_runs_of": base_runs[key]["first"],
+                               "traffic": traffic(spec, layout, base_bytes, bandwidth)}
+        # PEFT last: it wraps base.model in place, which would change the `generate` runs above.
         from peft import PeftModel
 
-        peft = PeftModel.from_pretrained(base.model, store / names[0], adapter_name=names[0])
-        for name in names[1:]:
-            peft.load_adapter(store / name, adapter_name=name)
-        timed(times, f"PEFT mixed batch, {args.adapters} adapters",
-              lambda: run_static(peft, base.tokenizer, work, args.batch, names))
-    print_table(times, tokens, requests, prompt_range, new_range, args)
+        peft = None
+        for spec in todo:
+            store, set_names = stores[spec.adapter_set], names[spec.adapter_set]
+            for name in set_names:
+                if peft is None:
+                    peft = PeftModel.from_pretrained(base.model, store / name, adapter_name=name)
+                elif name not in peft.peft_config:
+                    peft.load_adapter(store / name, adapter_name=name)
+            work = works[(spec.requests, spec.equal)]
+            rows[spec.name]["peft"] = timed(f"{spec.name}: PEFT mixed batch",
+                                            lambda: run_static(peft, base.tokenizer, work, args.batch,
+                                                               rows[spec.name]["models"]))
+    for row in rows.values():
+        row.pop("models")
+        for system in ("engine_base", "engine_multi", "generate", "peft"):
+            row[system]["tok_s"] = row["tokens"] / row[system]["seconds"]
+    meta = {"threads": torch.get_num_threads(), "batch": args.batch, "prompt_range": prompt_range,
+            "new_range": new_range, "quick": args.quick, "model": base.name}
+    text = render(rows, meta)
+    print(text)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "throughput.md").write_text(text)
+    write_json("throughput.json", {"meta": meta, "workloads": rows})
 
 
-def timed(times: dict[str, float], name: str, run) -> None:
-    print(f"running: {name} ...", file=sys.stderr, flush=True)
-    times[name] = run()
-    print(f"  {times[name]:.1f} s", file=sys.stderr, flush=True)
-
-
-def print_table(times: dict[str, float], tokens: int, requests: int, prompt_range, new_range, args) -> None:
-    rate = {k: tokens / t for k, t in times.items()}
-    base_engine, multi, hf, peft = rate.values()
-    print(f"\n{requests} requests, prompts {prompt_range[0]}-{prompt_range[1]} tokens, "
-          f"{new_range[0]}-{new_range[1]} new tokens ({tokens} in all), greedy, {torch.get_num_threads()} threads, "
-          f"peers in static batches of {args.batch}\n")
-    print("| system | output tok/s | seconds |")
-    print("| --- | ---: | ---: |")
-    for name, value in rate.items():
-        print(f"| {name} | {value:.1f} | {times[name]:.1f} |")
-    print("\n| ratio | measured | target |")
-    print("| --- | ---: | ---: |")
-    print(f"| multi-adapter engine / base-only engine | {multi / base_engine:.2f} | >= 0.90 |")
-    print(f"| multi-adapter engine / PEFT mixed batch | {multi / peft:.2f} | >= 3.0 |")
-    print(f"| base-only engine / transformers generate | {base_engine / hf:.2f} | >= 1.5 |")
+def render(rows: dict[str, dict], meta: dict) -> str:
+    """Markdown: one table of rates, one of ratios with the memory-traffic floor beside them."""
+    pr, nr = meta["prompt_range"], meta["new_range"]
+    out = [f"# Throughput ({meta['model']}, CPU, {meta['threads']} threads{', quick' if meta['quick'] else ''})\n",
+           f"Prompts {pr[0]}-{pr[1]} tokens, {nr[0]}-{nr[1]} new tokens (\"equal\": every request {pr[1]} + "
+           f"{nr[1]}), greedy, EOS ignored; peers in static batches of {meta['batch']}.\n",
+           "| workload | system | output tok/s | seconds | ITL p50 ms |", "| --- | --- | ---: | ---: | ---: |"]
+    labels = {"engine_base": "engine, base only", "engine_multi": "engine, adapters",
+              "generate": "transformers generate", "peft": "PEFT mixed batch"}
+    for name, row in rows.items():
+        for key, label in labels.items():
+            run = row[key]
+            itl = f"{run['itl_p50_ms']:.1f}" if "itl_p50_ms" in run else ""
+            same = row["base_runs_of"] != name and key in ("engine_base", "generate")
+            label += f" (the {row['base_runs_of']} run: same requests)" if same else ""
+            out.append(f"| {name} | {label} | {run['tok_s']:.1f} | {run['seconds']:.1f} | {itl} |")
+    any_row = next(iter(rows.values()))
+    out += ["", f"Memory traffic: copy bandwidth {any_row['traffic']['bandwidth_gbs']:.1f} GB/s (a 512 MiB "
+            "tensor copy in this run, read + write); a decode step reads the base weights once and the A and B "
+            "of every distinct adapter in the batch.\n",
+            "| workload | ratio | measured | target | base MB/step | LoRA MB/step | floor ms/step (base / +LoRA) "
+            "| traffic bound |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, row in rows.items():
+        r, t = {k: row[k]["tok_s"] for k in labels}, row["traffic"]
+        floor = f"{t['base_floor_ms']:.1f} / {t['lora_floor_ms']:.1f}"
+        bytes_cols = f"{t['base_mb']:.0f} | {t['lora_mb']:.0f} | {floor}"
+        out.append(f"| {name} | adapters / base-only engine | {r['engine_multi'] / r['engine_base']:.2f} | >= 0.90 "
+                   f"| {bytes_cols} | {t['bound']:.2f} |")
+        out.append(f"| {name} | adapters engine / PEFT mixed batch | {r['engine_multi'] / r['peft']:.2f} | >= 3.0 "
+                   f"| {bytes_cols} | - |")
+        out.append(f"| {name} | base-only engine / generate | {r['engine_base'] / r['generate']:.2f} | >= 1.5 "
+                   f"| {t['base_mb']:.0f} | 0 | {t['base_floor_ms']:.1f} | - |")
+    return "\n".join(out) + "\n"
 
 
 if __name__ == "__main__":

@@ -1,0 +1,196 @@
+"""Throughput and latency against the number of registered adapters, and hot-load latency.
+
+    python bench/scaling.py                 # 1, 10, 100, 1000 adapters; Zipf and uniform; 64 requests each
+    python bench/scaling.py --quick         # 1, 10, 100 adapters, 8 requests: a smoke run
+
+Adapters: ranks 8 and 16 alternating, target sets cycling over q/v, attention, MLP and all-linear,
+written straight as safetensors (float16, slices of one random pool), so a thousand cost seconds.
+Every count gets its own store (hard links) and a fresh engine with `--max-loras` device slots
+and `--max-cpu-loras` parsed adapters in CPU memory, both well below the larger counts, so the
+tiers really swap. Requests are drawn with a fixed seed, Zipf(s) over a seeded permutation of the
+adapters, and uniformly, from the same prompts; both run on one engine per count (Zipf first).
+
+Per count and distribution: output tokens/s, TTFT and inter-token latency p50/p99, and the
+throughput ratio to the 1-adapter run (target: 1000 adapters >= 0.85 of 1).
+
+Hot loads (on the largest count's engine, nothing else running): TTFT of the first request for
+an adapter that is only on disk, minus TTFT of the next request for the same, now resident,
+adapter; p50 and p99 over `--hot-loads` adapters.
+Writes bench/results/scaling.md and scaling.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import (RESULTS, TARGET_SETS, latency_summary, make_workload, percentile, request,  # noqa: E402
+                          run_burst, start_engine, stream_one, write_json, write_random_adapter)
+from server.adapters.layout import BaseLayout  # noqa: E402
+from server.config import Settings  # noqa: E402
+from server.engine.engine import Engine  # noqa: E402
+from server.models import load_base_model  # noqa: E402
+
+TARGET_CYCLE = ("qv", "attn", "qv", "mlp", "qv", "all", "qv", "attn")
+
+
+def write_adapters(root: Path, layout: BaseLayout, count: int) -> list[str]:
+    """`count` cheap adapters under root/all; ranks 8/16 alternate, target sets follow TARGET_CYCLE."""
+    pool = torch.randn(8 * 2**20, generator=torch.Generator().manual_seed(0))
+    names = []
+    start = time.perf_counter()
+    for i in range(count):
+        name = f"s{i:04d}"
+        write_random_adapter(root / "all" / name, layout, rank=8 if i % 2 else 16,
+                             targets=TARGET_SETS[TARGET_CYCLE[i % len(TARGET_CYCLE)]], seed=i,
+                             dtype=torch.float16, pool=pool)
+        names.append(name)
+    print(f"wrote {count} adapters in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+    return names
+
+
+def store_of(root: Path, names: list[str]) -> Path:
+    """A store folder holding exactly `names`, hard-linked from root/all (no bytes copied)."""
+    store = root / f"n{len(names)}"
+    for name in names:
+        (store / name).mkdir(parents=True)
+        for file in (root / "all" / name).iterdir():
+            os.link(file, store / name / file.name)
+    return store
+
+
+def draw(names: list[str], n: int, dist: str, s: float, seed: int) -> list[str]:
+    """`n` adapter names: uniform, or Zipf(s) over a seeded permutation (rank k has weight 1 / k^s)."""
+    rng = random.Random(seed)
+    if dist == "uniform":
+        return [rng.choice(names) for _ in range(n)]
+    order = names[:]
+    rng.shuffle(order)
+    weights = [1 / (k + 1) ** s for k in range(len(order))]
+    return rng.choices(order, weights=weights, k=n)
+
+
+def run_count(engine: Engine, work, models: list[str], tag: str) -> dict:
+    seconds, timings = asyncio.run(run_burst(engine, work, models, tag))
+    tokens = sum(n for _, n in work)
+    return {"seconds": seconds, "tok_s": tokens / seconds, "distinct": len(set(models)), **latency_summary(timings)}
+
+
+def hot_loads(engine: Engine, names: list[str], used: set[str], trials: int, prompt: str) -> dict:
+    """TTFT for disk-only adapters minus TTFT for the same adapter once resident, engine otherwise idle."""
+    registry = engine.registry
+    cold_names = [n for n in names if n not in used and not registry.in_cpu(registry.get(n))][:trials]
+    cold, warm = [], []
+
+    async def first_token(name: str, tag: str) -> float:
+        timing = await stream_one(engine, request(tag, name, prompt, 1))
+        return timing.ttft
+
+    for i, name in enumerate(cold_names):
+        cold.append(asyncio.run(first_token(name, f"cold-{i}")))
+        warm.append(asyncio.run(first_token(name, f"warm-{i}")))
+    diff = [c - w for c, w in zip(cold, warm)]
+    ms = lambda xs, q: 1e3 * percentile(xs, q)  # noqa: E731
+    return {"trials": len(diff), "cold_p50_ms": ms(cold, 50), "cold_p99_ms": ms(cold, 99),
+            "resident_p50_ms": ms(warm, 50), "resident_p99_ms": ms(warm, 99),
+            "extra_p50_ms": ms(diff, 50), "extra_p99_ms": ms(diff, 99)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--counts", type=int, nargs="*", default=[1, 10, 100, 1000])
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--max-loras", type=int, default=8, help="device slots")
+    parser.add_argument("--max-cpu-loras", type=int, default=32, help="parsed adapters in CPU memory")
+    parser.add_argument("--max-running", type=int, default=32)
+    parser.add_argument("--zipf-s", type=float, default=1.0)
+    parser.add_argument("--dists", nargs="*", default=["zipf", "uniform"])
+    parser.add_argument("--hot-loads", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="1, 10, 100 adapters, 8 requests of 8-16 tokens")
+    parser.add_argument("--cache-dir", type=Path, default=Settings().cache_dir)
+    args = parser.parse_args()
+    prompt_range, new_range = ((8, 16), (8, 16)) if args.quick else ((16, 128), (16, 128))
+    if args.quick:
+        args.counts, args.requests, args.max_loras, args.max_cpu_loras, args.hot_loads = [1, 10, 100], 8, 4, 8, 5
+
+    settings = Settings(cache_dir=args.cache_dir, device="cpu", max_loras=args.max_loras,
+                        max_cpu_loras=args.max_cpu_loras, max_running=args.max_running, max_lora_rank=16)
+    base = load_base_model(settings)
+    layout = BaseLayout.from_model(base.model)
+    work = make_workload(base.tokenizer, args.requests, prompt_range, new_range, args.seed)
+    runs: dict[str, dict[int, dict]] = {d: {} for d in args.dists}
+    hot: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        everyone = write_adapters(root, layout, max(args.counts))
+        for count in sorted(args.counts):
+            names = everyone[:count]
+            cfg = settings.model_copy(update={"adapters_dir": store_of(root, names)})
+            start = time.perf_counter()
+            engine = start_engine(cfg)
+            print(f"{count} adapters: engine ready in {time.perf_counter() - start:.1f} s", file=sys.stderr,
+                  flush=True)
+            try:
+                asyncio.run(run_burst(engine, [(work[0][0], 2)] * 2, [base.name] * 2, "warm"))
+                used: set[str] = set()
+                for dist in args.dists:
+                    models = draw(names, len(work), dist, args.zipf_s, args.seed)
+                    used.update(models)
+                    runs[dist][count] = run_count(engine, work, models, f"{dist}-{count}")
+                    print(f"  {dist}: {runs[dist][count]['tok_s']:.1f} tok/s", file=sys.stderr, flush=True)
+                if count == max(args.counts) and args.hot_loads:
+                    hot = {"count": count, **hot_loads(engine, names, used, args.hot_loads, work[0][0])}
+            finally:
+                engine.stop()
+    for dist, by_count in runs.items():
+        one = by_count.get(min(by_count))
+        for row in by_count.values():
+            row["ratio"] = row["tok_s"] / one["tok_s"]
+    meta = {"threads": torch.get_num_threads(), "requests": args.requests, "max_loras": args.max_loras,
+            "max_cpu_loras": args.max_cpu_loras, "max_running": args.max_running, "zipf_s": args.zipf_s,
+            "prompt_range": prompt_range, "new_range": new_range, "quick": args.quick, "model": base.name}
+    text = render(runs, hot, meta)
+    print(text)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "scaling.md").write_text(text)
+    write_json("scaling.json", {"meta": meta, "runs": {d: {str(c): r for c, r in v.items()} for d, v in runs.items()},
+                                "hot_load": hot})
+
+
+def render(runs: dict[str, dict[int, dict]], hot: dict, meta: dict) -> str:
+    pr, nr = meta["prompt_range"], meta["new_range"]
+    out = [f"# Scaling with the number of adapters ({meta['model']}, CPU, {meta['threads']} threads"
+           f"{', quick' if meta['quick'] else ''})\n",
+           f"{meta['requests']} requests at once (at most {meta['max_running']} running), prompts {pr[0]}-{pr[1]} "
+           f"tokens, {nr[0]}-{nr[1]} new tokens, greedy; {meta['max_loras']} device slots, {meta['max_cpu_loras']} "
+           f"adapters in the CPU tier; ranks 8/16, mixed target sets; Zipf s={meta['zipf_s']}.\n",
+           "| requests drawn | adapters | distinct in run | output tok/s | ratio to 1 | TTFT p50 ms | TTFT p99 ms "
+           "| ITL p50 ms | ITL p99 ms |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for dist, by_count in runs.items():
+        for count, r in sorted(by_count.items()):
+            out.append(f"| {dist} | {count} | {r['distinct']} | {r['tok_s']:.1f} | {r['ratio']:.2f} "
+                       f"| {r['ttft_p50_ms']:.0f} | {r['ttft_p99_ms']:.0f} | {r['itl_p50_ms']:.1f} "
+                       f"| {r['itl_p99_ms']:.1f} |")
+    out.append("\nTarget: 1000 adapters >= 0.85 of 1 adapter.\n")
+    if hot:
+        out += [f"Hot loads ({hot['trials']} adapters that were only on disk, {hot['count']} registered, engine "
+                "otherwise idle, 1 new token):\n", "| | p50 ms | p99 ms |", "| --- | ---: | ---: |",
+                f"| TTFT, disk-only adapter | {hot['cold_p50_ms']:.1f} | {hot['cold_p99_ms']:.1f} |",
+                f"| TTFT, same adapter resident | {hot['resident_p50_ms']:.1f} | {hot['resident_p99_ms']:.1f} |",
+                f"| hot-load cost (difference) | {hot['extra_p50_ms']:.1f} | {hot['extra_p99_ms']:.1f} |"]
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""One engine step in isolation: a decode step of the real runner over the default model, timed
+with and without adapters, and profiled (torch profiler) to show where its time goes.
+
+    python bench/step.py                       # 64 decoding sequences, 32 rank-16 all-linear adapters
+    python bench/step.py --seqs 32 --adapters 32 --context 200 --profile
+
+No engine thread, scheduler or sampler: `ModelRunner.step` on hand-made sequences whose KV
+blocks are allocated but hold zeros (attention reads them all the same).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from server.adapters.layout import BaseLayout  # noqa: E402
+from server.adapters.peft_format import LoraModuleWeights, ParsedAdapter  # noqa: E402
+from server.config import Settings  # noqa: E402
+from server.engine.attention import use_paged_attention  # noqa: E402
+from server.engine.kv_cache import KVCache  # noqa: E402
+from server.engine.runner import ModelRunner  # noqa: E402
+from server.engine.scheduler import ScheduledSeq  # noqa: E402
+from server.lora.model import LoraModel  # noqa: E402
+from server.models import load_base_model  # noqa: E402
+
+
+def random_adapter(layout: BaseLayout, rank: int, seed: int, targets: set[str] | None = None) -> ParsedAdapter:
+    """A parsed adapter with random weights on `targets` (suffixes like 'q_proj'; None = all linear)."""
+    gen = torch.Generator().manual_seed(seed)
+    modules = {}
+    for name, (fan_in, fan_out) in layout.linear.items():
+        if targets is not None and name.rpartition(".")[2] not in targets:
+            continue
+        modules[name] = LoraModuleWeights(a=torch.randn(rank, fan_in, generator=gen) / fan_in ** 0.5,
+                                          b=torch.randn(fan_out, rank, generator=gen) * 0.01, scale=2.0)
+    return ParsedAdapter(rank=rank, alpha=2.0 * rank, target_modules=tuple(sorted(modules)), modules=modules,
+                         config={}, size_bytes=sum(4 * (w.a.numel() + w.b.numel()) for w in modules.values()))
+
+
+class DecodeRig:
+    """A runner, its KV cache and `seqs` decoding sequences of `context` tokens each."""
+
+    def __init__(self, base, seqs: int, adapters: int, context: int, rank: int = 16) -> None:
+        model = base.model
+        layout = BaseLayout.from_model(model)
+        self.lora = LoraModel(model, layout, max(adapters, 1), rank)
+        use_paged_attention(model)
+        block = 16
+        self.kv = KVCache.from_token_budget(model.config, seqs * (context + block), block)
+        self.runner = ModelRunner(self.lora, self.kv)
+        for slot in range(adapters):
+            self.lora.write_slot(slot, random_adapter(layout, rank, slot))
+        self.context = context
+        self.seqs = []
+        for i in range(seqs):
+            blocks = self.kv.allocator.allocate(self.kv.blocks_for(context))
+            self.seqs.append(SimpleNamespace(token_ids=[(7 * i + j) % 1000 + 10 for j in range(context)],
+                                             num_computed=context - 1, blocks=blocks, slot=-1))
+        self.set_adapters(adapters)
+
+    def set_adapters(self, count: int) -> None:
+        """Spread the sequences round-robin over `count` slots (0 = base model only)."""
+        for i, seq in enumerate(self.seqs):
+            seq.slot = i % count if count else -1
+
+    def step(self) -> float:
+        for seq in self.seqs:
+            seq.num_computed = self.context - 1
+        plan = [ScheduledSeq(seq, 1, True) for seq in self.seqs]
+        start = time.perf_counter()
+        self.runner.step(plan)
+        return time.perf_counter() - start
+
+
+def interleaved(rig: DecodeRig, variants: dict[str, int], repeats: int) -> dict[str, float]:
+    """Median step seconds per variant (name -> adapter count), variants interleaved A/B/A/B."""
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(repeats):
+        for name, count in variants.items():
+            rig.set_adapters(count)
+            times[name].append(rig.step())
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def profile(rig: DecodeRig, count: int, steps: int = 3, rows: int = 18) -> str:
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    rig.set_adapters(count)
+    rig.step()
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            rig.step()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seqs", type=int, default=64)
+    parser.add_argument("--adapters", type=int, default=32)
+    parser.add_argument("--context", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    base = load_base_model(Settings(device="cpu"))
+    rig = DecodeRig(base, args.seqs, args.adapters, args.context)
+    rig.step()
+    medians = interleaved(rig, {"base": 0, f"{args.adapters} adapters": args.adapters}, args.repeats)
+    for name, seconds in medians.items():
+        print(f"{name}: {seconds * 1e3:.1f} ms/step")
+    print(f"ratio base/LoRA step time: {medians['base'] / medians[f'{args.adapters} adapters']:.3f}")
+    if args.profile:
+        for count in (0, args.adapters):
+            print(f"\n=== profile, {count} adapters ===\n{profile(rig, count)}")
+
+
+if __name__ == "__main__":
+    main()
