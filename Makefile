@@ -20,7 +20,7 @@ serve: $(STAMP)
 	$(BIN)/loraplex serve $(ARGS)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q --durations=15 $(ARGS)
 
 # Build the Docker image and run it for real (docker run and docker-compose); SKIPs without a Docker engine.
 HADOLINT_VERSION ?= 2.15.1

@@ -43,6 +43,8 @@ class Settings(BaseSettings):
     # Limits checked before any expensive work, and the HTTP server's own limits (uvicorn).
     max_prompt_chars: int = Field(1_000_000, ge=1, description="longest prompt (or all messages' text) in characters")
     max_concurrent_uploads: int = Field(2, ge=1, description="adapter uploads at once; more get 429 + Retry-After")
+    background_niceness: int = Field(10, ge=0, le=19, description="how many nice levels below inference "
+                                     "uploads, adapter validation, store writes and long prompts' tokenizing run")
     upload_read_timeout: float = Field(30.0, gt=0, description="seconds an upload may send nothing before it is "
                                        "dropped (408)")
     body_read_timeout: float = Field(30.0, gt=0, description="same for JSON request bodies")
@@ -51,7 +53,8 @@ class Settings(BaseSettings):
     keep_alive_timeout: int = Field(5, ge=1, description="seconds an idle keep-alive connection stays open")
     limit_concurrency: int | None = Field(1024, ge=1, description="open connections + tasks beyond which new "
                                           "requests get 503 from uvicorn; None = unbounded")
-    max_header_bytes: int = Field(64 * 1024, ge=1024, description="h11: largest request line + headers (bytes)")
+    max_header_bytes: int = Field(64 * 1024, ge=1024, description="largest request line + headers "
+                                  "(bytes); more gets 431")
     shutdown_grace: float = Field(30.0, ge=0, description="seconds after SIGTERM for running requests and uploads "
                                   "to finish before the server exits")
 

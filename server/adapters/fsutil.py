@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 
@@ -10,6 +11,13 @@ def write_synced(path: Path, data: bytes) -> None:
     with open(path, "wb") as handle:
         handle.write(data)
         handle.flush()
+        os.fsync(handle.fileno())
+
+
+def copy_synced(source: Path, path: Path) -> None:
+    """Copy a file (in the kernel where it can: the GIL is free meanwhile) and make it durable."""
+    shutil.copyfile(source, path)
+    with open(path, "rb") as handle:
         os.fsync(handle.fileno())
 
 

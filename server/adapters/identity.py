@@ -8,6 +8,7 @@ caches adapter data (device slots, the CPU tier, loads in flight) is keyed by `A
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,20 +33,18 @@ def adapter_sha256(config_bytes: bytes, weights_bytes: bytes) -> str:
     return digest.hexdigest()
 
 
-def read_hashed(config_bytes: bytes, weights_path: Path, max_bytes: int) -> tuple[bytes, str]:
-    """Read a weights file of at most `max_bytes` in chunks, hashing as it goes; returns (bytes, sha256)."""
+def file_sha256(config_bytes: bytes, weights_path: Path, max_bytes: int | None = None) -> str:
+    """`adapter_sha256` of a weights file (of at most `max_bytes`), read in chunks: the GIL is free meanwhile."""
     digest = _start(config_bytes)
-    data = bytearray()
     try:
         with open(weights_path, "rb") as handle:
+            if max_bytes is not None and os.fstat(handle.fileno()).st_size > max_bytes:
+                raise AdapterFormatError(f"the adapter weights exceed this server's limit of {max_bytes} bytes")
             while chunk := handle.read(_CHUNK):
-                if len(data) + len(chunk) > max_bytes:
-                    raise AdapterFormatError(f"the adapter weights exceed this server's limit of {max_bytes} bytes")
                 digest.update(chunk)
-                data += chunk
     except OSError as exc:
         raise AdapterFormatError(f"cannot read the adapter weights: {exc.strerror}") from None
-    return bytes(data), digest.hexdigest()
+    return digest.hexdigest()
 
 
 def _start(config_bytes: bytes):

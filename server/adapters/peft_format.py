@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from safetensors.torch import load as load_safetensors  # safetensors only: never torch.load or pickle
+from safetensors.torch import load_file as load_safetensors_file
 import torch
 
 from .layout import BaseLayout
@@ -69,18 +70,21 @@ def load_peft_adapter(folder: Path, layout: BaseLayout, max_rank: int) -> Parsed
         if (folder / PICKLE_NAME).exists():
             raise AdapterFormatError(f"the adapter has {PICKLE_NAME} but no {WEIGHTS_NAME}: {_PICKLE_REFUSED}")
         raise AdapterFormatError(f"the adapter folder has no {WEIGHTS_NAME}")
-    return parse_peft_adapter(_read(config_path), _read(weights_path), layout, max_rank)
+    return parse_peft_adapter(_read(config_path), weights_path, layout, max_rank)
 
 
-def parse_peft_adapter(config_bytes: bytes, weights_bytes: bytes, layout: BaseLayout, max_rank: int) -> ParsedAdapter:
+def parse_peft_adapter(config_bytes: bytes, weights: bytes | Path, layout: BaseLayout,
+                       max_rank: int) -> ParsedAdapter:
     """Validate an adapter against the base layout and return its weights as float32.
 
+    `weights` is the safetensors file's bytes or its path; a path is memory-mapped, so a large
+    file is never copied whole into Python memory (which holds the GIL and stalls other threads).
     Cheap config checks run before the tensors are decoded, so a bad upload fails fast.
     """
     config = parse_config(config_bytes)
     plans = plan_modules(config, layout)
     _check_rank_limit(plans, max_rank)
-    pairs = _pair_tensors(_read_tensors(weights_bytes), layout)
+    pairs = _pair_tensors(_read_tensors(weights), layout)
     _check_same_modules(plans, pairs)
     modules = {name: _module_weights(name, plans[name], pairs[name], layout) for name in sorted(plans)}
     return ParsedAdapter(
@@ -89,7 +93,7 @@ def parse_peft_adapter(config_bytes: bytes, weights_bytes: bytes, layout: BaseLa
         target_modules=tuple(modules),
         modules=modules,
         config=config,
-        size_bytes=len(weights_bytes),
+        size_bytes=len(weights) if isinstance(weights, bytes) else _file_size(weights),
     )
 
 
@@ -114,17 +118,37 @@ def _check_rank_limit(plans: dict[str, ModulePlan], max_rank: int) -> None:
         )
 
 
-def _read_tensors(data: bytes) -> dict[str, torch.Tensor]:
+def _file_size(path: Path) -> int:
     try:
+        return path.stat().st_size
+    except OSError as exc:
+        raise AdapterFormatError(f"cannot read {path.name}: {exc.strerror}") from None
+
+
+def _head(weights: bytes | Path) -> bytes:
+    if isinstance(weights, bytes):
+        return weights[:4]
+    try:
+        with open(weights, "rb") as handle:
+            return handle.read(4)
+    except OSError:
+        return b""
+
+
+def _read_tensors(weights: bytes | Path) -> dict[str, torch.Tensor]:
+    """The file's tensors (views of `weights` or of its memory map: `_checked` copies what it keeps)."""
+    try:
+        if isinstance(weights, Path):
+            return load_safetensors_file(weights)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.frombuffer on read-only bytes
-            return load_safetensors(data)
+            return load_safetensors(weights)
     except BaseException as exc:
         # safetensors raises its own error types on bad input, and a Rust panic surfaces as
         # pyo3's PanicException, which derives from BaseException: all of them mean "bad file".
         if not isinstance(exc, Exception) and type(exc).__name__ != "PanicException":
             raise
-        if looks_like_pickle(data[:4]):
+        if looks_like_pickle(_head(weights)):
             raise AdapterFormatError(f"the weights look like a torch.save/pickle file: {_PICKLE_REFUSED}") from None
         raise AdapterFormatError(
             f"{WEIGHTS_NAME} is not a valid safetensors file (truncated or corrupt?): {str(exc)[:200]}"

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from collections.abc import Callable
 from pathlib import Path
 
-from server.adapters.identity import AdapterKey, adapter_sha256, read_hashed
+from server.adapters.identity import AdapterKey, adapter_sha256, file_sha256
 from server.adapters.layout import BaseLayout
 from server.adapters.names import CONFIG_FILE, WEIGHTS_FILE, AdapterNameError, check_adapter_name
 from server.adapters.peft_format import AdapterFormatError, ParsedAdapter, load_peft_adapter, parse_peft_adapter
@@ -101,16 +101,18 @@ class AdapterRegistry:
         with self._name_lock(name):
             self._check_free(name, overwrite)
             adapter = load_peft_adapter(folder, self.layout, self.max_rank)
-            sha = adapter_sha256(_read(folder / CONFIG_FILE), _read(folder / WEIGHTS_FILE))
+            sha = file_sha256(_read(folder / CONFIG_FILE), folder / WEIGHTS_FILE)
             issued = self.state.known(name, sha) or self.state.issue(name, sha)
             return self._insert(name, folder, adapter, sha, issued.generation, issued.version)
 
     def add_file(self, name: str, config_bytes: bytes, weights_path: Path, overwrite: bool = False) -> AdapterRecord:
-        """Register an upload whose weights are a file; hashes while reading, never keeps the path."""
+        """Register an upload whose weights are a file (the caller's private copy, unchanged until this
+        returns): hashed in chunks and memory-mapped, never read whole into memory; copied into the store."""
         self.check_name(name)
         self._check_free(name, overwrite)
-        weights, sha = read_hashed(config_bytes, Path(weights_path), self.max_bytes)
-        return self._add(name, config_bytes, weights, sha, overwrite)
+        weights_path = Path(weights_path)
+        return self._add(name, config_bytes, weights_path, file_sha256(config_bytes, weights_path, self.max_bytes),
+                         overwrite)
 
     def add(self, name: str, config_bytes: bytes, weights_bytes: bytes, overwrite: bool = False) -> AdapterRecord:
         """Validate uploaded bytes in full, then write them to the store atomically and register."""
@@ -193,7 +195,7 @@ class AdapterRegistry:
 
     # Internals --------------------------------------------------------------------------------
 
-    def _add(self, name: str, config: bytes, weights: bytes, sha: str, overwrite: bool) -> AdapterRecord:
+    def _add(self, name: str, config: bytes, weights: bytes | Path, sha: str, overwrite: bool) -> AdapterRecord:
         adapter = parse_peft_adapter(config, weights, self.layout, self.max_rank)
         with self._name_lock(name):  # one writer per name; the registry lock is free meanwhile
             self._check_free(name, overwrite)
@@ -204,12 +206,15 @@ class AdapterRegistry:
     def _load(self, record: AdapterRecord) -> None:
         """Background parse; the result is cached only if the bytes read are still this version's."""
         try:
-            config, weights = _read(record.folder / CONFIG_FILE), _read(record.folder / WEIGHTS_FILE)
-            if adapter_sha256(config, weights) != record.sha256:
+            config, weights = _read(record.folder / CONFIG_FILE), record.folder / WEIGHTS_FILE
+            hashed = _file_id(weights)
+            if file_sha256(config, weights) != record.sha256:
                 if record.deleted:
                     raise _Superseded
                 raise AdapterFormatError("the stored files changed since registration (sha256 mismatch)")
             adapter = parse_peft_adapter(config, weights, self.layout, self.max_rank)
+            if _file_id(weights) != hashed:  # an overwrite renamed another file in between
+                raise _Superseded
         except _Superseded:
             with self._lock:
                 record.status = READY
@@ -274,6 +279,15 @@ class AdapterRegistry:
 
 class _Superseded(Exception):
     """The store's bytes for a name are not the version being loaded."""
+
+
+def _file_id(path: Path) -> tuple[int, int, int, int]:
+    """Which file `path` names now: a rename in of another file changes it."""
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise AdapterFormatError(f"cannot read {path.name}: {exc.strerror}") from None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _read(path: Path) -> bytes:

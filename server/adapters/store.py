@@ -19,7 +19,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from server.adapters.fsutil import fsync_dir, write_synced
+from server.adapters.fsutil import copy_synced, fsync_dir, write_synced
 from server.adapters.names import CONFIG_FILE, WEIGHTS_FILE
 
 log = logging.getLogger(__name__)
@@ -69,14 +69,17 @@ class AdapterStore:
             log.warning("adapter store recovery: %s", action)
         return actions
 
-    def write(self, name: str, config_bytes: bytes, weights_bytes: bytes) -> Path:
-        """Atomically create or replace adapter `name`; returns its folder."""
+    def write(self, name: str, config_bytes: bytes, weights: bytes | Path) -> Path:
+        """Atomically create or replace adapter `name` (weights as bytes, or a file to copy); returns its folder."""
         self.root.mkdir(parents=True, exist_ok=True)
         temp = Path(tempfile.mkdtemp(prefix=f"{_TMP}{name}-", dir=self.root))
         aside: Path | None = None
         try:
             write_synced(temp / CONFIG_FILE, config_bytes)
-            write_synced(temp / WEIGHTS_FILE, weights_bytes)
+            if isinstance(weights, Path):
+                copy_synced(weights, temp / WEIGHTS_FILE)
+            else:
+                write_synced(temp / WEIGHTS_FILE, weights)
             fsync_dir(temp)
             fsync_dir(self.root)  # the temp folder's own entry
             target = self.folder(name)

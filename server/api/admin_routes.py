@@ -4,7 +4,8 @@ Every route needs the admin token. Uploads are parsed and bounded here (`uploads
 `archives.py`) and streamed to temporary files; the engine then validates the adapter
 against the base model and writes it to the store atomically, and the temporary files are
 removed whatever happened. At most `--max-concurrent-uploads` run at once (429 beyond).
-Engine calls run in a worker thread, so streams in flight keep flowing meanwhile. The
+Engine calls run on the low-priority admin pool (`background.py`), so streams in flight keep
+flowing meanwhile. The
 admin token is checked by `auth.AuthGate` before any of this runs.
 """
 
@@ -38,7 +39,7 @@ router = APIRouter(prefix="/v1", tags=["adapters"], responses=ERRORS)
 async def _engine_call(request: Request, operation: str, func: Callable[..., Any], *args: Any) -> Any:
     metrics = request.app.state.metrics
     try:
-        result = await asyncio.to_thread(func, *args)
+        result = await request.app.state.background.run(func, *args)
     except EngineError as exc:
         metrics.adapter_admin.labels(operation, str(engine_status(exc))).inc()
         raise
@@ -70,8 +71,8 @@ async def upload_adapter(request: Request) -> AdapterObject:
             code="too_many_uploads", headers={"Retry-After": str(UPLOAD_RETRY_AFTER), "Connection": "close"}))
     try:
         try:
-            upload = await read_upload(request, settings.max_adapter_bytes, engine.base_name,
-                                       settings.upload_read_timeout, settings.upload_tmp_dir)
+            upload = await read_upload(request, request.app.state.background, settings.max_adapter_bytes,
+                                       engine.base_name, settings.upload_read_timeout, settings.upload_tmp_dir)
         except ApiError as exc:
             raise _counted(request, "upload", exc) from None
         return await _register(request, upload, "upload")
@@ -93,7 +94,7 @@ async def _register(request: Request, upload: Upload, operation: str) -> Adapter
         info = await asyncio.shield(call)
     finally:
         if call.done():
-            await asyncio.to_thread(upload.cleanup)
+            await request.app.state.background.run(upload.cleanup)
         else:
             call.add_done_callback(lambda _: upload.cleanup())
     log.info("adapter %s version %s registered (%d bytes)", info.name, info.version, info.size_bytes)
@@ -137,7 +138,7 @@ async def load_lora_adapter(body: LoadLoraRequest, request: Request) -> PlainTex
     engine, settings = request.app.state.engine, request.app.state.settings
     try:
         name = validate_name(body.lora_name, engine.base_name, param="lora_name")
-        config, weights, workdir = await asyncio.to_thread(
+        config, weights, workdir = await request.app.state.background.run(
             copy_adapter_folder, body.lora_path, settings.allowed_adapter_root, settings.max_adapter_bytes,
             settings.upload_tmp_dir)
     except ApiError as exc:
@@ -146,7 +147,7 @@ async def load_lora_adapter(body: LoadLoraRequest, request: Request) -> PlainTex
     try:
         check_safetensors(weights, WEIGHTS_FILE)
     except ApiError as exc:
-        await asyncio.to_thread(upload.cleanup)
+        await request.app.state.background.run(upload.cleanup)
         raise _counted(request, "load", exc) from None
     await _register(request, upload, "load")
     return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")

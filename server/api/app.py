@@ -12,6 +12,7 @@ from server import __version__
 from server.api.access_log import AccessLog
 from server.api.admin_routes import router as admin_router
 from server.api.auth import AuthGate
+from server.api.background import BackgroundPool
 from server.api.body_limit import BodyLimit
 from server.api.errors import error_response, install_error_handlers
 from server.api.lifecycle import AdmissionGate, Lifecycle
@@ -49,6 +50,7 @@ def create_app(engine: Any, settings: Settings | None = None) -> FastAPI:
     app.state.engine, app.state.settings = engine, settings
     app.state.lifecycle = Lifecycle()
     app.state.upload_slots = UploadSlots(settings.max_concurrent_uploads)
+    app.state.background = BackgroundPool(settings.max_concurrent_uploads + 2, settings.background_niceness)
     app.state.metrics = metrics = ApiMetrics(lambda: app.state.engine)
     install_error_handlers(app)
     app.include_router(openai_router)

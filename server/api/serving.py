@@ -23,6 +23,7 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
+from server.api.http_protocol import bounded_protocol
 from server.config import Settings
 
 log = logging.getLogger(__name__)
@@ -47,11 +48,11 @@ def bind(host: str, port: int) -> socket.socket:
 
 def uvicorn_config(app: FastAPI, settings: Settings, grace: float) -> uvicorn.Config:
     # access_log off: the API logs one line per request itself (server.api.access), without keys or prompts.
-    # http="h11": the header limit below is h11's (httptools, when installed, would ignore it).
-    return uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info", access_log=False, http="h11",
+    # httptools (C) with a head-size bound of our own: see http_protocol.py.
+    return uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info", access_log=False,
+                          http=bounded_protocol(settings.max_header_bytes),
                           timeout_keep_alive=settings.keep_alive_timeout,
                           limit_concurrency=settings.limit_concurrency,
-                          h11_max_incomplete_event_size=settings.max_header_bytes,
                           timeout_graceful_shutdown=max(1, int(grace) + 1))
 
 

@@ -13,7 +13,6 @@ unpickled. The caller owns the work folder and removes it whatever happens (`Upl
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from starlette.requests import ClientDisconnect, Request
 
 from server.adapters.names import CONFIG_FILE, WEIGHTS_FILE, AdapterNameError, check_adapter_name
 from server.api.archives import PICKLE_SUFFIXES, pickle_message, read_archive
+from server.api.background import BackgroundPool
 from server.api.body_limit import BodyReadTimeout, read_body_chunks
 from server.api.errors import ApiError
 
@@ -38,6 +38,7 @@ MAX_PART_HEADER_BYTES = 8 * 1024
 MAX_CONFIG_BYTES = 1 << 20        # a PEFT config is a few hundred bytes
 MULTIPART_SLACK = 64 * 1024       # boundaries, part headers and the small fields
 DRAIN_LIMIT = 1 << 20             # read (and drop) at most this much of a refused body, so clients see the answer
+PARSE_BATCH_BYTES = 1 << 20       # body chunks (~64 KiB each) handed to the parser thread together
 
 
 @dataclass
@@ -220,9 +221,11 @@ def check_content_type(request: Request) -> bytes:
     return options[b"boundary"]
 
 
-async def read_upload(request: Request, limit: int, base_name: str, read_timeout: float,
+async def read_upload(request: Request, pool: BackgroundPool, limit: int, base_name: str, read_timeout: float,
                       tmp_root: Path | None = None) -> Upload:
     """Parse, bound and check a multipart adapter upload; nothing about the adapter itself is trusted.
+
+    Parsing, disk writes and the archive and pickle checks run on `pool` (low priority).
 
     On success the caller must call `Upload.cleanup()`; on failure nothing is left on disk.
     """
@@ -235,29 +238,33 @@ async def read_upload(request: Request, limit: int, base_name: str, read_timeout
     try:
         reader = MultipartReader(limit, base_name, workdir)
         try:
-            await _parse(request, reader, boundary, body_limit, limit, read_timeout)
+            await _parse(request, pool, reader, boundary, body_limit, limit, read_timeout)
         finally:
             reader.close()
-        # Archive reading and checks run off the event loop: streams in flight keep flowing.
-        return await asyncio.to_thread(_assemble, reader, limit, base_name, workdir)
+        return await pool.run(_assemble, reader, limit, base_name, workdir)
     except BaseException:
         # Synchronous on purpose: this also runs when the task is cancelled (shutdown grace over).
         shutil.rmtree(workdir, ignore_errors=True)
         raise
 
 
-async def _parse(request: Request, reader: MultipartReader, boundary: bytes, body_limit: int, limit: int,
-                 read_timeout: float) -> None:
+async def _parse(request: Request, pool: BackgroundPool, reader: MultipartReader, boundary: bytes,
+                 body_limit: int, limit: int, read_timeout: float) -> None:
     parser = MultipartParser(boundary, reader.callbacks())
-    received = 0
+    received, batch = 0, bytearray()
     chunks = read_body_chunks(request.receive, read_timeout)
     try:
         async for chunk in chunks:
             received += len(chunk)
             if received > body_limit:
                 raise too_large(limit)
-            # The parser's callbacks write to disk: off the event loop, one chunk at a time.
-            await asyncio.to_thread(parser.write, chunk)
+            batch += chunk
+            if len(batch) >= PARSE_BATCH_BYTES:
+                # The parser's callbacks write to disk: off the event loop, about 1 MiB at a time.
+                await pool.run(parser.write, bytes(batch))
+                batch.clear()
+        if batch:
+            await pool.run(parser.write, bytes(batch))
         parser.finalize()
         if not reader.complete:
             raise invalid("malformed multipart body: it ends before its closing boundary")

@@ -69,7 +69,7 @@ class Engine:
                                self.tokenizer, eos_ids, self._max_context)
         self.adapters.post_evict = lambda key: self.core.post("evict", key)
         self.front = EngineFront(self.core, self.adapters, self.tokenizer, settings.max_queue, self._max_context,
-                                 self.kv_cache.num_slots)
+                                 self.kv_cache.num_slots, settings.background_niceness)
 
     # Parts tests and tools look at ------------------------------------------------------------
 

@@ -2,14 +2,17 @@
 and hands the core the sequences of its `n` choices.
 
 Cheap checks (engine state, model, queue room, prompt length in characters) run first on the
-event loop; the chat template and the tokenizer then run ONCE per request in a one-thread pool
-(fast tokenizers are not safe to call from two threads at once), so a huge prompt never blocks
-the loop or other clients' first bytes.
+event loop; the chat template and the tokenizer then run ONCE per request off the loop, in one
+of two lanes, each a one-thread pool with its own tokenizer (a fast tokenizer is not safe to
+call from two threads at once): prompts up to `LONG_PROMPT_CHARS` characters in one, longer
+ones in the other at a lower CPU priority. A huge prompt (or a stream of them) thus never
+blocks the loop, and short requests never queue behind it for the tokenizer or the CPU.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 from concurrent.futures import ThreadPoolExecutor
 
 from server.engine.core import EngineCore
@@ -20,14 +23,16 @@ from server.engine.request import (EngineNotReadyError, GenerationRequest, Inval
 from server.engine.sampler import SamplingOptions, make_generator
 from server.engine.sequence import Sequence
 from server.engine.stream import RequestStream
+from server.threads import low_priority_pool
 
 CHARS_PER_TOKEN_BOUND = 32   # no tokenizer makes a token of more characters than this
+LONG_PROMPT_CHARS = 16_384   # longer prompts tokenize in the low-priority lane
 _MAX_SEED = 2**63 - 1
 
 
 class EngineFront:
     def __init__(self, core: EngineCore, manager: AdapterManager, tokenizer, max_queue: int, max_context: int,
-                 kv_capacity: int) -> None:
+                 kv_capacity: int, long_prompt_niceness: int = 10) -> None:
         self.core = core
         self.manager = manager
         self.tokenizer = tokenizer
@@ -35,11 +40,14 @@ class EngineFront:
         self.max_context = max_context
         self.kv_capacity = kv_capacity   # tokens the whole KV cache holds
         self.shutting_down = False
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraplex-tokenize")
+        self._short_lane = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraplex-tokenize"), tokenizer)
+        self._long_lane = (low_priority_pool(1, "loraplex-tokenize-long", long_prompt_niceness),
+                           copy.deepcopy(tokenizer))
         self._tokenizing = 0
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        for pool, _ in (self._short_lane, self._long_lane):
+            pool.shutdown(wait=False, cancel_futures=True)
 
     @property
     def num_tokenizing(self) -> int:
@@ -47,10 +55,11 @@ class EngineFront:
 
     async def submit(self, request: GenerationRequest) -> list[RequestStream]:
         """Validate and enqueue; returns one stream per choice. Raises EngineError subclasses."""
-        record, prefix = self._check(request)
+        (record, prefix), chars = self._check(request)
+        pool, tokenizer = self._long_lane if chars > LONG_PROMPT_CHARS else self._short_lane
         self._tokenizing += 1
         try:
-            prompt_ids = await asyncio.get_running_loop().run_in_executor(self._pool, self._tokenize, request)
+            prompt_ids = await asyncio.get_running_loop().run_in_executor(pool, tokenize, tokenizer, request)
         finally:
             self._tokenizing -= 1
         self._check_length(len(prompt_ids), request.params.max_tokens)
@@ -84,7 +93,7 @@ class EngineFront:
         if chars > limit:
             raise PromptTooLongError(f"the prompt has {chars} characters, more than {limit} can fit in "
                                      f"{self._token_limit()} tokens")
-        return resolved
+        return resolved, chars
 
     def _token_limit(self) -> int:
         return min(self.max_context, self.kv_capacity)
@@ -99,18 +108,6 @@ class EngineFront:
         if total > self.kv_capacity:
             raise PromptTooLongError(f"the prompt ({prompt_len} tokens) plus max_tokens ({max_tokens}) exceeds "
                                      f"the KV cache capacity of {self.kv_capacity} tokens, so it could never run")
-
-    # Worker thread ----------------------------------------------------------------------------
-
-    def _tokenize(self, request: GenerationRequest) -> list[int]:
-        if request.messages is None:
-            return self.tokenizer(request.prompt, add_special_tokens=request.add_special_tokens)["input_ids"]
-        try:
-            text = self.tokenizer.apply_chat_template(list(request.messages), tokenize=False,
-                                                      add_generation_prompt=True)
-        except Exception as exc:  # jinja errors from the model's own template (raise_exception, bad roles)
-            raise InvalidRequestError(f"the chat template refused the messages: {exc}") from None
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     # Sequences --------------------------------------------------------------------------------
 
@@ -127,6 +124,17 @@ class EngineFront:
                         stream=RequestStream(request.request_id, self.core.abort, index=j, abort_key=key),
                         record=record, sha_prefix=prefix,
                         adapter=None if record is None else self.manager.registry.cached(record))
+
+
+def tokenize(tokenizer, request: GenerationRequest) -> list[int]:
+    """The prompt's token ids (the chat template rendered first); runs on a tokenizer lane's thread."""
+    if request.messages is None:
+        return tokenizer(request.prompt, add_special_tokens=request.add_special_tokens)["input_ids"]
+    try:
+        text = tokenizer.apply_chat_template(list(request.messages), tokenize=False, add_generation_prompt=True)
+    except Exception as exc:  # jinja errors from the model's own template (raise_exception, bad roles)
+        raise InvalidRequestError(f"the chat template refused the messages: {exc}") from None
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def choice_seed(seed: int | None, j: int) -> int | None:

@@ -12,9 +12,10 @@ from tests.e2e.server_process import free_port
 
 
 @contextmanager
-def serve_in_thread(app, timeout: float = 20.0):
+def serve_in_thread(app, timeout: float = 20.0, **config):
+    """`config`: more uvicorn.Config arguments (say, the server's own `http` protocol class)."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", **config))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"

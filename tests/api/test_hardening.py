@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from server.api.app import create_app
+from server.api.http_protocol import bounded_protocol
 from server.api.uploads import MAX_PARTS
 from tests.api.archive_builders import CONFIG, WEIGHTS
 from tests.api.conftest import ADMIN, ADMIN_HEADERS, KEY, make_settings
@@ -261,3 +262,26 @@ def test_engine_shutting_down_error_is_503_with_retry_after(tmp_path):
         response = httpx.post(url + "/v1/completions", json={"model": BASE, "prompt": "x"})
     assert response.status_code == 503 and response.json()["error"]["code"] == "shutting_down"
     assert response.headers["retry-after"] == "1"
+
+
+def test_request_head_over_the_limit_is_431_and_closed(tmp_path):
+    """An endless header is cut off at --max-header-bytes; a small head with a large body is not."""
+    app = create_app(FakeEngine(context=100_000), make_settings())
+    with serve_in_thread(app, http=bounded_protocol(4096)) as url:
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.settimeout(5)
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Endless: ")
+            try:
+                for _ in range(64):
+                    sock.sendall(b"a" * 1024)
+                    time.sleep(0.005)
+            except OSError:
+                pass  # the server closed the connection: what we want
+            answer = sock.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
+            assert b"headers_too_large" in answer
+        body = {"model": BASE, "prompt": "x " * 20_000, "max_tokens": 1}  # 40 KB body, 10x the head limit
+        response = httpx.post(f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
+        assert response.status_code == 200, response.text
+        assert httpx.get(f"{url}/health").status_code == 200
