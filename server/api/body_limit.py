@@ -42,8 +42,9 @@ class BodyReadTimeout(HTTPException):
 async def receive_body_message(receive: Receive, timeout: float) -> Message:
     """The next message of an incomplete body, or BodyReadTimeout after `timeout` seconds of silence."""
     try:
-        return await asyncio.wait_for(receive(), timeout)
-    except asyncio.TimeoutError:
+        async with asyncio.timeout(timeout):  # no task per message, unlike wait_for: chunks are many
+            return await receive()
+    except TimeoutError:
         raise BodyReadTimeout(timeout) from None
 
 
