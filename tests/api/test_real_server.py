@@ -276,6 +276,7 @@ def test_rejected_upload_is_4xx_and_changes_nothing(world, case):
     assert still.status_code == 200
 
 
+@pytest.mark.full
 def test_upload_while_20_streams_run_on_other_adapters(world):
     models = ["alpha", "beta", "gamma", BASE_NAME]
     prompts = [f"{PROMPT} (list {i})" for i in range(5)]

@@ -16,6 +16,7 @@ HEADERS = {"Authorization": f"Bearer {ADMIN}"}
 BODY = {"model": "kappa", "prompt": "My favourite colour is", "max_tokens": 12, "temperature": 0}
 
 
+@pytest.mark.full
 def test_uploaded_adapter_survives_restart(tmp_path):
     base = fresh_base()
     folder = save_adapter(base.model, tmp_path / "kappa", 7, r=8, lora_alpha=16, target_modules="all-linear")

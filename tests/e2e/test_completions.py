@@ -43,6 +43,7 @@ def complete(url: str, model: str) -> dict:
     return response.json()
 
 
+@pytest.mark.full
 def test_two_adapters_and_base_over_http(store, default_base):
     tok = default_base.tokenizer
     expected = {"alpha": peft_greedy(peft_reference(default_base.model, store / "alpha"), tok),

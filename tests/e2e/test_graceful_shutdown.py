@@ -19,6 +19,7 @@ pytestmark = pytest.mark.slow
 PROMPT = "The three most useful things to pack for a hike are"
 
 
+@pytest.mark.full
 def test_sigterm_during_a_stream(tmp_path):
     flags = ["--adapters-dir", str(tmp_path / "store"), "--cache-dir", str(TEST_CACHE), "--device", "cpu",
              "--shutdown-grace", "60"]

@@ -60,6 +60,7 @@ def test_tiny_models_batched_equals_serial(tiny_model_dir, tmp_path, started):
 
 
 @pytest.mark.slow
+@pytest.mark.full
 def test_default_model_batched_equals_serial(default_base, tmp_path, started):
     base = default_base.model
     for i in range(4):

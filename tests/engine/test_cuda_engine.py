@@ -35,6 +35,7 @@ def test_mixed_batch_greedy_equals_peft_on_cuda(tmp_path, monkeypatch) -> None:
     check_against_peft(tmp_path, "cuda")
 
 
+@pytest.mark.full
 def test_mixed_batch_greedy_equals_peft_with_interpreted_triton_kernels(tmp_path, monkeypatch) -> None:
     pytest.importorskip("triton")
     from tests.lora.test_triton_ops import INTERPRETER_PROBLEM

@@ -40,6 +40,7 @@ def all_free(engine) -> bool:
 
 
 @pytest.mark.slow
+@pytest.mark.full
 def test_seeded_sampling_is_reproducible_whatever_the_batch(default_base, tmp_path, started):
     # On the real model: a random tiny model's near-uniform distribution over 49k tokens turns
     # float rounding differences between batch shapes into different draws.

@@ -93,6 +93,7 @@ def test_mixed_batch_equals_peft_on_tiny_llama(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.full
 def test_mixed_batch_equals_peft_on_default_model(tmp_path, default_base):
     base = default_base.model
     # Small B keeps the random adapters' logits in the model's normal range, where 1e-3 is meaningful.

@@ -52,6 +52,7 @@ def test_card_cells_stay_on_one_table_row():
 
 
 @pytest.mark.slow
+@pytest.mark.full
 def test_one_prompt_gives_each_adapters_behaviour():
     """The real base model with every shipped adapter, on held-out prompts: each checker passes."""
     from peft import PeftModel
