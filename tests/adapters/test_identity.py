@@ -139,3 +139,16 @@ def test_store_io_happens_outside_the_registry_lock(make_adapter, layout, tmp_pa
     release.set()
     upload.join(10)
     assert reg.get("task") is not None
+
+
+def test_file_hash_equals_the_bytes_hash_and_enforces_the_limit(tmp_path):
+    from server.adapters.identity import file_sha256
+    from server.adapters.peft_config import AdapterFormatError
+
+    weights = tmp_path / WEIGHTS_FILE
+    data = os.urandom(3 * (1 << 20) + 17)  # several read chunks and a partial one
+    weights.write_bytes(data)
+    assert file_sha256(b'{"r": 8}', weights) == adapter_sha256(b'{"r": 8}', data)
+    assert file_sha256(b'{"r": 8}', weights, max_bytes=len(data)) == adapter_sha256(b'{"r": 8}', data)
+    with pytest.raises(AdapterFormatError, match="limit"):
+        file_sha256(b"{}", weights, max_bytes=len(data) - 1)
