@@ -97,6 +97,7 @@ def test_openai_sdk_sync_completions_and_chat(world):
         assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
 
 
+@pytest.mark.full
 def test_openai_sdk_async_completions_and_chat(world):
     models = ["beta", "gamma", BASE_NAME]
     completions, chats = expected_texts(world, models)
