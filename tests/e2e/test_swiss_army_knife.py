@@ -41,7 +41,8 @@ def check_burst(url: str) -> None:
         assert shown == expected, f"{model} on {text!r} answered {answer!r}, which shows {shown or 'no task'}"
 
 
-@pytest.mark.parametrize("max_loras", [pytest.param(8, marks=pytest.mark.full), 2])
+@pytest.mark.full
+@pytest.mark.parametrize("max_loras", [8, 2])
 def test_one_burst_every_adapter_shows_only_its_own_task(max_loras):
     assert {p.name for p in SHIPPED.iterdir() if p.is_dir()} >= set(TASKS)
     with running_server("--adapters-dir", str(SHIPPED), "--cache-dir", str(TEST_CACHE), "--device", "cpu",
