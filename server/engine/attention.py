@@ -218,8 +218,8 @@ def _decode_attention(query: torch.Tensor, cache: KVCache, layer: int, step: Ste
     group = heads // kv_heads
     q = query[0, :, step.decode_rows].view(kv_heads, group, n, head_dim).transpose(1, 2).reshape(-1, group, head_dim)
     index = cache.gather_index(step.decode_blocks)
-    k = cache.gather(cache.keys[layer], index, n).view(kv_heads * n, -1, head_dim).to(q.dtype)
-    v = cache.gather(cache.values[layer], index, n).view(kv_heads * n, -1, head_dim).to(q.dtype)
+    k = cache.gather(cache.keys[layer], index, n, "keys").view(kv_heads * n, -1, head_dim).to(q.dtype)
+    v = cache.gather(cache.values[layer], index, n, "values").view(kv_heads * n, -1, head_dim).to(q.dtype)
     bias = step.decode_bias.view(1, n, 1, -1).expand(kv_heads, n, 1, -1).reshape(kv_heads * n, 1, -1)
     scale = head_dim ** -0.5 if scaling is None else scaling
     scores = torch.baddbmm(bias.to(q.dtype), q, k.transpose(1, 2), alpha=scale)
@@ -235,8 +235,8 @@ def _prefill_attention(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
         o = F.scaled_dot_product_attention(q, key, value, is_causal=True, scale=scaling, enable_gqa=True)
     else:
         index = cache.gather_index(plan.blocks)
-        k = cache.gather(cache.keys[layer], index, 1).transpose(0, 1).to(q.dtype)    # [1, kv_heads, L, D]
-        v = cache.gather(cache.values[layer], index, 1).transpose(0, 1).to(q.dtype)
+        k = cache.gather(cache.keys[layer], index, 1, "keys").transpose(0, 1).to(q.dtype)  # [1, kv_heads, L, D]
+        v = cache.gather(cache.values[layer], index, 1, "values").transpose(0, 1).to(q.dtype)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.bias.to(q.dtype), scale=scaling, enable_gqa=True)
     return o[0].transpose(0, 1)
 

@@ -95,7 +95,9 @@ class KVCache:
     `flat_values(layer)` view them as `[num_kv_heads, num_blocks * block_size, head_dim]`,
     indexed by flat slot, and `block_rows(layer)` as `[num_kv_heads * num_blocks, block_size *
     head_dim]`, indexed by `head * num_blocks + block`.
-    The cache also owns the `BlockAllocator` of its blocks.
+    The cache also owns the `BlockAllocator` of its blocks, and the scratch buffers `gather`
+    writes into: reused by every layer of every step, so a step's gathers never allocate (a fresh
+    tens-of-MB tensor per layer cost more in page faults than the copy itself, measured).
     """
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_blocks: int,
@@ -110,6 +112,7 @@ class KVCache:
         self.keys = [torch.zeros(shape, device=self.device, dtype=dtype) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, device=self.device, dtype=dtype) for _ in range(num_layers)]
         self.allocator = BlockAllocator(num_blocks)
+        self._scratch: dict[str, torch.Tensor] = {}
 
     @staticmethod
     def dims_from_config(config) -> tuple[int, int, int]:
@@ -166,7 +169,23 @@ class KVCache:
         heads = torch.arange(self.num_kv_heads, device=blocks.device) * self.num_blocks
         return (heads[:, None] + blocks[None, :]).reshape(-1)
 
-    def gather(self, pool: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
+    def gather(self, pool: torch.Tensor, index: torch.Tensor, n: int, scratch: str) -> torch.Tensor:
         """`n` equal-length block lists (`index` from `gather_index`) -> `[kv_heads, n, L, head_dim]`,
-        one `index_select` of whole blocks (contiguous chunks, far cheaper than single slots)."""
-        return self.block_rows(pool).index_select(0, index).view(self.num_kv_heads, n, -1, self.head_dim)
+        one `index_select` of whole blocks (contiguous chunks, far cheaper than single slots).
+
+        The result is a view of the scratch buffer named `scratch`: valid until the next gather
+        into the same name (the attention of one layer uses "keys" and "values", then the next
+        layer overwrites them).
+        """
+        rows = self.block_rows(pool)
+        out = self._scratch_rows(scratch, index.numel(), rows)
+        torch.index_select(rows, 0, index, out=out)
+        return out.view(self.num_kv_heads, n, -1, self.head_dim)
+
+    def _scratch_rows(self, name: str, count: int, like: torch.Tensor) -> torch.Tensor:
+        """The first `count` rows of scratch buffer `name` (grown, never shrunk, as steps need)."""
+        buf = self._scratch.get(name)
+        if buf is None or buf.shape[0] < count:
+            buf = torch.empty(max(count, self.num_kv_heads * 64), like.shape[1], device=like.device, dtype=like.dtype)
+            self._scratch[name] = buf
+        return buf[:count]
