@@ -8,6 +8,8 @@ Every member keeps PEFT semantics: a module an adapter does not target holds zer
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -26,37 +28,65 @@ class StepState:
 class LoraGroup(nn.Module):
     """Stacked A of `members` projections of one input.
 
-    Buffers: `lora_a [S, members * R, in]`; member g's A sits in rows `[g*R, g*R + rank)`,
-    zeros past its rank and for slots whose adapter does not target it.
+    `lora_a [S, members * R, in]`: member g's A sits in rows `[g*R, g*R + rank)`, zeros past its
+    rank and for slots whose adapter does not target it. It is a view of `a_storage`, which the
+    CPU backend keeps as `[S, in, members * R]` (the shrink's right operand as it lies: its
+    batched matmuls ran up to 25% faster than on the transposed view, measured).
     """
 
     def __init__(self, members: int, in_features: int, max_loras: int, max_rank: int,
                  device: torch.device, dtype: torch.dtype, backend: Backend) -> None:
         super().__init__()
         self.members, self.max_rank, self.backend = members, max_rank, backend
-        self.register_buffer("lora_a", torch.zeros(max_loras, members * max_rank, in_features, device=device,
-                                                   dtype=dtype), persistent=False)
-        self._x: torch.Tensor | None = None
-        self._meta: LoraStepMeta | None = None
-        self._t: torch.Tensor | None = None
-        self._uses = 0
-        self.shrinks = 0  # shrink computations since start-up (one per group per forward when stacking works)
+        self.a_transposed = backend.name == "cpu"
+        rows = members * max_rank
+        shape = (max_loras, in_features, rows) if self.a_transposed else (max_loras, rows, in_features)
+        self.register_buffer("a_storage", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        # The op's view of A, taken once (buffers are never replaced: the model is on its device
+        # before its layers are wrapped); a plain attribute, as module buffer lookups are slow.
+        self.op_a = self.lora_a
+        self._cache = _ShrinkCache()
 
-    def shrink(self, x: torch.Tensor, meta: LoraStepMeta) -> torch.Tensor:
-        """t [N, members * R] for input `x [..., in]` (N tokens), computed once for the group's
-        members: they are handed the very same input tensor object, which is the cache key."""
-        if self._x is not x or self._meta is not meta:
-            x2 = x.reshape(-1, x.shape[-1])
+    @property
+    def lora_a(self) -> torch.Tensor:
+        """A as the op takes it, `[S, members * R, in]`."""
+        return self.a_storage.transpose(1, 2) if self.a_transposed else self.a_storage
+
+    @property
+    def shrinks(self) -> int:
+        """Shrink computations since start-up (one per group per forward when stacking works)."""
+        return self._cache.computed
+
+    def shrink(self, x: torch.Tensor, meta: LoraStepMeta) -> Any:
+        """The shrink output (t [N, members * R] in the backend's form) for input `x [..., in]` (N
+        tokens), computed once for the group's members: they are handed the very same input
+        tensor object, which is the cache key."""
+        cache = self._cache
+        if cache.x is not x or cache.meta is not meta:
+            x2 = x.view(-1, x.shape[-1]) if x.is_contiguous() else x.reshape(-1, x.shape[-1])
             if x2.shape[0] != meta.num_tokens:
                 raise RuntimeError(f"LoRA step planned for {meta.num_tokens} tokens, layer got {x2.shape[0]}")
-            self._x, self._meta, self._uses = x, meta, 0
-            self.shrinks += 1
-            self._t = self.backend.shrink(x2, self.lora_a, meta)
-        t = self._t
-        self._uses += 1
-        if self._uses == self.members:  # every member has read it: drop the references
-            self._x = self._meta = self._t = None
+            cache.x, cache.meta, cache.uses = x, meta, 0
+            cache.computed += 1
+            cache.t = self.backend.shrink(x2, self.op_a, meta)
+        t = cache.t
+        cache.uses += 1
+        if cache.uses == self.members:  # every member has read it: drop the references
+            cache.x = cache.meta = cache.t = None
         return t
+
+
+class _ShrinkCache:
+    """A group's last shrink (a plain object: setting attributes on a module is slow)."""
+
+    __slots__ = ("x", "meta", "t", "uses", "computed")
+
+    def __init__(self) -> None:
+        self.x: torch.Tensor | None = None
+        self.meta: LoraStepMeta | None = None
+        self.t: Any = None
+        self.uses = 0
+        self.computed = 0
 
 
 class LoraLinear(nn.Module):
@@ -79,6 +109,9 @@ class LoraLinear(nn.Module):
         self.b_transposed = group.backend.name == "cpu"
         shape = (slots, rank, out_features) if self.b_transposed else (slots, out_features, rank)
         self.register_buffer("b_storage", torch.zeros(shape, **kw), persistent=False)
+        # Plain attributes the forward reads (module buffer and property lookups are slow).
+        self._backend, self._op_b, self._a_rows = group.backend, self.lora_b, self.a_rows
+        self._alone = group.members == 1  # reads the whole shrink output: no column view needed
 
     @property
     def group(self) -> LoraGroup:
@@ -98,11 +131,14 @@ class LoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         meta = self.state.meta
-        if meta is None or not meta.has_lora:
+        if meta is None or not meta.num_lora_tokens:
             return y
-        t = self.group.shrink(x, meta)
+        group, backend = self._group[0], self._backend
+        t = group.shrink(x, meta)
+        if not self._alone:
+            t = backend.columns(t, self._a_rows)
         y = y.contiguous()
-        self.group.backend.expand_(y.view(-1, self.out_features), t[:, self.a_rows], self.lora_b, meta, 0)
+        backend.expand_(y.view(-1, self.out_features), t, self._op_b, meta, 0)
         return y
 
     @torch.no_grad()
@@ -119,4 +155,4 @@ class LoraLinear(nn.Module):
     @torch.no_grad()
     def clear_slot(self, row: int) -> None:
         self.group.lora_a[row, self.a_rows].zero_()
-        self.b_storage[row].zero_()
+        self.lora_b[row].zero_()

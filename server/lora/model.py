@@ -2,9 +2,10 @@
 prefix of used slots that lets the op skip idle adapters.
 
 Slots are the engine's names for adapter places (`SlotTable`); rows are where their weights
-physically sit in the buffers. `place(used)` moves the adapters a step uses into rows
-`0 .. len(used)-1` (swapping rows, which only copies when the used set outgrows its prefix), so
-the op's padded batch reads exactly the adapters in flight and no idle one.
+physically sit in the buffers. `place(used)` keeps the adapters a step uses in a nearly dense
+prefix of rows (compacting them into `0 .. len(used)-1` by swapping rows once more than a
+few idle rows sit below the highest used one), so the op's padded batch reads the adapters in
+flight and at most a bounded number of idle ones.
 """
 
 from __future__ import annotations
@@ -82,11 +83,18 @@ class LoraModel:
         self.row_ranks[row] = 0
 
     def place(self, used: Iterable[int]) -> dict[int, int]:
-        """Rows of the `used` slots, all below `len(used)` (moving adapters there if needed)."""
+        """Rows of the `used` slots, all below `len(used) + placement_slack(len(used))`.
+
+        An idle row inside the op's padded batch costs one adapter's bytes per step; moving rows
+        costs a copy of every buffer's moved rows plus two calls per buffer. So the used rows are
+        compacted into `0 .. len(used) - 1` only once the idle rows below the highest used one
+        exceed the slack, not each time a request ends (which made steps thrash rows).
+        """
         used = sorted(set(used))
         k = len(used)
-        movers = [s for s in used if self.row_of[s] >= k]
-        if movers:
+        top = max((self.row_of[s] for s in used), default=-1) + 1
+        if top > k + placement_slack(k):
+            movers = [s for s in used if self.row_of[s] >= k]
             used_set = set(used)
             free = [r for r in range(k) if self.slot_at[r] not in used_set]
             self._swap_rows([(self.row_of[s], r) for s, r in zip(movers, free)])
@@ -104,7 +112,7 @@ class LoraModel:
         rows = [r for r in range(self.max_loras) if src[r] != r]
         dst = torch.tensor(rows, device=self.device)
         from_ = torch.tensor([src[r] for r in rows], device=self.device)
-        for buf in [g.lora_a for g in self.groups] + [layer.b_storage for layer in self.layers.values()]:
+        for buf in [g.a_storage for g in self.groups] + [layer.b_storage for layer in self.layers.values()]:
             buf.index_copy_(0, dst, buf.index_select(0, from_))
         self.row_moves += len(pairs)
 
@@ -122,6 +130,11 @@ class LoraModel:
             yield
         finally:
             self.state.meta = None
+
+
+def placement_slack(used: int) -> int:
+    """Idle rows the padded batch of `used` adapters may span before they are compacted."""
+    return max(2, used // 4)
 
 
 def _group_names(layout: BaseLayout) -> list[tuple[str, ...]]:

@@ -6,40 +6,48 @@
         y[i, out_offset:out_offset+out] += b[slot(i)] @ t[i]   (slot(i) != -1)
 
 `meta` is the step's `LoraStepMeta` (server/lora/step.py). `x`, `t`, `y` may be strided views
-(q/k/v share one shrink with A stacked to [S, 3R, in]; each expand reads a column slice of t).
-A is zero-padded past each slot's rank and B carries the adapter's scale.
+(q/k/v share one shrink with A stacked to [S, 3R, in]; each expand reads its columns of t,
+`backend.columns(t, cols)`). A is zero-padded past each slot's rank and B carries the adapter's
+scale. What `shrink` returns is the backend's own: a dense `t [N, R]` for the reference and the
+Triton kernels, a `CpuShrunk` (the same values in the layouts its expands read) on the CPU.
 
-Backends, picked per device by `backend_for`: the CPU fast path (one padded batched matmul over
-the dense prefix of used slots for decode rows, one matmul per segment for prefill chunks; the
-padding layout comes from the host plan in `meta`, so nothing here syncs with the host), Triton
-kernels from `server.lora.triton_ops` on CUDA when importable, and the torch reference (a
-per-token gather + bmm, BGMV) everywhere else.
+Backends, picked per device by `backend_for`: the CPU fast path (`server.lora.cpu_ops`: one
+padded batched matmul over the dense prefix of used slots for decode rows, one matmul per
+segment for prefill chunks; the padding layout comes from the host plan in `meta`, so nothing
+syncs with the host), Triton kernels from `server.lora.triton_ops` on CUDA when importable, and
+the torch reference (a per-token gather + bmm, BGMV) everywhere else.
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
 from types import ModuleType
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
+from server.lora import cpu_ops
 from server.lora.step import LoraStepMeta
 
 
 class ShrinkFn(Protocol):
-    def __call__(self, x: torch.Tensor, a: torch.Tensor, meta: LoraStepMeta) -> torch.Tensor: ...
+    def __call__(self, x: torch.Tensor, a: torch.Tensor, meta: LoraStepMeta) -> Any: ...
 
 
 class ExpandFn(Protocol):
-    def __call__(self, y: torch.Tensor, t: torch.Tensor, b: torch.Tensor, meta: LoraStepMeta,
+    def __call__(self, y: torch.Tensor, t: Any, b: torch.Tensor, meta: LoraStepMeta,
                  out_offset: int = 0) -> None: ...
+
+
+def dense_columns(t: torch.Tensor, cols: slice) -> torch.Tensor:
+    return t[:, cols]
 
 
 class Backend(NamedTuple):
     name: str
     shrink: ShrinkFn
     expand_: ExpandFn
+    columns: Any = dense_columns  # (shrink output, slice of the stacked rank dim) -> that member's part
 
 
 # Reference (any device) ----------------------------------------------------------------------------
@@ -58,60 +66,10 @@ def expand_reference_(y: torch.Tensor, t: torch.Tensor, b: torch.Tensor, meta: L
     y[:, out_offset:out_offset + b.shape[1]] += delta * (slots >= 0).unsqueeze(1).to(delta.dtype)
 
 
-# CPU fast path -------------------------------------------------------------------------------------
-
-def _padded(rows: torch.Tensor, meta: LoraStepMeta) -> torch.Tensor:
-    """The decode rows of `rows [N, D]` in the `[pad_slots, pad_width, D]` padded layout."""
-    slots, width, count = meta.pad_slots, meta.pad_width, meta.pad_count
-    picked = rows[:count] if meta.pad_rows is None else rows.index_select(0, meta.pad_rows)
-    if meta.pad_index is not None:
-        picked = rows.new_zeros(slots * width, rows.shape[1]).index_copy_(0, meta.pad_index, picked)
-    return picked.reshape(slots, width, -1)
-
-
-def shrink_cpu(x: torch.Tensor, a: torch.Tensor, meta: LoraStepMeta) -> torch.Tensor:
-    """Decode rows: one bmm over slots [0, pad_slots); segments: one mm each."""
-    t = x.new_zeros(x.shape[0], a.shape[1])
-    if meta.pad_count:
-        a_t = a[:meta.pad_slots].transpose(1, 2)
-        if meta.pad_rows is None and meta.pad_index is None:
-            torch.bmm(_padded(x, meta), a_t, out=t[:meta.pad_count].view(meta.pad_slots, meta.pad_width, -1))
-        else:
-            padded = torch.bmm(_padded(x, meta), a_t).view(-1, a.shape[1])
-            if meta.pad_index is not None:
-                padded = padded.index_select(0, meta.pad_index)
-            if meta.pad_rows is None:
-                t[:meta.pad_count] = padded
-            else:
-                t.index_copy_(0, meta.pad_rows, padded)
-    for start, length, slot in meta.host_segments:
-        torch.mm(x[start:start + length], a[slot].t(), out=t[start:start + length])
-    return t
-
-
-def expand_cpu_(y: torch.Tensor, t: torch.Tensor, b: torch.Tensor, meta: LoraStepMeta, out_offset: int = 0) -> None:
-    out = y[:, out_offset:out_offset + b.shape[1]]
-    if meta.pad_count:
-        b_t = b[:meta.pad_slots].transpose(1, 2)
-        if meta.pad_rows is None and meta.pad_index is None:
-            out[:meta.pad_count].view(meta.pad_slots, meta.pad_width, -1).baddbmm_(_padded(t, meta), b_t)
-        else:
-            delta = torch.bmm(_padded(t, meta), b_t).view(-1, b.shape[1])
-            if meta.pad_index is not None:
-                delta = delta.index_select(0, meta.pad_index)
-            if meta.pad_rows is None:
-                out[:meta.pad_count] += delta
-            else:
-                # index_put_ with unique rows: index_add_ is far slower on the CPU.
-                out.index_put_((meta.pad_rows,), delta, accumulate=True)
-    for start, length, slot in meta.host_segments:
-        out[start:start + length].addmm_(t[start:start + length], b[slot].t())
-
-
 # Dispatch ------------------------------------------------------------------------------------------
 
 REFERENCE = Backend("reference", shrink_reference, expand_reference_)
-CPU = Backend("cpu", shrink_cpu, expand_cpu_)
+CPU = Backend("cpu", cpu_ops.shrink, cpu_ops.expand_, cpu_ops.CpuShrunk.columns)
 
 
 @lru_cache(maxsize=1)

@@ -14,10 +14,12 @@ Fields (N packed tokens, S slots, G segments; every tensor on the model's device
   zero-padded past it, so a kernel may compute with the buffers' full R.
 - `num_decode`: rows `[0, num_decode)` are decode rows, the rest prefill rows.
 
-The CPU fast path (`server/lora/ops.py`) reads a host plan built here too, so it never syncs:
+The CPU fast path (`server/lora/cpu_ops.py`) reads a host plan built here too, so it never syncs:
 decode rows go through one padded batched matmul over slots `[0, pad_slots)` (`pad_width` rows
-per slot; `pad_rows [n]` are the packed rows it covers and `pad_index [n]` their rows in the
-`[pad_slots * pad_width]` padded layout, both None when they are the identity), and every other
+per slot; `pad_rows [n]` are the packed rows it covers and `pad_index [n]` their positions in the
+`[pad_slots * pad_width]` padded layout, both None when they are the identity; `pad_gather
+[pad_slots * pad_width]` is the packed row each position reads, any LoRA row for a position
+that holds none, None when the padded layout is rows `[0, n)` as they lie), and every other
 LoRA row is covered by `host_segments` ((start, length, slot) triples; prefill chunks, and decode
 runs of a slot far busier than the rest, which would blow up the padding).
 """
@@ -54,6 +56,7 @@ class LoraStepMeta:
     pad_count: int
     pad_rows: torch.Tensor | None
     pad_index: torch.Tensor | None
+    pad_gather: torch.Tensor | None
     host_segments: tuple[tuple[int, int, int], ...]
 
     @property
@@ -71,6 +74,8 @@ class LoraStepMeta:
         runs = _runs(token_slots, 0, n)
         pad_slots, width, pad_rows, pad_index, heavy = _decode_plan(token_slots[:num_decode])
         host = tuple(sorted(heavy + _runs(token_slots, num_decode, n)))
+        rows_identity = pad_rows == list(range(len(pad_rows)))
+        index_identity = pad_index == list(range(pad_slots * width))
 
         def t(values, dtype=torch.int64) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype).to(device)
@@ -82,10 +87,19 @@ class LoraStepMeta:
             slot_ranks=t(slot_ranks, torch.int32),
             num_tokens=n, num_decode=num_decode, num_lora_tokens=sum(s >= 0 for s in token_slots),
             pad_slots=pad_slots, pad_width=width, pad_count=len(pad_rows),
-            pad_rows=None if pad_rows == list(range(len(pad_rows))) else t(pad_rows),
-            pad_index=None if pad_index == list(range(pad_slots * width)) else t(pad_index),
+            pad_rows=None if rows_identity else t(pad_rows),
+            pad_index=None if index_identity else t(pad_index),
+            pad_gather=None if rows_identity and index_identity else t(_gather(pad_rows, pad_index, pad_slots * width)),
             host_segments=host,
         )
+
+
+def _gather(rows: list[int], index: list[int], size: int) -> list[int]:
+    """The packed row each of `size` padded positions reads: `rows[j]` at `index[j]`, `rows[0]` elsewhere."""
+    gather = [rows[0]] * size
+    for row, position in zip(rows, index):
+        gather[position] = row
+    return gather
 
 
 def _runs(slots: list[int], start: int, end: int) -> list[tuple[int, int, int]]:

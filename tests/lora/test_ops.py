@@ -46,8 +46,13 @@ def test_shrink_expand_match_per_token_loop(backend, slots, num_decode):
     add_lora_(y, x, a, b, meta, backend)
     torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-4)
     t = backend.shrink(x, a, meta)
+    if backend is CPU:
+        t = t.dense(meta)
     assert t.shape == (len(slots), R)
     assert not t[torch.tensor(slots) < 0].any()  # base rows are zero
+    lora_rows = torch.tensor(slots) >= 0
+    torch.testing.assert_close(t[lora_rows], torch.stack([a[s] @ x[i] for i, s in enumerate(slots) if s >= 0])
+                               if lora_rows.any() else t[lora_rows], atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("backend", [CPU, REFERENCE], ids=lambda b: b.name)
@@ -66,7 +71,7 @@ def test_stacked_shrink_and_expand_into_column_slices(backend, slots, num_decode
     offset = 0
     for g, out in enumerate(outs):
         expected[:, offset:offset + out] += reference(x, a[g], b[g], slots)
-        backend.expand_(y, t[:, g * R:(g + 1) * R], b[g], meta, offset)
+        backend.expand_(y, backend.columns(t, slice(g * R, (g + 1) * R)), b[g], meta, offset)
         offset += out
     torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-4)
 
@@ -87,7 +92,8 @@ def test_half_precision_buffers(dtype):
 def test_plan_uniform_decode_needs_no_index():
     meta = LoraStepMeta.build([0, 0, 1, 1, 2, 2, -1], [4, 8, 16], "cpu", num_decode=7)
     assert (meta.pad_slots, meta.pad_width, meta.pad_count) == (3, 2, 6)
-    assert meta.pad_rows is None and meta.pad_index is None and meta.host_segments == ()
+    assert meta.pad_rows is None and meta.pad_index is None and meta.pad_gather is None
+    assert meta.host_segments == ()
     assert meta.seg_starts.tolist() == [0, 2, 4] and meta.seg_lens.tolist() == [2, 2, 2]
     assert meta.num_segments == 3 and meta.max_seg_len == 2 and meta.num_lora_tokens == 6
 
