@@ -5,34 +5,71 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-
-SERVE_FLAGS = {
-    "--host": str, "--port": int, "--model": str, "--served-model-name": str, "--cache-dir": str,
-    "--adapters-dir": str, "--max-loras": int, "--max-lora-rank": int, "--device": str, "--dtype": str,
-    "--max-cpu-loras": int, "--kv-cache-tokens": int, "--block-size": int, "--max-batched-tokens": int,
-    "--max-running": int, "--max-queue": int,
-    "--api-key": str, "--admin-token": str, "--max-adapter-bytes": int, "--allowed-adapter-root": str,
-    "--max-tokens-default": int, "--chat-max-tokens-default": int,
-    "--max-prompt-chars": int, "--max-concurrent-uploads": int, "--upload-read-timeout": float,
-    "--body-read-timeout": float, "--upload-tmp-dir": str, "--keep-alive-timeout": int,
-    "--limit-concurrency": int, "--max-header-bytes": int, "--shutdown-grace": float,
-}
-
+from pathlib import Path
 
 def build_parser() -> argparse.ArgumentParser:
+    from server import __version__
+
     parser = argparse.ArgumentParser(prog="loraplex", description="Multi-adapter LoRA inference server.")
+    parser.add_argument("--version", action="version", version=f"loraplex {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="serve the base model and every adapter in the store",
-                                description="Each flag can also be set as LORAPLEX_<FLAG> (e.g. LORAPLEX_MAX_LORAS).")
-    for flag, kind in SERVE_FLAGS.items():
-        # SUPPRESS: only flags given on the command line override the environment.
-        serve.add_argument(flag, type=kind, default=argparse.SUPPRESS)
+                                description="Serve the base model and every adapter in the store over an "
+                                "OpenAI-compatible HTTP API. Each flag can also be set as the environment "
+                                "variable shown beside it; a flag given here wins.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_settings_flags(serve)
     try:
         from server.train.command import add_train_arguments
     except ImportError:
         return parser
     add_train_arguments(commands.add_parser("train", help="fine-tune a LoRA adapter from a JSONL file"))
     return parser
+
+
+def add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per `Settings` field, with its description, default and environment variable.
+
+    Values stay strings here: `Settings` validates and converts them, so flags, environment
+    variables and their errors follow one set of rules.
+    """
+    from server.config import Settings
+
+    for name, field in Settings.model_fields.items():
+        # SUPPRESS: only flags given on the command line override the environment.
+        parser.add_argument(flag_of(name), dest=name, default=argparse.SUPPRESS, metavar=metavar_of(field),
+                            help=f"{field.description or ''} (default: {default_text(name, field)}; "
+                                 f"env LORAPLEX_{name.upper()})".replace("%", "%%"))
+
+
+def flag_of(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def metavar_of(field) -> str:
+    choices = getattr(field.annotation, "__args__", None)
+    if choices and all(isinstance(c, str) for c in choices):
+        return "{" + ",".join(choices) + "}"
+    if field.annotation in (int, float, int | None, float | None):
+        return "N"
+    return "PATH" if field.annotation in (Path, Path | None) else "TEXT"
+
+
+def default_text(name: str, field) -> str:
+    if field.default is None:
+        return "unset"
+    return str(field.default)
+
+
+def settings_error(exc) -> str:
+    """One line per invalid value: the flag, the value given, and what is allowed."""
+    lines = []
+    for error in exc.errors():
+        name = str(error["loc"][0]) if error["loc"] else ""
+        value = error.get("input")
+        shown = "***" if name in ("api_key", "admin_token") else repr(value)
+        lines.append(f"loraplex: {flag_of(name)} (LORAPLEX_{name.upper()}) = {shown}: {error['msg']}")
+    return "\n".join(lines)
 
 
 def serve(overrides: dict) -> int:
@@ -46,7 +83,7 @@ def serve(overrides: dict) -> int:
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
-        print(f"loraplex: {exc}", file=sys.stderr)
+        print(settings_error(exc), file=sys.stderr)
         return 2
     try:
         sock = bind(settings.host, settings.port)

@@ -16,16 +16,19 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="LORAPLEX_", extra="forbid")
 
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-    model: str | None = Field(None, description="local transformers causal-LM folder; None = embedded default")
-    served_model_name: str | None = Field(None, description="name of the base model in the API")
-    cache_dir: Path = DEFAULT_CACHE_DIR
-    adapters_dir: Path = Path("adapters")
-    max_loras: int = Field(8, ge=1, le=1024, description="adapter slots on the device")
-    max_lora_rank: int = Field(16, ge=1, le=1024)
-    device: str = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on (0 = any free port)")
+    model: str | None = Field(None, description="local transformers causal-LM folder; unset = the embedded "
+                              "SmolLM2-135M-Instruct")
+    served_model_name: str | None = Field(None, description="name of the base model in the API; unset = the "
+                                          "model's own name")
+    cache_dir: Path = Field(DEFAULT_CACHE_DIR, description="where the embedded model is converted to safetensors")
+    adapters_dir: Path = Field(Path("adapters"), description="the adapter store: one folder of PEFT files per adapter")
+    max_loras: int = Field(8, ge=1, le=1024, description="adapter slots on the device (distinct adapters in one batch)")
+    max_lora_rank: int = Field(16, ge=1, le=1024, description="largest adapter rank accepted; slots are padded to it")
+    device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="weights and activations; auto = bfloat16 on CUDA, float32 on CPU")
     max_cpu_loras: int = Field(32, ge=1, description="parsed adapters kept in CPU memory (LRU)")
     max_cpu_lora_bytes: int = Field(2 * 2**30, ge=1, description="bytes of parsed adapters kept in CPU memory (LRU)")
     kv_cache_tokens: int = Field(16384, ge=16, description="KV cache size in tokens, allocated once")
@@ -33,6 +36,8 @@ class Settings(BaseSettings):
     max_batched_tokens: int = Field(512, ge=1, description="tokens per engine step (prefill chunk budget)")
     max_running: int = Field(64, ge=1, description="sequences decoding at once")
     max_queue: int = Field(256, ge=0, description="waiting requests beyond which new ones get 429")
+    threads: int | None = Field(None, ge=1, description="CPU threads of the engine's model work; None = every "
+                                "core the process may use")
     # HTTP API: keys are SecretStr so they never show in a repr or a log line; "" means unset.
     api_key: SecretStr | None = Field(None, description="bearer key required on inference routes; None = open")
     admin_token: SecretStr | None = Field(None, description="bearer token of the adapter admin routes; None = disabled")

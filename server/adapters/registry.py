@@ -16,7 +16,6 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +26,7 @@ from server.adapters.names import CONFIG_FILE, WEIGHTS_FILE, AdapterNameError, c
 from server.adapters.peft_format import AdapterFormatError, ParsedAdapter, load_peft_adapter, parse_peft_adapter
 from server.adapters.state import RegistryState
 from server.adapters.store import AdapterStore
+from server.threads import FreshThreadPool
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class AdapterRegistry:
         self._cpu_bytes = 0  # sum of size_bytes over self._cpu
         self._lock = threading.RLock()
         self._name_locks: dict[str, threading.Lock] = {}
-        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-loader")
+        self._loader = FreshThreadPool(max_workers=1, thread_name_prefix="adapter-loader")
         # Called (outside the lock) with every version that stops being current: replaced or deleted.
         self.on_retired: Callable[[AdapterRecord], None] = lambda record: None
 

@@ -22,14 +22,16 @@ from server.engine.runner import ModelRunner
 from server.engine.sampler import Sampler
 from server.engine.scheduler import Admission, Scheduler
 from server.engine.sequence import Sequence, SeqStatus
+from server.threads import use_torch_threads
 
 log = logging.getLogger(__name__)
 
 
 class EngineCore:
     def __init__(self, kv_cache: KVCache, scheduler: Scheduler, runner: ModelRunner, manager: AdapterManager,
-                 tokenizer, eos_ids: frozenset[int], max_context: int) -> None:
+                 tokenizer, eos_ids: frozenset[int], max_context: int, threads: int | None = None) -> None:
         self.kv_cache = kv_cache
+        self.threads = threads  # torch threads of the step loop (None: every core; server/threads.py says why)
         self.scheduler = scheduler
         self.runner = runner
         self.manager = manager
@@ -89,6 +91,7 @@ class EngineCore:
     # The engine thread ------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        use_torch_threads(self.threads)
         while not self._stopping:
             self._drain_inbox()
             self._fail_unstartable()

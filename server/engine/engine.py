@@ -66,7 +66,7 @@ class Engine:
         gen_eos = gen_eos if isinstance(gen_eos, list) else [gen_eos]
         eos_ids = frozenset(i for i in [self.tokenizer.eos_token_id, *gen_eos] if i is not None)
         self.core = EngineCore(self.kv_cache, self.scheduler, ModelRunner(self.lora, self.kv_cache), self.adapters,
-                               self.tokenizer, eos_ids, self._max_context)
+                               self.tokenizer, eos_ids, self._max_context, settings.threads)
         self.adapters.post_evict = lambda key: self.core.post("evict", key)
         self.front = EngineFront(self.core, self.adapters, self.tokenizer, settings.max_queue, self._max_context,
                                  self.kv_cache.num_slots, settings.background_niceness)

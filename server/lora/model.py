@@ -46,6 +46,7 @@ class LoraModel:
         self.groups: list[LoraGroup] = []
         self.slot_writes = 0  # adapters copied into slots since start-up (swaps show up here)
         self.row_moves = 0    # adapters moved between rows to keep the used slots a dense prefix
+        self.adapter_steps = 0  # sum over steps of the distinct adapters each step ran (weights read per step)
         self.row_of = list(range(max_loras))   # slot -> row
         self.slot_at = list(range(max_loras))  # row -> slot
         self.row_ranks = [0] * max_loras       # rank of the adapter in each row, 0 = empty
@@ -120,7 +121,9 @@ class LoraModel:
 
     def step_meta(self, token_rows: list[int], num_decode: int = 0) -> LoraStepMeta:
         """The step context for packed tokens whose adapter ROWS (from `place`; -1 = base) are given."""
-        return LoraStepMeta.build(token_rows, self.row_ranks, self.device, num_decode)
+        meta = LoraStepMeta.build(token_rows, self.row_ranks, self.device, num_decode)
+        self.adapter_steps += len(set(token_rows) - {-1})
+        return meta
 
     @contextmanager
     def stepping(self, meta: LoraStepMeta | None) -> Iterator[None]:
