@@ -1,5 +1,5 @@
 """Helpers shared by the benchmarks: workloads, cheap adapters, engine runs with per-token timing,
-this machine's copy bandwidth and the bytes a decode step must read.
+this machine's read bandwidth and the bytes of an adapter.
 
 Imported by bench/throughput.py, bench/scaling.py and bench/hot_load.py; no benchmark logic here.
 """
@@ -12,7 +12,9 @@ import math
 import random
 import statistics
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,28 +94,16 @@ def lora_bytes(layout: BaseLayout, rank: int, targets: tuple[str, ...] | None = 
                if targets is None or name.rpartition(".")[2] in targets)
 
 
-def base_step_bytes(model: torch.nn.Module) -> int:
-    """Bytes of base weights a decode step reads: every parameter but the input embedding table
-    (only gathered rows are read), plus the output head once when it is tied to it."""
-    embed = model.get_input_embeddings().weight
-    head = model.get_output_embeddings()
-    total = sum(p.numel() * p.element_size() for p in model.parameters() if p is not embed)
-    if head is not None and head.weight is embed:
-        total += embed.numel() * embed.element_size()
-    return total
-
-
-def copy_bandwidth(mbytes: int = 512, repeats: int = 5) -> float:
-    """This machine's copy bandwidth in bytes/s (read + write counted), best of `repeats` large copies."""
+def read_bandwidth(mbytes: int = 512, repeats: int = 5) -> float:
+    """This machine's read bandwidth in bytes/s: the best of `repeats` sums over one large tensor."""
     src = torch.ones(mbytes * 2**20 // 4)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
+    src.sum()
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        dst.copy_(src)
+        src.sum()
         best = min(best, time.perf_counter() - start)
-    return 2 * src.numel() * 4 / best
+    return src.numel() * 4 / best
 
 
 @dataclass
@@ -150,9 +140,37 @@ def request(rid: str, model: str, prompt: str, new: int) -> GenerationRequest:
     return GenerationRequest(rid, model, prompt, SamplingParams(max_tokens=new, temperature=0, ignore_eos=True))
 
 
+def in_thread(fn: Callable, *args):
+    """`fn(*args)` in a thread of its own that ends with the call.
+
+    The engine's step thread must be the only long-lived thread that owns torch worker threads
+    (server/threads.py says why), so the benchmarks run their own torch work (loading, peers,
+    writing adapters) this way and keep the main thread free of it.
+    """
+    box: dict = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, name="bench-work")
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
 def start_engine(settings: Settings) -> Engine:
-    engine = Engine(load_base_model(settings), settings)
-    engine.load_store()
+    """A started engine; built in a thread that ends, so its step thread is the only one with torch workers."""
+    def build() -> Engine:
+        engine = Engine(load_base_model(settings), settings)
+        engine.load_store()
+        return engine
+
+    engine = in_thread(build)
     engine.start()
     return engine
 

@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import (RESULTS, TARGET_SETS, latency_summary, make_workload, percentile, request,  # noqa: E402
+from bench.common import (RESULTS, TARGET_SETS, in_thread, latency_summary, make_workload, percentile, request,  # noqa: E402
                           run_burst, start_engine, stream_one, write_json, write_random_adapter)
 from server.adapters.layout import BaseLayout  # noqa: E402
 from server.config import Settings  # noqa: E402
@@ -126,14 +126,14 @@ def main() -> None:
 
     settings = Settings(cache_dir=args.cache_dir, device="cpu", max_loras=args.max_loras,
                         max_cpu_loras=args.max_cpu_loras, max_running=args.max_running, max_lora_rank=16)
-    base = load_base_model(settings)
+    base = in_thread(load_base_model, settings)
     layout = BaseLayout.from_model(base.model)
     work = make_workload(base.tokenizer, args.requests, prompt_range, new_range, args.seed)
     runs: dict[str, dict[int, dict]] = {d: {} for d in args.dists}
     hot: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        everyone = write_adapters(root, layout, max(args.counts))
+        everyone = in_thread(write_adapters, root, layout, max(args.counts))
         for count in sorted(args.counts):
             names = everyone[:count]
             cfg = settings.model_copy(update={"adapters_dir": store_of(root, names)})
@@ -157,7 +157,7 @@ def main() -> None:
         one = by_count.get(min(by_count))
         for row in by_count.values():
             row["ratio"] = row["tok_s"] / one["tok_s"]
-    meta = {"threads": torch.get_num_threads(), "requests": args.requests, "max_loras": args.max_loras,
+    meta = {"threads": in_thread(torch.get_num_threads), "requests": args.requests, "max_loras": args.max_loras,
             "max_cpu_loras": args.max_cpu_loras, "max_running": args.max_running, "zipf_s": args.zipf_s,
             "prompt_range": prompt_range, "new_range": new_range, "quick": args.quick, "model": base.name}
     text = render(runs, hot, meta)
