@@ -6,6 +6,7 @@ Reads (each optional):
   bench/results/throughput.json   bench/throughput.py -> table + throughput.png (systems side by side)
   bench/results/scaling.json      bench/scaling.py    -> table + scaling.png (tok/s and p99 vs adapter count)
   bench/results/step.txt          stdout of `python bench/step.py --profile` -> step.png (per-step breakdown)
+  bench/results/step-before.txt   the same at an earlier commit, shown beside it (optional)
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ def plot_step(steps: dict[str, float], profiles: dict[str, dict[str, float]]) ->
     """Stacked bars: self CPU time per op of each profiled variant (top ops, the rest as 'other')."""
     top = sorted({op for p in profiles.values() for op in p},
                  key=lambda op: -max(p.get(op, 0.0) for p in profiles.values()))[:8]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.8 * len(profiles)), 4))
     names = list(profiles)
     labels = [f"{n}" for n in names]
     bottoms = [0.0] * len(names)
@@ -162,6 +163,11 @@ def main() -> None:
                   "![scaling](scaling.png)\n"]
     if step_txt.is_file():
         steps, profiles = parse_step(step_txt.read_text())
+        before_txt = RESULTS / "step-before.txt"  # the same command at an earlier commit, if kept
+        if before_txt.is_file():
+            old_steps, old_profiles = parse_step(before_txt.read_text())
+            steps = {**{f"before, {k}": v for k, v in old_steps.items()}, **steps}
+            profiles = {**{f"before, {k}": v for k, v in old_profiles.items()}, **profiles}
         if profiles:
             plot_step(steps, profiles)
             parts += ["## One decode step (bench/step.py)\n",

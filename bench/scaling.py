@@ -34,8 +34,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import (RESULTS, TARGET_SETS, in_thread, latency_summary, make_workload, percentile, request,  # noqa: E402
-                          run_burst, start_engine, stream_one, write_json, write_random_adapter)
+from bench.common import (RESULTS, TARGET_SETS, in_thread, latency_summary, make_workload,  # noqa: E402
+                          percentile, request, run_burst, start_engine, stream_one, write_json,
+                          write_random_adapter)
 from server.adapters.layout import BaseLayout  # noqa: E402
 from server.config import Settings  # noqa: E402
 from server.engine.engine import Engine  # noqa: E402

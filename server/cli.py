@@ -101,7 +101,21 @@ def build_engine(settings):
     engine = Engine(load_base_model(settings), settings)
     engine.load_store()
     engine.start()
+    logging.getLogger("server.cli").info(startup_summary(engine, settings))
     return engine
+
+
+def startup_summary(engine, settings) -> str:
+    """One line that says what is being served and how (no secrets: only whether keys are set)."""
+    from server.threads import available_cores
+
+    base, threads = engine.base, settings.threads or available_cores()
+    on = {True: "on", False: "off"}
+    return (f"serving {engine.base_name} on {base.device} ({str(base.dtype).removeprefix('torch.')}), "
+            f"{len(engine.list_adapters())} adapters in {settings.adapters_dir}, {settings.max_loras} device "
+            f"slots (rank <= {settings.max_lora_rank}), KV cache {engine.kv_cache.num_slots} tokens, {threads} "
+            f"threads, API key {on[bool(settings.api_key)]}, admin {on[bool(settings.admin_token)]}, "
+            f"http://{settings.host}:{settings.port}")
 
 
 def main(argv: list[str] | None = None) -> int:

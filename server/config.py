@@ -23,7 +23,7 @@ class Settings(BaseSettings):
     served_model_name: str | None = Field(None, description="name of the base model in the API; unset = the "
                                           "model's own name")
     cache_dir: Path = Field(DEFAULT_CACHE_DIR, description="where the embedded model is converted to safetensors")
-    adapters_dir: Path = Field(Path("adapters"), description="the adapter store: one folder of PEFT files per adapter")
+    adapters_dir: Path = Field(Path("adapters"), description="the adapter store: a folder of PEFT files per adapter")
     max_loras: int = Field(8, ge=1, le=1024, description="adapter slots on the device (distinct adapters in one batch)")
     max_lora_rank: int = Field(16, ge=1, le=1024, description="largest adapter rank accepted; slots are padded to it")
     device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
