@@ -124,7 +124,7 @@ def plot_step(steps: dict[str, float], profiles: dict[str, dict[str, float]]) ->
                  key=lambda op: -max(p.get(op, 0.0) for p in profiles.values()))[:8]
     fig, ax = plt.subplots(figsize=(max(7.0, 1.8 * len(profiles)), 4))
     names = list(profiles)
-    labels = [f"{n}" for n in names]
+    labels = [n.replace(", ", ",\n") for n in names]
     bottoms = [0.0] * len(names)
     cmap = plt.get_cmap("tab10")
     for k, op in enumerate([*top, "other"]):
