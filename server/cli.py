@@ -107,9 +107,9 @@ def build_engine(settings):
 
 def startup_summary(engine, settings) -> str:
     """One line that says what is being served and how (no secrets: only whether keys are set)."""
-    from server.threads import available_cores
+    import torch
 
-    base, threads = engine.base, settings.threads or available_cores()
+    base, threads = engine.base, settings.threads or torch.get_num_threads()
     on = {True: "on", False: "off"}
     return (f"serving {engine.base_name} on {base.device} ({str(base.dtype).removeprefix('torch.')}), "
             f"{len(engine.list_adapters())} adapters in {settings.adapters_dir}, {settings.max_loras} device "

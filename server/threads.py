@@ -40,14 +40,15 @@ def lower_thread_priority(niceness: int) -> None:
 
 
 def use_torch_threads(threads: int | None) -> int:
-    """Give torch `threads` intra-op threads (None: every core this process may use); returns the count.
+    """Give torch `threads` intra-op threads (None: keep torch's own count, which follows
+    `OMP_NUM_THREADS` and defaults to the cores this process may use); returns the count.
 
     Called by the engine thread only: torch's thread count is one value for the whole process."""
     import torch
 
-    count = threads or available_cores()
-    torch.set_num_threads(count)
-    return count
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
 
 
 def available_cores() -> int:

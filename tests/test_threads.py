@@ -38,6 +38,7 @@ def test_use_torch_threads_sets_the_count():
     before = torch.get_num_threads()
     try:
         assert use_torch_threads(1) == 1 and torch.get_num_threads() == 1
-        assert use_torch_threads(None) == available_cores() == torch.get_num_threads()
+        assert use_torch_threads(None) == 1  # None keeps the count torch has (OMP_NUM_THREADS or every core)
+        assert use_torch_threads(available_cores()) == available_cores() == torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
