@@ -12,9 +12,7 @@ import math
 import random
 import statistics
 import sys
-import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +29,10 @@ from server.config import Settings  # noqa: E402
 from server.engine.engine import Engine  # noqa: E402
 from server.engine.request import GenerationRequest, SamplingParams  # noqa: E402
 from server.models import load_base_model  # noqa: E402
+# The engine's step thread must be the only long-lived thread that owns torch worker threads
+# (server/threads.py says why), so the benchmarks run their own torch work (loading, peers,
+# writing adapters) in threads that end, and keep the main thread free of it.
+from server.threads import run_in_fresh_thread as in_thread  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 Workload = list[tuple[str, int]]  # (prompt text, max_tokens)
@@ -138,29 +140,6 @@ async def stream_one(engine: Engine, request: GenerationRequest, delay: float = 
 
 def request(rid: str, model: str, prompt: str, new: int) -> GenerationRequest:
     return GenerationRequest(rid, model, prompt, SamplingParams(max_tokens=new, temperature=0, ignore_eos=True))
-
-
-def in_thread(fn: Callable, *args):
-    """`fn(*args)` in a thread of its own that ends with the call.
-
-    The engine's step thread must be the only long-lived thread that owns torch worker threads
-    (server/threads.py says why), so the benchmarks run their own torch work (loading, peers,
-    writing adapters) this way and keep the main thread free of it.
-    """
-    box: dict = {}
-
-    def run() -> None:
-        try:
-            box["value"] = fn(*args)
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
-            box["error"] = exc
-
-    thread = threading.Thread(target=run, name="bench-work")
-    thread.start()
-    thread.join()
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
 
 
 def start_engine(settings: Settings) -> Engine:

@@ -38,7 +38,7 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
     for name, field in Settings.model_fields.items():
         # SUPPRESS: only flags given on the command line override the environment.
         parser.add_argument(flag_of(name), dest=name, default=argparse.SUPPRESS, metavar=metavar_of(field),
-                            help=f"{field.description or ''} (default: {default_text(name, field)}; "
+                            help=f"{field.description or ''} (default: {default_text(field)}; "
                                  f"env LORAPLEX_{name.upper()})".replace("%", "%%"))
 
 
@@ -55,19 +55,22 @@ def metavar_of(field) -> str:
     return "PATH" if field.annotation in (Path, Path | None) else "TEXT"
 
 
-def default_text(name: str, field) -> str:
-    if field.default is None:
-        return "unset"
-    return str(field.default)
+def default_text(field) -> str:
+    return "unset" if field.default is None else str(field.default)
 
 
 def settings_error(exc) -> str:
     """One line per invalid value: the flag, the value given, and what is allowed."""
+    from pydantic import SecretStr
+
+    from server.config import Settings
+
     lines = []
     for error in exc.errors():
         name = str(error["loc"][0]) if error["loc"] else ""
-        value = error.get("input")
-        shown = "***" if name in ("api_key", "admin_token") else repr(value)
+        field = Settings.model_fields.get(name)
+        secret = field is not None and SecretStr in getattr(field.annotation, "__args__", (field.annotation,))
+        shown = "***" if secret else repr(error.get("input"))
         lines.append(f"loraplex: {flag_of(name)} (LORAPLEX_{name.upper()}) = {shown}: {error['msg']}")
     return "\n".join(lines)
 

@@ -51,10 +51,6 @@ def use_torch_threads(threads: int | None) -> int:
     return torch.get_num_threads()
 
 
-def available_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 class FreshThreadPool(ThreadPoolExecutor):
     """A thread pool whose tasks each run in a new thread that ends with the task.
 
@@ -64,16 +60,17 @@ class FreshThreadPool(ThreadPoolExecutor):
     """
 
     def submit(self, fn, /, *args, **kwargs):
-        return super().submit(_in_fresh_thread, fn, *args, **kwargs)
+        return super().submit(run_in_fresh_thread, fn, *args, **kwargs)
 
 
-def _in_fresh_thread(fn, *args, **kwargs):
+def run_in_fresh_thread(fn, *args, **kwargs):
+    """`fn(*args, **kwargs)` in a new thread that ends with the call; its result, or its exception raised here."""
     box: dict = {}
 
     def run() -> None:
         try:
             box["value"] = fn(*args, **kwargs)
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the pool thread, so the future gets it
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
             box["error"] = exc
 
     thread = threading.Thread(target=run, name=f"{threading.current_thread().name}-task", daemon=True)

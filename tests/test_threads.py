@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
 
-from server.threads import FreshThreadPool, available_cores, use_torch_threads
+from server.threads import FreshThreadPool, use_torch_threads
 
 
 def test_fresh_thread_pool_runs_each_task_in_a_thread_that_ends():
@@ -39,6 +40,7 @@ def test_use_torch_threads_sets_the_count():
     try:
         assert use_torch_threads(1) == 1 and torch.get_num_threads() == 1
         assert use_torch_threads(None) == 1  # None keeps the count torch has (OMP_NUM_THREADS or every core)
-        assert use_torch_threads(available_cores()) == available_cores() == torch.get_num_threads()
+        cores = len(os.sched_getaffinity(0))
+        assert use_torch_threads(cores) == cores == torch.get_num_threads()
     finally:
         torch.set_num_threads(before)

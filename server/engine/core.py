@@ -31,7 +31,7 @@ class EngineCore:
     def __init__(self, kv_cache: KVCache, scheduler: Scheduler, runner: ModelRunner, manager: AdapterManager,
                  tokenizer, eos_ids: frozenset[int], max_context: int, threads: int | None = None) -> None:
         self.kv_cache = kv_cache
-        self.threads = threads  # torch threads of the step loop (None: every core; server/threads.py says why)
+        self.threads = threads  # torch threads of the step loop (None: torch's default; server/threads.py says why)
         self.scheduler = scheduler
         self.runner = runner
         self.manager = manager

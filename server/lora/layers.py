@@ -131,7 +131,7 @@ class LoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         meta = self.state.meta
-        if meta is None or not meta.num_lora_tokens:
+        if meta is None or not meta.has_lora:
             return y
         group, backend = self._group[0], self._backend
         t = group.shrink(x, meta)
