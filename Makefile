@@ -49,9 +49,10 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python bench/throughput.py $(ARGS)
 	$(BIN)/python bench/report.py
 
-# 1, 10, 100, 1000 registered adapters (Zipf and uniform), and hot-load latency.
+# 1, 10, 100, 1000 registered adapters (Zipf and uniform), hot-load latency, and upload to first token over HTTP.
 bench-scaling: $(BENCH_STAMP)
 	$(BIN)/python bench/scaling.py $(ARGS)
+	$(BIN)/python bench/upload.py $(if $(findstring --quick,$(ARGS)),--quick)
 	$(BIN)/python bench/report.py
 
 # One decode step in isolation (64 sequences, 32 adapters), base vs LoRA interleaved; --profile for a torch profile.

@@ -152,7 +152,7 @@ def main() -> None:
     parts = ["# loraplex benchmark results\n",
              "Written by `bench/report.py` from the JSON that `make bench` / `make bench-scaling` leave here.\n"]
     throughput, scaling = load("throughput.json"), load("scaling.json")
-    step_txt = RESULTS / "step.txt"
+    step_txt, upload_md = RESULTS / "step.txt", RESULTS / "upload.md"
     if throughput:
         plot_throughput(throughput)
         parts += [(RESULTS / "throughput.md").read_text().replace("# Throughput", "## Throughput", 1),
@@ -161,6 +161,8 @@ def main() -> None:
         plot_scaling(scaling)
         parts += [(RESULTS / "scaling.md").read_text().replace("# Scaling", "## Scaling", 1),
                   "![scaling](scaling.png)\n"]
+    if upload_md.is_file():
+        parts.append(upload_md.read_text().replace("### ", "## ", 1))
     if step_txt.is_file():
         steps, profiles = parse_step(step_txt.read_text())
         before_txt = RESULTS / "step-before.txt"  # the same command at an earlier commit, if kept
