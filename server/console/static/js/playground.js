@@ -163,6 +163,7 @@ async function stream(card, body, signal) {
       if (first === null) first = now;
       last = now;
       tokens += 1;
+      card.root.dataset.chunks = String(tokens);  // how many pieces the answer arrived in (streaming is visible)
       card.text.textContent += choice.text;
       card.stats.textContent = statsLine(started, first, last, tokens, null);
     }
