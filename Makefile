@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: serve test test-full soak venv bench bench-scaling bench-step clean test-container console-deps test-console vendor-swagger-ui
+.PHONY: serve test test-full soak venv bench bench-scaling bench-step clean test-container console-deps test-console console-screenshots vendor-swagger-ui
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ console-deps: $(CONSOLE_STAMP)
 
 test-console: console-deps
 	$(BIN)/python -m pytest -q -s -m 'full or not full' tests/console $(ARGS)
+
+# docs/console-*.png, the README's screenshots of the console (a real server and Chromium).
+console-screenshots: console-deps
+	$(BIN)/python -m tests.console.screenshots
 
 # Re-vendor Swagger UI (served by /docs) from the npm package swagger-ui-dist.
 SWAGGER_UI_VERSION ?= 5.35.0
