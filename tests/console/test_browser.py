@@ -108,6 +108,22 @@ def test_narrow_screen_stacks_the_table(browser, server_url):
         context.close()
 
 
+def test_wrong_admin_token_is_explained_and_asked_again(page, server_url):
+    page.goto(f"{server_url}/")
+    page.wait_for_selector("#credentials-dialog[open]", timeout=UI_TIMEOUT_MS)
+    page.fill("#admin-token", "not-the-token")
+    page.click("#credentials-save")  # the refusal opens the dialog again at once: no wait for it to close
+    error = page.locator("#adapters-error")
+    error.wait_for(state="visible", timeout=UI_TIMEOUT_MS)
+    assert "admin token is wrong (HTTP 401)" in error.inner_text()
+    page.wait_for_selector("#credentials-dialog[open]", timeout=UI_TIMEOUT_MS)
+    assert "admin token" in page.inner_text("#credentials-reason")
+    page.fill("#admin-token", ADMIN_TOKEN)
+    page.click("#credentials-save")
+    row(page, SHIPPED_NAMES[0]).wait_for(timeout=UI_TIMEOUT_MS)
+    assert page.locator("#adapters-error").is_hidden()
+
+
 @pytest.mark.full
 def test_playground_streams_four_different_answers(page, server_url):
     sign_in(page, server_url)
