@@ -59,8 +59,9 @@ def console_server(scratch: Path, *flags: str):
     store = scratch / "store"
     shutil.copytree(SHIPPED_ADAPTERS, store, ignore=shutil.ignore_patterns(".loraplex-registry.json"))
     env = {"LORAPLEX_ADMIN_TOKEN": ADMIN_TOKEN, "LORAPLEX_API_KEY": API_KEY, "OMP_NUM_THREADS": "1"}
+    # A small KV cache (the console sends a handful of short requests) and a short drain keep start and stop quick.
     with running_server("--adapters-dir", str(store), "--cache-dir", str(TEST_CACHE), "--device", "cpu",
-                        *flags, env=env) as url:
+                        "--kv-cache-tokens", "4096", "--shutdown-grace", "2", *flags, env=env) as url:
         yield url
 
 
@@ -72,10 +73,13 @@ class PageLog:
     requests: list[str] = field(default_factory=list)
 
     def attach(self, page) -> None:
-        page.on("console", lambda m: self.errors.append(f"console.{m.type}: {m.text}")
-                if m.type in ("error", "warning") else None)
-        page.on("pageerror", lambda e: self.errors.append(f"uncaught: {e}"))
-        page.on("request", lambda r: self.requests.append(r.url))
+        page.on("console", self._console)
+        page.on("pageerror", lambda error: self.errors.append(f"uncaught: {error}"))
+        page.on("request", lambda request: self.requests.append(request.url))
+
+    def _console(self, message) -> None:
+        if message.type in ("error", "warning"):
+            self.errors.append(f"console.{message.type}: {message.text}")
 
 
 def sign_in(page, url: str, admin: str = ADMIN_TOKEN, key: str = API_KEY) -> None:

@@ -113,9 +113,7 @@ def test_wrong_admin_token_is_explained_and_asked_again(page, server_url):
     page.wait_for_selector("#credentials-dialog[open]", timeout=UI_TIMEOUT_MS)
     page.fill("#admin-token", "not-the-token")
     page.click("#credentials-save")  # the refusal opens the dialog again at once: no wait for it to close
-    error = page.locator("#adapters-error")
-    error.wait_for(state="visible", timeout=UI_TIMEOUT_MS)
-    assert "admin token is wrong (HTTP 401)" in error.inner_text()
+    page.locator("#adapters-error", has_text="admin token is wrong (HTTP 401)").wait_for(timeout=UI_TIMEOUT_MS)
     page.wait_for_selector("#credentials-dialog[open]", timeout=UI_TIMEOUT_MS)
     assert "admin token" in page.inner_text("#credentials-reason")
     page.fill("#admin-token", ADMIN_TOKEN)
