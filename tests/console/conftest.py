@@ -1,4 +1,8 @@
-"""Fixtures of the web console's browser tests: one real server per module, one Chromium per session."""
+"""Fixtures of the web console's browser tests: one real server and one Chromium per module.
+
+Module scope, not session: Playwright's sync API keeps an asyncio loop running in this thread while it
+is open, so every later test that calls `asyncio.run` would fail if the browser outlived the module.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import pytest
 from tests.console.browser import PageLog, browser_missing, chromium, console_server
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
     reason = browser_missing()
     if reason:
