@@ -78,7 +78,14 @@ def test_console_loads_lists_shipped_adapters_and_docs_are_offline(page, server_
     assert page.evaluate("sessionStorage.getItem('loraplex.adminToken')") == ADMIN_TOKEN
     assert page.evaluate("localStorage.length") == 0
 
-    # Keyboard: the views are reached with Tab and Enter, and focus moves to the new view.
+    # Keyboard: Tab walks the skip link, the views, the docs and the tokens button in reading order,
+    # Enter opens a view and focus moves to it.
+    page.evaluate("document.activeElement.blur()")
+    stops = []
+    for _ in range(7):
+        page.keyboard.press("Tab")
+        stops.append(page.evaluate("document.activeElement.textContent.trim()"))
+    assert stops == ["Skip to content", "Adapters", "Upload", "Playground", "API docs", "Tokens…", "Refresh"]
     page.focus("a[data-view-link='upload']")
     page.keyboard.press("Enter")
     page.wait_for_selector("#view-upload:not([hidden])", timeout=UI_TIMEOUT_MS)
