@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: serve test test-full soak venv bench bench-scaling bench-step clean test-container
+.PHONY: serve test test-full soak venv bench bench-scaling bench-step clean test-container console-deps test-console console-screenshots vendor-swagger-ui
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,36 @@ test: $(STAMP)
 # forms (marker `soak`); about 15 minutes on 2 CPU cores. CI runs it after `make test`.
 test-full: $(STAMP)
 	$(BIN)/python -m pytest -q -s -m 'full or soak' --durations=15 $(ARGS)
+
+# The web console's browser tests (tests/console) need Chromium and Playwright's Python package; they skip,
+# saying why, without them. Chromium comes from the system (apt-get, only when /usr/bin/chromium is missing),
+# never from `playwright install`. CI runs console-deps before the suites; test-console runs every browser test.
+CHROMIUM ?= /usr/bin/chromium
+CONSOLE_STAMP := $(VENV)/.console-installed
+$(CONSOLE_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[console]'
+	touch $(CONSOLE_STAMP)
+
+console-deps: $(CONSOLE_STAMP)
+	@test -x $(CHROMIUM) || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
+	  || echo "chromium could not be installed: the browser tests will skip"
+
+test-console: console-deps
+	$(BIN)/python -m pytest -q -s -m 'full or not full' tests/console $(ARGS)
+
+# docs/console-*.png, the README's screenshots of the console (a real server and Chromium).
+console-screenshots: console-deps
+	$(BIN)/python -m tests.console.screenshots
+
+# Re-vendor Swagger UI (served by /docs) from the npm package swagger-ui-dist.
+SWAGGER_UI_VERSION ?= 5.35.0
+SWAGGER_UI_DIR := server/console/static/vendor/swagger-ui
+vendor-swagger-ui:
+	rm -rf /tmp/swagger-ui-dist && mkdir -p /tmp/swagger-ui-dist
+	cd /tmp/swagger-ui-dist && npm pack --silent swagger-ui-dist@$(SWAGGER_UI_VERSION) && tar xzf swagger-ui-dist-*.tgz
+	cd /tmp/swagger-ui-dist/package && cp swagger-ui-bundle.js swagger-ui-bundle.js.LICENSE.txt swagger-ui.css \
+	  LICENSE NOTICE $(CURDIR)/$(SWAGGER_UI_DIR)/
+	sed -i 's/swagger-ui-dist` [0-9.]*/swagger-ui-dist` $(SWAGGER_UI_VERSION)/' $(SWAGGER_UI_DIR)/README.md
 
 # Build the Docker image and run it for real (docker run and docker-compose); SKIPs without a Docker engine.
 HADOLINT_VERSION ?= 2.15.1

@@ -14,6 +14,7 @@ from server.api.admin_routes import router as admin_router
 from server.api.auth import AuthGate
 from server.api.background import BackgroundPool
 from server.api.body_limit import BodyLimit
+from server.api.console_routes import install_console
 from server.api.errors import error_response, install_error_handlers
 from server.api.lifecycle import AdmissionGate, Lifecycle
 from server.api.metrics import ApiMetrics
@@ -46,7 +47,8 @@ def create_app(engine: Any, settings: Settings | None = None) -> FastAPI:
     then `/ready` and every `/v1` route answer 503 `engine_not_ready`.
     """
     settings = settings or getattr(engine, "settings", None) or Settings()
-    app = FastAPI(title="loraplex", version=__version__, description=DESCRIPTION)
+    # docs_url/redoc_url None: FastAPI's own pages load their assets from a CDN; install_console serves /docs.
+    app = FastAPI(title="loraplex", version=__version__, description=DESCRIPTION, docs_url=None, redoc_url=None)
     app.state.engine, app.state.settings = engine, settings
     app.state.lifecycle = Lifecycle()
     app.state.upload_slots = UploadSlots(settings.max_concurrent_uploads)
@@ -55,6 +57,7 @@ def create_app(engine: Any, settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(openai_router)
     app.include_router(admin_router)
+    install_console(app)
     # Added innermost first. Outermost: the access log (it logs every refusal too), then auth and
     # admission, which answer from the headers alone, before anything reads a body.
     app.add_middleware(BodyLimit, read_timeout=settings.body_read_timeout)
