@@ -1,7 +1,7 @@
 """Helpers shared by the benchmarks: workloads, cheap adapters, engine runs with per-token timing,
 this machine's read bandwidth and the bytes of an adapter.
 
-Imported by bench/throughput.py, bench/scaling.py and bench/hot_load.py; no benchmark logic here.
+Imported by the scripts in bench/; no benchmark logic here.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import random
 import statistics
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,6 +107,39 @@ def read_bandwidth(mbytes: int = 512, repeats: int = 5) -> float:
         src.sum()
         best = min(best, time.perf_counter() - start)
     return src.numel() * 4 / best
+
+
+def forward_flops(model, layout: BaseLayout, tokenizer, work: Workload) -> float:
+    """Multiply-add FLOPs of serving `work` on `model` with no waste: every linear layer for each token
+    fed (prompt, then each new token but the last), the LM head once per new token, and attention's
+    QK^T and AV over each token's context."""
+    config = model.config
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    linear = sum(fan_in * fan_out for fan_in, fan_out in layout.linear.values())
+    flops = 0.0
+    for prompt, new in work:
+        fed = len(tokenizer(prompt)["input_ids"]) + new - 1
+        flops += 2 * linear * fed + 2 * config.vocab_size * hidden * new + 2 * hidden * layers * fed * (fed + 1)
+    return flops
+
+
+def matmul_rate(model, layout: BaseLayout, rows: int, repeats: int = 5) -> float:
+    """FLOP/s of float32 `F.linear` over the model's linear shapes and LM head at `rows` rows, each
+    weighted by how often a forward runs it: the best of `repeats` (the arithmetic ceiling of a step)."""
+    config = model.config
+    shapes = Counter(layout.linear.values())
+    shapes[(config.hidden_size, config.vocab_size)] += 1
+    mats = {shape: (torch.randn(rows, shape[0]), torch.randn(shape[1], shape[0])) for shape in shapes}
+    flops = sum(2 * rows * i * o * n for (i, o), n in shapes.items())
+    best = float("inf")
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        for shape, count in shapes.items():
+            x, w = mats[shape]
+            for _ in range(count):
+                torch.nn.functional.linear(x, w)
+        best = min(best, time.perf_counter() - start)
+    return flops / best
 
 
 @dataclass

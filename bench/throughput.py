@@ -35,8 +35,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import (RESULTS, Workload, in_thread, latency_summary, lora_bytes,  # noqa: E402
-                          make_workload, read_bandwidth, run_burst, start_engine, write_json)
+from bench.common import (RESULTS, Workload, forward_flops, in_thread, latency_summary,  # noqa: E402
+                          lora_bytes, make_workload, matmul_rate, read_bandwidth, run_burst, start_engine,
+                          write_json)
 from server.adapters.layout import BaseLayout  # noqa: E402
 from server.config import Settings  # noqa: E402
 from server.models import load_base_model  # noqa: E402
@@ -128,6 +129,17 @@ def traffic(spec: Spec, layout: BaseLayout, row: dict, bandwidth: float) -> dict
             "padded_bound": padded}
 
 
+def arithmetic(row: dict, flops: float, rates: dict[int, float]) -> dict:
+    """The bound arithmetic sets on base-only engine / generate: no engine can serve the workload's
+    FLOPs (bench/common.py `forward_flops`) faster than float32 matmuls run at 64 rows (the engine's
+    batch) on this machine; `generate`'s own time over that floor is the best ratio possible."""
+    floor = flops / rates[64]
+    return {"gflop": flops / 1e9, "gflops_at_64_rows": rates[64] / 1e9, "floor_s": floor,
+            "bound": row["generate"]["seconds"] / floor,
+            "generate_gflops": flops / row["generate"]["seconds"] / 1e9,
+            "engine_base_gflops": flops / row["engine_base"]["seconds"] / 1e9}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workloads", nargs="*", help="names to run (default: all)")
@@ -145,6 +157,7 @@ def main() -> None:
     base = in_thread(load_base_model, settings)
     layout = BaseLayout.from_model(base.model)
     bandwidth = in_thread(read_bandwidth)
+    rates = {64: in_thread(matmul_rate, base.model, layout, 64)}
     works = {(s.requests, s.equal): make_workload(base.tokenizer, s.requests, prompt_range, new_range, args.seed,
                                                   s.equal) for s in todo}
     rows: dict[str, dict] = {}
@@ -175,6 +188,8 @@ def main() -> None:
                                "generate": base_runs[key]["generate"], "models": models,
                                "base_runs_of": base_runs[key]["first"]}
             rows[spec.name]["traffic"] = traffic(spec, layout, rows[spec.name], bandwidth)
+            rows[spec.name]["arithmetic"] = arithmetic(rows[spec.name], in_thread(forward_flops, base.model, layout,
+                                                                                 base.tokenizer, work), rates)
         # PEFT last: it wraps base.model in place, which would change the `generate` runs above.
         from peft import PeftModel
 
@@ -229,6 +244,10 @@ def render(rows: dict[str, dict], meta: dict) -> str:
             "this run). Bound: the base-only run's time plus reading, once per step, the A and B of every distinct "
             "adapter in the step (the engine counts them), at that bandwidth; \"padded\": the same with every "
             "adapter at the slots' padded rank, which the CPU op reads.\n",
+            f"Arithmetic: float32 matmuls over the model's shapes run at {any_row['arithmetic']['gflops_at_64_rows']:.0f} "
+            "GFLOP/s at 64 rows here; no engine serves a workload's FLOPs (every linear layer per token fed, the LM "
+            "head per new token, attention over the context) faster, so `generate`'s time over that floor bounds "
+            "base-only engine / generate.\n",
             "| workload | ratio | measured | target | adapter MB | adapter-steps | LoRA GB read | bound (padded) |",
             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, row in rows.items():
@@ -239,7 +258,7 @@ def render(rows: dict[str, dict], meta: dict) -> str:
         out.append(f"| {name} | adapters engine / PEFT mixed batch | {r['engine_multi'] / r['peft']:.2f} | >= 3.0 "
                    f"| | | | |")
         out.append(f"| {name} | base-only engine / generate | {r['engine_base'] / r['generate']:.2f} | >= 1.5 "
-                   f"| | | | |")
+                   f"| | | | {row['arithmetic']['bound']:.2f} (arithmetic) |")
     return "\n".join(out) + "\n"
 
 
