@@ -32,7 +32,8 @@ TRAIN_EXAMPLES, HELDOUT_EXAMPLES = 320, 200
 
 
 def _config(targets: str | list[str], lr: float = 2e-3) -> TrainConfig:
-    return TrainConfig(rank=8, alpha=16, targets=targets, lr=lr, epochs=1, batch_size=8, seed=0, max_length=96)
+    return TrainConfig(rank=8, alpha=16, targets=targets, lr=lr, epochs=1, batch_size=8, seed=0, max_length=96,
+                       warmup=0.05)
 
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
