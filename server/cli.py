@@ -82,12 +82,14 @@ def serve(overrides: dict) -> int:
     from server.api.app import create_app
     from server.api.serving import bind, run
     from server.config import Settings
+    from server.logs import configure_logging
 
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
         print(settings_error(exc), file=sys.stderr)
         return 2
+    configure_logging(settings.log_format)
     try:
         sock = bind(settings.host, settings.port)
     except OSError as exc:
@@ -122,7 +124,9 @@ def startup_summary(engine, settings) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from server.logs import configure_logging
+
+    configure_logging("text")  # `serve` applies --log-format once its settings are read
     args = vars(build_parser().parse_args(argv))
     command = args.pop("command")
     if command == "serve":

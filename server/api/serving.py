@@ -25,6 +25,7 @@ from fastapi import FastAPI
 
 from server.api.http_protocol import bounded_protocol
 from server.config import Settings
+from server.logs import logging_config
 
 log = logging.getLogger(__name__)
 DRAIN_POLL = 0.05
@@ -49,7 +50,9 @@ def bind(host: str, port: int) -> socket.socket:
 def uvicorn_config(app: FastAPI, settings: Settings, grace: float) -> uvicorn.Config:
     # access_log off: the API logs one line per request itself (server.api.access), without keys or prompts.
     # httptools (C) with a head-size bound of our own: see http_protocol.py.
+    # log_config: uvicorn's loggers share the server's one format (server/logs.py) instead of their own.
     return uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info", access_log=False,
+                          log_config=logging_config(settings.log_format),
                           http=bounded_protocol(settings.max_header_bytes),
                           timeout_keep_alive=settings.keep_alive_timeout,
                           limit_concurrency=settings.limit_concurrency,
