@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: serve test test-full soak venv bench bench-scaling bench-step clean test-container
+.PHONY: serve test test-full test-all soak venv bench bench-scaling bench-step clean test-container
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,13 +19,19 @@ venv: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/loraplex serve $(ARGS)
 
+# One line per test file as it runs (its tests' results as dots), skipped tests with their reasons at the end.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=15 $(ARGS)
+	$(BIN)/python -m pytest -rs --durations=15 $(ARGS)
 
 # Everything `make test` leaves out: the long checks (marker `full`) and the reliability suites' full
 # forms (marker `soak`); about 15 minutes on 2 CPU cores. CI runs it after `make test`.
 test-full: $(STAMP)
-	$(BIN)/python -m pytest -q -s -m 'full or soak' --durations=15 $(ARGS)
+	$(BIN)/python -m pytest -v -s -m 'full or soak' --durations=15 $(ARGS)
+
+# The whole set, what CI runs before the container checks: `make test`, then `make test-full`.
+test-all: $(STAMP)
+	$(MAKE) test
+	$(MAKE) test-full
 
 # Build the Docker image and run it for real (docker run and docker-compose); SKIPs without a Docker engine.
 HADOLINT_VERSION ?= 2.15.1
