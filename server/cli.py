@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_settings_flags(serve)
     try:
-        from server.train.command import add_train_arguments
+        from server.train.options import add_train_arguments
     except ImportError:
         return parser
     add_train_arguments(commands.add_parser("train", help="fine-tune a LoRA adapter from a JSONL file"))

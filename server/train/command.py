@@ -11,49 +11,12 @@ import torch
 
 from server.train.data import DataError, Encoded, encode_all, load_jsonl, pad_id_of
 from server.train.evaluate import EvalReport, evaluate
+from server.train.options import add_train_arguments, config_from_args  # noqa: F401 - the command's API
 from server.train.trainer import (
-    TrainConfig, TrainStats, default_threads, parse_targets, save_adapter, seed_everything, train, wrap_with_lora,
+    TrainConfig, TrainStats, default_threads, save_adapter, seed_everything, train, wrap_with_lora,
 )
 
-DEFAULTS = TrainConfig()
 MIN_SPLIT = 20  # without --eval, data sets at least this large give a tenth to early stopping
-
-
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("data", type=Path, help='training JSONL: {"prompt", "completion"} or {"messages": [...]} per line')
-    parser.add_argument("--output", "-o", type=Path, required=True, help="folder for the PEFT adapter")
-    parser.add_argument("--eval", type=Path, default=None, help="held-out JSONL: early stopping on its loss, then "
-                        "exact-match accuracy; without it a tenth of the data (20+ examples) is held out for stopping")
-    parser.add_argument("--report", type=Path, default=None, help="also write the held-out report as JSON here")
-    parser.add_argument("--rank", type=int, default=DEFAULTS.rank, help="LoRA rank r (default %(default)s)")
-    parser.add_argument("--alpha", type=float, default=DEFAULTS.alpha, help="LoRA alpha (default %(default)s)")
-    parser.add_argument("--targets", default="all-linear", help="comma-separated module names, or all-linear (default)")
-    parser.add_argument("--dropout", type=float, default=DEFAULTS.dropout, help="LoRA dropout (default %(default)s)")
-    parser.add_argument("--lr", type=float, default=DEFAULTS.lr, help="peak learning rate (default %(default)s)")
-    parser.add_argument("--epochs", type=int, default=DEFAULTS.epochs, help="at most this many epochs; early "
-                        "stopping usually ends sooner (default %(default)s)")
-    parser.add_argument("--patience", type=int, default=DEFAULTS.patience, help="epochs without a lower held-out "
-                        "loss before stopping (default %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size, help="default %(default)s")
-    parser.add_argument("--seed", type=int, default=DEFAULTS.seed, help="default %(default)s")
-    parser.add_argument("--max-length", type=int, default=DEFAULTS.max_length, help="tokens per example (default %(default)s)")
-    parser.add_argument("--model", default=None, help="local base model folder (default: the embedded default model)")
-    parser.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the server's setting, auto)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: the idle cores, at least 1)")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    for name in ("rank", "epochs", "batch_size", "max_length", "patience"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.lr <= 0 or args.alpha <= 0:
-        raise ValueError("--lr and --alpha must be positive")
-    return TrainConfig(
-        rank=args.rank, alpha=args.alpha, targets=parse_targets(args.targets), dropout=args.dropout,
-        lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, max_length=args.max_length,
-        patience=args.patience,
-    )
 
 
 def load_base(args: argparse.Namespace):

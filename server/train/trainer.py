@@ -18,25 +18,8 @@ from tqdm import tqdm
 from transformers import PreTrainedModel
 
 from server.train.data import IGNORE_INDEX, Encoded, collate
+from server.train.options import TrainConfig, parse_targets  # noqa: F401 - re-exported
 from server.train.evaluate import mean_loss
-
-
-@dataclass
-class TrainConfig:
-    """Defaults measured on the shipped tasks at 30 and 100 examples (see the README's `loraplex train`)."""
-
-    rank: int = 8
-    alpha: float = 16.0
-    targets: str | list[str] = "all-linear"
-    dropout: float = 0.0
-    lr: float = 2e-3
-    epochs: int = 8  # at most: early stopping on the held-out loss usually ends sooner
-    batch_size: int = 8
-    seed: int = 0
-    max_length: int = 256
-    warmup: float = 0.1  # fraction of the planned steps spent warming up the learning rate
-    patience: int = 1  # epochs without a better held-out loss before training stops
-    min_delta: float = 1e-3  # a held-out loss lower by less than this (per token) is no improvement
 
 
 @dataclass
@@ -68,17 +51,6 @@ class TrainStats:
     @property
     def stopped_early(self) -> bool:
         return len(self.train_losses) < self.planned_epochs
-
-
-def parse_targets(text: str) -> str | list[str]:
-    """`all-linear` stays PEFT's keyword; anything else is a comma-separated module list."""
-    text = text.strip()
-    if text == "all-linear":
-        return text
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    if not names:
-        raise ValueError("--targets must name at least one module")
-    return names
 
 
 def default_threads() -> int:
