@@ -79,8 +79,7 @@ def serve(overrides: dict) -> int:
     """Listen first, load the model behind the socket, drain on SIGTERM (server/api/serving.py)."""
     from pydantic import ValidationError
 
-    from server.api.app import create_app
-    from server.api.serving import bind, run
+    from server.api.listen import bind
     from server.config import Settings
     from server.logs import configure_logging
 
@@ -95,6 +94,9 @@ def serve(overrides: dict) -> int:
     except OSError as exc:
         print(f"loraplex: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}", file=sys.stderr)
         return 2
+    from server.api.app import create_app  # FastAPI and uvicorn: imported once the port is ours
+    from server.api.serving import run
+
     return run(create_app(None, settings), settings, lambda: build_engine(settings), sock)
 
 
