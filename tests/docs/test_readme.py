@@ -74,9 +74,10 @@ class Session:
 
 
 def client_env(workdir: Path) -> dict[str, str]:
-    """The user's shell: `python3`, `python` and `.venv/bin/loraplex` are this interpreter with this checkout."""
+    """The user's shell: `python3`, `python` and `.venv/bin/loraplex` are this interpreter with this checkout
+    (and the test suite's model cache, so `loraplex train` converts nothing)."""
     return {**os.environ, "PATH": f"{workdir / '.venv' / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
-            "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+            "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "LORAPLEX_CACHE_DIR": str(TEST_CACHE)}
 
 
 def make_workdir(workdir: Path) -> None:
@@ -102,8 +103,8 @@ def readme_session(tmp: Path) -> Iterator[Session]:
     env_file.write_text("")
     log = tmp / "server.log"
     # `make serve` runs `loraplex serve` with no flags: only the port differs (and the test suite's model cache).
-    env = {**client_env(workdir), "LORAPLEX_ADMIN_TOKEN": ADMIN_TOKEN, "LORAPLEX_CACHE_DIR": str(TEST_CACHE),
-           "LORAPLEX_PORT": str(port), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env = {**client_env(workdir), "LORAPLEX_ADMIN_TOKEN": ADMIN_TOKEN, "LORAPLEX_PORT": str(port),
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     for variable in ("LORAPLEX_ADAPTERS_DIR", "LORAPLEX_API_KEY"):
         env.pop(variable, None)
     with open(log, "wb") as out:
