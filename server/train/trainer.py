@@ -18,8 +18,8 @@ from tqdm import tqdm
 from transformers import PreTrainedModel
 
 from server.train.data import IGNORE_INDEX, Encoded, collate
-from server.train.options import TrainConfig, parse_targets  # noqa: F401 - re-exported
 from server.train.evaluate import mean_loss
+from server.train.options import TrainConfig, parse_targets  # noqa: F401 - re-exported
 
 
 @dataclass
