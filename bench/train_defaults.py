@@ -46,7 +46,7 @@ def run(task_name: str, size: int, config: TrainConfig, n_stop: int, n_test: int
     outputs = generate_greedy(model, tokenizer, test_examples, max_new_tokens_for(test_examples, tokenizer))
     accuracy = sum(exact_match(o, e.completion) for o, e in zip(outputs, test_examples)) / len(test_examples)
     return {"task": task_name, "examples": size, "lr": config.lr, "max_epochs": config.epochs,
-            "warmup": config.warmup, "epochs_run": len(stats.train_losses),
+            "warmup": config.warmup, "patience": config.patience, "epochs_run": len(stats.train_losses),
             "best_epoch": stats.best_epoch, "train_loss": round(stats.last_loss, 4),
             "held_out_loss": round(stats.held_out_loss, 4), "accuracy": accuracy, "train_seconds": round(stats.seconds)}
 
@@ -58,6 +58,7 @@ def main() -> int:
     parser.add_argument("--lrs", nargs="+", type=float, default=[TrainConfig().lr])
     parser.add_argument("--epochs", type=int, default=TrainConfig().epochs)
     parser.add_argument("--warmup", type=float, default=TrainConfig().warmup)
+    parser.add_argument("--patience", type=int, default=TrainConfig().patience)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--stop-examples", type=int, default=30)
     parser.add_argument("--test-examples", type=int, default=50)
@@ -67,7 +68,8 @@ def main() -> int:
         for size in args.sizes:
             for lr in args.lrs:
                 start = time.perf_counter()
-                result = run(task, size, replace(TrainConfig(), lr=lr, epochs=args.epochs, warmup=args.warmup), args.stop_examples,
+                result = run(task, size, replace(TrainConfig(), lr=lr, epochs=args.epochs, warmup=args.warmup,
+                                             patience=args.patience), args.stop_examples,
                              args.test_examples)
                 result["seconds"] = round(time.perf_counter() - start)
                 print(json.dumps(result), flush=True)
