@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: serve test test-full soak venv bench bench-scaling bench-step clean test-container console-deps test-console console-screenshots vendor-swagger-ui
+.PHONY: serve test test-full test-all soak venv bench bench-scaling bench-step clean test-container console-deps test-console console-screenshots vendor-swagger-ui
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,13 +19,19 @@ venv: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/loraplex serve $(ARGS)
 
+# One line per test file as it runs (its tests' results as dots), skipped tests with their reasons at the end.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=15 $(ARGS)
+	$(BIN)/python -m pytest -rs --durations=15 $(ARGS)
 
 # Everything `make test` leaves out: the long checks (marker `full`) and the reliability suites' full
 # forms (marker `soak`); about 15 minutes on 2 CPU cores. CI runs it after `make test`.
 test-full: $(STAMP)
-	$(BIN)/python -m pytest -q -s -m 'full or soak' --durations=15 $(ARGS)
+	$(BIN)/python -m pytest -v -s -m 'full or soak' --durations=15 $(ARGS)
+
+# The whole set, what CI runs before the container checks: `make test`, then `make test-full`.
+test-all: $(STAMP)
+	$(MAKE) test
+	$(MAKE) test-full
 
 # The web console's browser tests (tests/console) need Chromium and Playwright's Python package; they skip,
 # saying why, without them. Chromium comes from the system (apt-get, only when /usr/bin/chromium is missing),

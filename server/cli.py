@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_settings_flags(serve)
     try:
-        from server.train.command import add_train_arguments
+        from server.train.options import add_train_arguments
     except ImportError:
         return parser
     add_train_arguments(commands.add_parser("train", help="fine-tune a LoRA adapter from a JSONL file"))
@@ -79,20 +79,24 @@ def serve(overrides: dict) -> int:
     """Listen first, load the model behind the socket, drain on SIGTERM (server/api/serving.py)."""
     from pydantic import ValidationError
 
-    from server.api.app import create_app
-    from server.api.serving import bind, run
+    from server.api.listen import bind
     from server.config import Settings
+    from server.logs import configure_logging
 
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
         print(settings_error(exc), file=sys.stderr)
         return 2
+    configure_logging(settings.log_format)
     try:
         sock = bind(settings.host, settings.port)
     except OSError as exc:
         print(f"loraplex: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}", file=sys.stderr)
         return 2
+    from server.api.app import create_app  # FastAPI and uvicorn: imported once the port is ours
+    from server.api.serving import run
+
     return run(create_app(None, settings), settings, lambda: build_engine(settings), sock)
 
 
@@ -122,7 +126,9 @@ def startup_summary(engine, settings) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from server.logs import configure_logging
+
+    configure_logging("text")  # `serve` applies --log-format once its settings are read
     args = vars(build_parser().parse_args(argv))
     command = args.pop("command")
     if command == "serve":

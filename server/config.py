@@ -62,6 +62,8 @@ class Settings(BaseSettings):
                                   "(bytes); more gets 431")
     shutdown_grace: float = Field(30.0, ge=0, description="seconds after SIGTERM for running requests and uploads "
                                   "to finish before the server exits")
+    log_format: Literal["text", "json"] = Field("text", description="log lines of every logger (uvicorn's too): "
+                                                "text (time level logger: message) or json (one object per line)")
 
     @field_validator("api_key", "admin_token", mode="before")
     @classmethod

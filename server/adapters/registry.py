@@ -32,12 +32,16 @@ log = logging.getLogger(__name__)
 
 LOADING, READY, ERROR = "loading", "ready", "error"
 
-__all__ = ["ERROR", "LOADING", "READY", "AdapterExists", "AdapterKey", "AdapterNameError", "AdapterRecord",
-           "AdapterRegistry"]
+__all__ = ["ERROR", "LOADING", "READY", "AdapterExists", "AdapterKey", "AdapterNameError", "AdapterProtected",
+           "AdapterRecord", "AdapterRegistry"]
 
 
 class AdapterExists(Exception):
     """The name is taken and overwrite was not asked for."""
+
+
+class AdapterProtected(Exception):
+    """The name's folder is one the server did not write, in a store it was not told it may change."""
 
 
 @dataclass(eq=False)
@@ -71,8 +75,11 @@ class AdapterRegistry:
 
     def __init__(self, store: AdapterStore, layout: BaseLayout, max_rank: int, max_cpu_loras: int,
                  reserved_names: frozenset[str] = frozenset(), max_bytes: int = 1 << 40,
-                 max_cpu_bytes: int = 1 << 62) -> None:
+                 max_cpu_bytes: int = 1 << 62, protect_found: bool = False) -> None:
+        """`protect_found`: folders found in the store that the server did not write (the shipped adapters,
+        when the store is the checkout's default `adapters/`) are never deleted or replaced."""
         self.store = store
+        self.protect_found = protect_found
         self.layout = layout
         self.max_rank = max_rank
         self.max_cpu_loras = max_cpu_loras
@@ -99,17 +106,21 @@ class AdapterRegistry:
         """Validate a store folder in place and register it (start-up); keeps a known identity."""
         self.check_name(name)
         with self._name_lock(name):
-            self._check_free(name, overwrite)
-            adapter = load_peft_adapter(folder, self.layout, self.max_rank)
-            sha = file_sha256(_read(folder / CONFIG_FILE), folder / WEIGHTS_FILE)
-            issued = self.state.known(name, sha) or self.state.issue(name, sha)
-            return self._insert(name, folder, adapter, sha, issued.generation, issued.version)
+            return self._register_folder(name, folder, overwrite)
+
+    def _register_folder(self, name: str, folder: Path, overwrite: bool) -> AdapterRecord:
+        self._check_free(name, overwrite)
+        adapter = load_peft_adapter(folder, self.layout, self.max_rank)
+        sha = file_sha256(_read(folder / CONFIG_FILE), folder / WEIGHTS_FILE)
+        issued = self.state.known(name, sha) or self.state.issue(name, sha)
+        return self._insert(name, folder, adapter, sha, issued.generation, issued.version)
 
     def add_file(self, name: str, config_bytes: bytes, weights_path: Path, overwrite: bool = False) -> AdapterRecord:
         """Register an upload whose weights are a file (the caller's private copy, unchanged until this
         returns): hashed in chunks and memory-mapped, never read whole into memory; copied into the store."""
         self.check_name(name)
         self._check_free(name, overwrite)
+        self.check_writable(name)
         weights_path = Path(weights_path)
         return self._add(name, config_bytes, weights_path, file_sha256(config_bytes, weights_path, self.max_bytes),
                          overwrite)
@@ -118,6 +129,7 @@ class AdapterRegistry:
         """Validate uploaded bytes in full, then write them to the store atomically and register."""
         self.check_name(name)
         self._check_free(name, overwrite)
+        self.check_writable(name)
         return self._add(name, config_bytes, weights_bytes, adapter_sha256(config_bytes, weights_bytes), overwrite)
 
     def scan(self) -> dict[str, str]:
@@ -129,6 +141,10 @@ class AdapterRegistry:
             log.warning("adapter store %s does not exist; no adapters registered", root)
             return rejected
         for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            if self.state.unloaded(folder.name):
+                log.info("adapter %s is unloaded (its files stay in %s); POST /v1/load_lora_adapter with "
+                         "lora_path %s registers it again", folder.name, folder, folder)
+                continue
             try:
                 record = self.register_folder(folder.name, folder)
                 log.info("registered adapter %s v%d (generation %d, sha256 %s, rank %d, %d modules)", record.name,
@@ -142,16 +158,51 @@ class AdapterRegistry:
     def remove(self, name: str) -> AdapterRecord | None:
         """Unregister `name` at once, then delete it from the store; running requests keep their copy."""
         with self._name_lock(name):
-            with self._lock:
-                record = self._records.pop(name, None)
-                if record is None:
-                    return None
-                record.deleted = True
-                self._uncache(record.key)
-            self.on_retired(record)
-            self.store.remove(name)
-            self.state.forget(name)
+            if self.get(name) is not None:
+                self.check_writable(name)
+            record = self._unregister(name)
+            if record is not None:
+                self.store.remove(name)
+                self.state.forget(name)
             return record
+
+    def unload(self, name: str) -> AdapterRecord | None:
+        """Unregister `name` at once and keep its files; persisted, so a restart does not register it again."""
+        with self._name_lock(name):
+            record = self._unregister(name)
+            if record is not None:
+                self.state.mark_unloaded(name)
+            return record
+
+    def reload(self, name: str) -> AdapterRecord:
+        """Register again, from its own store folder, an adapter that was unloaded (or is not registered)."""
+        self.check_name(name)
+        folder = self.store.folder(name)
+        if not folder.is_dir():
+            raise AdapterFormatError(f"the store has no folder {name!r}")
+        with self._name_lock(name):
+            return self._register_folder(name, folder, overwrite=False)
+
+    def is_protected(self, name: str) -> bool:
+        """A store folder the server may not delete or replace (see `protect_found`)."""
+        return (self.protect_found and self.store.folder(name).exists() and not self.state.written(name))
+
+    def check_writable(self, name: str) -> None:
+        if self.is_protected(name):
+            raise AdapterProtected(
+                f"adapter {name!r} ships in {self.store.root}/ and is read-only while the adapter store is that "
+                "default folder: upload it under another name, unload it with /v1/unload_lora_adapter (its files "
+                "stay), or start the server with --adapters-dir (LORAPLEX_ADAPTERS_DIR) set to a store of your own")
+
+    def _unregister(self, name: str) -> AdapterRecord | None:
+        with self._lock:
+            record = self._records.pop(name, None)
+            if record is None:
+                return None
+            record.deleted = True
+            self._uncache(record.key)
+        self.on_retired(record)
+        return record
 
     # Lookup and the CPU tier ------------------------------------------------------------------
 
@@ -199,7 +250,8 @@ class AdapterRegistry:
         adapter = parse_peft_adapter(config, weights, self.layout, self.max_rank)
         with self._name_lock(name):  # one writer per name; the registry lock is free meanwhile
             self._check_free(name, overwrite)
-            issued = self.state.issue(name, sha)
+            self.check_writable(name)
+            issued = self.state.issue(name, sha, written=True)
             folder = self.store.write(name, config, weights)
             return self._insert(name, folder, adapter, sha, issued.generation, issued.version)
 

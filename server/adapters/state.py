@@ -1,8 +1,11 @@
 """The registry's persisted counters: `.loraplex-registry.json` in the store root.
 
-Holds the generation counter (only grows) and, per name, the last version handed out and the
-identity of the version on disk, so versions never restart at 1 after a delete or a restart
-and an unchanged folder keeps its identity across restarts. Written atomically (temp file,
+Holds the generation counter (only grows) and, per name, the last version handed out, the
+identity of the version on disk, whether the server wrote that folder (`written`: an upload or a
+load, as opposed to a folder found in the store) and whether it was unloaded (`unloaded`: its
+files stay, but the start-up scan leaves it out), so versions never restart at 1 after a delete
+or a restart, an unchanged folder keeps its identity across restarts, and an unloaded adapter
+stays unloaded. Written atomically (temp file,
 fsync, rename, fsync of the folder). A hidden file: the store scan ignores it.
 """
 
@@ -40,12 +43,16 @@ class RegistryState:
         self.names: dict[str, dict] = {}  # name -> {"version": int, "generation": int|None, "sha256": str|None}
         self._read()
 
-    def issue(self, name: str, sha256: str) -> Issued:
-        """A new generation and the next version of `name`, persisted."""
+    def issue(self, name: str, sha256: str, written: bool | None = None) -> Issued:
+        """A new generation and the next version of `name`, persisted; registered again (not unloaded).
+        `written`: whether the server wrote the folder (None keeps what is recorded)."""
         with self._lock:
             self.generation += 1
             entry = self.names.setdefault(name, {"version": 0})
             entry.update(version=entry["version"] + 1, generation=self.generation, sha256=sha256)
+            entry.pop("unloaded", None)
+            if written is not None:
+                entry["written"] = written
             issued = Issued(self.generation, entry["version"])
             self._write()
             return issued
@@ -64,7 +71,26 @@ class RegistryState:
             entry = self.names.get(name)
             if entry is not None:
                 entry.update(generation=None, sha256=None)
+                entry.pop("unloaded", None)
+                entry.pop("written", None)
                 self._write()
+
+    def mark_unloaded(self, name: str) -> None:
+        """`name` is unregistered but its files stay: a restart must not register it again. Its identity is
+        dropped, so loading it again issues a new generation (a device slot of the old one may still drain)."""
+        with self._lock:
+            entry = self.names.setdefault(name, {"version": 0})
+            entry.update(generation=None, sha256=None, unloaded=True)
+            self._write()
+
+    def unloaded(self, name: str) -> bool:
+        with self._lock:
+            return bool(self.names.get(name, {}).get("unloaded"))
+
+    def written(self, name: str) -> bool:
+        """Whether the server itself wrote `name`'s folder (an upload or a load by path)."""
+        with self._lock:
+            return bool(self.names.get(name, {}).get("written"))
 
     def _read(self) -> None:
         try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -25,7 +26,7 @@ from server.adapters.names import WEIGHTS_FILE
 from server.api.errors import ApiError, engine_status
 from server.api.folders import copy_adapter_folder
 from server.api.uploads import Upload, check_safetensors, read_upload, validate_name
-from server.engine.request import EngineError
+from server.engine.request import AdapterExistsError, EngineError, UnknownModelError
 
 log = logging.getLogger(__name__)
 
@@ -124,20 +125,56 @@ async def _delete(request: Request, name: str, operation: str, param: str) -> No
     log.info("adapter %s deleted", name)
 
 
-@router.delete("/adapters/{name}", response_model=AdapterDeleted, responses={404: {"description": "unknown adapter"}},
+@router.delete("/adapters/{name}", response_model=AdapterDeleted,
+               responses={404: {"description": "unknown adapter"},
+                          403: {"description": "a shipped adapter in the default store (read-only)"}},
                summary="Unregister an adapter and remove it from the store")
 async def delete_adapter(name: str, request: Request) -> AdapterDeleted:
     await _delete(request, name, "delete", "name")
     return AdapterDeleted(id=name)
 
 
+def _own_store_folder(request: Request, name: str, lora_path: str) -> bool:
+    """Whether `lora_path` (absolute, or relative to the server's folder or the allowed root) is the store's
+    own folder for `name`: loading it registers the files in place (after an unload) instead of copying."""
+    engine, root = request.app.state.engine, request.app.state.settings.allowed_adapter_root
+    if not lora_path or "\x00" in lora_path or not hasattr(engine, "adapter_folder"):
+        return False
+    try:
+        own = engine.adapter_folder(name).resolve()
+        candidates = [Path(lora_path)] + ([root / lora_path] if root is not None else [])
+        return any(c.resolve() == own for c in candidates) and own.is_dir()
+    except (OSError, RuntimeError, ValueError):
+        return False
+
+
+def _already_loaded(name: str) -> ApiError:
+    # vLLM's answer to the same call (400, and the field that replaces it).
+    return ApiError(400, f"The lora adapter '{name}' has already been loaded. If you want to load the adapter in "
+                    "place, set 'load_inplace' to true.", code="adapter_exists", param="lora_name")
+
+
 @router.post("/load_lora_adapter", response_class=PlainTextResponse,
-             responses={403: {"description": "path outside --allowed-adapter-root, or no root configured"}},
+             responses={403: {"description": "path outside --allowed-adapter-root, or no root configured"},
+                        404: {"description": "no adapter folder at lora_path"}},
              summary="vLLM alias: register the adapter folder at lora_path under lora_name")
 async def load_lora_adapter(body: LoadLoraRequest, request: Request) -> PlainTextResponse:
     engine, settings = request.app.state.engine, request.app.state.settings
+    success = PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
     try:
         name = validate_name(body.lora_name, engine.base_name, param="lora_name")
+        registered = any(a.name == name for a in await asyncio.to_thread(engine.list_adapters))
+        if registered and not body.load_inplace:
+            raise _already_loaded(name)
+    except ApiError as exc:
+        raise _counted(request, "load", exc) from None
+    request.scope.setdefault("loraplex", {})["model"] = name
+    if _own_store_folder(request, name, body.lora_path):
+        if not registered:  # unloaded earlier: its files are still in the store
+            info = await _engine_call(request, "load", engine.reload_adapter, name)
+            log.info("adapter %s version %s registered again from the store", info.name, info.version)
+        return success
+    try:
         config, weights, workdir = await request.app.state.background.run(
             copy_adapter_folder, body.lora_path, settings.allowed_adapter_root, settings.max_adapter_bytes,
             settings.upload_tmp_dir)
@@ -149,13 +186,27 @@ async def load_lora_adapter(body: LoadLoraRequest, request: Request) -> PlainTex
     except ApiError as exc:
         await request.app.state.background.run(upload.cleanup)
         raise _counted(request, "load", exc) from None
-    await _register(request, upload, "load")
-    return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+    try:
+        await _register(request, upload, "load")
+    except AdapterExistsError:  # registered meanwhile by another call
+        raise _already_loaded(name) from None
+    return success
 
 
 @router.post("/unload_lora_adapter", response_class=PlainTextResponse,
              responses={404: {"description": "unknown adapter"}},
-             summary="vLLM alias: unregister the adapter lora_name (same as DELETE /v1/adapters/{name})")
+             summary="vLLM alias: unregister the adapter lora_name; its files stay in the store")
 async def unload_lora_adapter(body: UnloadLoraRequest, request: Request) -> PlainTextResponse:
-    await _delete(request, body.lora_name, "unload", "lora_name")
-    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+    engine, name = request.app.state.engine, body.lora_name
+    if name == engine.base_name:
+        raise _counted(request, "unload", ApiError(400, "the base model cannot be unloaded", param="lora_name",
+                                                   code="invalid_value"))
+    request.scope.setdefault("loraplex", {})["model"] = name
+    try:
+        await _engine_call(request, "unload", engine.unload_adapter, name)
+    except UnknownModelError:
+        raise ApiError(404, f"The lora adapter '{name}' cannot be found.", code="model_not_found",
+                       param="lora_name") from None
+    request.app.state.metrics.forget_model(name)
+    log.info("adapter %s unloaded (its files stay in the store)", name)
+    return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")

@@ -24,32 +24,21 @@ import uvicorn
 from fastapi import FastAPI
 
 from server.api.http_protocol import bounded_protocol
+from server.api.listen import bind  # noqa: F401 - re-exported: the serving path's first step
 from server.config import Settings
+from server.logs import logging_config
 
 log = logging.getLogger(__name__)
 DRAIN_POLL = 0.05
 FINAL_FLUSH = 1.0     # seconds uvicorn gets, after the drain, to send what the finished requests left
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """A listening socket; OSError (say, the port is in use) before any model is loaded."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-        sock.listen(2048)
-    except OSError:
-        sock.close()
-        raise
-    sock.set_inheritable(True)
-    return sock
-
-
 def uvicorn_config(app: FastAPI, settings: Settings, grace: float) -> uvicorn.Config:
     # access_log off: the API logs one line per request itself (server.api.access), without keys or prompts.
     # httptools (C) with a head-size bound of our own: see http_protocol.py.
+    # log_config: uvicorn's loggers share the server's one format (server/logs.py) instead of their own.
     return uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info", access_log=False,
+                          log_config=logging_config(settings.log_format),
                           http=bounded_protocol(settings.max_header_bytes),
                           timeout_keep_alive=settings.keep_alive_timeout,
                           limit_concurrency=settings.limit_concurrency,

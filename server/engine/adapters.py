@@ -10,24 +10,45 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from server.adapters.identity import AdapterKey
 from server.adapters.layout import BaseLayout
 from server.adapters.names import AdapterNameError
 from server.adapters.peft_format import AdapterFormatError
-from server.adapters.registry import ERROR, AdapterExists, AdapterRecord, AdapterRegistry
+from server.adapters.registry import ERROR, AdapterExists, AdapterProtected, AdapterRecord, AdapterRegistry
 from server.adapters.slots import NoFreeSlotError, SlotTable
 from server.adapters.store import AdapterStore
 from server.config import Settings
-from server.engine.request import (AdapterExistsError, AdapterInfo, AdapterRejectedError, AdapterUnavailableError,
-                                   AdapterVersionMismatchError, EngineError, UnknownModelError)
+from server.engine.request import (AdapterExistsError, AdapterInfo, AdapterProtectedError, AdapterRejectedError,
+                                   AdapterUnavailableError, AdapterVersionMismatchError, EngineError,
+                                   UnknownModelError)
 from server.engine.scheduler import Admission
 from server.engine.sequence import Sequence
 from server.lora.model import LoraModel
 
 _SHA_PREFIX = re.compile(r"[0-9a-fA-F]{8,64}")
+
+
+def uses_default_store(settings: Settings) -> bool:
+    """True when the store is the implicit `adapters/` (the shipped adapters of a checkout), not one the
+    operator chose with --adapters-dir or LORAPLEX_ADAPTERS_DIR."""
+    return "adapters_dir" not in settings.model_fields_set
+
+
+@contextmanager
+def _engine_errors() -> Iterator[None]:
+    """The registry's refusals as engine errors (the API maps their codes to HTTP statuses)."""
+    try:
+        yield
+    except (AdapterFormatError, AdapterNameError) as exc:
+        raise AdapterRejectedError(str(exc)) from exc
+    except AdapterExists as exc:
+        raise AdapterExistsError(str(exc)) from exc
+    except AdapterProtected as exc:
+        raise AdapterProtectedError(str(exc)) from exc
 
 
 class AdapterManager:
@@ -37,7 +58,8 @@ class AdapterManager:
         self.registry = AdapterRegistry(AdapterStore(settings.adapters_dir), layout, settings.max_lora_rank,
                                         settings.max_cpu_loras, reserved_names=frozenset({base_name}),
                                         max_bytes=settings.max_adapter_bytes,
-                                        max_cpu_bytes=settings.max_cpu_lora_bytes)
+                                        max_cpu_bytes=settings.max_cpu_lora_bytes,
+                                        protect_found=uses_default_store(settings))
         self.slots = SlotTable(settings.max_loras)
         self.post_evict: Callable[[AdapterKey], None] = lambda key: None  # set by the engine: runs evict_if_idle
         self.registry.on_retired = lambda record: self.post_evict(record.key)
@@ -72,19 +94,28 @@ class AdapterManager:
         return self.registry.scan()
 
     def add(self, name: str, config_bytes: bytes, weights_path: Path, overwrite: bool) -> AdapterInfo:
-        try:
-            record = self.registry.add_file(name, config_bytes, weights_path, overwrite)
-        except (AdapterFormatError, AdapterNameError) as exc:
-            raise AdapterRejectedError(str(exc)) from exc
-        except AdapterExists as exc:
-            raise AdapterExistsError(str(exc)) from exc
-        return self.info(record)
+        with _engine_errors():
+            return self.info(self.registry.add_file(name, config_bytes, weights_path, overwrite))
 
     def delete(self, name: str) -> AdapterRecord:
-        record = self.registry.remove(name)
+        with _engine_errors():
+            record = self.registry.remove(name)
         if record is None:
             raise UnknownModelError(f"adapter '{name}' does not exist")
         return record
+
+    def unload(self, name: str) -> AdapterRecord:
+        record = self.registry.unload(name)
+        if record is None:
+            raise UnknownModelError(f"adapter '{name}' does not exist")
+        return record
+
+    def reload(self, name: str) -> AdapterInfo:
+        with _engine_errors():
+            return self.info(self.registry.reload(name))
+
+    def store_folder(self, name: str) -> Path:
+        return self.registry.store.folder(name)
 
     def get_info(self, name: str) -> AdapterInfo:
         record = self.registry.get(name)

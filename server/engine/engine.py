@@ -153,6 +153,18 @@ class Engine:
     def delete_adapter(self, name: str) -> None:
         self.adapters.delete(name)
 
+    def unload_adapter(self, name: str) -> None:
+        """Unregister `name`, keep its files in the store (vLLM's unload); a restart keeps it unloaded."""
+        self.adapters.unload(name)
+
+    def reload_adapter(self, name: str) -> AdapterInfo:
+        """Register `name` again from its own store folder (after an unload)."""
+        return self.adapters.reload(name)
+
+    def adapter_folder(self, name: str) -> Path:
+        """Where the store keeps (or would keep) adapter `name`."""
+        return self.adapters.store_folder(name)
+
     def adapter_info(self, name: str) -> AdapterInfo:
         return self.adapters.get_info(name)
 

@@ -111,6 +111,12 @@ class AdapterExistsError(EngineError):
     code = "adapter_exists"
 
 
+class AdapterProtectedError(EngineError):
+    """A shipped adapter in the default store: it is never deleted or replaced."""
+
+    code = "adapter_protected"
+
+
 @dataclass(frozen=True)
 class AdapterInfo:
     """What `GET /v1/adapters/{name}` shows of one adapter."""

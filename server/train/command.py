@@ -9,45 +9,14 @@ from pathlib import Path
 
 import torch
 
-from server.train.data import DataError, encode_all, load_jsonl, pad_id_of
+from server.train.data import DataError, Encoded, encode_all, load_jsonl, pad_id_of
 from server.train.evaluate import EvalReport, evaluate
+from server.train.options import add_train_arguments, config_from_args  # noqa: F401 - the command's API
 from server.train.trainer import (
-    TrainConfig, TrainStats, default_threads, parse_targets, save_adapter, seed_everything, train, wrap_with_lora,
+    TrainConfig, TrainStats, default_threads, save_adapter, seed_everything, train, wrap_with_lora,
 )
 
-DEFAULTS = TrainConfig()
-
-
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("data", type=Path, help='training JSONL: {"prompt", "completion"} or {"messages": [...]} per line')
-    parser.add_argument("--output", "-o", type=Path, required=True, help="folder for the PEFT adapter")
-    parser.add_argument("--eval", type=Path, default=None, help="held-out JSONL: report exact-match accuracy and mean loss")
-    parser.add_argument("--report", type=Path, default=None, help="also write the held-out report as JSON here")
-    parser.add_argument("--rank", type=int, default=DEFAULTS.rank, help="LoRA rank r (default %(default)s)")
-    parser.add_argument("--alpha", type=float, default=DEFAULTS.alpha, help="LoRA alpha (default %(default)s)")
-    parser.add_argument("--targets", default="all-linear", help="comma-separated module names, or all-linear (default)")
-    parser.add_argument("--dropout", type=float, default=DEFAULTS.dropout, help="LoRA dropout (default %(default)s)")
-    parser.add_argument("--lr", type=float, default=DEFAULTS.lr, help="peak learning rate (default %(default)s)")
-    parser.add_argument("--epochs", type=int, default=DEFAULTS.epochs, help="default %(default)s")
-    parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size, help="default %(default)s")
-    parser.add_argument("--seed", type=int, default=DEFAULTS.seed, help="default %(default)s")
-    parser.add_argument("--max-length", type=int, default=DEFAULTS.max_length, help="tokens per example (default %(default)s)")
-    parser.add_argument("--model", default=None, help="local base model folder (default: the embedded default model)")
-    parser.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the server's setting, auto)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: the idle cores, at least 1)")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    for name in ("rank", "epochs", "batch_size", "max_length"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.lr <= 0 or args.alpha <= 0:
-        raise ValueError("--lr and --alpha must be positive")
-    return TrainConfig(
-        rank=args.rank, alpha=args.alpha, targets=parse_targets(args.targets), dropout=args.dropout,
-        lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, max_length=args.max_length,
-    )
+MIN_SPLIT = 20  # without --eval, data sets at least this large give a tenth to early stopping
 
 
 def load_base(args: argparse.Namespace):
@@ -75,14 +44,40 @@ def prepare(args: argparse.Namespace):
     return config, base, train_set, held_out
 
 
+def stopping_set(train_set: list[Encoded], held_out: list[Encoded] | None,
+                 seed: int) -> tuple[list[Encoded], list[Encoded] | None]:
+    """(training data, the set early stopping watches): --eval when given, else a tenth of 20+ examples."""
+    if held_out or len(train_set) < MIN_SPLIT:
+        return train_set, held_out or None
+    order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed)).tolist()
+    count = max(3, len(train_set) // 10)
+    print(f"train: holding out {count} of {len(train_set)} examples for early stopping (no --eval given)",
+          file=sys.stderr)
+    return [train_set[i] for i in order[count:]], [train_set[i] for i in order[:count]]
+
+
+def loss_text(stats: TrainStats) -> str:
+    """The one loss figure, everywhere: mean per completion token, of the kept epoch."""
+    text = f"train loss {stats.last_loss:.4f}"
+    if stats.held_out_loss is not None:
+        text += f", held-out loss {stats.held_out_loss:.4f}"
+    return text
+
+
+def epochs_text(stats: TrainStats) -> str:
+    stop = ", stopped early" if stats.stopped_early else ""
+    return f"{len(stats.train_losses)} of {stats.planned_epochs} epochs{stop}, kept epoch {stats.best_epoch}"
+
+
 def card(base_name: str, config: TrainConfig, stats: TrainStats, report: EvalReport | None) -> str:
     """A short model card; it replaces PEFT's generic one, which names the local base folder."""
     targets = config.targets if isinstance(config.targets, str) else ", ".join(config.targets)
     lines = [
         f"# LoRA adapter for {base_name}", "",
         f"- LoRA: rank {config.rank}, alpha {config.alpha:g}, dropout {config.dropout:g}, targets: {targets}",
-        f"- training: lr {config.lr:g}, {config.epochs} epoch(s), batch {config.batch_size}, seed {config.seed}, "
-        f"{stats.steps} steps in {stats.seconds:.0f} s, loss {stats.first_loss:.4f} -> {stats.last_loss:.4f}",
+        f"- training: lr {config.lr:g} (warmup {config.warmup:g}, linear decay), batch {config.batch_size}, "
+        f"seed {config.seed}; {epochs_text(stats)}; {stats.steps} steps in {stats.seconds:.0f} s",
+        f"- loss (mean per completion token, EOS included): {loss_text(stats)}",
     ]
     if report:
         lines.append(f"- held-out: exact match {report.accuracy:.1%} on {report.examples} examples, mean loss {report.mean_loss:.4f}")
@@ -96,13 +91,15 @@ def run_train(args: argparse.Namespace) -> int:
     except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: ModelLoadError
         print(f"train: {exc}", file=sys.stderr)
         return 2
+    encoded = encode_all(held_out, base.tokenizer, config.max_length)[0] if held_out else None
+    train_set, watched = stopping_set(train_set, encoded, config.seed)
     model = wrap_with_lora(base.model, config)
-    stats = train(model, train_set, config, pad_id_of(base.tokenizer), progress=not args.no_progress)
+    stats = train(model, train_set, config, pad_id_of(base.tokenizer), progress=not args.no_progress,
+                  held_out=watched, log=lambda line: print(f"train: {line}", file=sys.stderr))
     save_adapter(model, args.output, base.name)
-    print(f"saved {args.output} ({stats.steps} steps, {stats.seconds:.1f} s, loss {stats.first_loss:.4f} -> {stats.last_loss:.4f})")
+    print(f"saved {args.output} ({epochs_text(stats)}, {stats.steps} steps, {stats.seconds:.1f} s): {loss_text(stats)}")
     report = None
     if held_out:
-        encoded, _ = encode_all(held_out, base.tokenizer, config.max_length)
         report = evaluate(model, base.tokenizer, held_out, encoded)
         print(json.dumps({"accuracy": report.accuracy, "mean_loss": report.mean_loss, "examples": report.examples}))
         if args.report:

@@ -32,7 +32,8 @@ TRAIN_EXAMPLES, HELDOUT_EXAMPLES = 320, 200
 
 
 def _config(targets: str | list[str], lr: float = 2e-3) -> TrainConfig:
-    return TrainConfig(rank=8, alpha=16, targets=targets, lr=lr, epochs=1, batch_size=8, seed=0, max_length=96)
+    return TrainConfig(rank=8, alpha=16, targets=targets, lr=lr, epochs=1, batch_size=8, seed=0, max_length=96,
+                       warmup=0.05)
 
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -152,7 +153,7 @@ Mean held-out loss of the adapter per completion token (EOS included): {result.a
 - LoRA: rank {c.rank}, alpha {c.alpha:g}, dropout {c.dropout:g}, targets: {targets}
   ({s.trainable_params:,} parameters, {result.size_bytes / 1e6:.1f} MB of safetensors)
 - optimiser: AdamW, lr {c.lr:g} (linear warmup and decay), {c.epochs} epoch(s), batch {c.batch_size}, seed {c.seed}
-- training time: {s.seconds:.0f} s wall-clock on {torch.get_num_threads()} CPU thread(s) of a shared 2-core machine ({s.steps} steps, loss {s.first_loss:.3f} -> {s.last_loss:.3f})
+- training time: {s.seconds:.0f} s wall-clock on {torch.get_num_threads()} CPU thread(s) of a shared 2-core machine ({s.steps} steps, mean training loss of the last epoch {s.last_loss:.3f} per completion token)
 
 Reproduce: `python -m server.train.make_adapters --only {task.name}`
 """

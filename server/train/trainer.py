@@ -1,4 +1,5 @@
-"""The training loop: PEFT LoRA on a frozen base, AdamW, linear warmup and decay. No Trainer."""
+"""The training loop: PEFT LoRA on a frozen base, AdamW, linear warmup and decay, early stopping on the
+held-out loss. No Trainer."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,41 +17,40 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
-from server.train.data import Encoded, collate
-
-
-@dataclass
-class TrainConfig:
-    rank: int = 8
-    alpha: float = 16.0
-    targets: str | list[str] = "all-linear"
-    dropout: float = 0.0
-    lr: float = 1e-3
-    epochs: int = 2
-    batch_size: int = 8
-    seed: int = 0
-    max_length: int = 256
-    warmup: float = 0.05  # fraction of the steps spent warming up the learning rate
+from server.train.data import IGNORE_INDEX, Encoded, collate
+from server.train.evaluate import mean_loss
+from server.train.options import TrainConfig, parse_targets  # noqa: F401 - re-exported
 
 
 @dataclass
 class TrainStats:
+    """Every loss here is one figure: the mean cross-entropy per completion token (EOS included),
+    over a whole epoch for training, over the held-out set after an epoch."""
+
     steps: int
     seconds: float
-    first_loss: float
-    last_loss: float  # mean over the last epoch's batches
+    train_losses: list[float]  # per epoch run
+    held_out_losses: list[float]  # per epoch run; empty without a held-out set
+    best_epoch: int  # 1-based; the weights kept are this epoch's
     trainable_params: int
+    planned_epochs: int
 
+    @property
+    def first_loss(self) -> float:
+        return self.train_losses[0] if self.train_losses else math.nan
 
-def parse_targets(text: str) -> str | list[str]:
-    """`all-linear` stays PEFT's keyword; anything else is a comma-separated module list."""
-    text = text.strip()
-    if text == "all-linear":
-        return text
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    if not names:
-        raise ValueError("--targets must name at least one module")
-    return names
+    @property
+    def last_loss(self) -> float:
+        """The training loss of the epoch whose weights were kept."""
+        return self.train_losses[self.best_epoch - 1] if self.train_losses else math.nan
+
+    @property
+    def held_out_loss(self) -> float | None:
+        return self.held_out_losses[self.best_epoch - 1] if self.held_out_losses else None
+
+    @property
+    def stopped_early(self) -> bool:
+        return len(self.train_losses) < self.planned_epochs
 
 
 def default_threads() -> int:
@@ -95,8 +96,28 @@ def lr_lambda(total: int, warmup: float):
     return factor
 
 
-def train(model: PeftModel, data: list[Encoded], config: TrainConfig, pad_id: int, progress: bool = True) -> TrainStats:
-    """Fit the LoRA weights of `model` (already wrapped) on `data`."""
+class EpochLoss:
+    """Token-weighted running mean of one epoch's training loss: what the progress bar shows, so its
+    last value is the epoch's figure in the summary."""
+
+    def __init__(self) -> None:
+        self.total, self.tokens = 0.0, 0
+
+    def add(self, batch_mean: float, tokens: int) -> None:
+        self.total += batch_mean * tokens
+        self.tokens += tokens
+
+    @property
+    def mean(self) -> float:
+        return self.total / max(1, self.tokens)
+
+
+def train(model: PeftModel, data: list[Encoded], config: TrainConfig, pad_id: int, progress: bool = True,
+          held_out: list[Encoded] | None = None, log: Callable[[str], None] = print) -> TrainStats:
+    """Fit the LoRA weights of `model` (already wrapped) on `data`, for at most `config.epochs` epochs.
+
+    With `held_out`, the held-out loss is measured after every epoch; training stops once it has not
+    improved by `config.min_delta` for `config.patience` epochs, and the weights of the best epoch are kept."""
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
@@ -104,12 +125,14 @@ def train(model: PeftModel, data: list[Encoded], config: TrainConfig, pad_id: in
     total = steps_per_epoch * config.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, config.warmup))
     generator = torch.Generator().manual_seed(config.seed)
-    model.train()
-    start, first, epoch_losses, step = time.perf_counter(), math.nan, [], 0
-    bar = tqdm(total=total, desc="train", unit="step", disable=not progress)
-    running = None
-    for _ in range(config.epochs):
-        epoch_losses = []
+    start, step = time.perf_counter(), 0
+    train_losses: list[float] = []
+    held_losses: list[float] = []
+    best_epoch, best_state, improved_at = 0, None, 0
+    for epoch in range(1, config.epochs + 1):
+        model.train()
+        epoch_loss = EpochLoss()
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", unit="step", disable=not progress)
         for batch in batches(data, config.batch_size, generator):
             tensors = {key: value.to(device) for key, value in collate(batch, pad_id).items()}
             loss = model(**tensors).loss
@@ -118,19 +141,41 @@ def train(model: PeftModel, data: list[Encoded], config: TrainConfig, pad_id: in
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            value = loss.item()
-            first = value if step == 0 else first
-            epoch_losses.append(value)
-            # An exponential average: one batch's loss is too noisy to read.
-            running = value if running is None else 0.9 * running + 0.1 * value
-            bar.set_postfix(loss=f"{running:.4f}")
+            epoch_loss.add(loss.item(), completion_tokens(tensors["labels"]))
+            bar.set_postfix(train_loss=f"{epoch_loss.mean:.4f}")
             bar.update(1)
             step += 1
-    bar.close()
+        bar.close()
+        train_losses.append(epoch_loss.mean)
+        line = f"epoch {epoch}/{config.epochs}: train loss {epoch_loss.mean:.4f}"
+        if held_out:
+            model.eval()
+            held_losses.append(mean_loss(model, held_out, pad_id))
+            line += f", held-out loss {held_losses[-1]:.4f}"
+            if best_state is None or held_losses[-1] < held_losses[best_epoch - 1]:
+                if best_state is None or held_losses[-1] < held_losses[best_epoch - 1] - config.min_delta:
+                    improved_at = epoch
+                best_epoch, best_state = epoch, [p.detach().clone() for p in params]
+                line += " (best)"
+        else:
+            best_epoch = improved_at = epoch
+        log(line)
+        if held_out and epoch - improved_at >= config.patience:
+            log(f"early stop: held-out loss not lower by {config.min_delta:g} for {config.patience} epoch(s); "
+                f"keeping epoch {best_epoch}")
+            break
+    if best_state is not None:
+        with torch.no_grad():
+            for param, saved in zip(params, best_state):
+                param.copy_(saved)
     model.eval()
-    seconds = time.perf_counter() - start
-    last = sum(epoch_losses) / max(1, len(epoch_losses))
-    return TrainStats(step, seconds, first, last, sum(p.numel() for p in params))
+    return TrainStats(step, time.perf_counter() - start, train_losses, held_losses, best_epoch,
+                      sum(p.numel() for p in params), config.epochs)
+
+
+def completion_tokens(labels: torch.Tensor) -> int:
+    """Tokens the causal-LM loss averages over: labels shifted by one, padding and prompt excluded."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
 def save_adapter(model: PeftModel, output: Path, base_name: str) -> None:

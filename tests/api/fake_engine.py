@@ -236,6 +236,10 @@ class FakeEngine:
         del self.adapters[name]
         del self.blobs[name]
 
+    def unload_adapter(self, name: str) -> None:
+        """vLLM's unload: unregistered (a real store keeps the files)."""
+        self.delete_adapter(name)
+
     def adapter_info(self, name: str) -> AdapterInfo:
         if name not in self.adapters:
             raise UnknownModelError(f"The adapter '{name}' does not exist")

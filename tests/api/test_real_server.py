@@ -335,9 +335,15 @@ def test_vllm_load_and_unload_aliases(world):
     assert out.choices[0].text == expected
     unloaded = httpx.post(f"{world.url}/v1/unload_lora_adapter", headers=ADMIN_HEADERS, json={"lora_name": "epsilon"})
     assert unloaded.status_code == 200
+    assert unloaded.text == "Success: LoRA adapter 'epsilon' removed successfully."
     with pytest.raises(NotFoundError):
         sync_client(world).completions.create(model="epsilon", prompt=PROMPT, max_tokens=1)
-    assert not (world.store / "epsilon").exists()
+    assert (world.store / "epsilon" / "adapter_model.safetensors").is_file()  # unload keeps the files
+    again = httpx.post(f"{world.url}/v1/load_lora_adapter", headers=ADMIN_HEADERS,
+                       json={"lora_name": "epsilon", "lora_path": str(world.store / "epsilon")}, timeout=60)
+    assert again.status_code == 200, again.text  # loaded again from its own store folder
+    out = sync_client(world).completions.create(model="epsilon", prompt=PROMPT, max_tokens=TOKENS, temperature=0)
+    assert out.choices[0].text == expected
 
 
 def test_overwrite_and_delete(world):

@@ -88,3 +88,35 @@ def test_arguments_have_documented_defaults():
     add_train_arguments(parser)
     args = parser.parse_args(["data.jsonl", "-o", "out"])
     assert (args.rank, args.targets, args.model, args.device, args.eval) == (8, "all-linear", None, None, None)
+
+
+def test_the_epoch_loss_is_the_mean_per_completion_token(tiny_base):
+    """The one figure the bar, the epoch line and the summary show: with the weights (almost) unchanged it
+    equals the held-out definition (`mean_loss`) over the same data, whatever the batch sizes."""
+    tokenizer = tiny_base.tokenizer
+    uneven = OVERFIT + [Example("Input: a much longer prompt with more words\nOutput:", " a longer answer here")]
+    data, _ = encode_all(uneven, tokenizer, max_length=48)
+    config = TrainConfig(rank=4, alpha=8, lr=1e-12, epochs=1, batch_size=2, seed=0)
+    model = wrap_with_lora(tiny_base.model, config)
+    expected = mean_loss(model, data, pad_id_of(tokenizer))
+    lines: list[str] = []
+    stats = train(model, data, config, pad_id_of(tokenizer), progress=False, log=lines.append)
+    assert abs(stats.train_losses[0] - expected) < 1e-4
+    assert lines == [f"epoch 1/1: train loss {stats.last_loss:.4f}"]
+
+
+def test_early_stopping_keeps_the_best_epoch(tiny_base):
+    """Held-out answers the training set contradicts: the held-out loss rises, training stops and the
+    weights of the best epoch are restored."""
+    tokenizer = tiny_base.tokenizer
+    data, _ = encode_all(OVERFIT, tokenizer, max_length=32)
+    contrary = [Example(e.prompt, " something else entirely") for e in OVERFIT]
+    held, _ = encode_all(contrary, tokenizer, max_length=32)
+    config = TrainConfig(rank=4, alpha=8, lr=2e-2, epochs=12, batch_size=2, seed=0, patience=2)
+    model = wrap_with_lora(tiny_base.model, config)
+    lines: list[str] = []
+    stats = train(model, data, config, pad_id_of(tokenizer), progress=False, held_out=held, log=lines.append)
+    assert stats.stopped_early and len(stats.held_out_losses) < 12
+    assert stats.held_out_loss == min(stats.held_out_losses)
+    assert abs(mean_loss(model, held, pad_id_of(tokenizer)) - stats.held_out_loss) < 1e-4  # best weights restored
+    assert lines[-1].startswith("early stop") and f"keeping epoch {stats.best_epoch}" in lines[-1]
