@@ -1,7 +1,8 @@
 """The adapter manager: identity, tiers (disk, CPU, device slots) and the scheduler's admission callbacks.
 
-It owns the registry and the device slot table; both are keyed by `AdapterKey`, so a deleted or
-replaced version can never hand its slot or cached weights to a newer one. Admin calls run on
+It owns the registry and the device slot table; both are keyed by `AdapterKey` (a composition:
+`CompositionKey`, its parts' keys and weights), so a deleted or replaced version can never hand its
+slot or cached weights to a newer one. Admin calls run on
 worker threads (the API uses `asyncio.to_thread`); `admit`, `release` and `evict_if_idle` run on
 the engine thread only.
 """
@@ -48,7 +49,8 @@ class AdapterManager:
     # Resolution (any thread) ------------------------------------------------------------------
 
     def resolve(self, model: str) -> tuple[AdapterRecord | ComposedRecord | None, str | None]:
-        """`model` -> (record, a composition's record or None for the base, the sha256 prefix it was pinned to)."""
+        """`model` -> (the adapter's record, a composition's record, or None for the base; the sha256 prefix
+        a plain adapter was pinned to, if any: a composition's parts are checked against theirs here)."""
         if model == self.base_name:
             return None, None
         if is_composition(model):
@@ -210,10 +212,11 @@ class AdapterManager:
         the CPU tier under its own key like any adapter.
         """
         adapter = self.cached(record)
-        if adapter is not None or not isinstance(record, ComposedRecord):
-            if adapter is None:
-                self.registry.request_load(record)
+        if adapter is not None:
             return adapter
+        if not isinstance(record, ComposedRecord):
+            self.registry.request_load(record)
+            return None
         parts = [(self.registry.cached(part), weight) for part, weight in record.parts]
         missing = [part for (part, _), (weights, _) in zip(record.parts, parts) if weights is None]
         for part in missing:
