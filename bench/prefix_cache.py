@@ -77,7 +77,8 @@ def run(settings: Settings, args) -> dict:
 def table(results: dict, args) -> str:
     lines = [f"Shared prefix {args.prefix_tokens} tokens, {args.requests} requests over {len(ADAPTERS)} shipped "
              f"adapters{' and the base' if args.base else ''}, {args.new_tokens} new tokens each, greedy; "
-             f"niceness {os.nice(0)}, {os.cpu_count()} CPUs (a shared machine: other jobs ran meanwhile).", "",
+             f"niceness {os.nice(0)}, {args.threads or 'default'} engine threads, {os.cpu_count()} CPUs, load average "
+             f"{os.getloadavg()[0]:.1f} at the end (a shared machine: other jobs ran meanwhile).", "",
              "| pass | prefix cache | TTFT p50 ms | TTFT mean ms | output tok/s | seconds | prompt tokens computed "
              "| hit ratio |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for form in ("serial", "burst"):
@@ -100,10 +101,11 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--base", action="store_true", help="the base model takes part in the rotation too")
+    parser.add_argument("--threads", type=int, default=None, help="engine torch threads (unset: torch's default)")
     args = parser.parse_args()
     results = {}
     for setting in ("off", "on"):
-        settings = Settings(prefix_cache=setting == "on", adapters_dir=ROOT / "adapters")
+        settings = Settings(prefix_cache=setting == "on", adapters_dir=ROOT / "adapters", threads=args.threads)
         results[setting] = run(settings, args)
         print(setting, results[setting], flush=True)
     text = table(results, args)
