@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: serve test test-full test-all soak venv bench bench-scaling bench-step clean test-container console-deps test-console console-screenshots vendor-swagger-ui
+.PHONY: serve test test-full test-all soak venv bench bench-scaling bench-step bench-prefix-cache clean test-container console-deps test-console console-screenshots vendor-swagger-ui
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -94,6 +94,10 @@ bench-scaling: $(BENCH_STAMP)
 # One decode step in isolation (64 sequences, 32 adapters), base vs LoRA interleaved; --profile for a torch profile.
 bench-step: $(STAMP)
 	$(BIN)/python bench/step.py $(ARGS)
+
+# A shared 1,000-token prefix over the shipped adapters: TTFT and throughput with the prefix cache on vs off.
+bench-prefix-cache: $(STAMP)
+	nice -n 19 $(BIN)/python bench/prefix_cache.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -36,6 +36,12 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
     from server.config import Settings
 
     for name, field in Settings.model_fields.items():
+        if field.annotation is bool:  # --flag / --no-flag
+            parser.add_argument(flag_of(name), dest=name, default=argparse.SUPPRESS,
+                                action=argparse.BooleanOptionalAction,
+                                help=f"{field.description or ''} (default: {'on' if field.default else 'off'}; "
+                                     f"env LORAPLEX_{name.upper()})".replace("%", "%%"))
+            continue
         # SUPPRESS: only flags given on the command line override the environment.
         parser.add_argument(flag_of(name), dest=name, default=argparse.SUPPRESS, metavar=metavar_of(field),
                             help=f"{field.description or ''} (default: {default_text(field)}; "

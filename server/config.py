@@ -36,6 +36,8 @@ class Settings(BaseSettings):
     max_batched_tokens: int = Field(512, ge=1, description="tokens per engine step (prefill chunk budget)")
     max_running: int = Field(64, ge=1, description="sequences decoding at once")
     max_queue: int = Field(256, ge=0, description="waiting requests beyond which new ones get 429")
+    prefix_cache: bool = Field(True, description="reuse the KV cache blocks of a prompt prefix already computed "
+                               "with the same weights (keyed by token ids and the adapter's sha256)")
     threads: int | None = Field(None, ge=1, description="CPU threads of the engine's model work; unset = "
                                 "torch's default (OMP_NUM_THREADS, else every core the process may use)")
     # HTTP API: keys are SecretStr so they never show in a repr or a log line; "" means unset.

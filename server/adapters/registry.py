@@ -17,7 +17,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from pathlib import Path
 
 from server.adapters.identity import AdapterKey, adapter_sha256, file_sha256
@@ -88,7 +88,8 @@ class AdapterRegistry:
         self.max_bytes = max_bytes
         self.state = RegistryState(store.root)
         self._records: dict[str, AdapterRecord] = {}
-        self._cpu: OrderedDict[AdapterKey, ParsedAdapter] = OrderedDict()
+        self._cpu: OrderedDict[Hashable, ParsedAdapter] = OrderedDict()  # AdapterKey, or a derived key
+        self._derived: dict[Hashable, frozenset[AdapterKey]] = {}  # derived key (a composition) -> its parts
         self._cpu_bytes = 0  # sum of size_bytes over self._cpu
         self._lock = threading.RLock()
         self._name_locks: dict[str, threading.Lock] = {}
@@ -225,6 +226,24 @@ class AdapterRegistry:
                 self._cpu.move_to_end(record.key)
             return adapter
 
+    def cached_derived(self, key: Hashable) -> ParsedAdapter | None:
+        """A derived adapter (a composition) in the CPU tier, or None."""
+        with self._lock:
+            adapter = self._cpu.get(key)
+            if adapter is not None:
+                self._cpu.move_to_end(key)
+            return adapter
+
+    def cache_derived(self, key: Hashable, parts: list[AdapterRecord], adapter: ParsedAdapter) -> bool:
+        """Keep a derived adapter in the CPU tier (LRU like any adapter) while all its parts are current;
+        it leaves the tier with the first part that is replaced or deleted. False if one already is."""
+        with self._lock:
+            if any(self._records.get(p.name) is not p for p in parts):
+                return False
+            self._insert_cpu(key, adapter)
+            self._derived[key] = frozenset(p.key for p in parts)
+            return True
+
     def in_cpu(self, record: AdapterRecord) -> bool:
         with self._lock:
             return record.key in self._cpu
@@ -316,14 +335,25 @@ class AdapterRegistry:
     def _cache(self, record: AdapterRecord, adapter: ParsedAdapter) -> None:
         """Insert (caller holds `_lock`), then evict least recently used entries while the tier holds more
         than `max_cpu_loras` adapters or `max_cpu_bytes` bytes; the adapter just inserted always stays."""
-        self._uncache(record.key)
-        self._cpu[record.key] = adapter
+        self._insert_cpu(record.key, adapter)
+
+    def _insert_cpu(self, key: Hashable, adapter: ParsedAdapter) -> None:
+        self._drop_cpu(key)
+        self._cpu[key] = adapter
         self._cpu_bytes += adapter.size_bytes
         while len(self._cpu) > 1 and (len(self._cpu) > self.max_cpu_loras or self._cpu_bytes > self.max_cpu_bytes):
-            _, evicted = self._cpu.popitem(last=False)
+            evicted_key, evicted = self._cpu.popitem(last=False)
             self._cpu_bytes -= evicted.size_bytes
+            self._derived.pop(evicted_key, None)
 
     def _uncache(self, key: AdapterKey) -> None:
+        """Drop a version from the CPU tier, with every derived adapter built from it."""
+        self._drop_cpu(key)
+        for derived in [d for d, parts in self._derived.items() if key in parts]:
+            self._drop_cpu(derived)
+
+    def _drop_cpu(self, key: Hashable) -> None:
+        self._derived.pop(key, None)
         adapter = self._cpu.pop(key, None)
         if adapter is not None:
             self._cpu_bytes -= adapter.size_bytes

@@ -49,6 +49,10 @@ class SlotTable:
         del self._slot_of[key]
         return slot
 
+    def keys(self) -> list[Hashable]:
+        """Keys resident in a slot, least recently used first."""
+        return list(self._slot_of)
+
     def pinned(self, slot: int) -> int:
         return self._pins.get(slot, 0)
 

@@ -107,8 +107,17 @@ class EngineCollector(Collector):
             "loraplex_kv_cache_usage_ratio": ("Fraction of the KV cache in use",
                                               stats.kv_blocks_used / max(1, stats.kv_blocks_total)),
         }
+        queried, hits = getattr(stats, "prefix_cache_queried_tokens", 0), getattr(stats, "prefix_cache_hit_tokens", 0)
+        gauges["loraplex_kv_cache_blocks_cached"] = ("KV cache blocks the prefix cache can reuse",
+                                                     getattr(stats, "kv_blocks_cached", 0))
+        gauges["loraplex_prefix_cache_hit_ratio"] = ("Prompt tokens served from the prefix cache / prompt tokens",
+                                                     hits / max(1, queried))
         for name, (doc, value) in gauges.items():
             yield GaugeMetricFamily(name, doc, value=value)
+        yield CounterMetricFamily("loraplex_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix "
+                                  "cache", value=queried)
+        yield CounterMetricFamily("loraplex_prefix_cache_hit_tokens", "Prompt tokens whose KV came from the "
+                                  "prefix cache", value=hits)
         resident = GaugeMetricFamily("loraplex_adapters_resident", "Adapters held per tier", labels=["tier"])
         resident.add_metric(["device"], stats.adapters_on_device)
         resident.add_metric(["cpu"], stats.adapters_on_cpu)

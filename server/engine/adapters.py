@@ -1,7 +1,8 @@
 """The adapter manager: identity, tiers (disk, CPU, device slots) and the scheduler's admission callbacks.
 
-It owns the registry and the device slot table; both are keyed by `AdapterKey`, so a deleted or
-replaced version can never hand its slot or cached weights to a newer one. Admin calls run on
+It owns the registry and the device slot table; both are keyed by `AdapterKey` (a composition:
+`CompositionKey`, its parts' keys and weights), so a deleted or replaced version can never hand its
+slot or cached weights to a newer one. Admin calls run on
 worker threads (the API uses `asyncio.to_thread`); `admit`, `release` and `evict_if_idle` run on
 the engine thread only.
 """
@@ -14,17 +15,19 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from server.adapters.composition import (ComposedRecord, CompositionError, CompositionKey, compose,
+                                        is_composition, parse_expression)
 from server.adapters.identity import AdapterKey
 from server.adapters.layout import BaseLayout
 from server.adapters.names import AdapterNameError
-from server.adapters.peft_format import AdapterFormatError
+from server.adapters.peft_format import AdapterFormatError, ParsedAdapter
 from server.adapters.registry import ERROR, AdapterExists, AdapterProtected, AdapterRecord, AdapterRegistry
 from server.adapters.slots import NoFreeSlotError, SlotTable
 from server.adapters.store import AdapterStore
 from server.config import Settings
 from server.engine.request import (AdapterExistsError, AdapterInfo, AdapterProtectedError, AdapterRejectedError,
                                    AdapterUnavailableError, AdapterVersionMismatchError, EngineError,
-                                   UnknownModelError)
+                                   InvalidRequestError, UnknownModelError)
 from server.engine.scheduler import Admission
 from server.engine.sequence import Sequence
 from server.lora.model import LoraModel
@@ -55,6 +58,7 @@ class AdapterManager:
     def __init__(self, lora: LoraModel, layout: BaseLayout, settings: Settings, base_name: str) -> None:
         self.lora = lora
         self.base_name = base_name
+        self.max_rank = settings.max_lora_rank
         self.registry = AdapterRegistry(AdapterStore(settings.adapters_dir), layout, settings.max_lora_rank,
                                         settings.max_cpu_loras, reserved_names=frozenset({base_name}),
                                         max_bytes=settings.max_adapter_bytes,
@@ -66,10 +70,36 @@ class AdapterManager:
 
     # Resolution (any thread) ------------------------------------------------------------------
 
-    def resolve(self, model: str) -> tuple[AdapterRecord | None, str | None]:
-        """`model` -> (record or None for the base, the sha256 prefix it was pinned to, if any)."""
+    def resolve(self, model: str) -> tuple[AdapterRecord | ComposedRecord | None, str | None]:
+        """`model` -> (the adapter's record, a composition's record, or None for the base; the sha256 prefix
+        a plain adapter was pinned to, if any: a composition's parts are checked against theirs here)."""
         if model == self.base_name:
             return None, None
+        if is_composition(model):
+            return self._resolve_composition(model), None
+        return self._resolve_adapter(model)
+
+    def _resolve_composition(self, model: str) -> ComposedRecord:
+        """`"a*0.7+b@<sha>*0.3"` -> the current versions of its parts (each checked as a plain request is)."""
+        try:
+            specs = parse_expression(model)
+        except CompositionError as exc:
+            raise InvalidRequestError(str(exc)) from None
+        parts = []
+        for spec in specs:
+            if spec.name == self.base_name:
+                raise InvalidRequestError(f"the base model '{self.base_name}' cannot be part of a composition: "
+                                          "the base is always there; compose adapters only")
+            record, _ = self._resolve_adapter(spec.name)
+            parts.append((record, spec.weight))
+        composed = ComposedRecord.of(model.strip(), parts)
+        if composed.rank > self.max_rank:
+            raise InvalidRequestError(f"the composition's rank, the sum of its parts' ranks "
+                                      f"({' + '.join(str(r.rank) for r, _ in parts)} = {composed.rank}), exceeds "
+                                      f"this server's max LoRA rank of {self.max_rank} (--max-lora-rank)")
+        return composed
+
+    def _resolve_adapter(self, model: str) -> tuple[AdapterRecord, str | None]:
         name, prefix = model, None
         if "@" in model:
             name, _, prefix = model.rpartition("@")
@@ -142,6 +172,12 @@ class AdapterManager:
         return (sum(self.slots.slot_of(r.key) is not None for r in records),
                 sum(self.registry.in_cpu(r) for r in records))
 
+    def cached(self, record: AdapterRecord | ComposedRecord) -> ParsedAdapter | None:
+        """The record's weights if the CPU tier holds them (a composition: already built)."""
+        if isinstance(record, ComposedRecord):
+            return self.registry.cached_derived(record.key)
+        return self.registry.cached(record)
+
     # Engine thread ----------------------------------------------------------------------------
 
     def waiting_error(self, seq: Sequence) -> EngineError | None:
@@ -154,6 +190,8 @@ class AdapterManager:
         record = seq.record
         if record is None or seq.adapter is not None:
             return None
+        if isinstance(record, ComposedRecord):
+            return self._rebind_composition(seq)
         if record.status == ERROR:
             return AdapterUnavailableError(f"adapter '{record.name}' failed to load: {record.error}")
         if not record.deleted or self.registry.in_cpu(record):
@@ -174,9 +212,8 @@ class AdapterManager:
             seq.slot = -1
             return Admission.ADMITTED
         if seq.adapter is None:
-            seq.adapter = self.registry.cached(seq.record)
+            seq.adapter = self._weights(seq.record)
             if seq.adapter is None:
-                self.registry.request_load(seq.record)
                 return Admission.LOADING
         try:
             seq.slot = self.slots.acquire(seq.record.key, lambda slot: self._load_slot(slot, seq))
@@ -193,9 +230,47 @@ class AdapterManager:
 
     def evict_if_idle(self, key: AdapterKey) -> None:
         """Free the slot of a deleted or superseded version once nothing runs on it."""
-        slot = self.slots.forget(key)
-        if slot is not None:
-            self.lora.clear_slot(slot)
+        keys = [key] + [k for k in self.slots.keys() if isinstance(k, CompositionKey) and k.involves(key)]
+        for k in keys:  # a retired part takes the compositions built from it along
+            slot = self.slots.forget(k)
+            if slot is not None:
+                self.lora.clear_slot(slot)
+
+    def _weights(self, record: AdapterRecord | ComposedRecord) -> ParsedAdapter | None:
+        """The record's weights from the CPU tier, else None with their load from disk requested.
+
+        A composition is built from its parts' weights once all of them are in memory, then kept in
+        the CPU tier under its own key like any adapter.
+        """
+        adapter = self.cached(record)
+        if adapter is not None:
+            return adapter
+        if not isinstance(record, ComposedRecord):
+            self.registry.request_load(record)
+            return None
+        parts = [(self.registry.cached(part), weight) for part, weight in record.parts]
+        missing = [part for (part, _), (weights, _) in zip(record.parts, parts) if weights is None]
+        for part in missing:
+            self.registry.request_load(part)
+        if missing:
+            return None
+        adapter = compose([weights for weights, _ in parts], [weight for _, weight in parts])
+        self.registry.cache_derived(record.key, [part for part, _ in record.parts], adapter)
+        return adapter
+
+    def _rebind_composition(self, seq: Sequence) -> EngineError | None:
+        """A waiting composition whose part was replaced or deleted resolves its expression again."""
+        record = seq.record
+        if record.status == ERROR:
+            return AdapterUnavailableError(f"a part of the composition '{record.name}' failed to load: "
+                                           f"{record.error}")
+        if not record.deleted:
+            return None
+        try:
+            seq.record, _ = self.resolve(record.name)
+        except EngineError as exc:
+            return type(exc)(f"a part of the composition changed before the request started: {exc}")
+        return None
 
     def _load_slot(self, slot: int, seq: Sequence) -> None:
         started = time.perf_counter()

@@ -136,6 +136,7 @@ class EngineCore:
             return False
         self.prefill_tokens += sum(max(0, min(p.num_tokens, p.seq.prompt_len - p.seq.num_computed)) for p in plan)
         ordered, logits = self.runner.step(plan)
+        self.scheduler.computed(ordered)
         rows = [i for i, item in enumerate(ordered) if item.samples]
         if not rows:
             return True

@@ -17,6 +17,7 @@ from server.engine.attention import use_paged_attention
 from server.engine.core import EngineCore
 from server.engine.front import EngineFront
 from server.engine.kv_cache import KVCache
+from server.engine.prefix_cache import PrefixCache
 from server.engine.request import AdapterInfo, GenerationRequest, GenerationResult, InvalidRequestError
 from server.engine.runner import ModelRunner
 from server.engine.scheduler import Scheduler
@@ -45,6 +46,9 @@ class EngineStats:
     adapters_on_device: int
     adapters_on_cpu: int
     prefill_tokens: int = 0
+    kv_blocks_cached: int = 0          # blocks the prefix cache can find (held or free)
+    prefix_cache_queried_tokens: int = 0
+    prefix_cache_hit_tokens: int = 0
 
 
 class Engine:
@@ -59,8 +63,10 @@ class Engine:
         self.kv_cache = KVCache.from_token_budget(base.model.config, settings.kv_cache_tokens, settings.block_size,
                                                   base.device, base.dtype)
         self.adapters = AdapterManager(self.lora, layout, settings, base.name)
+        self.prefix_cache = PrefixCache(self.kv_cache.allocator, self.kv_cache.block_size, settings.prefix_cache)
         self.scheduler = Scheduler(self.kv_cache.allocator, self.kv_cache.block_size, settings.max_batched_tokens,
-                                   settings.max_running, self.adapters.admit, self.adapters.release)
+                                   settings.max_running, self.adapters.admit, self.adapters.release,
+                                   prefix_cache=self.prefix_cache)
         self._max_context = int(getattr(base.model.config, "max_position_embeddings", 2048))
         gen_eos = base.model.generation_config.eos_token_id
         gen_eos = gen_eos if isinstance(gen_eos, list) else [gen_eos]
@@ -142,7 +148,10 @@ class Engine:
         return EngineStats(waiting=self.core.num_waiting(), running=len(self.scheduler.running),
                            kv_blocks_used=allocator.num_total - allocator.num_free,
                            kv_blocks_total=allocator.num_total, adapters_on_device=on_device,
-                           adapters_on_cpu=on_cpu, prefill_tokens=self.core.prefill_tokens)
+                           adapters_on_cpu=on_cpu, prefill_tokens=self.core.prefill_tokens,
+                           kv_blocks_cached=allocator.num_cached,
+                           prefix_cache_queried_tokens=self.prefix_cache.queried_tokens,
+                           prefix_cache_hit_tokens=self.prefix_cache.hit_tokens)
 
     # Adapter admin (sync: the API calls these with asyncio.to_thread) ---------------------------
 

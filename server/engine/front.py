@@ -123,7 +123,7 @@ class EngineFront:
                         detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop),
                         stream=RequestStream(request.request_id, self.core.abort, index=j, abort_key=key),
                         record=record, sha_prefix=prefix,
-                        adapter=None if record is None else self.manager.registry.cached(record))
+                        adapter=None if record is None else self.manager.cached(record))
 
 
 def tokenize(tokenizer, request: GenerationRequest) -> list[int]:

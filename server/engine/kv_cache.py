@@ -10,6 +10,7 @@ returns its blocks at once.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 
 import torch
 
@@ -26,6 +27,11 @@ class BlockAllocator:
     choices of one prompt share its prefilled blocks); `free` drops one holder per block
     and returns a block to the pool when its last holder lets go. Freeing a block nobody
     holds is a bug in the caller (it would hand one block to two sequences), so it raises.
+
+    Prefix caching: a full block whose content is known can be `publish`ed under a hash (see
+    `prefix_cache.py`). When its last holder frees it, it is kept, still findable by `lookup`, in
+    an LRU of cached free blocks; `allocate` takes never-cached free blocks first, then evicts the
+    least recently freed cached ones. Cached free blocks count as free.
     """
 
     def __init__(self, num_blocks: int) -> None:
@@ -35,14 +41,23 @@ class BlockAllocator:
         # Popped from the end: low ids first, which keeps small tests readable.
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))
         self._refs: dict[int, int] = {}
+        self._block_of: dict[bytes, int] = {}           # published hash -> block
+        self._hash_of: dict[int, bytes] = {}            # block -> its published hash
+        self._cached_free: OrderedDict[int, None] = OrderedDict()  # published, no holder; LRU first
+        self.evictions = 0                              # cached blocks reused for other content
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return len(self._free) + len(self._cached_free)
 
     @property
     def num_total(self) -> int:
         return self._num_total
+
+    @property
+    def num_cached(self) -> int:
+        """Blocks findable by hash (held or free)."""
+        return len(self._block_of)
 
     def refcount(self, block: int) -> int:
         return self._refs.get(block, 0)
@@ -51,9 +66,14 @@ class BlockAllocator:
         """`n` block ids, or `OutOfBlocks` with the pool unchanged."""
         if n < 0:
             raise ValueError(f"cannot allocate {n} blocks")
-        if n > len(self._free):
-            raise OutOfBlocks(f"need {n} KV blocks, {len(self._free)} free of {self._num_total}")
-        blocks = [self._free.pop() for _ in range(n)]
+        if n > self.num_free:
+            raise OutOfBlocks(f"need {n} KV blocks, {self.num_free} free of {self._num_total}")
+        blocks = [self._free.pop() for _ in range(min(n, len(self._free)))]
+        while len(blocks) < n:  # evict the least recently freed cached blocks
+            block, _ = self._cached_free.popitem(last=False)
+            del self._block_of[self._hash_of.pop(block)]
+            self.evictions += 1
+            blocks.append(block)
         for block in blocks:
             self._refs[block] = 1
         return blocks
@@ -77,8 +97,34 @@ class BlockAllocator:
             self._refs[block] -= 1
             if not self._refs[block]:
                 del self._refs[block]
-                released.append(block)
+                if block in self._hash_of:
+                    self._cached_free[block] = None
+                else:
+                    released.append(block)
         self._free.extend(reversed(released))
+
+    def publish(self, block: int, block_hash: bytes) -> bool:
+        """Make a held, full block findable under `block_hash`; False (nothing changes) when another
+        block already holds that content or this block is published already."""
+        if block not in self._refs:
+            raise ValueError(f"publishing block {block}, which is not allocated")
+        if block_hash in self._block_of or block in self._hash_of:
+            return False
+        self._block_of[block_hash] = block
+        self._hash_of[block] = block_hash
+        return True
+
+    def lookup(self, block_hash: bytes) -> int | None:
+        """Take one more holder of the block published under `block_hash` (reviving a cached free one)."""
+        block = self._block_of.get(block_hash)
+        if block is None:
+            return None
+        if block in self._cached_free:
+            del self._cached_free[block]
+            self._refs[block] = 1
+        else:
+            self._refs[block] += 1
+        return block
 
 
 def _text_config(config):

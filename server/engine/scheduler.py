@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from server.engine.kv_cache import BlockAllocator, OutOfBlocks
+from server.engine.prefix_cache import PrefixCache
 from server.engine.sequence import Sequence, SeqStatus
 
 
@@ -41,9 +42,11 @@ class ScheduledSeq:
 class Scheduler:
     def __init__(self, allocator: BlockAllocator, block_size: int, max_batched_tokens: int, max_running: int,
                  admit: Callable[[Sequence], Admission], release: Callable[[Sequence], None],
-                 max_skips: int = 8) -> None:
-        """`admit(seq)` pins the sequence's adapter slot; `release(seq)` unpins it."""
+                 max_skips: int = 8, prefix_cache: PrefixCache | None = None) -> None:
+        """`admit(seq)` pins the sequence's adapter slot; `release(seq)` unpins it. An admitted sequence
+        starts from the longest prefix `prefix_cache` holds (None: no prefix caching)."""
         self.max_skips = max_skips
+        self.prefix_cache = prefix_cache or PrefixCache(allocator, block_size, enabled=False)
         self.allocator = allocator
         self.block_size = block_size
         self.max_batched_tokens = max_batched_tokens
@@ -78,6 +81,11 @@ class Scheduler:
         self._admit_waiting(plan, budget)
         return plan
 
+    def computed(self, plan: list[ScheduledSeq]) -> None:
+        """After a step: the blocks it filled become findable by the prefix cache."""
+        for item in plan:
+            self.prefix_cache.publish(item.seq)
+
     def finish(self, seq: Sequence) -> None:
         """Free everything a sequence holds (finished, aborted or failed)."""
         if seq in self.running:
@@ -107,10 +115,14 @@ class Scheduler:
                     seq.skips += 1
                     starving = starving or seq.skips >= self.max_skips
                 continue
+            cached = self.prefix_cache.match(seq)  # its KV is there already: prefill starts after it
+            seq.num_computed = len(cached) * self.block_size
             n = min(seq.num_pending, budget)
             try:
-                seq.blocks = self.allocator.allocate(self._blocks_needed(seq, n))
+                seq.blocks = cached + self.allocator.allocate(self._blocks_needed(seq, n) - len(cached))
             except OutOfBlocks:
+                self.allocator.free(cached)
+                seq.num_computed = seq.num_published = 0
                 self._release(seq)
                 self.waiting.appendleft(seq)
                 break
@@ -147,7 +159,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self._free(seq)
-        seq.num_computed = 0
+        seq.num_computed = seq.num_published = 0
         seq.status = SeqStatus.WAITING
         self.waiting.appendleft(seq)
 

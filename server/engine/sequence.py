@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from server.adapters.composition import ComposedRecord
 from server.adapters.peft_format import ParsedAdapter
 from server.adapters.registry import AdapterRecord
 from server.engine.detokenizer import IncrementalDetokenizer
@@ -40,7 +41,7 @@ class Sequence:
     generator: torch.Generator
     detokenizer: IncrementalDetokenizer
     stream: RequestStream
-    record: AdapterRecord | None          # None = the base model
+    record: AdapterRecord | ComposedRecord | None  # None = the base model
     adapter: ParsedAdapter | None = None  # this request's own reference to its version's weights
     status: SeqStatus = SeqStatus.WAITING
     num_computed: int = 0
@@ -49,6 +50,9 @@ class Sequence:
     children: list[Sequence] = field(default_factory=list)  # choices 1..n-1, forked after this one's prefill
     skips: int = 0                        # times admission found every device slot pinned
     sha_prefix: str | None = None         # "name@<prefix>" requests: never rebound to another version
+    hash_seed: bytes | None = None        # prefix cache: the chain's seed (the weights' identity) ...
+    block_hashes: list[bytes] = field(default_factory=list)  # ... the chain over its full blocks so far
+    num_published: int = 0                # leading blocks that are in the prefix cache (published or hit)
 
     @property
     def group_size(self) -> int:

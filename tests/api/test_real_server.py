@@ -147,6 +147,21 @@ def test_errors_over_http(world):
     assert negative.value.status_code == 400 and negative.value.body["param"] == "max_tokens"
 
 
+def test_compositions_over_http(world):
+    client = sync_client(world)
+    mix = "alpha*0.6+gamma*0.4"
+    want = expected_texts(world, [mix])[0][mix]
+    out = client.completions.create(model=mix, prompt=PROMPT, max_tokens=TOKENS, temperature=0)
+    assert out.choices[0].text == want and out.model == mix
+    with pytest.raises(NotFoundError) as missing:
+        client.completions.create(model="alpha*0.5+nope*0.5", prompt="x", max_tokens=2)
+    assert missing.value.body["code"] == "model_not_found" and "nope" in missing.value.message
+    for bad in ("alpha*0+gamma", "alpha*x", "+".join(["alpha"] * 9), "alpha*0.5+beta*0.5"):  # beta: rank 16 + 8
+        with pytest.raises(APIStatusError) as refused:
+            client.chat.completions.create(model=bad, messages=MESSAGES, max_tokens=2)
+        assert refused.value.status_code == 400 and refused.value.body["type"] == "invalid_request_error", bad
+
+
 @pytest.mark.parametrize("token", [None, "wrong", ADMIN])
 def test_inference_auth_refuses(world, token):
     if token is not None:
