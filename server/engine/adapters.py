@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from server.adapters.contract import AdapterContract, ContractError, parse_contract, patched
 from server.adapters.identity import AdapterKey
 from server.adapters.layout import BaseLayout
 from server.adapters.names import AdapterNameError
@@ -41,6 +42,8 @@ class AdapterManager:
         self.slots = SlotTable(settings.max_loras)
         self.post_evict: Callable[[AdapterKey], None] = lambda key: None  # set by the engine: runs evict_if_idle
         self.registry.on_retired = lambda record: self.post_evict(record.key)
+        # Set by the engine: raises InvalidRequestError for a contract whose response_format cannot be enforced.
+        self.check_contract: Callable[[AdapterContract | None], None] = lambda contract: None
 
     # Resolution (any thread) ------------------------------------------------------------------
 
@@ -71,14 +74,37 @@ class AdapterManager:
     def load_store(self) -> dict[str, str]:
         return self.registry.scan()
 
-    def add(self, name: str, config_bytes: bytes, weights_path: Path, overwrite: bool) -> AdapterInfo:
+    def add(self, name: str, config_bytes: bytes, weights_path: Path, overwrite: bool,
+            contract_bytes: bytes | None = None) -> AdapterInfo:
         try:
-            record = self.registry.add_file(name, config_bytes, weights_path, overwrite)
-        except (AdapterFormatError, AdapterNameError) as exc:
+            if contract_bytes is not None:
+                self._checked(parse_contract(contract_bytes))
+            record = self.registry.add_file(name, config_bytes, weights_path, overwrite, contract_bytes)
+        except (AdapterFormatError, AdapterNameError, ContractError) as exc:
             raise AdapterRejectedError(str(exc)) from exc
         except AdapterExists as exc:
             raise AdapterExistsError(str(exc)) from exc
         return self.info(record)
+
+    def patch_contract(self, name: str, patch: dict) -> AdapterInfo:
+        record = self.registry.get(name)
+        if record is None:
+            raise UnknownModelError(f"adapter '{name}' does not exist")
+        try:
+            contract = self._checked(patched(record.contract, patch))
+            updated = self.registry.replace_contract(name, contract)
+        except (AdapterFormatError, ContractError) as exc:
+            raise AdapterRejectedError(str(exc)) from exc
+        if updated is None:
+            raise UnknownModelError(f"adapter '{name}' does not exist")
+        return self.info(updated)
+
+    def _checked(self, contract: AdapterContract) -> AdapterContract:
+        try:
+            self.check_contract(contract)
+        except EngineError as exc:
+            raise ContractError(f"loraplex.json: response_format: {exc}") from None
+        return contract
 
     def delete(self, name: str) -> AdapterRecord:
         record = self.registry.remove(name)
@@ -98,7 +124,8 @@ class AdapterManager:
                            target_modules=record.target_modules, size_bytes=record.size_bytes,
                            created=int(record.created), requests=record.requests, tokens=record.tokens,
                            loads=record.loads, load_seconds=record.load_seconds, sha256=record.sha256,
-                           generation=record.generation)
+                           generation=record.generation,
+                           contract=record.contract.as_dict() if record.contract else None)
 
     def tier(self, record: AdapterRecord) -> str:
         if self.slots.slot_of(record.key) is not None:

@@ -10,6 +10,7 @@ import torch
 from server.adapters.peft_format import ParsedAdapter
 from server.adapters.registry import AdapterRecord
 from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.grammar import Constraint
 from server.engine.request import SamplingParams
 from server.engine.sampler import SamplingOptions
 from server.engine.stream import RequestStream
@@ -49,6 +50,7 @@ class Sequence:
     children: list[Sequence] = field(default_factory=list)  # choices 1..n-1, forked after this one's prefill
     skips: int = 0                        # times admission found every device slot pinned
     sha_prefix: str | None = None         # "name@<prefix>" requests: never rebound to another version
+    constraint: Constraint | None = None  # structured output: the grammar state (None = free text)
 
     @property
     def group_size(self) -> int:
