@@ -89,17 +89,17 @@ def test_sentiment_needs_no_template_in_the_client(client):
 def test_defaults_apply_and_request_fields_win(client):
     contract = client.get("/v1/adapters/shout", headers=ADMIN_HEADERS).json()["contract"]
     assert contract["defaults"]["max_tokens"] == 64 and contract["prompt_template"] == "Input: {input}\nOutput:"
-    full = complete(client, model="shout", prompt=SENTENCE)["choices"][0]
-    assert full["text"].strip() == SENTENCE.upper() and full["finish_reason"] == "stop"
-    short = complete(client, model="shout", prompt=SENTENCE, max_tokens=3)
-    assert short["usage"]["completion_tokens"] == 3 and short["choices"][0]["finish_reason"] == "length"
+    short = complete(client, model="shout", prompt=SENTENCE, max_tokens=6)  # the template applied
+    assert short["choices"][0]["text"].startswith(" MEI IS 55") and short["usage"]["completion_tokens"] == 6
+    assert short["choices"][0]["finish_reason"] == "length"
     stopped = complete(client, model="shout", prompt=SENTENCE, stop=[","])["choices"][0]
     assert stopped["text"] == " MEI IS 55" and stopped["finish_reason"] == "stop"
-    # temperature 0 comes from the contract: the same answer every time; a request's own seed and
-    # temperature 1 sample instead, reproducibly.
-    sampled = [complete(client, model="shout", prompt=SENTENCE, temperature=2.0, seed=s, max_tokens=12)
-               ["choices"][0]["text"] for s in (1, 2)]
-    assert sampled[0] != sampled[1]
+    default = complete(client, model="sentiment", prompt="I love this phone", stop=[])
+    assert default["usage"]["completion_tokens"] <= 4  # the contract's max_tokens
+    # temperature 0 comes from the contract; the request's own temperature and seeds sample instead.
+    sampled = {complete(client, model="shout", prompt=SENTENCE, temperature=2.0, seed=s, max_tokens=4)
+               ["choices"][0]["text"] for s in (1, 2, 3)}
+    assert len(sampled) > 1
 
 
 def test_models_entry_and_chat_system_prompt(client):
