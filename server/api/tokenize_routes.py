@@ -17,7 +17,9 @@ from server.api.schemas import ChatMessage
 
 MAX_DETOKENIZE_TOKENS = 1 << 20
 router = APIRouter(tags=["tokenizer"], responses={400: {"description": "invalid field"},
-                                                  404: {"description": "unknown model"}})
+                                                  401: {"description": "missing or wrong API key"},
+                                                  404: {"description": "unknown model"},
+                                                  503: {"description": "engine not ready; see Retry-After"}})
 
 
 class TokenizeRequest(BaseModel):

@@ -37,6 +37,7 @@ SCHEMA_MAPS = ("properties", "$defs", "definitions")     # keyword -> {name: sch
 SCHEMA_LISTS = ("anyOf", "prefixItems")                  # keyword -> [schema]
 SCHEMA_VALUES = ("items", "additionalProperties")        # keyword -> schema (or a bool)
 MAX_SCHEMA_BYTES = 64 * 1024
+MAX_ITEMS = 1024   # minItems / maxItems / prefixItems: compile time grows with them (100,000: seconds)
 CACHE_SIZE = 64
 
 
@@ -62,6 +63,9 @@ def _check_keywords(schema: object, where: str) -> None:
         if key not in ENFORCED and key not in ANNOTATIONS:
             raise InvalidRequestError(f"JSON schema keyword '{key}' (at {where}) is not supported for structured "
                                       f"output; supported: {', '.join(sorted(ENFORCED))}")
+        if key in ("minItems", "maxItems") and isinstance(value, int) and value > MAX_ITEMS \
+                or key == "prefixItems" and isinstance(value, list) and len(value) > MAX_ITEMS:
+            raise InvalidRequestError(f"{key} at {where} is above this server's limit of {MAX_ITEMS} items")
         if key in SCHEMA_MAPS:
             for name, sub in value.items():
                 _check_keywords(sub, f"{where}.{key}.{name}")

@@ -47,6 +47,7 @@ def test_masked_rows_only_pick_allowed_tokens_and_free_rows_are_unchanged():
     ({"type": "array", "items": {"uniqueItems": True}}, "'uniqueItems'"),
     ({"type": "nonsense"}, "invalid JSON schema"),
     ({"$ref": "other.json"}, "local $ref"),
+    ({"type": "array", "minItems": 100_000}, "limit of 1024"),
 ])
 def test_schemas_with_unenforced_keywords_are_refused(schema, words):
     with pytest.raises(InvalidRequestError) as info:
