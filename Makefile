@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: serve test test-full soak venv bench bench-scaling bench-step clean test-container
+.PHONY: serve test test-full soak venv bench bench-scaling bench-step bench-structured clean test-container
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,10 @@ bench: $(BENCH_STAMP)
 bench-scaling: $(BENCH_STAMP)
 	$(BIN)/python bench/scaling.py $(ARGS)
 	$(BIN)/python bench/report.py
+
+# Structured output's cost: every sequence schema-constrained vs none, same workload (bench/results/structured.md).
+bench-structured: $(STAMP)
+	$(BIN)/python bench/structured.py $(ARGS)
 
 # One decode step in isolation (64 sequences, 32 adapters), base vs LoRA interleaved; --profile for a torch profile.
 bench-step: $(STAMP)
