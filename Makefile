@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: serve test test-full test-all soak venv bench bench-scaling bench-step bench-prefix-cache clean test-container console-deps test-console console-screenshots vendor-swagger-ui
+.PHONY: serve test test-full test-all soak venv bench bench-scaling bench-step bench-prefix-cache bench-structured clean test-container console-deps test-console console-screenshots vendor-swagger-ui
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -90,6 +90,10 @@ bench-scaling: $(BENCH_STAMP)
 	$(BIN)/python bench/scaling.py $(ARGS)
 	$(BIN)/python bench/upload.py $(if $(findstring --quick,$(ARGS)),--quick)
 	$(BIN)/python bench/report.py
+
+# Structured output's cost: every sequence schema-constrained vs none, same workload (bench/results/structured.md).
+bench-structured: $(STAMP)
+	$(BIN)/python bench/structured.py $(ARGS)
 
 # One decode step in isolation (64 sequences, 32 adapters), base vs LoRA interleaved; --profile for a torch profile.
 bench-step: $(STAMP)

@@ -15,6 +15,7 @@ from pathlib import Path
 from server.adapters.peft_config import AdapterFormatError
 
 _DOMAIN = b"loraplex-adapter-v1\0"
+_DOMAIN_WITH_CONTRACT = b"loraplex-adapter-v2\0"  # a loraplex.json is part of the identity
 _CHUNK = 1 << 20
 
 
@@ -26,16 +27,21 @@ class AdapterKey:
     sha256: str
 
 
-def adapter_sha256(config_bytes: bytes, weights_bytes: bytes) -> str:
-    """sha256(b"loraplex-adapter-v1\\0" + len(config) as 8 little-endian bytes + config + weights), hex."""
-    digest = _start(config_bytes)
+def adapter_sha256(config_bytes: bytes, weights_bytes: bytes, contract_bytes: bytes | None = None) -> str:
+    """sha256(b"loraplex-adapter-v1\\0" + len(config) as 8 little-endian bytes + config + weights), hex.
+
+    With a contract: b"loraplex-adapter-v2\\0" + len(config) + config + len(contract) + contract + weights,
+    so two versions that differ only in their contract never share an identity.
+    """
+    digest = _start(config_bytes, contract_bytes)
     digest.update(weights_bytes)
     return digest.hexdigest()
 
 
-def file_sha256(config_bytes: bytes, weights_path: Path, max_bytes: int | None = None) -> str:
+def file_sha256(config_bytes: bytes, weights_path: Path, max_bytes: int | None = None,
+                contract_bytes: bytes | None = None) -> str:
     """`adapter_sha256` of a weights file (of at most `max_bytes`), read in chunks: the GIL is free meanwhile."""
-    digest = _start(config_bytes)
+    digest = _start(config_bytes, contract_bytes)
     try:
         with open(weights_path, "rb") as handle:
             if max_bytes is not None and os.fstat(handle.fileno()).st_size > max_bytes:
@@ -47,8 +53,11 @@ def file_sha256(config_bytes: bytes, weights_path: Path, max_bytes: int | None =
     return digest.hexdigest()
 
 
-def _start(config_bytes: bytes):
-    digest = hashlib.sha256(_DOMAIN)
+def _start(config_bytes: bytes, contract_bytes: bytes | None = None):
+    digest = hashlib.sha256(_DOMAIN if contract_bytes is None else _DOMAIN_WITH_CONTRACT)
     digest.update(len(config_bytes).to_bytes(8, "little"))
     digest.update(config_bytes)
+    if contract_bytes is not None:
+        digest.update(len(contract_bytes).to_bytes(8, "little"))
+        digest.update(contract_bytes)
     return digest

@@ -6,6 +6,7 @@ import re
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+CONTRACT_FILE = "loraplex.json"  # optional: the adapter's contract (server/adapters/contract.py)
 _NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
 
 

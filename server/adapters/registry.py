@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 from collections.abc import Callable, Hashable
 from pathlib import Path
 
+from server.adapters.contract import AdapterContract, ContractError, parse_contract
 from server.adapters.identity import AdapterKey, adapter_sha256, file_sha256
 from server.adapters.layout import BaseLayout
-from server.adapters.names import CONFIG_FILE, WEIGHTS_FILE, AdapterNameError, check_adapter_name
+from server.adapters.names import CONFIG_FILE, CONTRACT_FILE, WEIGHTS_FILE, AdapterNameError, check_adapter_name
 from server.adapters.peft_format import AdapterFormatError, ParsedAdapter, load_peft_adapter, parse_peft_adapter
 from server.adapters.state import RegistryState
 from server.adapters.store import AdapterStore
@@ -63,6 +64,7 @@ class AdapterRecord:
     tokens: int = 0
     loads: int = 0
     load_seconds: float = 0.0
+    contract: AdapterContract | None = None   # the folder's loraplex.json, if any
 
     @property
     def key(self) -> AdapterKey:
@@ -111,27 +113,50 @@ class AdapterRegistry:
 
     def _register_folder(self, name: str, folder: Path, overwrite: bool) -> AdapterRecord:
         self._check_free(name, overwrite)
+        contract_bytes = _read_contract(folder)
+        contract = None if contract_bytes is None else parse_contract(contract_bytes)
         adapter = load_peft_adapter(folder, self.layout, self.max_rank)
-        sha = file_sha256(_read(folder / CONFIG_FILE), folder / WEIGHTS_FILE)
+        sha = file_sha256(_read(folder / CONFIG_FILE), folder / WEIGHTS_FILE, contract_bytes=contract_bytes)
         issued = self.state.known(name, sha) or self.state.issue(name, sha)
-        return self._insert(name, folder, adapter, sha, issued.generation, issued.version)
+        return self._insert(name, folder, adapter, sha, issued.generation, issued.version, contract)
 
-    def add_file(self, name: str, config_bytes: bytes, weights_path: Path, overwrite: bool = False) -> AdapterRecord:
+    def add_file(self, name: str, config_bytes: bytes, weights_path: Path, overwrite: bool = False,
+                 contract_bytes: bytes | None = None) -> AdapterRecord:
         """Register an upload whose weights are a file (the caller's private copy, unchanged until this
         returns): hashed in chunks and memory-mapped, never read whole into memory; copied into the store."""
         self.check_name(name)
         self._check_free(name, overwrite)
         self.check_writable(name)
+        contract = None if contract_bytes is None else parse_contract(contract_bytes)
         weights_path = Path(weights_path)
-        return self._add(name, config_bytes, weights_path, file_sha256(config_bytes, weights_path, self.max_bytes),
-                         overwrite)
+        sha = file_sha256(config_bytes, weights_path, self.max_bytes, contract_bytes=contract_bytes)
+        return self._add(name, config_bytes, weights_path, sha, overwrite, contract_bytes, contract)
 
-    def add(self, name: str, config_bytes: bytes, weights_bytes: bytes, overwrite: bool = False) -> AdapterRecord:
+    def add(self, name: str, config_bytes: bytes, weights_bytes: bytes, overwrite: bool = False,
+            contract_bytes: bytes | None = None) -> AdapterRecord:
         """Validate uploaded bytes in full, then write them to the store atomically and register."""
         self.check_name(name)
         self._check_free(name, overwrite)
         self.check_writable(name)
-        return self._add(name, config_bytes, weights_bytes, adapter_sha256(config_bytes, weights_bytes), overwrite)
+        contract = None if contract_bytes is None else parse_contract(contract_bytes)
+        sha = adapter_sha256(config_bytes, weights_bytes, contract_bytes)
+        return self._add(name, config_bytes, weights_bytes, sha, overwrite, contract_bytes, contract)
+
+    def replace_contract(self, name: str, contract: AdapterContract | None) -> AdapterRecord | None:
+        """A new version of `name` with the same config and weights and this contract (None: none); None if
+        `name` is not registered. The weights are copied from the current folder under the name's lock."""
+        with self._name_lock(name):
+            current = self.get(name)
+            if current is None:
+                return None
+            self.check_writable(name)
+            config, weights = _read(current.folder / CONFIG_FILE), current.folder / WEIGHTS_FILE
+            contract_bytes = None if contract is None else contract.to_bytes()
+            sha = file_sha256(config, weights, self.max_bytes, contract_bytes=contract_bytes)
+            adapter = self.cached(current) or parse_peft_adapter(config, weights, self.layout, self.max_rank)
+            issued = self.state.issue(name, sha, written=True)
+            folder = self.store.write(name, config, weights, contract_bytes)
+            return self._insert(name, folder, adapter, sha, issued.generation, issued.version, contract)
 
     def scan(self) -> dict[str, str]:
         """Recover the store, then register every adapter folder; returns the rejected ones with errors."""
@@ -151,7 +176,7 @@ class AdapterRegistry:
                 log.info("registered adapter %s v%d (generation %d, sha256 %s, rank %d, %d modules)", record.name,
                          record.version, record.generation, record.sha256[:12], record.rank,
                          len(record.target_modules))
-            except (AdapterFormatError, AdapterExists, AdapterNameError) as exc:
+            except (AdapterFormatError, ContractError, AdapterExists, AdapterNameError) as exc:
                 rejected[folder.name] = str(exc)
                 log.error("adapter %s rejected: %s", folder.name, exc)
         return rejected
@@ -265,21 +290,22 @@ class AdapterRegistry:
 
     # Internals --------------------------------------------------------------------------------
 
-    def _add(self, name: str, config: bytes, weights: bytes | Path, sha: str, overwrite: bool) -> AdapterRecord:
+    def _add(self, name: str, config: bytes, weights: bytes | Path, sha: str, overwrite: bool,
+             contract_bytes: bytes | None = None, contract: AdapterContract | None = None) -> AdapterRecord:
         adapter = parse_peft_adapter(config, weights, self.layout, self.max_rank)
         with self._name_lock(name):  # one writer per name; the registry lock is free meanwhile
             self._check_free(name, overwrite)
             self.check_writable(name)
             issued = self.state.issue(name, sha, written=True)
-            folder = self.store.write(name, config, weights)
-            return self._insert(name, folder, adapter, sha, issued.generation, issued.version)
+            folder = self.store.write(name, config, weights, contract_bytes)
+            return self._insert(name, folder, adapter, sha, issued.generation, issued.version, contract)
 
     def _load(self, record: AdapterRecord) -> None:
         """Background parse; the result is cached only if the bytes read are still this version's."""
         try:
             config, weights = _read(record.folder / CONFIG_FILE), record.folder / WEIGHTS_FILE
             hashed = _file_id(weights)
-            if file_sha256(config, weights) != record.sha256:
+            if file_sha256(config, weights, contract_bytes=_read_contract(record.folder)) != record.sha256:
                 if record.deleted:
                     raise _Superseded
                 raise AdapterFormatError("the stored files changed since registration (sha256 mismatch)")
@@ -312,10 +338,10 @@ class AdapterRegistry:
             return self._name_locks.setdefault(name, threading.Lock())
 
     def _insert(self, name: str, folder: Path, adapter: ParsedAdapter, sha: str, generation: int,
-                version: int) -> AdapterRecord:
+                version: int, contract: AdapterContract | None = None) -> AdapterRecord:
         record = AdapterRecord(name=name, version=version, generation=generation, sha256=sha, folder=folder,
                                rank=adapter.rank, alpha=adapter.alpha, target_modules=adapter.target_modules,
-                               size_bytes=adapter.size_bytes)
+                               size_bytes=adapter.size_bytes, contract=contract)
         with self._lock:
             previous = self._records.get(name)
             if previous is not None:
@@ -370,6 +396,12 @@ def _file_id(path: Path) -> tuple[int, int, int, int]:
     except OSError as exc:
         raise AdapterFormatError(f"cannot read {path.name}: {exc.strerror}") from None
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _read_contract(folder: Path) -> bytes | None:
+    """The folder's loraplex.json bytes, or None when it has none."""
+    path = folder / CONTRACT_FILE
+    return _read(path) if path.is_file() else None
 
 
 def _read(path: Path) -> bytes:

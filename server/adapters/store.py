@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 from server.adapters.fsutil import copy_synced, fsync_dir, write_synced
-from server.adapters.names import CONFIG_FILE, WEIGHTS_FILE
+from server.adapters.names import CONFIG_FILE, CONTRACT_FILE, WEIGHTS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +69,9 @@ class AdapterStore:
             log.warning("adapter store recovery: %s", action)
         return actions
 
-    def write(self, name: str, config_bytes: bytes, weights: bytes | Path) -> Path:
-        """Atomically create or replace adapter `name` (weights as bytes, or a file to copy); returns its folder."""
+    def write(self, name: str, config_bytes: bytes, weights: bytes | Path, contract_bytes: bytes | None = None) -> Path:
+        """Atomically create or replace adapter `name` (weights as bytes, or a file to copy, and an optional
+        loraplex.json); returns its folder."""
         self.root.mkdir(parents=True, exist_ok=True)
         temp = Path(tempfile.mkdtemp(prefix=f"{_TMP}{name}-", dir=self.root))
         aside: Path | None = None
@@ -80,6 +81,8 @@ class AdapterStore:
                 copy_synced(weights, temp / WEIGHTS_FILE)
             else:
                 write_synced(temp / WEIGHTS_FILE, weights)
+            if contract_bytes is not None:
+                write_synced(temp / CONTRACT_FILE, contract_bytes)
             fsync_dir(temp)
             fsync_dir(self.root)  # the temp folder's own entry
             target = self.folder(name)

@@ -24,7 +24,7 @@ from server.api.admin_schemas import (UPLOAD_OPENAPI, AdapterDeleted, AdapterLis
                                       UnloadLoraRequest)
 from server.adapters.names import WEIGHTS_FILE
 from server.api.errors import ApiError, engine_status
-from server.api.folders import copy_adapter_folder
+from server.api.folders import copy_adapter_folder, read_contract, resolve_under_root
 from server.api.uploads import Upload, check_safetensors, read_upload, validate_name
 from server.engine.request import AdapterExistsError, EngineError, UnknownModelError
 
@@ -90,7 +90,7 @@ async def _register(request: Request, upload: Upload, operation: str) -> Adapter
     engine = request.app.state.engine
     request.scope.setdefault("loraplex", {})["model"] = upload.name
     call = asyncio.ensure_future(_engine_call(request, operation, engine.add_adapter, upload.name, upload.config,
-                                              upload.weights_path, upload.overwrite))
+                                              upload.weights_path, upload.overwrite, upload.contract))
     try:
         info = await asyncio.shield(call)
     finally:
@@ -112,6 +112,15 @@ async def list_adapters(request: Request) -> AdapterList:
             summary="One adapter: rank, alpha, targets, size, version, status, tier, usage")
 async def get_adapter(name: str, request: Request) -> AdapterObject:
     return _adapter(request, await asyncio.to_thread(request.app.state.engine.adapter_info, name))
+
+
+@router.patch("/adapters/{name}", response_model=AdapterObject, responses={404: {"description": "unknown adapter"}},
+              summary="Edit the adapter's contract (loraplex.json, a JSON merge patch): a new version, same weights")
+async def patch_adapter(name: str, body: dict[str, Any], request: Request) -> AdapterObject:
+    request.scope.setdefault("loraplex", {})["model"] = name
+    info = await _engine_call(request, "patch", request.app.state.engine.patch_contract, name, body)
+    log.info("adapter %s contract edited: version %s", info.name, info.version)
+    return _adapter(request, info)
 
 
 async def _delete(request: Request, name: str, operation: str, param: str) -> None:
@@ -181,6 +190,12 @@ async def load_lora_adapter(body: LoadLoraRequest, request: Request) -> PlainTex
     except ApiError as exc:
         raise _counted(request, "load", exc) from None
     upload = Upload(name=name, overwrite=body.load_inplace, config=config, weights_path=weights, workdir=workdir)
+    try:
+        folder = resolve_under_root(body.lora_path, settings.allowed_adapter_root)
+        upload.contract = await request.app.state.background.run(read_contract, folder)
+    except ApiError as exc:
+        await request.app.state.background.run(upload.cleanup)
+        raise _counted(request, "load", exc) from None
     try:
         check_safetensors(weights, WEIGHTS_FILE)
     except ApiError as exc:

@@ -26,6 +26,8 @@ class AdapterObject(BaseModel):
     created: int = Field(description="Unix time the current version was registered")
     requests: int = Field(0, description="requests served")
     tokens: int = Field(0, description="tokens generated")
+    contract: dict[str, Any] | None = Field(None, description="the version's loraplex.json (prompt template, "
+                                            "system prompt, sampling defaults, response_format, examples)")
 
     @classmethod
     def from_info(cls, info: Any, parent: str) -> AdapterObject:
@@ -34,7 +36,8 @@ class AdapterObject(BaseModel):
                    tier=info.tier, rank=info.rank, alpha=info.alpha,
                    target_modules=sorted({m.rsplit(".", 1)[-1] for m in info.target_modules}),
                    num_modules=len(info.target_modules),
-                   size_bytes=info.size_bytes, created=info.created, requests=info.requests, tokens=info.tokens)
+                   size_bytes=info.size_bytes, created=info.created, requests=info.requests, tokens=info.tokens,
+                   contract=getattr(info, "contract", None))
 
 
 class AdapterList(BaseModel):
@@ -81,8 +84,10 @@ UPLOAD_OPENAPI = {
                 "adapter_config.json": {"type": "string", "format": "binary", "description": "PEFT config"},
                 "adapter_model.safetensors": {"type": "string", "format": "binary",
                                               "description": "PEFT weights (safetensors only; pickle is refused)"},
+                "loraplex.json": {"type": "string", "format": "binary",
+                                  "description": "optional: the adapter's contract (template, defaults, schema)"},
                 "archive": {"type": "string", "format": "binary",
-                            "description": "instead of the two files: a .zip, .tar or .tar.gz holding them"},
+                            "description": "instead of the files: a .zip, .tar or .tar.gz holding them"},
             },
         }}},
     },

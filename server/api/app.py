@@ -19,6 +19,7 @@ from server.api.errors import error_response, install_error_handlers
 from server.api.lifecycle import AdmissionGate, Lifecycle
 from server.api.metrics import ApiMetrics
 from server.api.openai_routes import router as openai_router
+from server.api.tokenize_routes import router as tokenize_router
 from server.api.uploads import UploadSlots
 from server.config import Settings
 
@@ -57,6 +58,7 @@ def create_app(engine: Any, settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(openai_router)
     app.include_router(admin_router)
+    app.include_router(tokenize_router)
     install_console(app)
     # Added innermost first. Outermost: the access log (it logs every refusal too), then auth and
     # admission, which answer from the headers alone, before anything reads a body.

@@ -1,7 +1,7 @@
 """Read an adapter out of an uploaded .zip, .tar or .tar.gz file without trusting it.
 
 Nothing is ever extracted with `extractall`: the archive file is inspected member by
-member and only the two adapter files are copied, with bounded reads, into temporary
+member and only the two adapter files (and an optional `loraplex.json`) are copied, with bounded reads, into temporary
 files of the upload's work folder; no member is ever held whole in memory. Refused:
 absolute paths, `..`, symbolic and hard links, devices, FIFOs, encrypted zip members,
 more than `MAX_MEMBERS` members, duplicate adapter files, pickle weights, and anything
@@ -19,7 +19,7 @@ import zlib
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-from server.adapters.names import CONFIG_FILE, WEIGHTS_FILE
+from server.adapters.names import CONFIG_FILE, CONTRACT_FILE, WEIGHTS_FILE
 from server.api.errors import ApiError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -69,7 +69,7 @@ def check_member_name(name: str) -> str | None:
     base = PurePosixPath(name.replace("\\", "/")).name
     if base.lower().endswith(PICKLE_SUFFIXES):
         raise ArchiveError(pickle_message(name))
-    return base if base in (CONFIG_FILE, WEIGHTS_FILE) else None
+    return base if base in (CONFIG_FILE, WEIGHTS_FILE, CONTRACT_FILE) else None
 
 
 class _Collector:

@@ -23,6 +23,7 @@ ADMIN_DISABLED = ("Adapter admin routes are disabled: start the server with an a
                   "then send it as 'Authorization: Bearer <token>'.")
 ADMIN_PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
 INFERENCE_PREFIX = "/v1/"
+TOKENIZER_PATHS = ("/tokenize", "/detokenize")  # vLLM's paths, outside /v1, behind the API key all the same
 
 
 def is_admin_path(path: str) -> bool:
@@ -30,7 +31,7 @@ def is_admin_path(path: str) -> bool:
 
 
 def is_inference_path(path: str) -> bool:
-    return path.startswith(INFERENCE_PREFIX) and not is_admin_path(path)
+    return (path.startswith(INFERENCE_PREFIX) and not is_admin_path(path)) or path in TOKENIZER_PATHS
 
 
 def header(scope: Scope, name: bytes) -> bytes | None:

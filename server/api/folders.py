@@ -16,7 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO
 
-from server.adapters.names import CONFIG_FILE, WEIGHTS_FILE
+from server.adapters.contract import MAX_CONTRACT_BYTES
+from server.adapters.names import CONFIG_FILE, CONTRACT_FILE, WEIGHTS_FILE
 from server.api.archives import COPY_CHUNK, pickle_message
 from server.api.errors import ApiError
 from server.api.uploads import MAX_CONFIG_BYTES
@@ -46,6 +47,18 @@ def resolve_under_root(lora_path: str, root: Path | None) -> Path:
         raise ApiError(404, f"no adapter folder at {lora_path!r}", code="adapter_folder_not_found",
                        param="lora_path")
     return real
+
+
+def read_contract(folder: Path) -> bytes | None:
+    """The folder's loraplex.json (opened like the adapter files), or None when it has none."""
+    if not os.path.lexists(folder / CONTRACT_FILE):
+        return None
+    with _open_regular(folder / CONTRACT_FILE) as handle:
+        data = handle.read(MAX_CONTRACT_BYTES + 1)
+    if len(data) > MAX_CONTRACT_BYTES:
+        raise ApiError(400, f"{CONTRACT_FILE} is larger than {MAX_CONTRACT_BYTES} bytes", code="invalid_adapter",
+                       param="lora_path")
+    return data
 
 
 def copy_adapter_folder(lora_path: str, root: Path | None, limit: int,

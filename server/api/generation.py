@@ -51,7 +51,7 @@ class Generation:
         log_info["model"] = model
 
     async def submit(self, prompts: list[str] | None, n: int, params: SamplingParams,
-                     messages: tuple[dict, ...] | None = None) -> None:
+                     messages: tuple[dict, ...] | None = None, apply_template: bool = True) -> None:
         """One engine request per prompt (or one for `messages`); engine errors raise here.
 
         Whatever was submitted before an error is aborted, so a refused request leaves nothing running.
@@ -61,7 +61,8 @@ class Generation:
         try:
             for p, (prompt, chat) in enumerate(inputs):
                 rid = self.request_id if len(inputs) == 1 else f"{self.request_id}-{p}"
-                request = GenerationRequest(rid, self.model, prompt=prompt, params=params, n=n, messages=chat)
+                request = GenerationRequest(rid, self.model, prompt=prompt, params=params, n=n, messages=chat,
+                                            apply_template=apply_template)
                 streams = await self.engine.submit(request)
                 for j, stream in enumerate(streams):
                     self.streams.append(stream)

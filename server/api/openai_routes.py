@@ -23,7 +23,12 @@ from server.api.schemas import (AssistantMessage, ChatChoice, ChatCompletionRequ
                                 ChatCompletionResponse, CompletionChoice, CompletionRequest, CompletionResponse,
                                 ModelList, ModelObject, SamplingFields)
 from server.api.streaming import EventStreamResponse, chat_events, completion_events, started_deltas
+from server.engine.contract import output_format
 from server.engine.request import SamplingParams
+
+# Request fields an adapter contract's defaults stand in for when the client leaves them out.
+CONTRACT_FIELDS = ("temperature", "top_p", "top_k", "stop", "presence_penalty", "frequency_penalty",
+                   "response_format")
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"description": "invalid field, or prompt plus max_tokens longer than the context"},
@@ -47,10 +52,14 @@ def check_prompt_chars(texts: list[str], limit: int, param: str) -> None:
 
 def sampling_params(body: SamplingFields, default_max_tokens: int, logprobs: int | None) -> SamplingParams:
     max_tokens = body.requested_max_tokens()
+    given = {f for f in CONTRACT_FIELDS if f in body.model_fields_set}
+    if max_tokens is not None:
+        given.add("max_tokens")
     return SamplingParams(max_tokens=max_tokens if max_tokens is not None else default_max_tokens,
                           temperature=body.temperature, top_p=body.top_p, top_k=max(0, body.top_k), seed=body.seed,
                           stop=body.stop_list(), presence_penalty=body.presence_penalty,
-                          frequency_penalty=body.frequency_penalty, logprobs=logprobs, ignore_eos=body.ignore_eos)
+                          frequency_penalty=body.frequency_penalty, logprobs=logprobs, ignore_eos=body.ignore_eos,
+                          response_format=output_format(body.response_format), given=frozenset(given))
 
 
 def _generation(request: Request, body: SamplingFields, prefix: str) -> tuple[Generation, dict, dict]:
@@ -94,7 +103,8 @@ async def create_completion(body: CompletionRequest, request: Request) -> Any:
     prompts = body.prompts()
     check_prompt_chars(prompts, settings.max_prompt_chars, "prompt")
     gen, info, base = _generation(request, body, "cmpl")
-    await gen.submit(prompts, body.n, sampling_params(body, settings.max_tokens_default, body.logprobs))
+    await gen.submit(prompts, body.n, sampling_params(body, settings.max_tokens_default, body.logprobs),
+                     apply_template=body.apply_template)
     base["object"] = "text_completion"
     if body.stream:
         deltas = await started_deltas(gen)
@@ -117,7 +127,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     check_prompt_chars([_text(m) for m in messages], settings.max_prompt_chars, "messages")
     gen, info, base = _generation(request, body, "chatcmpl")
     params = sampling_params(body, settings.chat_max_tokens_default, body.logprobs_k())
-    await gen.submit(None, body.n, params, messages=messages)
+    await gen.submit(None, body.n, params, messages=messages, apply_template=body.apply_template)
     if body.stream:
         base["object"] = "chat.completion.chunk"
         deltas = await started_deltas(gen)
@@ -140,3 +150,13 @@ def _text(message: dict) -> str:
 async def list_models(request: Request) -> ModelList:
     cards = await asyncio.to_thread(request.app.state.engine.models)
     return ModelList(data=[ModelObject.from_card(c) for c in cards])
+
+
+@router.get("/models/{model}", response_model=ModelObject, responses={404: {"description": "unknown model"}},
+            summary="One model: the base model or an adapter, with its contract")
+async def get_model(model: str, request: Request) -> ModelObject:
+    cards = await asyncio.to_thread(request.app.state.engine.models)
+    for card in cards:
+        if card.id == model:
+            return ModelObject.from_card(card)
+    raise ApiError(404, f"The model '{model}' does not exist", code="model_not_found", param="model")

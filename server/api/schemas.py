@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from server.adapters.contract import ResponseFormatSpec
+
 MAX_CHOICES = 16                 # n x prompts of one request
 MAX_STOP = 4
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -43,6 +45,11 @@ class SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256)
     logit_bias: dict[str, float] | None = Field(None, description="not supported: only an empty map is accepted")
+    response_format: ResponseFormatSpec | None = Field(
+        None, description='structured output: {"type": "json_object"} or {"type": "json_schema", "json_schema": '
+        '{"name", "schema", "strict"}}, enforced while sampling; {"type": "text"} turns off an adapter\'s bound schema')
+    apply_template: bool = Field(True, description="extension: apply the adapter contract's prompt template "
+                                 "(completions) or system prompt (chat)")
 
     @field_validator("stop")
     @classmethod
@@ -126,17 +133,10 @@ class ChatMessage(BaseModel):
         return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    type: Literal["text"] = Field(description="only plain text is supported")
-
-
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    response_format: ResponseFormat | None = None
     tools: list[Any] | None = Field(None, description="not supported: only null or [] is accepted")
     tool_choice: Literal["none"] | None = None
     parallel_tool_calls: bool | None = None
@@ -229,11 +229,13 @@ class ModelObject(BaseModel):
     sha256: str | None = Field(None, description="SHA-256 identity of the adapter's current weights and config "
                                "(None for the base model); `model: \"name@<prefix>\"` pins it")
     version: int | None = Field(None, description="the adapter's version (bumped by every overwrite)")
+    contract: dict[str, Any] | None = Field(None, description="the adapter's loraplex.json: prompt template, "
+                                            "system prompt, sampling defaults, response_format, examples")
 
     @classmethod
     def from_card(cls, card: Any) -> ModelObject:
         return cls(id=card.id, created=card.created, parent=card.parent, sha256=getattr(card, "sha256", None),
-                   version=getattr(card, "version", None))
+                   version=getattr(card, "version", None), contract=getattr(card, "contract", None))
 
 
 class ModelList(BaseModel):

@@ -7,7 +7,8 @@ files in a private work folder, so memory stays at one chunk whatever the upload
 Accepted parts (at most `MAX_PARTS`): the fields `name` and `overwrite`, and either the
 files `adapter_config.json` + `adapter_model.safetensors` or one `archive` (.zip, .tar,
 .tar.gz). A file part is identified by its field name, or by its file name when the field
-name is not one of those. Pickle weights are refused by name and by content and never
+name is not one of those. An optional third file, `loraplex.json` (the adapter's contract), may
+come with the two files or inside the archive. Pickle weights are refused by name and by content and never
 unpickled. The caller owns the work folder and removes it whatever happens (`Upload.cleanup`).
 """
 
@@ -24,13 +25,14 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
-from server.adapters.names import CONFIG_FILE, WEIGHTS_FILE, AdapterNameError, check_adapter_name
+from server.adapters.contract import MAX_CONTRACT_BYTES
+from server.adapters.names import CONFIG_FILE, CONTRACT_FILE, WEIGHTS_FILE, AdapterNameError, check_adapter_name
 from server.api.archives import PICKLE_SUFFIXES, pickle_message, read_archive
 from server.api.background import BackgroundPool
 from server.api.body_limit import BodyReadTimeout, read_body_chunks
 from server.api.errors import ApiError
 
-FILE_KEYS = (CONFIG_FILE, WEIGHTS_FILE, "archive")
+FILE_KEYS = (CONFIG_FILE, WEIGHTS_FILE, CONTRACT_FILE, "archive")
 FIELD_KEYS = ("name", "overwrite")
 MAX_PARTS = 16
 MAX_FIELD_BYTES = 1024
@@ -50,6 +52,7 @@ class Upload:
     config: bytes
     weights_path: Path
     workdir: Path
+    contract: bytes | None = None   # loraplex.json, when sent
 
     def cleanup(self) -> None:
         shutil.rmtree(self.workdir, ignore_errors=True)
@@ -175,7 +178,7 @@ class MultipartReader:
             raise ApiError(400, pickle_message(base or key), code="invalid_adapter", param=field_name[:80])
         if key not in FILE_KEYS:
             raise invalid(f"unexpected file {key[:80]!r}: upload adapter_config.json and "
-                          "adapter_model.safetensors, or one archive", field_name[:80])
+                          "adapter_model.safetensors (and optionally loraplex.json), or one archive", field_name[:80])
         if key in self.files:
             raise invalid(f"{key} was sent twice", key)
         part.key = key
@@ -307,16 +310,16 @@ def _assemble(reader: MultipartReader, limit: int, base_name: str, workdir: Path
                                 "adapter_model.safetensors, or one archive holding them",
                            code="invalid_adapter", param=needed)
     check_safetensors(files[WEIGHTS_FILE], WEIGHTS_FILE)
+    contract = read_config(files[CONTRACT_FILE], CONTRACT_FILE, MAX_CONTRACT_BYTES) if CONTRACT_FILE in files else None
     return Upload(name=name, overwrite=overwrite, config=read_config(files[CONFIG_FILE]),
-                  weights_path=files[WEIGHTS_FILE], workdir=workdir)
+                  weights_path=files[WEIGHTS_FILE], workdir=workdir, contract=contract)
 
 
-def read_config(path: Path) -> bytes:
+def read_config(path: Path, what: str = CONFIG_FILE, limit: int = MAX_CONFIG_BYTES) -> bytes:
     with open(path, "rb") as handle:
-        config = handle.read(MAX_CONFIG_BYTES + 1)
-    if len(config) > MAX_CONFIG_BYTES:
-        raise ApiError(400, f"{CONFIG_FILE} is larger than {MAX_CONFIG_BYTES} bytes", code="invalid_adapter",
-                       param=CONFIG_FILE)
+        config = handle.read(limit + 1)
+    if len(config) > limit:
+        raise ApiError(400, f"{what} is larger than {limit} bytes", code="invalid_adapter", param=what)
     return config
 
 

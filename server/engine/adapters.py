@@ -17,6 +17,7 @@ from pathlib import Path
 
 from server.adapters.composition import (ComposedRecord, CompositionError, CompositionKey, compose,
                                         is_composition, parse_expression)
+from server.adapters.contract import AdapterContract, ContractError, parse_contract, patched
 from server.adapters.identity import AdapterKey
 from server.adapters.layout import BaseLayout
 from server.adapters.names import AdapterNameError
@@ -46,7 +47,7 @@ def _engine_errors() -> Iterator[None]:
     """The registry's refusals as engine errors (the API maps their codes to HTTP statuses)."""
     try:
         yield
-    except (AdapterFormatError, AdapterNameError) as exc:
+    except (AdapterFormatError, AdapterNameError, ContractError) as exc:
         raise AdapterRejectedError(str(exc)) from exc
     except AdapterExists as exc:
         raise AdapterExistsError(str(exc)) from exc
@@ -67,6 +68,8 @@ class AdapterManager:
         self.slots = SlotTable(settings.max_loras)
         self.post_evict: Callable[[AdapterKey], None] = lambda key: None  # set by the engine: runs evict_if_idle
         self.registry.on_retired = lambda record: self.post_evict(record.key)
+        # Set by the engine: raises InvalidRequestError for a contract whose response_format cannot be enforced.
+        self.check_contract: Callable[[AdapterContract | None], None] = lambda contract: None
 
     # Resolution (any thread) ------------------------------------------------------------------
 
@@ -123,9 +126,31 @@ class AdapterManager:
     def load_store(self) -> dict[str, str]:
         return self.registry.scan()
 
-    def add(self, name: str, config_bytes: bytes, weights_path: Path, overwrite: bool) -> AdapterInfo:
+    def add(self, name: str, config_bytes: bytes, weights_path: Path, overwrite: bool,
+            contract_bytes: bytes | None = None) -> AdapterInfo:
         with _engine_errors():
-            return self.info(self.registry.add_file(name, config_bytes, weights_path, overwrite))
+            if contract_bytes is not None:
+                self._checked(parse_contract(contract_bytes))
+            record = self.registry.add_file(name, config_bytes, weights_path, overwrite, contract_bytes)
+        return self.info(record)
+
+    def patch_contract(self, name: str, patch: dict) -> AdapterInfo:
+        record = self.registry.get(name)
+        if record is None:
+            raise UnknownModelError(f"adapter '{name}' does not exist")
+        with _engine_errors():
+            contract = self._checked(patched(record.contract, patch))
+            updated = self.registry.replace_contract(name, contract)
+        if updated is None:
+            raise UnknownModelError(f"adapter '{name}' does not exist")
+        return self.info(updated)
+
+    def _checked(self, contract: AdapterContract) -> AdapterContract:
+        try:
+            self.check_contract(contract)
+        except EngineError as exc:
+            raise ContractError(f"loraplex.json: response_format: {exc}") from None
+        return contract
 
     def delete(self, name: str) -> AdapterRecord:
         with _engine_errors():
@@ -159,7 +184,8 @@ class AdapterManager:
                            target_modules=record.target_modules, size_bytes=record.size_bytes,
                            created=int(record.created), requests=record.requests, tokens=record.tokens,
                            loads=record.loads, load_seconds=record.load_seconds, sha256=record.sha256,
-                           generation=record.generation)
+                           generation=record.generation,
+                           contract=record.contract.as_dict() if record.contract else None)
 
     def tier(self, record: AdapterRecord) -> str:
         if self.slots.slot_of(record.key) is not None:

@@ -15,6 +15,7 @@ import threading
 from collections import deque
 
 from server.engine.adapters import AdapterManager
+from server.engine.grammar import GrammarCompiler
 from server.engine.kv_cache import KVCache, OutOfBlocks
 from server.engine.output import finish_reason, make_delta
 from server.engine.request import EngineError
@@ -29,13 +30,15 @@ log = logging.getLogger(__name__)
 
 class EngineCore:
     def __init__(self, kv_cache: KVCache, scheduler: Scheduler, runner: ModelRunner, manager: AdapterManager,
-                 tokenizer, eos_ids: frozenset[int], max_context: int, threads: int | None = None) -> None:
+                 tokenizer, eos_ids: frozenset[int], max_context: int, threads: int | None = None,
+                 grammars: GrammarCompiler | None = None) -> None:
         self.kv_cache = kv_cache
         self.threads = threads  # torch threads of the step loop (None: torch's default; server/threads.py says why)
         self.scheduler = scheduler
         self.runner = runner
         self.manager = manager
         self.sampler = Sampler()
+        self.grammars = grammars   # masks of the structured-output sequences, all of a step's at once
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.max_context = max_context
@@ -147,10 +150,17 @@ class EngineCore:
                 seqs += forked
                 rows += [rows[i]] * len(forked)
         outs = self.sampler.sample(logits[rows], [s.options for s in seqs], [s.generator for s in seqs],
-                                   [s.output_ids for s in seqs])
+                                   [s.output_ids for s in seqs], self._allowed(seqs))
         for seq, out in zip(seqs, outs):
             self._append(seq, out)
         return True
+
+    def _allowed(self, seqs: list[Sequence]):
+        """(rows, masks) of the step's constrained sequences, filled in one call; None when there are none."""
+        rows = [i for i, seq in enumerate(seqs) if seq.constraint is not None]
+        if not rows:
+            return None
+        return rows, self.grammars.fill_masks([seqs[i].constraint for i in rows])
 
     def _fork_children(self, parent: Sequence) -> list[Sequence]:
         """Give each child the parent's prompt KV: shared full blocks, an own copy of the partial one."""
@@ -186,6 +196,9 @@ class EngineCore:
         if seq.record is not None:
             seq.record.tokens += 1
         is_eos = out.token in self.eos_ids
+        if seq.constraint is not None and not seq.constraint.accept(out.token):
+            log.error("request %s: token %d is outside its grammar; ending it", seq.request_id, out.token)
+            is_eos = True
         text = "" if is_eos and not seq.params.ignore_eos else seq.detokenizer.push(out.token)
         reason = finish_reason(seq, is_eos, self.max_context)
         if reason is not None:

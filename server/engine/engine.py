@@ -14,8 +14,10 @@ from server.adapters.layout import BaseLayout
 from server.config import Settings
 from server.engine.adapters import AdapterManager
 from server.engine.attention import use_paged_attention
+from server.engine.contract import output_format
 from server.engine.core import EngineCore
 from server.engine.front import EngineFront
+from server.engine.grammar import GrammarCompiler
 from server.engine.kv_cache import KVCache
 from server.engine.prefix_cache import PrefixCache
 from server.engine.request import AdapterInfo, GenerationRequest, GenerationResult, InvalidRequestError
@@ -35,6 +37,7 @@ class ModelCard:
     parent: str | None
     sha256: str | None = None    # None for the base model
     version: int | None = None   # None for the base model
+    contract: dict | None = None  # the adapter's loraplex.json
 
 
 @dataclass(frozen=True)
@@ -71,11 +74,14 @@ class Engine:
         gen_eos = base.model.generation_config.eos_token_id
         gen_eos = gen_eos if isinstance(gen_eos, list) else [gen_eos]
         eos_ids = frozenset(i for i in [self.tokenizer.eos_token_id, *gen_eos] if i is not None)
+        vocab_size = int(base.model.get_output_embeddings().weight.shape[0])
+        self.grammars = GrammarCompiler(self.tokenizer, vocab_size, eos_ids)
+        self.adapters.check_contract = self._check_contract
         self.core = EngineCore(self.kv_cache, self.scheduler, ModelRunner(self.lora, self.kv_cache), self.adapters,
-                               self.tokenizer, eos_ids, self._max_context, settings.threads)
+                               self.tokenizer, eos_ids, self._max_context, settings.threads, self.grammars)
         self.adapters.post_evict = lambda key: self.core.post("evict", key)
         self.front = EngineFront(self.core, self.adapters, self.tokenizer, settings.max_queue, self._max_context,
-                                 self.kv_cache.num_slots, settings.background_niceness)
+                                 self.kv_cache.num_slots, settings.background_niceness, self.grammars)
 
     # Parts tests and tools look at ------------------------------------------------------------
 
@@ -133,12 +139,28 @@ class Engine:
     def abort(self, key: str) -> None:
         self.core.abort(key)
 
+    async def tokenize(self, model: str, prompt: str | None = None, messages: tuple[dict, ...] | None = None,
+                       add_special_tokens: bool = True, add_generation_prompt: bool = True,
+                       apply_template: bool = False) -> list[int]:
+        return await self.front.tokenize(model, prompt, messages, add_special_tokens, add_generation_prompt,
+                                         apply_template)
+
+    async def detokenize(self, model: str, tokens: list[int], as_strings: bool = False) -> str | list[str]:
+        return await self.front.detokenize(model, tokens, as_strings)
+
+    def _check_contract(self, contract) -> None:
+        """An adapter contract's response_format must compile (raises InvalidRequestError otherwise)."""
+        fmt = output_format(contract.response_format) if contract is not None else None
+        if fmt is not None:
+            self.grammars.compile(fmt)
+
     def max_context(self) -> int:
         return self._max_context
 
     def models(self) -> list[ModelCard]:
         cards = [ModelCard(self.base_name, 0, None)]
-        cards += [ModelCard(r.name, int(r.created), self.base_name, r.sha256, r.version)
+        cards += [ModelCard(r.name, int(r.created), self.base_name, r.sha256, r.version,
+                            r.contract.as_dict() if r.contract else None)
                   for r in self.registry.records()]
         return cards
 
@@ -155,9 +177,14 @@ class Engine:
 
     # Adapter admin (sync: the API calls these with asyncio.to_thread) ---------------------------
 
-    def add_adapter(self, name: str, config_bytes: bytes, weights_path: Path, overwrite: bool = False) -> AdapterInfo:
+    def add_adapter(self, name: str, config_bytes: bytes, weights_path: Path, overwrite: bool = False,
+                    contract_bytes: bytes | None = None) -> AdapterInfo:
         """Validate, hash and store an adapter whose weights are a file (copied; the path is not kept)."""
-        return self.adapters.add(name, config_bytes, Path(weights_path), overwrite)
+        return self.adapters.add(name, config_bytes, Path(weights_path), overwrite, contract_bytes)
+
+    def patch_contract(self, name: str, patch: dict) -> AdapterInfo:
+        """Merge-patch the adapter's loraplex.json: a new version (same weights), identity included."""
+        return self.adapters.patch_contract(name, patch)
 
     def delete_adapter(self, name: str) -> None:
         self.adapters.delete(name)

@@ -17,6 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from server.engine.core import EngineCore
 from server.engine.adapters import AdapterManager
+from server.engine.contract import with_contract
+from server.engine.grammar import GrammarCompiler
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.request import (EngineNotReadyError, GenerationRequest, InvalidRequestError, PromptTooLongError,
                                    QueueFullError, ShuttingDownError)
@@ -32,8 +34,9 @@ _MAX_SEED = 2**63 - 1
 
 class EngineFront:
     def __init__(self, core: EngineCore, manager: AdapterManager, tokenizer, max_queue: int, max_context: int,
-                 kv_capacity: int, long_prompt_niceness: int = 10) -> None:
+                 kv_capacity: int, long_prompt_niceness: int = 10, grammars: GrammarCompiler | None = None) -> None:
         self.core = core
+        self.grammars = grammars
         self.manager = manager
         self.tokenizer = tokenizer
         self.max_queue = max_queue
@@ -56,22 +59,65 @@ class EngineFront:
     async def submit(self, request: GenerationRequest) -> list[RequestStream]:
         """Validate and enqueue; returns one stream per choice. Raises EngineError subclasses."""
         (record, prefix), chars = self._check(request)
+        request = with_contract(request, None if record is None else record.contract)
+        fmt = request.params.response_format
+        if fmt is not None and (request.params.ignore_eos or self.grammars is None):
+            raise InvalidRequestError("response_format cannot be combined with ignore_eos" if self.grammars
+                                      else "structured output is not available on this engine")
         pool, tokenizer = self._long_lane if chars > LONG_PROMPT_CHARS else self._short_lane
         self._tokenizing += 1
         try:
-            prompt_ids = await asyncio.get_running_loop().run_in_executor(pool, tokenize, tokenizer, request)
+            prompt_ids, grammar = await asyncio.get_running_loop().run_in_executor(pool, self._prepare, tokenizer,
+                                                                                   request)
         finally:
             self._tokenizing -= 1
         self._check_length(len(prompt_ids), request.params.max_tokens)
         if self.shutting_down:
             raise ShuttingDownError("the server is shutting down")
         seqs = [self._sequence(request, j, prompt_ids, record, prefix) for j in range(request.n)]
+        for seq in seqs if grammar is not None else ():
+            seq.constraint = self.grammars.constraint(grammar)
         if record is not None:
             record.requests += request.n
         first, *rest = seqs
         first.children = rest
         self.core.add([first])
         return [s.stream for s in seqs]
+
+    def _prepare(self, tokenizer, request: GenerationRequest):
+        """Token ids and the compiled grammar (None for free text); runs on a tokenizer lane's thread."""
+        fmt = request.params.response_format
+        grammar = None if fmt is None else self.grammars.compile(fmt)
+        return tokenize(tokenizer, request), grammar
+
+    async def tokenize(self, model: str, prompt: str | None, messages: tuple[dict, ...] | None,
+                       add_special_tokens: bool, add_generation_prompt: bool, apply_template: bool) -> list[int]:
+        """What `submit` would feed the model for these inputs (the contract's template when asked)."""
+        if not self.core.running:
+            raise EngineNotReadyError("the engine is not running yet")
+        if (prompt is None) == (messages is None):
+            raise InvalidRequestError("give exactly one of prompt and messages")
+        record, _ = self.manager.resolve(model)
+        request = GenerationRequest("tokenize", model, prompt=prompt, messages=messages,
+                                    add_special_tokens=add_special_tokens, apply_template=apply_template)
+        request = with_contract(request, None if record is None else record.contract)
+        chars = len(request.prompt or "") + sum(len(str(m.get("content") or "")) for m in request.messages or ())
+        pool, tokenizer = self._long_lane if chars > LONG_PROMPT_CHARS else self._short_lane
+        return await asyncio.get_running_loop().run_in_executor(pool, tokenize, tokenizer, request,
+                                                                add_generation_prompt)
+
+    async def detokenize(self, model: str, tokens: list[int], as_strings: bool = False) -> str | list[str]:
+        """The text of token ids (or each token's string); the model must exist."""
+        if not self.core.running:
+            raise EngineNotReadyError("the engine is not running yet")
+        self.manager.resolve(model)
+        vocab = len(self.tokenizer)
+        bad = next((t for t in tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequestError(f"token id {bad} is outside the vocabulary (0 to {vocab - 1})")
+        pool, tokenizer = self._short_lane
+        decode = tokenizer.convert_ids_to_tokens if as_strings else tokenizer.decode
+        return await asyncio.get_running_loop().run_in_executor(pool, decode, tokens)
 
     # Checks -----------------------------------------------------------------------------------
 
@@ -126,12 +172,13 @@ class EngineFront:
                         adapter=None if record is None else self.manager.cached(record))
 
 
-def tokenize(tokenizer, request: GenerationRequest) -> list[int]:
+def tokenize(tokenizer, request: GenerationRequest, add_generation_prompt: bool = True) -> list[int]:
     """The prompt's token ids (the chat template rendered first); runs on a tokenizer lane's thread."""
     if request.messages is None:
         return tokenizer(request.prompt, add_special_tokens=request.add_special_tokens)["input_ids"]
     try:
-        text = tokenizer.apply_chat_template(list(request.messages), tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(list(request.messages), tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
     except Exception as exc:  # jinja errors from the model's own template (raise_exception, bad roles)
         raise InvalidRequestError(f"the chat template refused the messages: {exc}") from None
     return tokenizer(text, add_special_tokens=False)["input_ids"]

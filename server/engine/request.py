@@ -6,6 +6,15 @@ from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
+class OutputFormat:
+    """Structured output a sequence must follow: any JSON object, or one JSON schema (as JSON text)."""
+
+    kind: str                       # "json_object" or "json_schema"
+    schema_json: str | None = None  # the schema, for "json_schema"
+    name: str | None = None
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 16
     temperature: float = 1.0        # 0 = greedy
@@ -17,6 +26,10 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logprobs: int | None = None     # None = off; k = chosen token's logprob plus the top k
     ignore_eos: bool = False        # generate exactly max_tokens (benchmarks)
+    response_format: OutputFormat | None = None   # None = free text
+    # Fields the client set itself: an adapter contract's defaults fill in the others.
+    # None = every field counts as set (callers that know nothing of contracts).
+    given: frozenset[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -28,6 +41,7 @@ class GenerationRequest:
     add_special_tokens: bool = True   # ignored with `messages` (the rendered template has its own)
     n: int = 1                      # choices of this prompt; choice j is seeded seed + j
     messages: tuple[dict, ...] | None = None   # chat messages: the engine renders the chat template
+    apply_template: bool = True     # the adapter contract's prompt template / system prompt, if it has one
 
 
 @dataclass(frozen=True)
@@ -137,3 +151,4 @@ class AdapterInfo:
     load_seconds: float = 0.0    # duration of the last such write
     sha256: str = ""             # identity hash of the stored config + weights bytes
     generation: int = 0          # registry generation: unique per registered version, only grows
+    contract: dict | None = None  # the version's loraplex.json, as JSON data

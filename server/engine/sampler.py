@@ -1,8 +1,9 @@
 """Next-token selection for a whole batch in one vectorised pass over the last-token logits.
 
-Order of operations per row: OpenAI presence/frequency penalties -> (logprobs taken here) ->
-temperature -> top-k -> top-p -> inverse-CDF draw with one uniform from the row's own generator.
-Rows with temperature 0 take the argmax of the penalised logits.
+Order of operations per row: OpenAI presence/frequency penalties -> structured-output mask (tokens
+the row's grammar forbids get -inf) -> (logprobs taken here) -> temperature -> top-k -> top-p ->
+inverse-CDF draw with one uniform from the row's own generator. Rows with temperature 0 take the
+argmax of the penalised, masked logits.
 
 Reproducibility: each sequence owns a CPU `torch.Generator`; a sampled row consumes exactly one
 uniform from it per step and every tensor op is row-wise, so a given seed yields the same tokens
@@ -56,13 +57,16 @@ class Sampler:
     @torch.inference_mode()
     def sample(self, logits: Tensor, options: Sequence[SamplingOptions],
                generators: Sequence[torch.Generator | None],
-               output_ids: Sequence[Sequence[int]] | None = None) -> list[SampleOutput]:
+               output_ids: Sequence[Sequence[int]] | None = None,
+               allowed: tuple[Sequence[int], Tensor] | None = None) -> list[SampleOutput]:
         """Pick one token per row.
 
         logits: [B, V] last-token logits, any float dtype/device (computed in float32).
         options, generators: length B. A generator may be None only for greedy rows (a sampled row
             with None falls back to torch's global RNG and is then not reproducible).
         output_ids: length B, the tokens each sequence has generated so far (for the penalties).
+        allowed: (rows, mask) for constrained rows: mask is bool [len(rows), V'] (V' <= V; tokens past V'
+            are forbidden), True where the row's grammar allows the token. Other rows are free.
 
         Logprobs are the log_softmax of the *penalised* logits before temperature/top-k/top-p, i.e.
         the model's distribution as adjusted by the request's penalties, independent of how
@@ -70,6 +74,8 @@ class Sampler:
         """
         x = logits.detach().to(torch.float32)
         x = apply_penalties(x, options, output_ids)
+        if allowed is not None:
+            x = apply_allowed(x, *allowed)
         tokens = x.argmax(dim=-1)
         sampled = [i for i, o in enumerate(options) if not o.greedy]
         if sampled:
@@ -88,6 +94,17 @@ def apply_penalties(x: Tensor, options: Sequence[SamplingOptions],
     presence = x.new_tensor([o.presence_penalty for o in options]).unsqueeze(1)
     frequency = x.new_tensor([o.frequency_penalty for o in options]).unsqueeze(1)
     return x - presence * (counts > 0) - frequency * counts
+
+
+def apply_allowed(x: Tensor, rows: Sequence[int], mask: Tensor) -> Tensor:
+    """x with -inf where a constrained row's mask forbids the token; one masked_fill for all such rows."""
+    full = torch.ones(x.shape, dtype=torch.bool, device=x.device)
+    index = torch.tensor(list(rows), dtype=torch.long, device=x.device)
+    constrained = torch.zeros(len(rows), x.shape[1], dtype=torch.bool, device=x.device)
+    width = min(mask.shape[1], x.shape[1])
+    constrained[:, :width] = mask[:, :width].to(x.device)
+    full[index] = constrained
+    return x.masked_fill(~full, float("-inf"))
 
 
 def token_counts(output_ids: Sequence[Sequence[int]], vocab: int, device: torch.device) -> Tensor:

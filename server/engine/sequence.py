@@ -11,6 +11,7 @@ from server.adapters.composition import ComposedRecord
 from server.adapters.peft_format import ParsedAdapter
 from server.adapters.registry import AdapterRecord
 from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.grammar import Constraint
 from server.engine.request import SamplingParams
 from server.engine.sampler import SamplingOptions
 from server.engine.stream import RequestStream
@@ -53,6 +54,7 @@ class Sequence:
     hash_seed: bytes | None = None        # prefix cache: the chain's seed (the weights' identity) ...
     block_hashes: list[bytes] = field(default_factory=list)  # ... the chain over its full blocks so far
     num_published: int = 0                # leading blocks that are in the prefix cache (published or hit)
+    constraint: Constraint | None = None  # structured output: the grammar state (None = free text)
 
     @property
     def group_size(self) -> int:

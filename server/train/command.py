@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 import torch
 
-from server.train.data import DataError, Encoded, encode_all, load_jsonl, pad_id_of
+from server.adapters.names import CONTRACT_FILE
+from server.train.contract import contract_from_records, read_records
+from server.train.data import IGNORE_INDEX, DataError, Encoded, encode_all, load_jsonl, pad_id_of
 from server.train.evaluate import EvalReport, evaluate
 from server.train.options import add_train_arguments, config_from_args  # noqa: F401 - the command's API
 from server.train.trainer import (
@@ -105,4 +106,8 @@ def run_train(args: argparse.Namespace) -> int:
         if args.report:
             args.report.write_text(json.dumps(report.as_dict(), indent=2) + "\n")
     (args.output / "README.md").write_text(card(base.name, config, stats, report))
+    longest = max((len(e.input_ids) - sum(label == IGNORE_INDEX for label in e.labels) for e in train_set), default=1)
+    contract = contract_from_records(read_records(args.data), longest, f"LoRA adapter trained on {args.data.name}")
+    (args.output / CONTRACT_FILE).write_bytes(contract.to_bytes())
+    print(f"wrote {args.output / CONTRACT_FILE} (edit it, or PATCH /v1/adapters/<name>, to change the contract)")
     return 0

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from server.adapters.names import CONTRACT_FILE
+
 from server.config import Settings
 from server.models import BaseModel, load_base_model
 from server.train.data import Example, encode_all, pad_id_of, record_to_example
@@ -163,6 +165,9 @@ def install(staging: Path, target: Path) -> None:
     """Swap the new folder in with renames, so a reader never sees a half-written adapter."""
     old = target.with_name(f".{target.name}.old")
     shutil.rmtree(old, ignore_errors=True)
+    contract = target / CONTRACT_FILE  # the hand-written contract (template, schema) outlives retraining
+    if contract.is_file() and not (staging / CONTRACT_FILE).exists():
+        shutil.copyfile(contract, staging / CONTRACT_FILE)
     if target.exists():
         os.replace(target, old)
     # mkdtemp makes a private folder; the store is read by the server, perhaps as another user.

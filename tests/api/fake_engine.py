@@ -196,7 +196,8 @@ class FakeEngine:
         self.finished.append(rid)
 
     # adapter admin
-    def add_adapter(self, name: str, config_bytes: bytes, weights_path: Path, overwrite: bool = False) -> AdapterInfo:
+    def add_adapter(self, name: str, config_bytes: bytes, weights_path: Path, overwrite: bool = False,
+                    contract_bytes: bytes | None = None) -> AdapterInfo:
         """The contract's signature: the weights arrive as a file the caller deletes afterwards."""
         if self.add_delay:
             time.sleep(self.add_delay)

@@ -189,7 +189,7 @@ def test_unsupported_completion_options_are_refused_by_name(client, patch, words
     ({"messages": []}, "messages"), ({"messages": [{"role": "tool", "content": "x"}]}, "role"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]}]}, "messages"),
     ({"tools": [{"type": "function"}]}, "tools"), ({"top_logprobs": 2}, "top_logprobs"),
-    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"), ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"), ({"response_format": {"type": "xml"}}, "response_format"),
 ])
 def test_invalid_chat_fields_are_400(client, patch, words):
     body = {"model": BASE, "messages": [{"role": "user", "content": "x"}], **patch}

@@ -29,7 +29,7 @@ ADMIN_TOKEN = "test-admin-" + uuid.uuid4().hex[:12]
 API_KEY = "test-key-" + uuid.uuid4().hex[:12]
 BASE = "SmolLM2-135M-Instruct"
 SENTENCE = "Priya, 23, from Buenos Aires thinks the movie is poor."
-PROMPT = f"Input: {SENTENCE}\nOutput:"
+PROMPT = SENTENCE  # the shipped adapters' loraplex.json holds their prompt template
 READY_TIMEOUT = 180.0
 
 
@@ -97,7 +97,7 @@ class Http:
     def upload(self, name: str, folder: Path) -> tuple[int, dict]:
         boundary = "loraplex" + uuid.uuid4().hex
         parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="name"\r\n\r\n{name}\r\n'.encode()]
-        for file_name in ("adapter_config.json", "adapter_model.safetensors"):
+        for file_name in ("adapter_config.json", "adapter_model.safetensors", "loraplex.json"):
             head = (f'--{boundary}\r\nContent-Disposition: form-data; name="{file_name}"; filename="{file_name}"\r\n'
                     "Content-Type: application/octet-stream\r\n\r\n")
             parts += [head.encode(), (folder / file_name).read_bytes(), b"\r\n"]

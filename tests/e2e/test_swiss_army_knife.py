@@ -23,8 +23,10 @@ PER_MODEL = 3
 async def burst(url: str, jobs: list[tuple[str, str]]) -> list[str]:
     async with httpx.AsyncClient(base_url=url, timeout=300) as client:
         async def complete(model: str, text: str) -> str:
+            # The adapters' loraplex.json holds their prompt template: they get the bare sentence.
+            prompt = format_prompt(text) if model == BASE else text
             response = await client.post("/v1/completions", json={
-                "model": model, "prompt": format_prompt(text), "max_tokens": 48, "temperature": 0})
+                "model": model, "prompt": prompt, "max_tokens": 48, "temperature": 0})
             assert response.status_code == 200, response.text
             return response.json()["choices"][0]["text"]
         return await asyncio.gather(*(complete(model, text) for model, text in jobs))
