@@ -18,6 +18,7 @@ from server.adapters.layout import BaseLayout
 from server.adapters.names import AdapterNameError
 from server.adapters.peft_format import AdapterFormatError
 from server.adapters.registry import ERROR, AdapterExists, AdapterRecord, AdapterRegistry
+from server.adapters.shared import SharedAdapterStore, StoreSync
 from server.adapters.slots import NoFreeSlotError, SlotTable
 from server.adapters.store import AdapterStore
 from server.config import Settings
@@ -34,13 +35,17 @@ class AdapterManager:
     def __init__(self, lora: LoraModel, layout: BaseLayout, settings: Settings, base_name: str) -> None:
         self.lora = lora
         self.base_name = base_name
-        self.registry = AdapterRegistry(AdapterStore(settings.adapters_dir), layout, settings.max_lora_rank,
+        store_class = SharedAdapterStore if settings.shared_store else AdapterStore
+        self.registry = AdapterRegistry(store_class(settings.adapters_dir), layout, settings.max_lora_rank,
                                         settings.max_cpu_loras, reserved_names=frozenset({base_name}),
                                         max_bytes=settings.max_adapter_bytes,
                                         max_cpu_bytes=settings.max_cpu_lora_bytes)
         self.slots = SlotTable(settings.max_loras)
         self.post_evict: Callable[[AdapterKey], None] = lambda key: None  # set by the engine: runs evict_if_idle
         self.registry.on_retired = lambda record: self.post_evict(record.key)
+        # A shared store: what other servers wrote is taken in before a name is resolved.
+        self.store_sync = (StoreSync(self.registry.store, self.registry.sync_from_store)
+                           if isinstance(self.registry.store, SharedAdapterStore) else None)
 
     # Resolution (any thread) ------------------------------------------------------------------
 
