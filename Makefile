@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: serve test test-full soak venv bench bench-scaling bench-step clean test-container
+.PHONY: serve test test-full soak venv bench bench-scaling bench-step clean test-container test-cluster bench-cluster serve-cluster
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,23 @@ test: $(STAMP)
 # forms (marker `soak`); about 15 minutes on 2 CPU cores. CI runs it after `make test`.
 test-full: $(STAMP)
 	$(BIN)/python -m pytest -q -s -m 'full or soak' --durations=15 $(ARGS)
+
+# Scale-out on Ray Serve (server/deploy/): ray[serve] comes with the `cluster` extra. The tests and the
+# benchmark start a local Ray instance, always inside a network namespace with loopback alone
+# (server/deploy/netns.py: Ray's processes would talk over the external interface otherwise); about 4 minutes.
+CLUSTER_STAMP := $(VENV)/.cluster-installed
+$(CLUSTER_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[cluster]'
+	touch $(CLUSTER_STAMP)
+
+test-cluster: $(CLUSTER_STAMP)
+	$(BIN)/python -m server.deploy.netns $(BIN)/python -m pytest -q -s -m cluster tests/cluster --durations=10 $(ARGS)
+
+bench-cluster: $(CLUSTER_STAMP) $(BENCH_STAMP)
+	$(BIN)/python bench/cluster.py $(ARGS)
+
+serve-cluster: $(CLUSTER_STAMP)
+	$(BIN)/loraplex serve-cluster $(ARGS)
 
 # Build the Docker image and run it for real (docker run and docker-compose); SKIPs without a Docker engine.
 HADOLINT_VERSION ?= 2.15.1
