@@ -53,10 +53,10 @@ def run_cluster(settings: Settings, overrides: dict[str, Any], replicas: int, re
 
     export_secrets(settings)
     # Serve's router asks each replica its queue length and skips one that takes longer than this
-    # (0.1 s by default): a replica whose cores are busy with a forward pass answers later than that,
+    # (0.1 s by default; here 1 s): a replica whose cores are busy with a forward pass answers later than that,
     # and its adapters' requests would go elsewhere.
-    os.environ.setdefault("RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S", "0.5")
-    os.environ.setdefault("RAY_SERVE_MAX_QUEUE_LENGTH_RESPONSE_DEADLINE_S", "2.0")
+    os.environ.setdefault("RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S", "1.0")
+    os.environ.setdefault("RAY_SERVE_MAX_QUEUE_LENGTH_RESPONSE_DEADLINE_S", "5.0")
     project = str(Path(__file__).resolve().parents[2])  # replicas import this checkout's `server`
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (project, os.environ.get("PYTHONPATH")) if p)
     ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(replicas * replica_cpus)),

@@ -17,7 +17,7 @@ from server.deploy.netns import loopback_only
 from tests.e2e.server_process import free_port
 
 # Small settings: two replicas of the embedded model on a 2-core machine.
-SMALL = ("--kv-cache-tokens", "2048", "--max-running", "4", "--max-queue", "4", "--max-loras", "4",
+SMALL = ("--kv-cache-tokens", "2048", "--max-running", "4", "--max-queue", "16", "--max-loras", "4",
          "--max-cpu-loras", "4")
 REPLICA_INFO = re.compile(r'loraplex_replica_info\{pid="(\d+)",replica="([^"]+)"\}')
 

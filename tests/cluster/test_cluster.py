@@ -75,7 +75,7 @@ def test_upload_answers_and_sticks_to_its_replica_while_others_spread(cluster):
     assert text(first) == text(complete(cluster, "shout"))  # the uploaded weights answer
     sticky = [complete(cluster, "uploaded") for _ in range(8)]
     assert {replica(r) for r in sticky} == {replica(first)}
-    spread = many(cluster, [*SHIPPED, BASE] * 4, workers=2)
+    spread = many(cluster, [*SHIPPED, BASE] * 4, workers=4)
     assert all(r.status_code == 200 for r in spread)
     assert len({replica(r) for r in spread}) == 2
     by_adapter: dict[str, set[str]] = {}
@@ -86,7 +86,7 @@ def test_upload_answers_and_sticks_to_its_replica_while_others_spread(cluster):
 
 
 def both_replicas_hold(url: str, model: str) -> list[httpx.Response]:
-    """Saturate the replica holding `model` (4 requests in flight at most) so Serve loads it on the other too."""
+    """Saturate the replica holding `model` (12 requests in flight at most) so Serve loads it on the other too."""
     responses = many(url, [model] * 16, workers=16)
     assert len({replica(r) for r in responses}) == 2, [replica(r) for r in responses]
     return responses
