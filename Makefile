@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: serve test test-full test-all soak venv bench bench-scaling bench-step bench-prefix-cache bench-structured clean test-container console-deps test-console console-screenshots vendor-swagger-ui
+.PHONY: serve test test-full test-all soak venv bench bench-scaling bench-step bench-prefix-cache bench-structured clean test-container console-deps test-console console-screenshots vendor-swagger-ui test-cluster bench-cluster serve-cluster
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +62,23 @@ vendor-swagger-ui:
 	cd /tmp/swagger-ui-dist/package && cp swagger-ui-bundle.js swagger-ui-bundle.js.LICENSE.txt swagger-ui.css \
 	  LICENSE NOTICE $(CURDIR)/$(SWAGGER_UI_DIR)/
 	sed -i 's/swagger-ui-dist` [0-9.]*/swagger-ui-dist` $(SWAGGER_UI_VERSION)/' $(SWAGGER_UI_DIR)/README.md
+
+# Scale-out on Ray Serve (server/deploy/): ray[serve] comes with the `cluster` extra. The tests and the
+# benchmark start a local Ray instance, always inside a network namespace with loopback alone
+# (server/deploy/netns.py: Ray's processes would talk over the external interface otherwise); about 4 minutes.
+CLUSTER_STAMP := $(VENV)/.cluster-installed
+$(CLUSTER_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[cluster]'
+	touch $(CLUSTER_STAMP)
+
+test-cluster: $(CLUSTER_STAMP)
+	$(BIN)/python -m server.deploy.netns $(BIN)/python -m pytest -q -s -m cluster tests/cluster --durations=10 $(ARGS)
+
+bench-cluster: $(CLUSTER_STAMP) $(BENCH_STAMP)
+	$(BIN)/python bench/cluster.py $(ARGS)
+
+serve-cluster: $(CLUSTER_STAMP)
+	$(BIN)/loraplex serve-cluster $(ARGS)
 
 # Build the Docker image and run it for real (docker run and docker-compose); SKIPs without a Docker engine.
 HADOLINT_VERSION ?= 2.15.1

@@ -1,4 +1,4 @@
-"""The `loraplex` command: `loraplex serve` and `loraplex train`."""
+"""The `loraplex` command: `loraplex serve`, `loraplex serve-cluster` and `loraplex train`."""
 
 from __future__ import annotations
 
@@ -19,6 +19,16 @@ def build_parser() -> argparse.ArgumentParser:
                                 "variable shown beside it; a flag given here wins.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_settings_flags(serve)
+    cluster = commands.add_parser("serve-cluster", help="serve N engine replicas on this machine (Ray Serve)",
+                                  description="Start a local Ray instance and serve N engine replicas over one "
+                                  "shared adapter store behind one OpenAI-compatible ingress; requests for an "
+                                  "adapter go to the replicas that hold it. Needs `pip install 'loraplex[cluster]'`. "
+                                  "Takes every flag of `serve`.")
+    cluster.add_argument("--replicas", type=int, default=2, help="engine replicas (default: 2)")
+    cluster.add_argument("--replica-cpus", type=float, default=1.0,
+                         help="CPUs reserved per replica; Ray sets its torch threads to it (default: 1)")
+    cluster.add_argument("--replica-gpus", type=float, default=0.0, help="GPUs per replica (default: 0)")
+    add_settings_flags(cluster)
     try:
         from server.train.options import add_train_arguments
     except ImportError:
@@ -106,6 +116,29 @@ def serve(overrides: dict) -> int:
     return run(create_app(None, settings), settings, lambda: build_engine(settings), sock)
 
 
+def serve_cluster(args: dict) -> int:
+    """`loraplex serve-cluster`: a local Ray instance running `server/deploy/ray_serve.py`."""
+    from pydantic import ValidationError
+
+    from server.config import Settings
+
+    replicas, cpus, gpus = args.pop("replicas"), args.pop("replica_cpus"), args.pop("replica_gpus")
+    try:
+        settings = Settings(**args)
+    except ValidationError as exc:
+        print(settings_error(exc), file=sys.stderr)
+        return 2
+    try:
+        from server.deploy.cluster import run_cluster
+    except ImportError as exc:
+        print(f"loraplex: serve-cluster needs Ray Serve ({exc}): pip install 'loraplex[cluster]'", file=sys.stderr)
+        return 2
+    if replicas < 1:
+        print("loraplex: --replicas must be at least 1", file=sys.stderr)
+        return 2
+    return run_cluster(settings, args, replicas, cpus, gpus)
+
+
 def build_engine(settings):
     """The model and the engine, started (runs in the loading thread while the server already listens)."""
     from server.engine.engine import Engine
@@ -139,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     command = args.pop("command")
     if command == "serve":
         return serve(args)
+    if command == "serve-cluster":
+        return serve_cluster(args)
     from server.train.command import run_train
     return run_train(argparse.Namespace(**args))
 

@@ -24,6 +24,8 @@ class Settings(BaseSettings):
                                           "model's own name")
     cache_dir: Path = Field(DEFAULT_CACHE_DIR, description="where the embedded model is converted to safetensors")
     adapters_dir: Path = Field(Path("adapters"), description="the adapter store: a folder of PEFT files per adapter")
+    shared_store: bool = Field(False, description="the adapter store is shared with other servers (cluster "
+                               "replicas): writes take a lock file in it and every request checks its change counter")
     max_loras: int = Field(8, ge=1, le=1024, description="adapter slots on the device (distinct adapters in one batch)")
     max_lora_rank: int = Field(16, ge=1, le=1024, description="largest adapter rank accepted; slots are padded to it")
     device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")

@@ -88,13 +88,13 @@ class AdapterRegistry:
         self.max_cpu_bytes = max_cpu_bytes
         self.reserved_names = reserved_names
         self.max_bytes = max_bytes
-        self.state = RegistryState(store.root)
+        self.state = RegistryState(store.root, shared=store.shared)
         self._records: dict[str, AdapterRecord] = {}
         self._cpu: OrderedDict[Hashable, ParsedAdapter] = OrderedDict()  # AdapterKey, or a derived key
         self._derived: dict[Hashable, frozenset[AdapterKey]] = {}  # derived key (a composition) -> its parts
         self._cpu_bytes = 0  # sum of size_bytes over self._cpu
         self._lock = threading.RLock()
-        self._name_locks: dict[str, threading.Lock] = {}
+        self._name_locks: dict[str, threading.RLock] = {}
         self._loader = FreshThreadPool(max_workers=1, thread_name_prefix="adapter-loader")
         # Called (outside the lock) with every version that stops being current: replaced or deleted.
         self.on_retired: Callable[[AdapterRecord], None] = lambda record: None
@@ -108,7 +108,7 @@ class AdapterRegistry:
     def register_folder(self, name: str, folder: Path, overwrite: bool = False) -> AdapterRecord:
         """Validate a store folder in place and register it (start-up); keeps a known identity."""
         self.check_name(name)
-        with self._name_lock(name):
+        with self.store.exclusive(), self._name_lock(name):
             return self._register_folder(name, folder, overwrite)
 
     def _register_folder(self, name: str, folder: Path, overwrite: bool) -> AdapterRecord:
@@ -145,7 +145,9 @@ class AdapterRegistry:
     def replace_contract(self, name: str, contract: AdapterContract | None) -> AdapterRecord | None:
         """A new version of `name` with the same config and weights and this contract (None: none); None if
         `name` is not registered. The weights are copied from the current folder under the name's lock."""
-        with self._name_lock(name):
+        with self.store.exclusive(), self._name_lock(name):
+            if self.store.shared:
+                self._sync_unlocked()
             current = self.get(name)
             if current is None:
                 return None
@@ -160,7 +162,8 @@ class AdapterRegistry:
 
     def scan(self) -> dict[str, str]:
         """Recover the store, then register every adapter folder; returns the rejected ones with errors."""
-        self.store.recover()
+        with self.store.exclusive():  # a shared store: never while another server writes
+            self.store.recover()
         rejected: dict[str, str] = {}
         root = self.store.root
         if not root.is_dir():
@@ -183,7 +186,9 @@ class AdapterRegistry:
 
     def remove(self, name: str) -> AdapterRecord | None:
         """Unregister `name` at once, then delete it from the store; running requests keep their copy."""
-        with self._name_lock(name):
+        with self.store.exclusive(), self._name_lock(name):
+            if self.store.shared:
+                self._sync_unlocked()
             if self.get(name) is not None:
                 self.check_writable(name)
             record = self._unregister(name)
@@ -194,7 +199,7 @@ class AdapterRegistry:
 
     def unload(self, name: str) -> AdapterRecord | None:
         """Unregister `name` at once and keep its files; persisted, so a restart does not register it again."""
-        with self._name_lock(name):
+        with self.store.exclusive(), self._name_lock(name):
             record = self._unregister(name)
             if record is not None:
                 self.state.mark_unloaded(name)
@@ -206,7 +211,7 @@ class AdapterRegistry:
         folder = self.store.folder(name)
         if not folder.is_dir():
             raise AdapterFormatError(f"the store has no folder {name!r}")
-        with self._name_lock(name):
+        with self.store.exclusive(), self._name_lock(name):
             return self._register_folder(name, folder, overwrite=False)
 
     def is_protected(self, name: str) -> bool:
@@ -229,6 +234,58 @@ class AdapterRegistry:
             self._uncache(record.key)
         self.on_retired(record)
         return record
+
+    # A store shared with other servers (shared.py) ------------------------------------------------
+
+    def sync_from_store(self) -> None:
+        """Register, replace and drop names so that they are the versions the shared store holds now."""
+        with self.store.shared_lock():
+            self._sync_unlocked()
+
+    def _sync_unlocked(self) -> None:
+        """`sync_from_store` for a caller that holds the store's lock. Versions and sha256 are the store's."""
+        _, entries = self.state.entries()
+        current = {name: entry for name, entry in entries.items() if entry.get("generation")}
+        for record in self.records():
+            if record.name not in current:
+                self._drop(record.name)
+        for name, entry in sorted(current.items()):
+            record = self.get(name)
+            if record is not None and record.generation == entry["generation"]:
+                continue
+            try:
+                self._adopt(name, entry)
+            except (AdapterFormatError, ContractError, AdapterNameError) as exc:
+                log.error("adapter %s in the shared store not registered: %s", name, exc)
+
+    def _adopt(self, name: str, entry: dict) -> AdapterRecord:
+        self.check_name(name)
+        folder = self.store.folder(name)
+        contract_bytes = _read_contract(folder)
+        contract = None if contract_bytes is None else parse_contract(contract_bytes)
+        adapter = load_peft_adapter(folder, self.layout, self.max_rank)
+        sha = file_sha256(_read(folder / CONFIG_FILE), folder / WEIGHTS_FILE, contract_bytes=contract_bytes)
+        if sha != entry.get("sha256"):
+            raise AdapterFormatError(f"the folder's sha256 {sha[:12]} is not the {str(entry.get('sha256'))[:12]} "
+                                     "the store's state names (a write that never finished)")
+        with self._name_lock(name):
+            record = self._insert(name, folder, adapter, sha, int(entry["generation"]), int(entry["version"]),
+                                  contract)
+        log.info("adapter %s v%d (generation %d) taken from the shared store", name, record.version,
+                 record.generation)
+        return record
+
+    def _drop(self, name: str) -> None:
+        """Unregister a name another server deleted (the store has no folder for it any more)."""
+        with self._name_lock(name):
+            with self._lock:
+                record = self._records.pop(name, None)
+                if record is None:
+                    return
+                record.deleted = True
+                self._uncache(record.key)
+        self.on_retired(record)
+        log.info("adapter %s v%d deleted from the shared store", name, record.version)
 
     # Lookup and the CPU tier ------------------------------------------------------------------
 
@@ -293,7 +350,10 @@ class AdapterRegistry:
     def _add(self, name: str, config: bytes, weights: bytes | Path, sha: str, overwrite: bool,
              contract_bytes: bytes | None = None, contract: AdapterContract | None = None) -> AdapterRecord:
         adapter = parse_peft_adapter(config, weights, self.layout, self.max_rank)
-        with self._name_lock(name):  # one writer per name; the registry lock is free meanwhile
+        # One writer per name (per store when shared); the registry lock is free meanwhile.
+        with self.store.exclusive(), self._name_lock(name):
+            if self.store.shared:
+                self._sync_unlocked()
             self._check_free(name, overwrite)
             self.check_writable(name)
             issued = self.state.issue(name, sha, written=True)
@@ -335,7 +395,7 @@ class AdapterRegistry:
 
     def _name_lock(self, name: str) -> threading.Lock:
         with self._lock:
-            return self._name_locks.setdefault(name, threading.Lock())
+            return self._name_locks.setdefault(name, threading.RLock())  # re-entered by a shared store's sync
 
     def _insert(self, name: str, folder: Path, adapter: ParsedAdapter, sha: str, generation: int,
                 version: int, contract: AdapterContract | None = None) -> AdapterRecord:

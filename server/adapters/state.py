@@ -36,8 +36,11 @@ class Issued:
 class RegistryState:
     """Thread-safe counters; `issue` and `forget` persist before they return."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, shared: bool = False) -> None:
         self.path = root / STATE_FILE
+        # shared: other processes write this file too (under the store's lock), so every change
+        # starts from the file, not from this process's copy.
+        self.shared = shared
         self._lock = threading.Lock()
         self.generation = 0
         self.names: dict[str, dict] = {}  # name -> {"version": int, "generation": int|None, "sha256": str|None}
@@ -47,6 +50,7 @@ class RegistryState:
         """A new generation and the next version of `name`, persisted; registered again (not unloaded).
         `written`: whether the server wrote the folder (None keeps what is recorded)."""
         with self._lock:
+            self._reread()
             self.generation += 1
             entry = self.names.setdefault(name, {"version": 0})
             entry.update(version=entry["version"] + 1, generation=self.generation, sha256=sha256)
@@ -60,6 +64,7 @@ class RegistryState:
     def known(self, name: str, sha256: str) -> Issued | None:
         """The identity recorded for `name` if its stored bytes are still `sha256` (a restart)."""
         with self._lock:
+            self._reread()
             entry = self.names.get(name)
             if entry and entry.get("sha256") == sha256 and entry.get("generation"):
                 return Issued(entry["generation"], entry["version"])
@@ -68,6 +73,7 @@ class RegistryState:
     def forget(self, name: str) -> None:
         """`name` is deleted: keep its version counter, drop its identity."""
         with self._lock:
+            self._reread()
             entry = self.names.get(name)
             if entry is not None:
                 entry.update(generation=None, sha256=None)
@@ -91,6 +97,16 @@ class RegistryState:
         """Whether the server itself wrote `name`'s folder (an upload or a load by path)."""
         with self._lock:
             return bool(self.names.get(name, {}).get("written"))
+
+    def entries(self) -> tuple[int, dict[str, dict]]:
+        """(generation, name -> entry) as the file holds them now (shared stores: what other processes wrote)."""
+        with self._lock:
+            self._reread()
+            return self.generation, {name: dict(entry) for name, entry in self.names.items()}
+
+    def _reread(self) -> None:
+        if self.shared:
+            self._read()
 
     def _read(self) -> None:
         try:

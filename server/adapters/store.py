@@ -17,6 +17,8 @@ import re
 import secrets
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from server.adapters.fsutil import copy_synced, fsync_dir, write_synced
@@ -31,8 +33,19 @@ _ASIDE = re.compile(r"(.+)-[0-9a-f]{8}")
 
 
 class AdapterStore:
+    shared = False  # True: other servers write this store too (see shared.py)
+
     def __init__(self, root: Path) -> None:
         self.root = root
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Held across a write (identity issued + folder renamed). One process: its name locks suffice."""
+        yield
+
+    @contextmanager
+    def shared_lock(self) -> Iterator[None]:
+        yield
 
     def folder(self, name: str) -> Path:
         return self.root / name

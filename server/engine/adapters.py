@@ -23,6 +23,7 @@ from server.adapters.layout import BaseLayout
 from server.adapters.names import AdapterNameError
 from server.adapters.peft_format import AdapterFormatError, ParsedAdapter
 from server.adapters.registry import ERROR, AdapterExists, AdapterProtected, AdapterRecord, AdapterRegistry
+from server.adapters.shared import SharedAdapterStore, StoreSync
 from server.adapters.slots import NoFreeSlotError, SlotTable
 from server.adapters.store import AdapterStore
 from server.config import Settings
@@ -60,7 +61,8 @@ class AdapterManager:
         self.lora = lora
         self.base_name = base_name
         self.max_rank = settings.max_lora_rank
-        self.registry = AdapterRegistry(AdapterStore(settings.adapters_dir), layout, settings.max_lora_rank,
+        store_class = SharedAdapterStore if settings.shared_store else AdapterStore
+        self.registry = AdapterRegistry(store_class(settings.adapters_dir), layout, settings.max_lora_rank,
                                         settings.max_cpu_loras, reserved_names=frozenset({base_name}),
                                         max_bytes=settings.max_adapter_bytes,
                                         max_cpu_bytes=settings.max_cpu_lora_bytes,
@@ -70,6 +72,9 @@ class AdapterManager:
         self.registry.on_retired = lambda record: self.post_evict(record.key)
         # Set by the engine: raises InvalidRequestError for a contract whose response_format cannot be enforced.
         self.check_contract: Callable[[AdapterContract | None], None] = lambda contract: None
+        # A shared store: what other servers wrote is taken in before a name is resolved.
+        self.store_sync = (StoreSync(self.registry.store, self.registry.sync_from_store)
+                           if isinstance(self.registry.store, SharedAdapterStore) else None)
 
     # Resolution (any thread) ------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ manager (`adapters.py`: identity, tiers and device slots).
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from server.engine.scheduler import Scheduler
 from server.engine.stream import RequestStream
 from server.lora.model import LoraModel
 from server.models import BaseModel
+from server.threads import run_in_fresh_thread
 
 
 @dataclass(frozen=True)
@@ -127,7 +129,16 @@ class Engine:
 
     async def submit(self, request: GenerationRequest) -> list[RequestStream]:
         """Validate, tokenize off the loop, enqueue; one stream per choice. Raises EngineError subclasses."""
+        sync = self.adapters.store_sync
+        if sync is not None and sync.stale():  # one small file read per request; a sync only after a change
+            await asyncio.to_thread(run_in_fresh_thread, sync.refresh)
         return await self.front.submit(request)
+
+    def sync_store(self) -> None:
+        """Take in what other servers wrote to a shared store (a no-op for a store of this server alone)."""
+        sync = self.adapters.store_sync
+        if sync is not None and sync.stale():
+            run_in_fresh_thread(sync.refresh)  # parsing touches torch: never on a long-lived thread
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         """Submit and wait for the whole result (non-streamed responses, n == 1)."""
@@ -158,6 +169,7 @@ class Engine:
         return self._max_context
 
     def models(self) -> list[ModelCard]:
+        self.sync_store()
         cards = [ModelCard(self.base_name, 0, None)]
         cards += [ModelCard(r.name, int(r.created), self.base_name, r.sha256, r.version,
                             r.contract.as_dict() if r.contract else None)
@@ -180,13 +192,16 @@ class Engine:
     def add_adapter(self, name: str, config_bytes: bytes, weights_path: Path, overwrite: bool = False,
                     contract_bytes: bytes | None = None) -> AdapterInfo:
         """Validate, hash and store an adapter whose weights are a file (copied; the path is not kept)."""
+        self.sync_store()
         return self.adapters.add(name, config_bytes, Path(weights_path), overwrite, contract_bytes)
 
     def patch_contract(self, name: str, patch: dict) -> AdapterInfo:
         """Merge-patch the adapter's loraplex.json: a new version (same weights), identity included."""
+        self.sync_store()
         return self.adapters.patch_contract(name, patch)
 
     def delete_adapter(self, name: str) -> None:
+        self.sync_store()
         self.adapters.delete(name)
 
     def unload_adapter(self, name: str) -> None:
@@ -202,7 +217,9 @@ class Engine:
         return self.adapters.store_folder(name)
 
     def adapter_info(self, name: str) -> AdapterInfo:
+        self.sync_store()
         return self.adapters.get_info(name)
 
     def list_adapters(self) -> list[AdapterInfo]:
+        self.sync_store()
         return [self.adapters.info(r) for r in self.registry.records()]
