@@ -122,6 +122,11 @@ class ComposedRecord:
         return sum(record.rank for record, _ in self.parts)
 
     @property
+    def contract(self) -> None:
+        """A composition has no contract of its own (its parts' templates may disagree): requests are sent as is."""
+        return None
+
+    @property
     def deleted(self) -> bool:
         return any(record.deleted for record, _ in self.parts)
 
