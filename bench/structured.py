@@ -102,6 +102,7 @@ def main() -> None:
             timer = MaskTimer(engine.grammars)
             asyncio.run(burst(engine, constrained_requests(work[:3], 8, "warm")))  # compile the schemas
             asyncio.run(burst(engine, free_requests(work[:3], [8] * 3, "warm-free")))
+            print("warmed up", file=sys.stderr, flush=True)
             timer.seconds = timer.calls = timer.rows = 0
             constrained_s, free_s, lengths, valid = [], [], None, 0
             for r in range(args.repeats):
@@ -111,6 +112,8 @@ def main() -> None:
                 valid = sum(_valid(res.text) for res in results)
                 seconds, _ = asyncio.run(burst(engine, free_requests(work, lengths, f"f{r}")))
                 free_s.append(seconds)
+                print(f"repeat {r + 1}: constrained {constrained_s[-1]:.1f} s, free {free_s[-1]:.1f} s",
+                      file=sys.stderr, flush=True)
             mask = {"seconds": timer.seconds, "steps": timer.calls, "rows": timer.rows}
         finally:
             engine.stop()

@@ -97,14 +97,15 @@ def apply_penalties(x: Tensor, options: Sequence[SamplingOptions],
 
 
 def apply_allowed(x: Tensor, rows: Sequence[int], mask: Tensor) -> Tensor:
-    """x with -inf where a constrained row's mask forbids the token; one masked_fill for all such rows."""
-    full = torch.ones(x.shape, dtype=torch.bool, device=x.device)
+    """x with -inf where a constrained row's mask forbids the token: one masked_fill over those rows."""
+    allowed = mask.to(x.device)
+    if allowed.shape[1] != x.shape[1]:  # a vocabulary padded past the tokenizer's: the padding is forbidden
+        padded = torch.zeros(len(rows), x.shape[1], dtype=torch.bool, device=x.device)
+        width = min(allowed.shape[1], x.shape[1])
+        padded[:, :width] = allowed[:, :width]
+        allowed = padded
     index = torch.tensor(list(rows), dtype=torch.long, device=x.device)
-    constrained = torch.zeros(len(rows), x.shape[1], dtype=torch.bool, device=x.device)
-    width = min(mask.shape[1], x.shape[1])
-    constrained[:, :width] = mask[:, :width].to(x.device)
-    full[index] = constrained
-    return x.masked_fill(~full, float("-inf"))
+    return x.index_put((index,), x[index].masked_fill(~allowed, float("-inf")))
 
 
 def token_counts(output_ids: Sequence[Sequence[int]], vocab: int, device: torch.device) -> Tensor:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
+from server.adapters.contract import parse_contract
 from server.train.make_adapters import HELDOUT_SEED, TRAIN_EXAMPLES, TRAIN_SEED, cell, install
 from server.train.tasks import TASKS, sentences
 
@@ -18,7 +19,10 @@ STORE = Path(__file__).resolve().parents[2] / "adapters"
 @pytest.mark.parametrize("name", sorted(TASKS))
 def test_shipped_adapter_is_a_small_peft_folder(name):
     folder = STORE / name
-    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "adapter_config.json",
+                                                        "adapter_model.safetensors", "loraplex.json"]
+    contract = parse_contract((folder / "loraplex.json").read_bytes())
+    assert contract.prompt_template == "Input: {input}\nOutput:" and contract.defaults.temperature == 0
     config = json.loads((folder / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and 8 <= config["r"] <= 16
     assert config["base_model_name_or_path"] == "SmolLM2-135M-Instruct"
@@ -44,6 +48,18 @@ def test_install_swaps_the_folder_in_whole(tmp_path: Path):
     assert [p.name for p in target.iterdir()] == ["adapter_config.json"] and not staging.exists()
     assert sorted(p.name for p in target.parent.iterdir()) == ["demo"]
     assert os.stat(target / "adapter_config.json").st_mode & 0o777 == 0o644
+
+
+def test_install_keeps_the_hand_written_contract(tmp_path: Path):
+    target = tmp_path / "store" / "demo"
+    target.mkdir(parents=True)
+    (target / "loraplex.json").write_text('{"description": "kept"}')
+    staging = tmp_path / "store" / ".demo-new"
+    staging.mkdir()
+    (staging / "adapter_config.json").write_text("{}")
+    install(staging, target)
+    assert sorted(p.name for p in target.iterdir()) == ["adapter_config.json", "loraplex.json"]
+    assert json.loads((target / "loraplex.json").read_text()) == {"description": "kept"}
 
 
 def test_card_cells_stay_on_one_table_row():

@@ -60,7 +60,10 @@ def test_command_writes_a_standard_peft_folder(tiny_model_dir: Path, tiny_base, 
                  "--rank", "4", "--alpha", "8", "--targets", "q_proj,v_proj", "--epochs", "2", "--batch-size", "2",
                  "--eval", str(data), "--report", str(report), "--no-progress"])
     assert code == 0
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors",
+                                                     "loraplex.json"]
+    contract = json.loads((out / "loraplex.json").read_text())
+    assert contract["defaults"]["temperature"] == 0 and contract["description"].endswith("train.jsonl")
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["lora_alpha"] == 8 and sorted(config["target_modules"]) == ["q_proj", "v_proj"]
     assert config["base_model_name_or_path"] == tiny_model_dir.name
