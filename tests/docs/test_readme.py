@@ -129,15 +129,19 @@ def session(tmp_path_factory) -> Iterator[Session]:
         yield started
 
 
-def test_markers_are_well_formed():
+def test_markers_are_well_formed(tmp_path: Path):
     """Every marker precedes a runnable block and gives a reason (a stray marker is an error, not a skip)."""
     assert BLOCKS, "README.md has no runnable blocks"
     assert all(b.reason for b in BLOCKS if b.mode != "run")
-    with pytest.raises(MarkerError):
-        bad = README.parent / ".pytest_cache" / "bad-readme.md"
-        bad.parent.mkdir(exist_ok=True)
-        bad.write_text("<!-- doctest: skip -->\n```bash\ntrue\n```\n")
-        readme_blocks(bad)
+    for bad in ("<!-- doctest: skip -->\n```bash\ntrue\n```\n",  # no reason
+                "<!-- doctest: skip (why) -->\nsome prose\n```bash\ntrue\n```\n",  # not before the block
+                "<!-- doctest: skip (why) -->\n```\noutput\n```\n"):  # a block that never runs
+        (tmp_path / "bad.md").write_text(bad)
+        with pytest.raises(MarkerError):
+            readme_blocks(tmp_path / "bad.md")
+    (tmp_path / "good.md").write_text("<!-- doctest: full (long) -->\n\n```sh\nmake x\n```\n```python\nprint(1)\n```\n")
+    assert [(b.language, b.mode, b.reason) for b in readme_blocks(tmp_path / "good.md")] == [
+        ("bash", "full", "long"), ("python", "run", "")]
 
 
 @pytest.mark.slow
