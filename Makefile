@@ -24,7 +24,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -rs --durations=15 $(ARGS)
 
 # Everything `make test` leaves out: the long checks (marker `full`) and the reliability suites' full
-# forms (marker `soak`); about 15 minutes on 2 CPU cores. CI runs it after `make test`.
+# forms (marker `soak`), and the README's `loraplex train` example; 20-30 minutes on 2 CPU cores.
 test-full: $(STAMP)
 	$(BIN)/python -m pytest -v -s -m 'full or soak' --durations=15 $(ARGS)
 
