@@ -91,7 +91,8 @@ def measure(replicas: int, cpus: float, names: list[str], store: Path, requests:
 
 def report(rows: list[dict], args: argparse.Namespace) -> str:
     cores = os.cpu_count()
-    lines = [f"Measured on this {cores}-core CPU machine under `nice -n 19` (shared with other jobs), "
+    lines = [f"Measured on this {cores}-core CPU machine under `nice -n 19` (shared with other jobs; load "
+             f"average {', '.join(f'{x:.1f}' for x in os.getloadavg())} at the end), "
              f"{args.requests} requests over 16 adapters, {args.concurrency} in flight, {args.tokens} new tokens "
              "each, greedy, EOS ignored (`python bench/cluster.py`).", "",
              "| replicas | CPUs each | output tok/s | seconds | ratio to 1 | routed to a holder (steady) | "
