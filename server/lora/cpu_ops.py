@@ -1,23 +1,19 @@
-"""The CPU backend of the LoRA op: batched matmuls over rank bands for decode rows, one matmul per segment.
+"""The CPU backend of the LoRA op: padded batched matmuls for decode rows, one matmul per segment.
 
-Same contract as the reference in server/lora/ops.py, except for two layouts of its own:
+Same contract as the reference in server/lora/ops.py, except that `shrink` returns a `CpuShrunk`
+(the shrink output in the layouts the expands read, see below) instead of a dense `t [N, R]`:
 
-    shrink(x [N, in], a [S, in, R, G], meta) -> CpuShrunk       (t[i] = a[slot(i)] @ x[i], all G members)
+    shrink(x [N, in], a [S, R, in], meta) -> CpuShrunk          (t[i] = a[slot(i)] @ x[i])
     expand_(y [N, out_total], t: CpuShrunk, b [S, out, R], meta, out_offset) -> None
-        y[i, out_offset:out_offset+out] += b[slot(i)] @ t[i]   (slot(i) != -1; t of one member)
+        y[i, out_offset:out_offset+out] += b[slot(i)] @ t[i]   (slot(i) != -1)
 
-A is stored rank-interleaved, `[S, in, R, G]` for a group of G stacked projections (the shrink's
-right operand as it lies, its batched matmuls up to 25% faster than on `[S, R, in]`, measured): the
-first r ranks of every member are then one contiguous column prefix `[:, :r * G]`, so a band of
-slots whose ranks are all <= r reads (and multiplies) only those columns. B is a transposed view of
-`[S, R, out]`, whose first r rank rows are contiguous.
-
-Decode rows of the padded batch (`meta.pad_*`) run as one `bmm` per rank band (`meta.pad_bands`)
-over its slots, `pad_width` rows per slot. Their shrink output stays in that padded layout,
-`[band slots, pad_width, r * G]`, which each member's expand multiplies as it lies (its columns
-`member::G`); only the expand's result is scattered back to the packed rows. Rows past a slot's
-count are gathered from an arbitrary row and never read back, so no buffer is zero-filled. Host
-segments (prefill chunks, busy decode slots) run as one `mm` per segment at the slot's own rank.
+Decode rows of the padded batch (`meta.pad_*`, planned on the host) run as ONE `bmm` over slots
+`[0, pad_slots)`, `pad_width` rows per slot. Their shrink output stays in that padded layout
+`[pad_slots, pad_width, R]`, which every expand of the group multiplies as it lies; only the
+expand's result is scattered back to the packed rows. Rows past a slot's count are gathered from
+an arbitrary row and never read back, so no buffer is zero-filled. Host segments (prefill chunks,
+busy decode slots) run as one `mm` per segment. The cost per layer is thus 2 calls per shrink and
+3 per expand (1 when the padded batch is the packed rows as they lie), whatever the adapter count.
 """
 
 from __future__ import annotations
@@ -29,92 +25,67 @@ import torch
 from server.lora.step import LoraStepMeta
 
 
-def a_shape(slots: int, in_features: int, rank: int, members: int) -> tuple[int, ...]:
-    """Storage shape of a group's stacked A on the CPU: `[S, in, R, G]`."""
-    return slots, in_features, rank, members
-
-
-def a_member(a: torch.Tensor, member: int, members: int) -> torch.Tensor:
-    """Member `member`'s A `[S, R, in]`, a writable view of the storage."""
-    return a[..., member].transpose(1, 2)
-
-
 @dataclass(frozen=True)
 class CpuShrunk:
     """One step's shrink output on the CPU.
 
-    `bands`: per `meta.pad_bands` entry, `[band slots, pad_width, r * members]` (rank-interleaved:
-    member g's rank k in column `k * members + g`); `segments`: per `meta.host_segments` entry,
-    `[length, r * members]`. `columns` picks one member's columns (then `members` is 1); `rank` is
-    the storage's R.
+    `padded [pad_slots, pad_width, R]`: the padded batch's rows (None without decode rows there);
+    `rows [N, R]`: rows of host segments, other rows unset (None without segments); `width` is R. `columns`
+    views the slice of the stacked rank dimension that one member of a group reads.
     """
 
-    bands: tuple[torch.Tensor, ...]
-    segments: tuple[torch.Tensor, ...]
-    members: int
-    rank: int
+    padded: torch.Tensor | None
+    rows: torch.Tensor | None
+    width: int  # R
 
-    def columns(self, member: int, members: int) -> CpuShrunk:
-        if members == 1:
-            return self
-        return CpuShrunk(tuple(t[..., member::members] for t in self.bands),
-                         tuple(t[:, member::members] for t in self.segments), 1, self.rank)
+    def columns(self, cols: slice) -> CpuShrunk:
+        return CpuShrunk(None if self.padded is None else self.padded[..., cols],
+                         None if self.rows is None else self.rows[:, cols], len(range(self.width)[cols]))
 
     def dense(self, meta: LoraStepMeta) -> torch.Tensor:
-        """`t [N, members * R]` member-major (0 past each band's rank and on base rows): the reference's form."""
-        parts = self.bands + self.segments
-        dtype = parts[0].dtype if parts else torch.float32
-        t = torch.zeros(meta.num_tokens, self.rank, self.members, dtype=dtype)
-        if self.bands:
-            width = meta.pad_width
-            padded = torch.zeros(meta.pad_slots * width, self.rank, self.members, dtype=dtype)
-            for (first, end, rank), band in zip(meta.pad_bands, self.bands):
-                padded[first * width:end * width, :rank] = band.reshape(-1, rank, self.members)
-            picked = padded if meta.pad_index is None else padded[meta.pad_index]
+        """`t [N, R]` (0 on base rows): the reference's form, for inspection and tests."""
+        t = torch.zeros(meta.num_tokens, self.width)
+        if self.padded is not None:
+            t = t.to(self.padded.dtype)
+            flat = self.padded.reshape(-1, self.width)
+            picked = flat if meta.pad_index is None else flat.index_select(0, meta.pad_index)
             rows = torch.arange(meta.pad_count) if meta.pad_rows is None else meta.pad_rows
             t[rows] = picked
-        for (start, length, _, rank), seg in zip(meta.host_segments, self.segments):
-            t[start:start + length, :rank] = seg.reshape(length, rank, self.members)
-        return t.transpose(1, 2).reshape(meta.num_tokens, -1)
+        for start, length, _ in meta.host_segments:
+            t[start:start + length] = self.rows[start:start + length]
+        return t
 
 
 def shrink(x: torch.Tensor, a: torch.Tensor, meta: LoraStepMeta) -> CpuShrunk:
-    """x [N, in] @ a[slot] per row, `a [S, in, R, G]`, at each band's or segment's rank."""
-    members, flat = a.shape[3], a.flatten(2)
-    bands: list[torch.Tensor] = []
+    """x [N, in] @ a[slot]^T per row; `a [S, R, in]` (fastest as a transposed view of [S, in, R])."""
+    padded = rows = None
     if meta.pad_count:
         picked = x[:meta.pad_count] if meta.pad_gather is None else x.index_select(0, meta.pad_gather)
-        padded = picked.view(meta.pad_slots, meta.pad_width, -1)
-        for first, end, rank in meta.pad_bands:
-            bands.append(torch.bmm(padded[first:end], flat[first:end, :, :rank * members]))
-    segments = tuple(torch.mm(x[start:start + length], flat[slot, :, :rank * members])
-                     for start, length, slot, rank in meta.host_segments)
-    return CpuShrunk(tuple(bands), segments, members, a.shape[2])
+        padded = torch.bmm(picked.view(meta.pad_slots, meta.pad_width, -1), a[:meta.pad_slots].transpose(1, 2))
+    if meta.host_segments:
+        rows = x.new_empty(x.shape[0], a.shape[1])
+        for start, length, slot in meta.host_segments:
+            torch.mm(x[start:start + length], a[slot].t(), out=rows[start:start + length])
+    return CpuShrunk(padded, rows, a.shape[1])
 
 
 def expand_(y: torch.Tensor, t: CpuShrunk, b: torch.Tensor, meta: LoraStepMeta, out_offset: int = 0) -> None:
-    """y[:, out_offset:out_offset+out] += b[slot] @ t per row; `b [S, out, R]` (a view of [S, R, out])."""
-    out_features = b.shape[1]
-    out = y[:, out_offset:out_offset + out_features]
-    b_rows = b.transpose(1, 2)  # [S, R, out]: a band's first `rank` rows are contiguous
-    if t.bands:
-        width = meta.pad_width
+    """y[:, out_offset:out_offset+out] += b[slot] @ t per row; `b [S, out, R]` (fastest as a view of [S, R, out])."""
+    out = y[:, out_offset:out_offset + b.shape[1]]
+    if t.padded is not None:
+        b_t = b[:meta.pad_slots].transpose(1, 2)
+        count = meta.pad_count
         if meta.pad_gather is None:  # the padded batch is rows [0, count) as they lie
-            padded_out = out[:meta.pad_count].view(meta.pad_slots, width, -1)
-            for (first, end, rank), band in zip(meta.pad_bands, t.bands):
-                padded_out[first:end].baddbmm_(band, b_rows[first:end, :rank])
+            out[:count].view(meta.pad_slots, meta.pad_width, -1).baddbmm_(t.padded, b_t)
         else:
-            # Positions of slots outside every band are never selected below, so stay unset.
-            delta = y.new_empty(meta.pad_slots, width, out_features)
-            for (first, end, rank), band in zip(meta.pad_bands, t.bands):
-                torch.bmm(band, b_rows[first:end, :rank], out=delta[first:end])
-            delta = delta.view(-1, out_features)
+            delta = torch.bmm(t.padded, b_t).view(-1, b.shape[1])
             if meta.pad_index is not None:
                 delta = delta.index_select(0, meta.pad_index)
             if meta.pad_rows is None:
-                out[:meta.pad_count] += delta
+                out[:count] += delta
             else:
                 # index_put_ with unique rows: index_add_ is far slower on the CPU.
                 out.index_put_((meta.pad_rows,), delta, accumulate=True)
-    for (start, length, slot, rank), seg in zip(meta.host_segments, t.segments):
-        out[start:start + length].addmm_(seg, b_rows[slot, :rank])
+    if t.rows is not None:
+        for start, length, slot in meta.host_segments:
+            out[start:start + length].addmm_(t.rows[start:start + length], b[slot].t())

@@ -20,8 +20,7 @@ from server.adapters.layout import BaseLayout
 from server.adapters.peft_format import ParsedAdapter
 from server.lora.layers import LoraGroup, LoraLinear, StepState
 from server.lora.ops import backend_for
-from server.lora import step as step_plan
-from server.lora.step import LoraStepMeta, rank_bands
+from server.lora.step import LoraStepMeta
 
 # Sibling projections that read the same input and so share one stacked shrink.
 STACKED_SIBLINGS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"),
@@ -85,67 +84,38 @@ class LoraModel:
         self.row_ranks[row] = 0
 
     def place(self, used: Iterable[int]) -> dict[int, int]:
-        """Rows of the `used` slots, all below `len(used) + placement_slack(len(used))`, ordered by rank.
+        """Rows of the `used` slots, all below `len(used) + placement_slack(len(used))`.
 
-        An idle row inside the op's padded batch costs one adapter's bytes per step, and a row in a
-        band of higher rank (server/lora/step.py `rank_bands`) the bytes of that rank; moving rows
+        An idle row inside the op's padded batch costs one adapter's bytes per step; moving rows
         costs a copy of every buffer's moved rows plus two calls per buffer. So the used rows are
-        rearranged into `0 .. len(used) - 1`, highest rank first, only once the idle rows below the
-        highest used one exceed the slack, or the bands of the rows as they lie would read a
-        quarter more than those of the arranged rows: not each time a request ends (which made
-        steps thrash rows).
+        compacted into `0 .. len(used) - 1` only once the idle rows below the highest used one
+        exceed the slack, not each time a request ends (which made steps thrash rows).
         """
         used = sorted(set(used))
         k = len(used)
         top = max((self.row_of[s] for s in used), default=-1) + 1
-        if top > k + placement_slack(k) or self._rank_disorder(used):
-            self._arrange(used)
+        if top > k + placement_slack(k):
+            movers = [s for s in used if self.row_of[s] >= k]
+            used_set = set(used)
+            free = [r for r in range(k) if self.slot_at[r] not in used_set]
+            self._swap_rows([(self.row_of[s], r) for s, r in zip(movers, free)])
         return {s: self.row_of[s] for s in used}
 
-    def _rank_disorder(self, used: list[int]) -> bool:
-        ranks = sorted((self.row_ranks[self.row_of[s]] for s in used), reverse=True)
-        if ranks[:1] == ranks[-1:]:  # one rank (or nothing): order does not matter
-            return False
-        now = _band_cost(sorted(self.row_of[s] for s in used), self.row_ranks)
-        arranged = _band_cost(list(range(len(ranks))), ranks)
-        return now > 1.25 * arranged
-
-    def _arrange(self, used: list[int]) -> None:
-        """Move the used slots into rows `0 .. k-1` by descending rank, keeping every slot already
-        in a row of its rank class there (fewest moves)."""
-        k = len(used)
-        ranks = sorted((self.row_ranks[self.row_of[s]] for s in used), reverse=True)
-        placed = {s: self.row_of[s] for s in used if self.row_of[s] < k and ranks[self.row_of[s]] ==
-                  self.row_ranks[self.row_of[s]]}
-        free = [r for r in range(k) if r not in placed.values()]
-        for s in sorted((s for s in used if s not in placed), key=lambda s: -self.row_ranks[self.row_of[s]]):
-            placed[s] = free.pop(0)  # free rows are in rank order, as are the movers
-        targets = set(placed.values())
-        displaced = [self.slot_at[r] for r in sorted(targets) if self.slot_at[r] not in placed]
-        vacated = sorted(self.row_of[s] for s in placed if self.row_of[s] not in targets)
-        slot_at = list(self.slot_at)
-        for s, r in placed.items():
-            slot_at[r] = s
-        for s, r in zip(displaced, vacated):
-            slot_at[r] = s
-        self._move_rows(slot_at)
-
     @torch.no_grad()
-    def _move_rows(self, slot_at: list[int]) -> None:
-        """Rearrange the buffers' rows so that row r holds slot `slot_at[r]` (a permutation)."""
-        src = [self.row_of[slot_at[r]] for r in range(self.max_loras)]
+    def _swap_rows(self, pairs: list[tuple[int, int]]) -> None:
+        src = list(range(self.max_loras))
+        for p, q in pairs:
+            src[p], src[q] = q, p
+            sp, sq = self.slot_at[p], self.slot_at[q]
+            self.slot_at[p], self.slot_at[q] = sq, sp
+            self.row_of[sp], self.row_of[sq] = q, p
+            self.row_ranks[p], self.row_ranks[q] = self.row_ranks[q], self.row_ranks[p]
         rows = [r for r in range(self.max_loras) if src[r] != r]
-        if not rows:
-            return
-        self.row_ranks = [self.row_ranks[src[r]] for r in range(self.max_loras)]
-        self.slot_at = list(slot_at)
-        for row, slot in enumerate(slot_at):
-            self.row_of[slot] = row
         dst = torch.tensor(rows, device=self.device)
         from_ = torch.tensor([src[r] for r in rows], device=self.device)
         for buf in [g.a_storage for g in self.groups] + [layer.b_storage for layer in self.layers.values()]:
             buf.index_copy_(0, dst, buf.index_select(0, from_))
-        self.row_moves += len(rows)
+        self.row_moves += len(pairs)
 
     # Steps ----------------------------------------------------------------------------------------
 
@@ -168,12 +138,6 @@ class LoraModel:
 def placement_slack(used: int) -> int:
     """Idle rows the padded batch of `used` adapters may span before they are compacted."""
     return max(2, used // 4)
-
-
-def _band_cost(rows: list[int], row_ranks: list[int]) -> int:
-    """Rank-rows the op's bands read for the sorted `rows` (plus their overhead)."""
-    overhead = step_plan.BAND_OVERHEAD
-    return sum(overhead + (end - first) * rank for first, end, rank in rank_bands(rows, row_ranks, overhead))
 
 
 def _group_names(layout: BaseLayout) -> list[tuple[str, ...]]:

@@ -6,12 +6,10 @@
         y[i, out_offset:out_offset+out] += b[slot(i)] @ t[i]   (slot(i) != -1)
 
 `meta` is the step's `LoraStepMeta` (server/lora/step.py). `x`, `t`, `y` may be strided views
-(q/k/v share one shrink with A stacked to [S, 3R, in]; each expand reads its member's columns of
-t, `backend.columns(t, member, members)`). A is zero-padded past each slot's rank and B carries
-the adapter's scale. A's storage layout is the backend's own (`backend.a_shape`; write a member
-through `backend.a_member`): the stacked `[S, G*R, in]` for the reference and the Triton kernels,
-rank-interleaved `[S, in, R, G]` on the CPU. So is what `shrink` returns: a dense `t [N, G*R]`,
-or a `CpuShrunk` (the same values in the layouts its expands read) on the CPU.
+(q/k/v share one shrink with A stacked to [S, 3R, in]; each expand reads its columns of t,
+`backend.columns(t, cols)`). A is zero-padded past each slot's rank and B carries the adapter's
+scale. What `shrink` returns is the backend's own: a dense `t [N, R]` for the reference and the
+Triton kernels, a `CpuShrunk` (the same values in the layouts its expands read) on the CPU.
 
 Backends, picked per device by `backend_for`: the CPU fast path (`server.lora.cpu_ops`: one
 padded batched matmul over the dense prefix of used slots for decode rows, one matmul per
@@ -41,26 +39,15 @@ class ExpandFn(Protocol):
                  out_offset: int = 0) -> None: ...
 
 
-def dense_columns(t: torch.Tensor, member: int, members: int) -> torch.Tensor:
-    rank = t.shape[1] // members
-    return t[:, member * rank:(member + 1) * rank]
-
-
-def stacked_a_shape(slots: int, in_features: int, rank: int, members: int) -> tuple[int, ...]:
-    return slots, members * rank, in_features
-
-
-def stacked_a_member(a: torch.Tensor, member: int, members: int) -> torch.Tensor:
-    return a.view(a.shape[0], members, -1, a.shape[2])[:, member]
+def dense_columns(t: torch.Tensor, cols: slice) -> torch.Tensor:
+    return t[:, cols]
 
 
 class Backend(NamedTuple):
     name: str
     shrink: ShrinkFn
     expand_: ExpandFn
-    columns: Any = dense_columns  # (shrink output, member, members) -> that member's part of it
-    a_shape: Any = stacked_a_shape  # (slots, in, R, members) -> shape of a group's A storage
-    a_member: Any = stacked_a_member  # (A storage, member, members) -> that member's A [S, R, in], a view
+    columns: Any = dense_columns  # (shrink output, slice of the stacked rank dim) -> that member's part
 
 
 # Reference (any device) ----------------------------------------------------------------------------
@@ -82,7 +69,7 @@ def expand_reference_(y: torch.Tensor, t: torch.Tensor, b: torch.Tensor, meta: L
 # Dispatch ------------------------------------------------------------------------------------------
 
 REFERENCE = Backend("reference", shrink_reference, expand_reference_)
-CPU = Backend("cpu", cpu_ops.shrink, cpu_ops.expand_, cpu_ops.CpuShrunk.columns, cpu_ops.a_shape, cpu_ops.a_member)
+CPU = Backend("cpu", cpu_ops.shrink, cpu_ops.expand_, cpu_ops.CpuShrunk.columns)
 
 
 @lru_cache(maxsize=1)
@@ -106,18 +93,8 @@ def backend_for(device: torch.device) -> Backend:
     return REFERENCE
 
 
-def pack_a(backend: Backend, members: list[torch.Tensor]) -> torch.Tensor:
-    """A storage in `backend`'s layout holding the given members' A `[S, R, in]` (all of one shape)."""
-    slots, rank, in_features = members[0].shape
-    storage = members[0].new_zeros(backend.a_shape(slots, in_features, rank, len(members)))
-    for index, a in enumerate(members):
-        backend.a_member(storage, index, len(members)).copy_(a)
-    return storage
-
-
 def add_lora_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, meta: LoraStepMeta,
               backend: Backend | None = None) -> None:
-    """y += b[slot] @ a[slot] @ x per token: one shrink and one expand (a single, unstacked projection);
-    `a` in the backend's storage layout (`pack_a`)."""
+    """y += b[slot] @ a[slot] @ x per token: one shrink and one expand (a single, unstacked projection)."""
     backend = backend or backend_for(x.device)
     backend.expand_(y, backend.shrink(x, a, meta), b, meta, 0)

@@ -15,15 +15,12 @@ Fields (N packed tokens, S slots, G segments; every tensor on the model's device
 - `num_decode`: rows `[0, num_decode)` are decode rows, the rest prefill rows.
 
 The CPU fast path (`server/lora/cpu_ops.py`) reads a host plan built here too, so it never syncs:
-decode rows go through a padded batch over slots `[0, pad_slots)` (`pad_width` rows per slot;
-`pad_rows [n]` are the packed rows it covers and `pad_index [n]` their positions in the
+decode rows go through one padded batched matmul over slots `[0, pad_slots)` (`pad_width` rows
+per slot; `pad_rows [n]` are the packed rows it covers and `pad_index [n]` their positions in the
 `[pad_slots * pad_width]` padded layout, both None when they are the identity; `pad_gather
 [pad_slots * pad_width]` is the packed row each position reads, any LoRA row for a position
-that holds none, None when the padded layout is rows `[0, n)` as they lie). The padded batch runs
-as one batched matmul per `pad_bands` entry ((first slot, end slot, rank): contiguous slot ranges
-that cover every slot with decode rows, each computed at the highest rank inside it, so adapters
-of mixed ranks do not all pay the highest one; idle slots between bands are skipped). Every other
-LoRA row is covered by `host_segments` ((start, length, slot, rank); prefill chunks, and decode
+that holds none, None when the padded layout is rows `[0, n)` as they lie), and every other
+LoRA row is covered by `host_segments` ((start, length, slot) triples; prefill chunks, and decode
 runs of a slot far busier than the rest, which would blow up the padding).
 """
 
@@ -37,10 +34,6 @@ import torch
 # A decode slot with more than this many times the mean tokens per slot runs as its own segment
 # instead of widening the padded batch for every slot.
 HEAVY_FACTOR = 2.0
-# What one more band of the padded batch costs (its extra matmul calls in every layer), in units of
-# reading one slot's adapter rows at rank 1. Measured on the default model: about 2.5 ms of calls
-# per band and step against 34 us per rank-row of all-linear float32 weights at 36 GB/s.
-BAND_OVERHEAD = 64
 
 
 @dataclass(frozen=True, eq=False)
@@ -64,8 +57,7 @@ class LoraStepMeta:
     pad_rows: torch.Tensor | None
     pad_index: torch.Tensor | None
     pad_gather: torch.Tensor | None
-    pad_bands: tuple[tuple[int, int, int], ...]
-    host_segments: tuple[tuple[int, int, int, int], ...]
+    host_segments: tuple[tuple[int, int, int], ...]
 
     @property
     def has_lora(self) -> bool:
@@ -81,9 +73,7 @@ class LoraStepMeta:
             raise ValueError(f"num_decode {num_decode} outside 0..{n}")
         runs = _runs(token_slots, 0, n)
         pad_slots, width, pad_rows, pad_index, heavy = _decode_plan(token_slots[:num_decode])
-        host = tuple((start, length, slot, slot_ranks[slot])
-                     for start, length, slot in sorted(heavy + _runs(token_slots, num_decode, n)))
-        padded_slots = sorted({token_slots[r] for r in pad_rows})
+        host = tuple(sorted(heavy + _runs(token_slots, num_decode, n)))
         rows_identity = pad_rows == list(range(len(pad_rows)))
         index_identity = pad_index == list(range(pad_slots * width))
 
@@ -100,39 +90,8 @@ class LoraStepMeta:
             pad_rows=None if rows_identity else t(pad_rows),
             pad_index=None if index_identity else t(pad_index),
             pad_gather=None if rows_identity and index_identity else t(_gather(pad_rows, pad_index, pad_slots * width)),
-            pad_bands=rank_bands(padded_slots, slot_ranks, BAND_OVERHEAD),
             host_segments=host,
         )
-
-
-def rank_bands(slots: list[int], slot_ranks: list[int],
-               overhead: int = BAND_OVERHEAD) -> tuple[tuple[int, int, int], ...]:
-    """Cover the sorted `slots` with contiguous bands (first, end, rank) of least total cost, a
-    band costing `overhead + (end - first) * rank` where rank is the highest in it: one band when
-    every rank is equal, one per rank class when the slots are ordered by rank."""
-    if not slots:
-        return ()
-    # Runs of adjacent slots with one rank: a band never needs to start or end inside one.
-    runs: list[list[int]] = []
-    for slot in slots:
-        if runs and slot == runs[-1][1] and slot_ranks[slot] == runs[-1][2]:
-            runs[-1][1] = slot + 1
-        else:
-            runs.append([slot, slot + 1, slot_ranks[slot]])
-    best, cut = [0.0] + [float("inf")] * len(runs), [0] * (len(runs) + 1)
-    for end in range(1, len(runs) + 1):
-        rank = 0
-        for first in range(end - 1, -1, -1):
-            rank = max(rank, runs[first][2])
-            cost = best[first] + overhead + (runs[end - 1][1] - runs[first][0]) * rank
-            if cost < best[end]:
-                best[end], cut[end] = cost, first
-    bands, end = [], len(runs)
-    while end:
-        first = cut[end]
-        bands.append((runs[first][0], runs[end - 1][1], max(r[2] for r in runs[first:end])))
-        end = first
-    return tuple(reversed(bands))
 
 
 def _gather(rows: list[int], index: list[int], size: int) -> list[int]:

@@ -7,9 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.lora.ops import CPU, REFERENCE, add_lora_, backend_for, pack_a
-from server.lora import step
-from server.lora.step import LoraStepMeta, rank_bands
+from server.lora.ops import CPU, REFERENCE, add_lora_, backend_for
+from server.lora.step import LoraStepMeta
 
 S, R, IN, OUT = 5, 8, 12, 10
 
@@ -44,9 +43,9 @@ def test_shrink_expand_match_per_token_loop(backend, slots, num_decode):
     meta = LoraStepMeta.build(slots, [R] * S, "cpu", num_decode)
     y = torch.randn(len(slots), OUT)
     expected = y + reference(x, a, b, slots)
-    add_lora_(y, x, pack_a(backend, [a]), b, meta, backend)
+    add_lora_(y, x, a, b, meta, backend)
     torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-4)
-    t = backend.shrink(x, pack_a(backend, [a]), meta)
+    t = backend.shrink(x, a, meta)
     if backend is CPU:
         t = t.dense(meta)
     assert t.shape == (len(slots), R)
@@ -68,11 +67,11 @@ def test_stacked_shrink_and_expand_into_column_slices(backend, slots, num_decode
     meta = LoraStepMeta.build(slots, [R] * S, "cpu", num_decode)
     y = torch.randn(len(slots), sum(outs))
     expected = y.clone()
-    t = backend.shrink(x, pack_a(backend, a), meta)
+    t = backend.shrink(x, torch.cat(a, dim=1), meta)
     offset = 0
     for g, out in enumerate(outs):
         expected[:, offset:offset + out] += reference(x, a[g], b[g], slots)
-        backend.expand_(y, backend.columns(t, g, len(outs)), b[g], meta, offset)
+        backend.expand_(y, backend.columns(t, slice(g * R, (g + 1) * R)), b[g], meta, offset)
         offset += out
     torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-4)
 
@@ -85,7 +84,7 @@ def test_half_precision_buffers(dtype):
     x = torch.randn(len(slots), IN, dtype=dtype)
     meta = LoraStepMeta.build(slots, [R] * S, "cpu", num_decode)
     y = torch.zeros(len(slots), OUT, dtype=dtype)
-    add_lora_(y, x, pack_a(CPU, [a]), b, meta, CPU)
+    add_lora_(y, x, a, b, meta, CPU)
     expected = reference(x.float(), a.float(), b.float(), slots)
     torch.testing.assert_close(y.float(), expected, atol=0.1, rtol=0.05)
 
@@ -102,7 +101,7 @@ def test_plan_uniform_decode_needs_no_index():
 def test_plan_heavy_decode_slot_and_prefill_become_segments():
     slots = [0] * 9 + [1, 2] + [2, 2, 2, -1, 1]
     meta = LoraStepMeta.build(slots, [8, 8, 8], "cpu", num_decode=11)
-    assert meta.host_segments == ((0, 9, 0, 8), (11, 3, 2, 8), (15, 1, 1, 8))
+    assert meta.host_segments == ((0, 9, 0), (11, 3, 2), (15, 1, 1))
     assert (meta.pad_slots, meta.pad_width, meta.pad_count) == (3, 1, 2)
     assert meta.token_slots.tolist() == slots
     assert meta.seg_slots.tolist() == [0, 1, 2, 1]  # every run: decode runs merge with the prefill run of slot 2
@@ -112,59 +111,3 @@ def test_plan_heavy_decode_slot_and_prefill_become_segments():
 def test_backend_for_cpu_is_the_fast_path():
     assert backend_for(torch.device("cpu")) is CPU
     assert backend_for(torch.device("meta")) is REFERENCE
-
-
-MIXED_RANKS = [8, 3, 5, 1, 8]
-
-
-def rank_padded(shape, ranks, rank_dim):
-    """Random weights zero past each slot's rank along `rank_dim` (the op's contract for A and B)."""
-    w = torch.randn(*shape)
-    for slot, rank in enumerate(ranks):
-        w[slot].narrow(rank_dim - 1, rank, shape[rank_dim] - rank).zero_()
-    return w
-
-
-@pytest.mark.parametrize("overhead", [0, 4, 1000], ids=lambda o: f"band-overhead-{o}")
-@pytest.mark.parametrize("backend", [CPU, REFERENCE], ids=lambda b: b.name)
-@pytest.mark.parametrize("slots,num_decode", CASES)
-def test_mixed_ranks_stacked_match_per_token_loop(monkeypatch, overhead, backend, slots, num_decode):
-    """Slots of ranks 1-8 in R = 8 buffers; the CPU path computes each band / segment at its own
-    rank (a band overhead of 0 puts every rank class in its own band, 1000 makes one band)."""
-    monkeypatch.setattr(step, "BAND_OVERHEAD", overhead)
-    torch.manual_seed(3)
-    outs = (7, 4)
-    a = [rank_padded((S, R, IN), MIXED_RANKS, 1) for _ in outs]
-    b = [rank_padded((S, o, R), MIXED_RANKS, 2) for o in outs]
-    x = torch.randn(len(slots), IN)
-    meta = LoraStepMeta.build(slots, MIXED_RANKS, "cpu", num_decode)
-    y = torch.randn(len(slots), sum(outs))
-    expected = y.clone()
-    t = backend.shrink(x, pack_a(backend, a), meta)
-    offset = 0
-    for g, out in enumerate(outs):
-        expected[:, offset:offset + out] += reference(x, a[g], b[g], slots)
-        backend.expand_(y, backend.columns(t, g, len(outs)), b[g], meta, offset)
-        offset += out
-    torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-4)
-    if backend is CPU:
-        dense = t.dense(meta)
-        stacked = torch.cat(a, dim=1)
-        for i, s in enumerate(slots):
-            want = stacked[s] @ x[i] if s >= 0 else torch.zeros(stacked.shape[1])
-            torch.testing.assert_close(dense[i], want, atol=1e-4, rtol=1e-4)
-
-
-def test_rank_bands_cover_used_slots_at_least_cost():
-    ranks = [64, 64, 32, 32, 16, 16, 8, 8, 0, 64]
-    assert rank_bands([0, 1, 2, 3, 4, 5, 6, 7], ranks, 0) == ((0, 2, 64), (2, 4, 32), (4, 6, 16), (6, 8, 8))
-    assert rank_bands([0, 1, 2, 3, 4, 5, 6, 7], ranks, 10_000) == ((0, 8, 64),)
-    # 16 + 2*8 = 32 rank-rows saved by splitting the rank-8 pair off costs more than an overhead of 40.
-    assert rank_bands([4, 5, 6, 7], ranks, 40) == ((4, 8, 16),)
-    assert rank_bands([4, 5, 6, 7], ranks, 8) == ((4, 6, 16), (6, 8, 8))
-    # Idle slots between used ones are skipped when a band break is cheaper than reading them.
-    assert rank_bands([0, 9], ranks, 4) == ((0, 1, 64), (9, 10, 64))
-    assert rank_bands([0, 9], ranks, 10_000) == ((0, 10, 64),)
-    assert rank_bands([], ranks, 0) == ()
-    uniform = [16] * 32
-    assert rank_bands(list(range(32)), uniform, 64) == ((0, 32, 16),)
