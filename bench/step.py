@@ -48,16 +48,17 @@ def random_adapter(layout: BaseLayout, rank: int, seed: int, targets: set[str] |
 class DecodeRig:
     """A runner, its KV cache and `seqs` decoding sequences of `context` tokens each."""
 
-    def __init__(self, base, seqs: int, adapters: int, context: int, rank: int = 16) -> None:
+    def __init__(self, base, seqs: int, adapters: int, context: int, ranks: tuple[int, ...] = (16,)) -> None:
+        """Slot i holds a random adapter of rank `ranks[i % len(ranks)]`; buffers are max(ranks) wide."""
         model = base.model
         layout = BaseLayout.from_model(model)
-        self.lora = LoraModel(model, layout, max(adapters, 1), rank)
+        self.lora = LoraModel(model, layout, max(adapters, 1), max(ranks))
         use_paged_attention(model)
         block = 16
         self.kv = KVCache.from_token_budget(model.config, seqs * (context + block), block)
         self.runner = ModelRunner(self.lora, self.kv)
         for slot in range(adapters):
-            self.lora.write_slot(slot, random_adapter(layout, rank, slot))
+            self.lora.write_slot(slot, random_adapter(layout, ranks[slot % len(ranks)], slot))
         self.context = context
         self.seqs = []
         for i in range(seqs):
@@ -106,11 +107,13 @@ def main() -> None:
     parser.add_argument("--seqs", type=int, default=64)
     parser.add_argument("--adapters", type=int, default=32)
     parser.add_argument("--context", type=int, default=200)
+    parser.add_argument("--ranks", default="16", help="comma-separated ranks, cycled over the adapters")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     base = load_base_model(Settings(device="cpu"))
-    rig = DecodeRig(base, args.seqs, args.adapters, args.context)
+    ranks = tuple(int(r) for r in args.ranks.split(","))
+    rig = DecodeRig(base, args.seqs, args.adapters, args.context, ranks)
     rig.step()
     medians = interleaved(rig, {"base": 0, f"{args.adapters} adapters": args.adapters}, args.repeats)
     for name, seconds in medians.items():
