@@ -26,7 +26,7 @@ import pytest
 
 from tests.conftest import TEST_CACHE
 from tests.docs.readme_blocks import Block, MarkerError, readme_blocks
-from tests.e2e.server_process import free_port, wait_until_healthy
+from tests.e2e.server_process import free_port, stop_process, wait_until_healthy
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
@@ -115,12 +115,7 @@ def readme_session(tmp: Path) -> Iterator[Session]:
         wait_until_healthy(url, proc, 180.0, log)
         yield Session(workdir, url, port, env_file, log)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=40)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 @pytest.fixture(scope="module")

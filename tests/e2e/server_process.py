@@ -39,13 +39,18 @@ def server_process(*flags: str, env: dict[str, str] | None = None, timeout: floa
         wait_until_healthy(url, proc, timeout, log)
         yield proc, url, log
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc)
+
+
+def stop_process(proc: subprocess.Popen, grace: float = 40.0) -> None:
+    """SIGTERM (the server drains), then SIGKILL after `grace` seconds; a no-op if it has exited."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def wait_until_healthy(url: str, proc: subprocess.Popen, timeout: float, log: Path) -> None:
