@@ -14,7 +14,7 @@ from server.adapters.peft_format import load_peft_adapter
 from server.lora.model import LoraModel
 from tests.conftest import tiny_llama
 from tests.lora.padded_batch import forward_logits, generate_batch
-from tests.lora.test_peft_equivalence import MAX_RANK, mixed_rows, oracle_run, peft_oracle
+from tests.lora.test_peft_equivalence import MAX_RANK, assert_rows_match_oracle, mixed_rows, peft_oracle
 from tests.peft_adapters import ADAPTER_CONFIGS, save_adapter
 
 # Different ranks (4..32, one with a rank_pattern), alphas, rsLoRA, target sets and a negative weight.
@@ -52,14 +52,7 @@ def check_compositions(base, paths, vocab, pad_id, eos_ids, steps=24):
     oracle = peft_oracle(base, paths)
     for name, parts in COMPOSITIONS.items():
         oracle.add_weighted_adapter([n for n, _ in parts], [w for _, w in parts], name, combination_type="cat")
-    checked = set()
-    for row, slot, logits, greedy in zip(rows, slots, ours, ours_greedy):
-        name = names[slot] if slot >= 0 else None
-        expected, ref_tokens = oracle_run(oracle, name, row, steps, pad_id, eos_ids)
-        err = (logits - expected).abs().max().item()
-        assert err < 1e-3, f"{name or 'base'}: max abs logit error {err}"
-        assert greedy == ref_tokens, f"{name or 'base'}: greedy continuation differs"
-        checked.add(name)
+    checked = assert_rows_match_oracle(oracle, names, rows, slots, ours, ours_greedy, steps, pad_id, eos_ids)
     assert checked == set(names) | {None}
     # A composition is neither its parts nor the base: its rows differ from each part's on the same input.
     for name, parts in COMPOSITIONS.items():
