@@ -131,7 +131,7 @@ class Engine:
         """Validate, tokenize off the loop, enqueue; one stream per choice. Raises EngineError subclasses."""
         sync = self.adapters.store_sync
         if sync is not None and sync.stale():  # one small file read per request; a sync only after a change
-            await asyncio.to_thread(run_in_fresh_thread, sync.refresh)
+            await asyncio.to_thread(self.sync_store)
         return await self.front.submit(request)
 
     def sync_store(self) -> None:
