@@ -7,7 +7,12 @@ Both runs serve the same workload through `loraplex serve-cluster` on this machi
 model, fp32): 16 adapters (the four shipped ones, each under four names: 16 distinct adapters to
 the router and the engines), requests drawn uniformly with a fixed seed, 16 in flight, 32 new
 tokens each (EOS ignored), non-streamed, over the real HTTP ingress. One replica gets every
-core (`--replica-cpus` = cores); two replicas get half each.
+core (`--replica-cpus` = cores); two replicas get half each. Two more rows run the same workload
+on one plain `loraplex serve` (no Ray) and on one replica with a single torch thread.
+
+`--background-load N` runs N busy-looping processes at normal priority during each run, to see
+what a machine shared with other work does to each setup (OpenMP teams wait for their slowest
+thread at every op; a thread the kernel has descheduled holds the whole team).
 
 Affinity: a request counts as routed to a replica already holding its adapter when that replica
 (its `x-loraplex-replica` header) served the same adapter before in the run; measured in steady
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import random
 import shutil
@@ -26,6 +32,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -34,7 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from server.deploy.netns import loopback_only, namespaced  # noqa: E402
-from tests.cluster.cluster_process import cluster_process  # noqa: E402
+from tests.cluster.cluster_process import SMALL, cluster_process  # noqa: E402
+from tests.e2e.server_process import running_server  # noqa: E402
 
 SHIPPED = ("sentiment", "shout", "extract-json", "template")
 PROMPTS = ("Input: Mei is 55, lives in Mumbai, and finds the smartwatch terrible.\nOutput:",
@@ -49,7 +57,8 @@ def make_store(folder: Path) -> list[str]:
     for copy in range(4):
         for shipped in SHIPPED:
             name = f"{shipped}-{copy}"
-            shutil.copytree(ROOT / "adapters" / shipped, folder / name)
+            # Weights only: a contract's template, defaults and schema would change the workload per adapter.
+            shutil.copytree(ROOT / "adapters" / shipped, folder / name, ignore=shutil.ignore_patterns("loraplex.json"))
             names.append(name)
     return names
 
@@ -59,21 +68,55 @@ def run_one(url: str, model: str, prompt: str, tokens: int) -> tuple[str, str, i
                           json={"model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0,
                                 "ignore_eos": True})
     response.raise_for_status()
-    return model, response.headers["x-loraplex-replica"], response.json()["usage"]["completion_tokens"]
+    return model, response.headers.get("x-loraplex-replica", "single"), response.json()["usage"]["completion_tokens"]
 
 
-def measure(replicas: int, cpus: float, names: list[str], store: Path, requests: int, tokens: int,
-            concurrency: int) -> dict:
+def busy_loop() -> None:
+    while True:
+        pass
+
+
+class BackgroundLoad:
+    """`n` processes spinning on a core each at normal priority, while the block runs."""
+
+    def __init__(self, n: int) -> None:
+        self.procs = [multiprocessing.Process(target=busy_loop, daemon=True) for _ in range(n)]
+
+    def __enter__(self) -> BackgroundLoad:
+        for proc in self.procs:
+            proc.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for proc in self.procs:
+            proc.kill()
+            proc.join()
+
+
+@contextmanager
+def server_url(setup: dict, store: Path):
+    """Start `setup`'s server (a cluster, or one plain server: 0 replicas); yields its URL."""
+    flags = ("--adapters-dir", str(store), "--max-running", "16", "--max-queue", "32", "--max-loras", "8",
+             "--max-cpu-loras", "16", *(("--threads", str(setup["threads"])) if setup.get("threads") else ()))
+    if setup["replicas"] == 0:
+        with running_server(*SMALL, *flags) as url:
+            yield url
+    else:
+        with cluster_process(*flags, replicas=setup["replicas"], extra=("--replica-cpus", str(setup["cpus"]))) as (_, url):
+            yield url
+
+
+def measure(setup: dict, names: list[str], store: Path, args: argparse.Namespace) -> dict:
     rng = random.Random(0)
-    work = [(rng.choice(names), rng.choice(PROMPTS)) for _ in range(requests)]
-    with cluster_process("--adapters-dir", str(store), "--max-running", "16", "--max-queue", "32",
-                         "--max-loras", "8", "--max-cpu-loras", "16", replicas=replicas,
-                         extra=("--replica-cpus", str(cpus))) as (_, url):
-        run_one(url, names[0], PROMPTS[0], 2)  # the ingress learns the base model's name
-        started = time.perf_counter()
-        with ThreadPoolExecutor(concurrency) as pool:
-            done = list(pool.map(lambda w: run_one(url, w[0], w[1], tokens), work))
-        seconds = time.perf_counter() - started
+    work = [(rng.choice(names), rng.choice(PROMPTS)) for _ in range(args.requests)]
+    with server_url(setup, store) as url:
+        run_one(url, names[0], PROMPTS[0], 2)  # warm: the ingress learns the base model's name
+        with BackgroundLoad(args.background_load):
+            started = time.perf_counter()
+            with ThreadPoolExecutor(args.concurrency) as pool:
+                done = list(pool.map(lambda w: run_one(url, w[0], w[1], args.tokens), work))
+            seconds = time.perf_counter() - started
+            load = os.getloadavg()[0]
     served: dict[str, set[str]] = {}
     hits = steady = 0
     for model, replica, _ in done:
@@ -82,26 +125,34 @@ def measure(replicas: int, cpus: float, names: list[str], store: Path, requests:
             hits += replica in served[model]
         served.setdefault(model, set()).add(replica)
     output = sum(t for _, _, t in done)
-    return {"replicas": replicas, "replica_cpus": cpus, "requests": requests, "seconds": round(seconds, 2),
+    return {**setup, "requests": args.requests, "seconds": round(seconds, 2), "load_1min": round(load, 1),
             "output_tokens": output, "output_tok_s": round(output / seconds, 1),
             "replicas_used": len({r for _, r, _ in done}), "steady_requests": steady,
             "affinity": round(hits / steady, 4) if steady else None,
             "replicas_per_adapter": round(sum(len(v) for v in served.values()) / len(served), 2)}
 
 
+SETUPS = ({"label": "plain `loraplex serve`, no Ray", "replicas": 0, "cpus": 2},
+          {"label": "1 replica", "replicas": 1, "cpus": 2},
+          {"label": "1 replica, `--threads 1`", "replicas": 1, "cpus": 2, "threads": 1},
+          {"label": "2 replicas", "replicas": 2, "cpus": 1})
+
+
 def report(rows: list[dict], args: argparse.Namespace) -> str:
-    cores = os.cpu_count()
-    lines = [f"Measured on this {cores}-core CPU machine under `nice -n 19` (shared with other jobs; load "
-             f"average {', '.join(f'{x:.1f}' for x in os.getloadavg())} at the end), "
-             f"{args.requests} requests over 16 adapters, {args.concurrency} in flight, {args.tokens} new tokens "
-             "each, greedy, EOS ignored (`python bench/cluster.py`).", "",
-             "| replicas | CPUs each | output tok/s | seconds | ratio to 1 | routed to a holder (steady) | "
-             "replicas per adapter |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    load = (f"with {args.background_load} busy-looping processes at normal priority beside it"
+            if args.background_load else "with nothing else running")
+    lines = [f"Measured on this {os.cpu_count()}-core CPU machine {load} (1-minute load average at the end of "
+             f"each run in the table), {args.requests} requests over 16 adapters, {args.concurrency} in flight, "
+             f"{args.tokens} new tokens each, greedy, EOS ignored (`python bench/cluster.py"
+             f"{f' --background-load {args.background_load}' if args.background_load else ''}`).", "",
+             "| setup | CPUs each | output tok/s | seconds | ratio to plain serve | routed to a holder (steady) | "
+             "replicas per adapter | load |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     first = rows[0]["output_tok_s"]
     for row in rows:
-        lines.append(f"| {row['replicas']} | {row['replica_cpus']:g} | {row['output_tok_s']} | {row['seconds']} | "
-                     f"{row['output_tok_s'] / first:.2f} | {100 * row['affinity']:.1f}% | "
-                     f"{row['replicas_per_adapter']} |")
+        affinity = "" if row["replicas"] == 0 else f"{100 * row['affinity']:.1f}%"
+        spread = "" if row["replicas"] == 0 else row["replicas_per_adapter"]
+        lines.append(f"| {row['label']} | {row['cpus']:g} | {row['output_tok_s']} | {row['seconds']} | "
+                     f"{row['output_tok_s'] / first:.2f} | {affinity} | {spread} | {row['load_1min']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -111,27 +162,28 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=96)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--background-load", type=int, default=0, metavar="N")
     args = parser.parse_args()
     if args.quick:
         args.requests = 32
     if not loopback_only():
         os.execvp("unshare", namespaced([sys.executable, *sys.argv]))
-    cores = float(os.cpu_count() or 2)
+    cores = os.cpu_count() or 2
     with tempfile.TemporaryDirectory() as tmp:
         rows = []
-        for replicas in (1, 2):
-            store = Path(tmp) / f"store-{replicas}"
+        for i, setup in enumerate(SETUPS):
+            setup = {**setup, "cpus": cores / max(1, setup["replicas"])}
+            store = Path(tmp) / f"store-{i}"
             store.mkdir()
-            names = make_store(store)
-            rows.append(measure(replicas, cores / replicas, names, store, args.requests, args.tokens,
-                                args.concurrency))
+            rows.append(measure(setup, make_store(store), store, args))
             print(rows[-1], flush=True)
     text = report(rows, args)
     print(text)
+    suffix = f"-load-{args.background_load}" if args.background_load else ""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "cluster.md").write_text(text)
-    (RESULTS / "cluster.json").write_text(json.dumps({"runs": rows, "cores": os.cpu_count(),
-                                                      "settings": vars(args)}, indent=2) + "\n")
+    (RESULTS / f"cluster{suffix}.md").write_text(text)
+    (RESULTS / f"cluster{suffix}.json").write_text(json.dumps({"runs": rows, "cores": os.cpu_count(),
+                                                               "settings": vars(args)}, indent=2) + "\n")
     return 0
 
 
