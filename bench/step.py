@@ -29,6 +29,7 @@ from server.engine.kv_cache import KVCache  # noqa: E402
 from server.engine.runner import ModelRunner  # noqa: E402
 from server.engine.scheduler import ScheduledSeq  # noqa: E402
 from server.lora.model import LoraModel  # noqa: E402
+from server.lora.ops import CPU_LORA_KERNELS, backend_for  # noqa: E402
 from server.models import load_base_model  # noqa: E402
 
 
@@ -48,11 +49,13 @@ def random_adapter(layout: BaseLayout, rank: int, seed: int, targets: set[str] |
 class DecodeRig:
     """A runner, its KV cache and `seqs` decoding sequences of `context` tokens each."""
 
-    def __init__(self, base, seqs: int, adapters: int, context: int, ranks: tuple[int, ...] = (16,)) -> None:
+    def __init__(self, base, seqs: int, adapters: int, context: int, ranks: tuple[int, ...] = (16,),
+                 cpu_kernel: str = "auto") -> None:
         """Slot i holds a random adapter of rank `ranks[i % len(ranks)]`; buffers are max(ranks) wide."""
         model = base.model
         layout = BaseLayout.from_model(model)
-        self.lora = LoraModel(model, layout, max(adapters, 1), max(ranks))
+        backend = backend_for(torch.device("cpu"), torch.float32, cpu_kernel)
+        self.lora = LoraModel(model, layout, max(adapters, 1), max(ranks), backend)
         use_paged_attention(model)
         block = 16
         self.kv = KVCache.from_token_budget(model.config, seqs * (context + block), block)
@@ -110,10 +113,12 @@ def main() -> None:
     parser.add_argument("--ranks", default="16", help="comma-separated ranks, cycled over the adapters")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--cpu-lora-kernel", choices=CPU_LORA_KERNELS, default="auto")
     args = parser.parse_args()
     base = load_base_model(Settings(device="cpu"))
     ranks = tuple(int(r) for r in args.ranks.split(","))
-    rig = DecodeRig(base, args.seqs, args.adapters, args.context, ranks)
+    rig = DecodeRig(base, args.seqs, args.adapters, args.context, ranks, args.cpu_lora_kernel)
+    print(f"LoRA op: {rig.lora.backend.name}")
     rig.step()
     medians = interleaved(rig, {"base": 0, f"{args.adapters} adapters": args.adapters}, args.repeats)
     for name, seconds in medians.items():

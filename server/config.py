@@ -31,6 +31,9 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="weights and activations; auto = bfloat16 on CUDA, float32 on CPU")
+    cpu_lora_kernel: Literal["auto", "compiled", "bmm"] = Field(
+        "auto", description="LoRA op on the CPU (float32): auto = the compiled kernels when a C++ compiler "
+        "can build them (once, cached), else batched matmuls; compiled = fail when they cannot be built")
     max_cpu_loras: int = Field(32, ge=1, description="parsed adapters kept in CPU memory (LRU)")
     max_cpu_lora_bytes: int = Field(2 * 2**30, ge=1, description="bytes of parsed adapters kept in CPU memory (LRU)")
     kv_cache_tokens: int = Field(16384, ge=16, description="KV cache size in tokens, allocated once")

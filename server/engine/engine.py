@@ -26,6 +26,7 @@ from server.engine.runner import ModelRunner
 from server.engine.scheduler import Scheduler
 from server.engine.stream import RequestStream
 from server.lora.model import LoraModel
+from server.lora.ops import backend_for
 from server.models import BaseModel
 from server.threads import run_in_fresh_thread
 
@@ -63,7 +64,9 @@ class Engine:
         self.settings = settings
         self.tokenizer = base.tokenizer
         layout = BaseLayout.from_model(base.model)
-        self.lora = LoraModel(base.model, layout, settings.max_loras, settings.max_lora_rank)
+        weight = next(base.model.parameters())
+        backend = backend_for(weight.device, weight.dtype, settings.cpu_lora_kernel)
+        self.lora = LoraModel(base.model, layout, settings.max_loras, settings.max_lora_rank, backend)
         use_paged_attention(base.model)
         self.kv_cache = KVCache.from_token_budget(base.model.config, settings.kv_cache_tokens, settings.block_size,
                                                   base.device, base.dtype)

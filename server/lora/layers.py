@@ -38,7 +38,7 @@ class LoraGroup(nn.Module):
                  device: torch.device, dtype: torch.dtype, backend: Backend) -> None:
         super().__init__()
         self.members, self.max_rank, self.backend = members, max_rank, backend
-        self.a_transposed = backend.name == "cpu"
+        self.a_transposed = backend.a_storage_in_major
         rows = members * max_rank
         shape = (max_loras, in_features, rows) if self.a_transposed else (max_loras, rows, in_features)
         self.register_buffer("a_storage", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
@@ -106,7 +106,7 @@ class LoraLinear(nn.Module):
         slots, rank, kw = group.lora_a.shape[0], group.max_rank, {"device": weight.device, "dtype": weight.dtype}
         # The CPU expand streams B fastest as [S, R, out] (a contiguous [R, out] matrix per slot, 2x
         # faster than [S, out, R] measured); `lora_b` is always the op's [S, out, R] (a view there).
-        self.b_transposed = group.backend.name == "cpu"
+        self.b_transposed = group.backend.b_storage_rank_major
         shape = (slots, rank, out_features) if self.b_transposed else (slots, out_features, rank)
         self.register_buffer("b_storage", torch.zeros(shape, **kw), persistent=False)
         # Plain attributes the forward reads (module buffer and property lookups are slow).

@@ -19,7 +19,7 @@ from torch import nn
 from server.adapters.layout import BaseLayout
 from server.adapters.peft_format import ParsedAdapter
 from server.lora.layers import LoraGroup, LoraLinear, StepState
-from server.lora.ops import backend_for
+from server.lora.ops import Backend, backend_for
 from server.lora.step import LoraStepMeta
 
 # Sibling projections that read the same input and so share one stacked shrink.
@@ -34,14 +34,16 @@ class LoraModel:
     validates against the layout can be written into any slot without touching the model.
     """
 
-    def __init__(self, model: nn.Module, layout: BaseLayout, max_loras: int, max_rank: int) -> None:
+    def __init__(self, model: nn.Module, layout: BaseLayout, max_loras: int, max_rank: int,
+                 backend: Backend | None = None) -> None:
+        """`backend`: the LoRA op (default: `backend_for` the model's device and dtype)."""
         weight = next(model.parameters())
         self.model = model
         self.layout = layout
         self.max_loras, self.max_rank = max_loras, max_rank
         self.device = weight.device
         self.state = StepState()
-        self.backend = backend_for(weight.device)
+        self.backend = backend or backend_for(weight.device, weight.dtype)
         self.layers: dict[str, LoraLinear] = {}
         self.groups: list[LoraGroup] = []
         self.slot_writes = 0  # adapters copied into slots since start-up (swaps show up here)
@@ -121,7 +123,7 @@ class LoraModel:
 
     def step_meta(self, token_rows: list[int], num_decode: int = 0) -> LoraStepMeta:
         """The step context for packed tokens whose adapter ROWS (from `place`; -1 = base) are given."""
-        meta = LoraStepMeta.build(token_rows, self.row_ranks, self.device, num_decode)
+        meta = LoraStepMeta.build(token_rows, self.row_ranks, self.device, num_decode, self.max_rank)
         self.adapter_steps += len(set(token_rows) - {-1})
         return meta
 

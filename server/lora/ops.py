@@ -11,10 +11,11 @@
 scale. What `shrink` returns is the backend's own: a dense `t [N, R]` for the reference and the
 Triton kernels, a `CpuShrunk` (the same values in the layouts its expands read) on the CPU.
 
-Backends, picked per device by `backend_for`: the CPU fast path (`server.lora.cpu_ops`: one
-padded batched matmul over the dense prefix of used slots for decode rows, one matmul per
-segment for prefill chunks; the padding layout comes from the host plan in `meta`, so nothing
-syncs with the host), Triton kernels from `server.lora.triton_ops` on CUDA when importable, and
+Backends, picked per device and dtype by `backend_for`: on the CPU in float32 the compiled
+kernels (`server.lora.cpu_native`: each slot's rows through a rank-aware mat-vec that streams its
+weights once, matmuls for prefill chunks), else the batched-matmul CPU path (`server.lora.cpu_ops`:
+one padded batched matmul over the dense prefix of used slots for decode rows, one matmul per
+segment for prefill chunks); both read host plans in `meta`, so nothing syncs with the host. Triton kernels from `server.lora.triton_ops` on CUDA when importable, and
 the torch reference (a per-token gather + bmm, BGMV) everywhere else.
 """
 
@@ -26,7 +27,7 @@ from typing import Any, NamedTuple, Protocol
 
 import torch
 
-from server.lora import cpu_ops
+from server.lora import cpu_native, cpu_ops
 from server.lora.step import LoraStepMeta
 
 
@@ -48,6 +49,9 @@ class Backend(NamedTuple):
     shrink: ShrinkFn
     expand_: ExpandFn
     columns: Any = dense_columns  # (shrink output, slice of the stacked rank dim) -> that member's part
+    # Storage the backend reads fastest (the op's views `a [S, R, in]`, `b [S, out, R]` are taken of it):
+    a_storage_in_major: bool = False  # A kept as [S, in, R] (else [S, R, in])
+    b_storage_rank_major: bool = False  # B kept as [S, R, out] (else [S, out, R])
 
 
 # Reference (any device) ----------------------------------------------------------------------------
@@ -69,7 +73,10 @@ def expand_reference_(y: torch.Tensor, t: torch.Tensor, b: torch.Tensor, meta: L
 # Dispatch ------------------------------------------------------------------------------------------
 
 REFERENCE = Backend("reference", shrink_reference, expand_reference_)
-CPU = Backend("cpu", cpu_ops.shrink, cpu_ops.expand_, cpu_ops.CpuShrunk.columns)
+CPU = Backend("cpu", cpu_ops.shrink, cpu_ops.expand_, cpu_ops.CpuShrunk.columns, a_storage_in_major=True,
+              b_storage_rank_major=True)
+CPU_KERNELS = Backend("cpu-kernels", cpu_native.shrink, cpu_native.expand_, b_storage_rank_major=True)
+CPU_LORA_KERNELS = ("auto", "compiled", "bmm")  # the `--cpu-lora-kernel` choices
 
 
 @lru_cache(maxsize=1)
@@ -82,9 +89,20 @@ def _triton_ops() -> ModuleType | None:
     return triton_ops
 
 
-def backend_for(device: torch.device) -> Backend:
-    """The op implementation for tensors on `device`."""
+def backend_for(device: torch.device, dtype: torch.dtype = torch.float32, cpu_kernel: str = "auto") -> Backend:
+    """The op implementation for `dtype` tensors on `device`.
+
+    `cpu_kernel`: "auto" uses the compiled CPU kernels when they build (float32), "compiled"
+    requires them (RuntimeError otherwise), "bmm" never builds them."""
+    if cpu_kernel not in CPU_LORA_KERNELS:
+        raise ValueError(f"cpu_kernel must be one of {CPU_LORA_KERNELS}, got {cpu_kernel!r}")
     if device.type == "cpu":
+        if cpu_kernel == "bmm" or dtype != torch.float32:
+            return CPU
+        if cpu_native.load_kernels():
+            return CPU_KERNELS
+        if cpu_kernel == "compiled":
+            raise RuntimeError("--cpu-lora-kernel compiled: the CPU LoRA kernels could not be built (see the log)")
         return CPU
     if device.type == "cuda":
         ops = _triton_ops()

@@ -22,6 +22,11 @@ per slot; `pad_rows [n]` are the packed rows it covers and `pad_index [n]` their
 that holds none, None when the padded layout is rows `[0, n)` as they lie), and every other
 LoRA row is covered by `host_segments` ((start, length, slot) triples; prefill chunks, and decode
 runs of a slot far busier than the rest, which would blow up the padding).
+
+The compiled CPU kernels (`server/lora/cpu_native.py`) read `slot_plan` instead: decode rows per
+slot in CSR form, each slot's weights streamed once up to its rank (`max_rank` is the buffers'
+rank width R, 0 when unknown); slots with many decode rows in one run, and prefill chunks, run as
+`slot_plan.segments` through one matmul each, where a GEMM beats per-row dot products.
 """
 
 from __future__ import annotations
@@ -34,6 +39,22 @@ import torch
 # A decode slot with more than this many times the mean tokens per slot runs as its own segment
 # instead of widening the padded batch for every slot.
 HEAVY_FACTOR = 2.0
+# A decode slot with at least this many rows in one run goes through a matmul on the kernel path.
+KERNEL_GEMM_ROWS = 8
+
+
+@dataclass(frozen=True, eq=False)
+class SlotPlan:
+    """Decode rows of slots `[0, S')` as CSR, for the compiled kernels.
+
+    `ptr [S' + 1]` int64, `rows [n]` int64: slot s owns packed rows `rows[ptr[s]:ptr[s+1]]` (None
+    when no decode row takes the kernel); `segments`: (start, length, slot) runs that go through
+    one matmul each instead (prefill chunks, decode runs of `KERNEL_GEMM_ROWS` rows or more).
+    """
+
+    ptr: torch.Tensor | None
+    rows: torch.Tensor | None
+    segments: tuple[tuple[int, int, int], ...]
 
 
 @dataclass(frozen=True, eq=False)
@@ -58,6 +79,9 @@ class LoraStepMeta:
     pad_index: torch.Tensor | None
     pad_gather: torch.Tensor | None
     host_segments: tuple[tuple[int, int, int], ...]
+    # Host plan of the compiled CPU kernels.
+    slot_plan: SlotPlan
+    max_rank: int = 0
 
     @property
     def has_lora(self) -> bool:
@@ -65,9 +89,9 @@ class LoraStepMeta:
 
     @classmethod
     def build(cls, token_slots: list[int], slot_ranks: list[int], device: torch.device | str = "cpu",
-              num_decode: int = 0) -> LoraStepMeta:
+              num_decode: int = 0, max_rank: int = 0) -> LoraStepMeta:
         """Plan a step from host ints: `token_slots` per packed row (-1 = base), the rank of every
-        slot, and how many leading rows are decode rows."""
+        slot, how many leading rows are decode rows, and the buffers' rank width (0: unknown)."""
         n = len(token_slots)
         if not 0 <= num_decode <= n:
             raise ValueError(f"num_decode {num_decode} outside 0..{n}")
@@ -91,7 +115,27 @@ class LoraStepMeta:
             pad_index=None if index_identity else t(pad_index),
             pad_gather=None if rows_identity and index_identity else t(_gather(pad_rows, pad_index, pad_slots * width)),
             host_segments=host,
+            slot_plan=_slot_plan(token_slots, num_decode, t), max_rank=max_rank,
         )
+
+
+def _slot_plan(slots: list[int], num_decode: int, to_tensor) -> SlotPlan:
+    """The kernels' plan: CSR of the decode rows per slot, except long runs, which become segments."""
+    decode_runs = _runs(slots, 0, num_decode)
+    counts = Counter(s for s in slots[:num_decode] if s >= 0)
+    gemm = {r[2] for r in decode_runs if r[1] >= KERNEL_GEMM_ROWS and r[1] == counts[r[2]]}
+    segments = tuple(sorted([r for r in decode_runs if r[2] in gemm] + _runs(slots, num_decode, len(slots))))
+    by_slot: dict[int, list[int]] = {}
+    for row, s in enumerate(slots[:num_decode]):
+        if s >= 0 and s not in gemm:
+            by_slot.setdefault(s, []).append(row)
+    if not by_slot:
+        return SlotPlan(None, None, segments)
+    ptr, rows = [0], []
+    for s in range(max(by_slot) + 1):
+        rows += by_slot.get(s, [])
+        ptr.append(len(rows))
+    return SlotPlan(to_tensor(ptr), to_tensor(rows), segments)
 
 
 def _gather(rows: list[int], index: list[int], size: int) -> list[int]:

@@ -1,14 +1,23 @@
-"""The LoRA op's backends (CPU fast path, torch reference) against a per-token loop, over every
-layout the step plan produces: decode rows sorted or not, uniform or ragged, heavy slots, prefill
-segments, base rows mixed in, stacked A with strided column slices of the shrink output."""
+"""The LoRA op's backends (compiled CPU kernels, CPU batched matmuls, torch reference) against a
+per-token loop, over every layout the step plan produces: decode rows sorted or not, uniform or
+ragged, heavy slots, prefill segments, base rows mixed in, stacked A with strided column slices of
+the shrink output, and ranks below the buffers' width (not multiples of 8) that the kernels skip."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from server.lora.ops import CPU, REFERENCE, add_lora_, backend_for
-from server.lora.step import LoraStepMeta
+from server.lora.cpu_native import load_kernels
+from server.lora.ops import CPU, CPU_KERNELS, REFERENCE, add_lora_, backend_for
+from server.lora.step import KERNEL_GEMM_ROWS, LoraStepMeta
+
+BACKENDS = [CPU_KERNELS, CPU, REFERENCE]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compiled_kernels():
+    assert load_kernels(), "the CPU LoRA kernels must build here (a C++ compiler and ninja are installed)"
 
 S, R, IN, OUT = 5, 8, 12, 10
 
@@ -34,13 +43,13 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend", [CPU, REFERENCE], ids=lambda b: b.name)
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)
 @pytest.mark.parametrize("slots,num_decode", CASES)
 def test_shrink_expand_match_per_token_loop(backend, slots, num_decode):
     torch.manual_seed(0)
     a, b = torch.randn(S, R, IN), torch.randn(S, OUT, R)
     x = torch.randn(len(slots), IN)
-    meta = LoraStepMeta.build(slots, [R] * S, "cpu", num_decode)
+    meta = LoraStepMeta.build(slots, [R] * S, "cpu", num_decode, max_rank=R)
     y = torch.randn(len(slots), OUT)
     expected = y + reference(x, a, b, slots)
     add_lora_(y, x, a, b, meta, backend)
@@ -55,16 +64,26 @@ def test_shrink_expand_match_per_token_loop(backend, slots, num_decode):
                                if lora_rows.any() else t[lora_rows], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("backend", [CPU, REFERENCE], ids=lambda b: b.name)
+def zero_past_rank(a: torch.Tensor, b: torch.Tensor, ranks: list[int]) -> None:
+    """The slot buffers' invariant: A rows and B columns at or past each slot's rank are zero."""
+    for s, r in enumerate(ranks):
+        a[s, r:] = 0
+        b[s, :, r:] = 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)
 @pytest.mark.parametrize("slots,num_decode", CASES[:6])
-def test_stacked_shrink_and_expand_into_column_slices(backend, slots, num_decode):
+@pytest.mark.parametrize("ranks", [[R] * S, [3, 8, 5, 1, 7]], ids=["full", "ragged"])
+def test_stacked_shrink_and_expand_into_column_slices(backend, slots, num_decode, ranks):
     """q/k/v style: A stacked to [S, 3R, in], one shrink, three expands on strided slices of t and y."""
     torch.manual_seed(1)
     outs = (10, 6, 6)
     a = [torch.randn(S, R, IN) for _ in outs]
     b = [torch.randn(S, o, R) for o in outs]
+    for a_g, b_g in zip(a, b):
+        zero_past_rank(a_g, b_g, ranks)
     x = torch.randn(len(slots), IN)
-    meta = LoraStepMeta.build(slots, [R] * S, "cpu", num_decode)
+    meta = LoraStepMeta.build(slots, ranks, "cpu", num_decode, max_rank=R)
     y = torch.randn(len(slots), sum(outs))
     expected = y.clone()
     t = backend.shrink(x, torch.cat(a, dim=1), meta)
@@ -108,6 +127,36 @@ def test_plan_heavy_decode_slot_and_prefill_become_segments():
     assert meta.num_decode == 11
 
 
-def test_backend_for_cpu_is_the_fast_path():
-    assert backend_for(torch.device("cpu")) is CPU
+def test_kernel_plan_rows_per_slot_and_long_runs_as_segments():
+    long = KERNEL_GEMM_ROWS
+    slots = [1, 0, 1, -1, 3] + [2] * long + [0, 0, -1, 4]
+    meta = LoraStepMeta.build(slots, [4] * 5, "cpu", num_decode=5 + long, max_rank=4)
+    plan = meta.slot_plan
+    assert plan.ptr.tolist() == [0, 1, 3, 3, 4]  # slots 0..3; slot 2's run is a segment
+    assert plan.rows.tolist() == [1, 0, 2, 4]
+    assert plan.segments == ((5, long, 2), (5 + long, 2, 0), (5 + long + 3, 1, 4))
+
+
+def test_kernels_read_only_up_to_each_rank():
+    """Garbage past a slot's rank is never read: the kernels stop at the rank (the others need zeros there)."""
+    torch.manual_seed(3)
+    slots, ranks = [0, 1, 1, 2, 2, 2], [2, 5, 8]
+    a, b = torch.randn(3, R, IN), torch.randn(3, OUT, R)
+    zero_past_rank(a, b, ranks)
+    expected = reference(torch.ones(6, IN), a, b, slots)
+    for s, r in enumerate(ranks):
+        a[s, r:], b[s, :, r:] = float("nan"), float("nan")
+    y = torch.zeros(6, OUT)
+    add_lora_(y, torch.ones(6, IN), a, b, LoraStepMeta.build(slots, ranks, "cpu", 6, max_rank=R), CPU_KERNELS)
+    torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_backend_for_cpu_picks_the_kernels_in_float32():
+    cpu = torch.device("cpu")
+    assert backend_for(cpu) is CPU_KERNELS
+    assert backend_for(cpu, torch.float32, "compiled") is CPU_KERNELS
+    assert backend_for(cpu, torch.float32, "bmm") is CPU
+    assert backend_for(cpu, torch.bfloat16) is CPU
     assert backend_for(torch.device("meta")) is REFERENCE
+    with pytest.raises(ValueError):
+        backend_for(cpu, torch.float32, "fast")
