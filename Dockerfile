@@ -125,7 +125,9 @@ ENV PATH=/opt/venv/bin:$PATH \
     LORAPLEX_HOST=0.0.0.0 \
     LORAPLEX_PORT=8000 \
     LORAPLEX_ADAPTERS_DIR=/var/lib/loraplex/adapters \
-    LORAPLEX_CACHE_DIR=/var/cache/loraplex
+    LORAPLEX_CACHE_DIR=/var/cache/loraplex \
+    # The image has no compiler to build the CPU LoRA kernels with: batched matmuls, without trying.
+    LORAPLEX_CPU_LORA_KERNEL=bmm
 
 # Numeric, so that orchestrators can verify it is not root (Kubernetes runAsNonRoot).
 USER 10001:10001
