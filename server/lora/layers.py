@@ -29,9 +29,11 @@ class LoraGroup(nn.Module):
     """Stacked A of `members` projections of one input.
 
     `lora_a [S, members * R, in]`: member g's A sits in rows `[g*R, g*R + rank)`, zeros past its
-    rank and for slots whose adapter does not target it. It is a view of `a_storage`, which the
-    CPU backend keeps as `[S, in, members * R]` (the shrink's right operand as it lies: its
-    batched matmuls ran up to 25% faster than on the transposed view, measured).
+    rank and for slots whose adapter does not target it. It is a view of `a_storage`, kept in the
+    layout the backend reads fastest (`Backend.a_storage_in_major`): `[S, in, members * R]` for
+    the batched-matmul CPU path (the shrink's right operand as it lies: up to 25% faster than the
+    transposed view, measured), `[S, members * R, in]` for the compiled kernels (a rank row is
+    contiguous, so a slot's rows past its rank are never read).
     """
 
     def __init__(self, members: int, in_features: int, max_loras: int, max_rank: int,
@@ -104,8 +106,9 @@ class LoraLinear(nn.Module):
         self.index, self.state = index, state
         self._group = [group]  # a list: the group is not a submodule of every member
         slots, rank, kw = group.lora_a.shape[0], group.max_rank, {"device": weight.device, "dtype": weight.dtype}
-        # The CPU expand streams B fastest as [S, R, out] (a contiguous [R, out] matrix per slot, 2x
-        # faster than [S, out, R] measured); `lora_b` is always the op's [S, out, R] (a view there).
+        # The CPU backends stream B fastest as [S, R, out] (a contiguous [R, out] matrix per slot, 2x
+        # faster than [S, out, R] for batched matmuls, measured; the kernels stop at the rank's row);
+        # `lora_b` is always the op's [S, out, R] (a view there).
         self.b_transposed = group.backend.b_storage_rank_major
         shape = (slots, rank, out_features) if self.b_transposed else (slots, out_features, rank)
         self.register_buffer("b_storage", torch.zeros(shape, **kw), persistent=False)
