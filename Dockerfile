@@ -5,8 +5,9 @@
 #
 # Stages: `python` (Debian's Python) -> `deps` (a venv with torch and the pinned server dependencies,
 # a plain no-extras install) -> `model` (the embedded model converted to safetensors at build time) and
-# `project` (the loraplex package) -> the runtime image, which copies only the venv, the model, the
-# shipped adapters and two small scripts: no compiler, no pip, no pip cache, no build files.
+# `project` (the loraplex package) and `kernels` (the CPU LoRA kernels, compiled) -> the runtime image,
+# which copies only the venv, the model, the kernels' library, the shipped adapters and two small
+# scripts: no compiler, no pip, no pip cache, no build files.
 #
 # Build inputs that are optional and never reach the runtime image:
 #   wheels/*.whl          a local torch wheel (`pip download --no-deps torch==2.13.0 -d wheels`), used
@@ -53,10 +54,10 @@ RUN set -eu; pip="/opt/venv/bin/pip install --no-deps"; \
       cuda) $pip "torch==${TORCH_VERSION}" ;; \
       *)    echo "TORCH_VARIANT must be cpu or cuda, not ${TORCH_VARIANT}" >&2; exit 1 ;; \
     esac; \
-    # C++ headers, C++ test binaries and protoc: only for building and testing extensions (which needs
-    # a compiler); torch/bin keeps torch_shm_manager, which `import torch` requires.
+    # C++ test binaries and protoc: only for testing extensions; torch/bin keeps torch_shm_manager,
+    # which `import torch` requires. The C++ headers stay until the `kernels` stage has used them.
     site=/opt/venv/lib/python3.11/site-packages/torch; \
-    rm -rf "$site/include" "$site/test" "$site"/bin/*Test "$site"/bin/test_* "$site"/bin/protoc*
+    rm -rf "$site/test" "$site"/bin/*Test "$site"/bin/test_* "$site"/bin/protoc*
 
 # The server's dependencies as a plain `pip install .` resolves them (no extras), pinned by the
 # constraints: a stub package with the real pyproject.toml, so this layer is rebuilt only when the
@@ -94,9 +95,25 @@ COPY server /tmp/src/server
 RUN /opt/venv/bin/pip install --no-deps --root /stage /tmp/src
 
 # ---------------------------------------------------------------------------------------------------
-# The venv the runtime gets: everything but pip, which a running server never needs.
+# The CPU LoRA kernels (server/lora/cpu_kernels.cpp), built here with torch's extension loader for
+# x86-64-v3 (AVX2 + FMA: any x86 server of the last decade), so the runtime needs no compiler; the
+# server checks the CPU has those features before it loads the library. Not for other architectures.
+FROM deps AS kernels
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends g++ \
+    && rm -rf /var/lib/apt/lists/*
+COPY server/lora/cpu_kernels.cpp /tmp/kernels/
+RUN mkdir -p /opt/kernels && /opt/venv/bin/python -c "from torch.utils.cpp_extension import load; \
+load(name='loraplex_cpu_lora', sources=['/tmp/kernels/cpu_kernels.cpp'], build_directory='/opt/kernels', \
+is_python_module=False, extra_cflags=['-O3', '-march=x86-64-v3', '-mtune=generic', '-fopenmp'])" \
+    && test -s /opt/kernels/loraplex_cpu_lora.so
+
+# ---------------------------------------------------------------------------------------------------
+# The venv the runtime gets: everything but pip and torch's C++ headers, which a running server never needs.
 FROM deps AS venv
-RUN /opt/venv/bin/pip uninstall -y pip
+RUN /opt/venv/bin/pip uninstall -y pip \
+    && rm -rf /opt/venv/lib/python3.11/site-packages/torch/include
 
 # ---------------------------------------------------------------------------------------------------
 FROM python AS runtime
@@ -111,6 +128,7 @@ RUN apt-get update \
     && chown -R loraplex:loraplex /var/lib/loraplex /var/cache/loraplex
 
 COPY --from=venv /opt/venv /opt/venv
+COPY --from=kernels /opt/kernels/loraplex_cpu_lora.so /opt/loraplex/kernels/loraplex_cpu_lora.so
 COPY --from=model /opt/loraplex/models /opt/loraplex/models
 COPY adapters /opt/loraplex/adapters
 COPY docker/entrypoint.sh /usr/local/bin/loraplex-entrypoint
@@ -126,8 +144,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     LORAPLEX_PORT=8000 \
     LORAPLEX_ADAPTERS_DIR=/var/lib/loraplex/adapters \
     LORAPLEX_CACHE_DIR=/var/cache/loraplex \
-    # The image has no compiler to build the CPU LoRA kernels with: batched matmuls, without trying.
-    LORAPLEX_CPU_LORA_KERNEL=bmm
+    LORAPLEX_CPU_KERNELS_LIBRARY=/opt/loraplex/kernels/loraplex_cpu_lora.so
 
 # Numeric, so that orchestrators can verify it is not root (Kubernetes runAsNonRoot).
 USER 10001:10001

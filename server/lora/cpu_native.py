@@ -14,8 +14,10 @@ shapes and read the rank padding too (a batch of rank 8-64 adapters all at rank 
 
 The kernels are compiled on first use with torch's extension loader (a C++ compiler and ninja are
 needed; `-march=native`, so the build folder is keyed by this CPU's instruction-set flags) and
-cached in torch's extensions folder (`TORCH_EXTENSIONS_DIR`). `load_kernels` returns False when
-they cannot be built; the caller then uses the batched-matmul backend (server/lora/cpu_ops.py).
+cached in torch's extensions folder (`TORCH_EXTENSIONS_DIR`). A library built ahead (the container
+image builds one for x86-64-v3 in a stage with a compiler) is loaded instead when
+`LORAPLEX_CPU_KERNELS_LIBRARY` names it. `load_kernels` returns False when they can be neither
+loaded nor built; the caller then uses the batched-matmul backend (server/lora/cpu_ops.py).
 """
 
 from __future__ import annotations
@@ -33,27 +35,42 @@ from server.lora.step import LoraStepMeta
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+PREBUILT_ENV = "LORAPLEX_CPU_KERNELS_LIBRARY"
+
+
+PREBUILT_NEEDS = {"avx2", "fma"}  # x86-64-v3's vector instructions, which the prebuilt library uses
 
 
 def _cpu_flags() -> str:
-    """A short key of this CPU's instruction-set flags (the kernels are built for exactly these)."""
+    """This CPU's instruction-set flags as /proc/cpuinfo lists them ("" where there is none)."""
     try:
-        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+        return next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
     except OSError:
-        flags = platform.processor()
-    return hashlib.sha256(f"{platform.machine()} {flags}".encode()).hexdigest()[:12]
+        return ""
+
+
+def _cpu_key() -> str:
+    """A short key of this CPU's instruction set (a `-march=native` build runs on exactly this)."""
+    return hashlib.sha256(f"{platform.machine()} {_cpu_flags() or platform.processor()}".encode()).hexdigest()[:12]
 
 
 @lru_cache(maxsize=1)
 def load_kernels() -> bool:
     """Build (first time) and load the kernels into this process; False, with the reason logged, if impossible."""
     try:
+        prebuilt = os.environ.get(PREBUILT_ENV)
+        if prebuilt:
+            missing = PREBUILT_NEEDS - set(_cpu_flags().split())
+            if missing:  # loading it would end the process with an illegal instruction
+                raise RuntimeError(f"{prebuilt} needs CPU features this CPU lacks: {sorted(missing)}")
+            torch.ops.load_library(prebuilt)
+            return True
         from torch.utils.cpp_extension import _get_build_directory, load
 
-        build = Path(_get_build_directory("loraplex_cpu_lora", verbose=False)) / _cpu_flags()
+        build = Path(_get_build_directory("loraplex_cpu_lora", verbose=False)) / _cpu_key()
         build.mkdir(parents=True, exist_ok=True)
         load(name="loraplex_cpu_lora", sources=[str(SOURCE)], build_directory=str(build), is_python_module=False,
-             extra_cflags=["-O3", "-march=native", "-fopenmp"], verbose=os.environ.get("LORAPLEX_KERNEL_VERBOSE") == "1")
+             extra_cflags=["-O3", "-march=native", "-fopenmp"])
     except Exception as exc:  # noqa: BLE001 - no compiler, no ninja, a failed build: all mean "use the fallback"
         log.warning("the compiled CPU LoRA kernels are unavailable (%s: %s); using batched matmuls",
                     type(exc).__name__, str(exc).strip().splitlines()[-1] if str(exc).strip() else "")

@@ -232,6 +232,12 @@ def check_serving(target: Target) -> None:
     assert base.strip() != "negative", "the base model gave the adapter's answer: adapters are not applied"
 
 
+def check_lora_kernels(target: Target) -> None:
+    """The image's prebuilt CPU LoRA kernels load (the startup line names the LoRA op in use)."""
+    logs = target.logs()
+    assert "LoRA op cpu-kernels" in logs, f"the container does not run the compiled CPU LoRA kernels:\n{logs}"
+
+
 def check_upload(target: Target) -> str:
     """Upload a copy of the shipped `shout` adapter under a new name; returns its greedy output."""
     status, info = target.http.upload("shout-uploaded", ROOT / "adapters" / "shout")
@@ -338,6 +344,7 @@ def run_checks(target: Target) -> float:
     ready = target.http.wait_ready(target.alive)
     total = time.monotonic() - started
     log(f"{type(target).__name__}: ready {total:.1f} s after start")
+    check_lora_kernels(target)
     check_serving(target)
     check_healthy(target)
     check_non_root(target)
