@@ -15,6 +15,8 @@ spread over the adapters; transformers `generate` on the base model in static ba
 mixed-adapter `generate(adapter_names=...)` in static batches. Every request generates exactly
 its `max_tokens` (EOS ignored everywhere), greedy. Output tokens per second = new tokens / wall time.
 
+The engine's base-only and adapter runs of a workload alternate (A B B A, `--repeats` each, the
+fastest kept), so that the machine's drift over minutes does not enter their ratio.
 Next to each adapters / base ratio: the bound memory traffic sets on it (the base-only run's time
 plus reading the A and B of every distinct adapter of every step once, at the read bandwidth
 measured in this run). PEFT, the slowest by far, runs the first `--peft-requests` requests only.
@@ -102,6 +104,23 @@ def run_static(model, tokenizer, work: Workload, batch: int, adapter_names: list
     return {"seconds": time.perf_counter() - start}
 
 
+def paired_runs(spec: Spec, cfg: Settings, work: Workload, base_models: list[str], models: list[str],
+                repeats: int) -> tuple[dict, dict]:
+    """The engine base-only and with adapters, run in A B B A order `repeats` times over, the
+    fastest of each kept: the machine's speed drifts over minutes, and a ratio of two runs taken
+    far apart measures the drift too."""
+    runs: dict[str, list[dict]] = {"base": [], "multi": []}
+    for i in range(repeats):
+        for kind in (("base", "multi") if i % 2 == 0 else ("multi", "base")):
+            label = "base only" if kind == "base" else f"{spec.adapters} adapters"
+            runs[kind].append(timed(f"{spec.name}: engine, {label}",
+                                    lambda: run_engine(cfg, work, base_models if kind == "base" else models)))
+    best = {kind: min(r, key=lambda run: run["seconds"]) for kind, r in runs.items()}
+    for kind, r in runs.items():
+        best[kind]["all_seconds"] = [round(run["seconds"], 1) for run in r]
+    return best["base"], best["multi"]
+
+
 def timed(label: str, run) -> dict:
     print(f"running: {label} ...", file=sys.stderr, flush=True)
     result = run()
@@ -145,6 +164,8 @@ def main() -> None:
     parser.add_argument("--workloads", nargs="*", help="names to run (default: all)")
     parser.add_argument("--batch", type=int, default=16, help="static batch size of the transformers/PEFT peers")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="engine runs per system and workload, base and adapters alternated; the fastest counts")
     parser.add_argument("--quick", action="store_true", help="8 requests over 4 adapters, 8-24 tokens")
     parser.add_argument("--peft-requests", type=int, default=16,
                         help="PEFT runs the first N requests of each workload (its rate is theirs; 0 = all)")
@@ -176,15 +197,13 @@ def main() -> None:
                                               "max_cpu_loras": spec.adapters})
             if key not in base_runs:
                 base_runs[key] = {"first": spec.name,
-                                  "engine": timed(f"{spec.name}: engine, base only",
-                                                  lambda: run_engine(cfg, work, [base.name] * len(work))),
                                   "generate": timed(f"{spec.name}: transformers generate",
                                                     lambda: in_thread(run_static, base.model, base.tokenizer, work,
                                                                       args.batch, None))}
             models = [names[spec.adapter_set][i % spec.adapters] for i in range(len(work))]
-            multi = timed(f"{spec.name}: engine, {spec.adapters} adapters", lambda: run_engine(cfg, work, models))
+            engine_base, multi = paired_runs(spec, cfg, work, [base.name] * len(work), models, args.repeats)
             rows[spec.name] = {"spec": spec.__dict__, "tokens": sum(n for _, n in work),
-                               "engine_base": base_runs[key]["engine"], "engine_multi": multi,
+                               "engine_base": engine_base, "engine_multi": multi,
                                "generate": base_runs[key]["generate"], "models": models,
                                "base_runs_of": base_runs[key]["first"]}
             rows[spec.name]["traffic"] = traffic(spec, layout, rows[spec.name], bandwidth)
@@ -212,6 +231,7 @@ def main() -> None:
         for system in ("engine_base", "engine_multi", "generate", "peft"):
             row[system]["tok_s"] = row[system].get("tokens", row["tokens"]) / row[system]["seconds"]
     meta = {"threads": in_thread(torch.get_num_threads), "batch": args.batch, "prompt_range": prompt_range,
+            "repeats": args.repeats,
             "peft_requests": args.peft_requests,
             "new_range": new_range, "quick": args.quick, "model": base.name}
     text = render(rows, meta)
@@ -234,12 +254,13 @@ def render(rows: dict[str, dict], meta: dict) -> str:
         for key, label in labels.items():
             run = row[key]
             itl = f"{run['itl_p50_ms']:.1f}" if "itl_p50_ms" in run else ""
-            same = row["base_runs_of"] != name and key in ("engine_base", "generate")
+            same = row["base_runs_of"] != name and key == "generate"
             label += f" (the {row['base_runs_of']} run: same requests)" if same else ""
             out.append(f"| {name} | {label} | {run['tok_s']:.1f} | {run['seconds']:.1f} | {itl} |")
     any_row = next(iter(rows.values()))
     out += ["", f"PEFT runs the first {meta.get('peft_requests') or 'all'} requests of each workload "
-            "(whole static batches); its rate is over their tokens.\n",
+            "(whole static batches); its rate is over their tokens. The engine's two runs of a workload "
+            f"alternate {meta['repeats']} times each (A B B A), the fastest of each shown.\n",
             f"Memory traffic: read bandwidth {any_row['traffic']['bandwidth_gbs']:.1f} GB/s (a sum over 512 MiB in "
             "this run). Bound: the base-only run's time plus reading, once per step, the A and B of every distinct "
             "adapter in the step (the engine counts them), at that bandwidth; \"padded\": the same with every "
