@@ -104,7 +104,7 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends g++ \
     && rm -rf /var/lib/apt/lists/*
 COPY server/lora/cpu_kernels.cpp /tmp/kernels/
-RUN mkdir -p /opt/kernels && /opt/venv/bin/python -c "from torch.utils.cpp_extension import load; \
+RUN mkdir -p /opt/kernels && PATH=/opt/venv/bin:$PATH /opt/venv/bin/python -c "from torch.utils.cpp_extension import load; \
 load(name='loraplex_cpu_lora', sources=['/tmp/kernels/cpu_kernels.cpp'], build_directory='/opt/kernels', \
 is_python_module=False, extra_cflags=['-O3', '-march=x86-64-v3', '-mtune=generic', '-fopenmp'])" \
     && test -s /opt/kernels/loraplex_cpu_lora.so

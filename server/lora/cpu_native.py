@@ -26,6 +26,7 @@ import hashlib
 import logging
 import os
 import platform
+import shutil
 from functools import lru_cache
 from pathlib import Path
 
@@ -54,6 +55,14 @@ def _cpu_key() -> str:
     return hashlib.sha256(f"{platform.machine()} {_cpu_flags() or platform.processor()}".encode()).hexdigest()[:12]
 
 
+def _put_ninja_on_path() -> None:
+    """torch's loader runs `ninja` from PATH; the pip package's binary is not on it in an unactivated venv."""
+    if shutil.which("ninja") is None:
+        import ninja
+
+        os.environ["PATH"] = os.pathsep.join(p for p in (ninja.BIN_DIR, os.environ.get("PATH")) if p)
+
+
 @lru_cache(maxsize=1)
 def load_kernels() -> bool:
     """Build (first time) and load the kernels into this process; False, with the reason logged, if impossible."""
@@ -67,6 +76,7 @@ def load_kernels() -> bool:
             return True
         from torch.utils.cpp_extension import _get_build_directory, load
 
+        _put_ninja_on_path()
         build = Path(_get_build_directory("loraplex_cpu_lora", verbose=False)) / _cpu_key()
         build.mkdir(parents=True, exist_ok=True)
         load(name="loraplex_cpu_lora", sources=[str(SOURCE)], build_directory=str(build), is_python_module=False,
