@@ -264,7 +264,8 @@ def render(rows: dict[str, dict], meta: dict) -> str:
             f"Memory traffic: read bandwidth {any_row['traffic']['bandwidth_gbs']:.1f} GB/s (a sum over 512 MiB in "
             "this run). Bound: the base-only run's time plus reading, once per step, the A and B of every distinct "
             "adapter in the step (the engine counts them), at that bandwidth; \"padded\": the same with every "
-            "adapter at the slots' padded rank, which the CPU op reads.\n",
+            "adapter at the slots' padded rank, which the batched-matmul CPU path reads (the compiled kernels "
+            "read each adapter's own rank).\n",
             f"Arithmetic: float32 matmuls over the model's shapes run at {any_row['arithmetic']['gflops_at_64_rows']:.0f} "
             "GFLOP/s at 64 rows here; no engine serves a workload's FLOPs (every linear layer per token fed, the LM "
             "head per new token, attention over the context) faster, so `generate`'s time over that floor bounds "
