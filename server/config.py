@@ -11,6 +11,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "loraplex"
 
 
+# The LoRA op on the CPU (server/lora/ops.py, `backend_for`).
+CpuLoraKernel = Literal["auto", "compiled", "bmm"]
+
 class Settings(BaseSettings):
     """Every knob of the server. CLI flags override environment variables."""
 
@@ -31,7 +34,7 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="weights and activations; auto = bfloat16 on CUDA, float32 on CPU")
-    cpu_lora_kernel: Literal["auto", "compiled", "bmm"] = Field(
+    cpu_lora_kernel: CpuLoraKernel = Field(
         "auto", description="LoRA op on the CPU (float32): auto = the compiled kernels when a C++ compiler "
         "can build them (once, cached), else batched matmuls; compiled = fail when they cannot be built")
     max_cpu_loras: int = Field(32, ge=1, description="parsed adapters kept in CPU memory (LRU)")

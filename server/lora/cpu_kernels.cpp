@@ -18,11 +18,20 @@ void check_inner_contiguous(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.stride(-1) == 1, name, " must be contiguous in its last dimension");
 }
 
-void check_plan(const at::Tensor& ptr, const at::Tensor& rows, const at::Tensor& ranks) {
+// The rows of each slot (CSR) and the slots' ranks, checked, as raw pointers.
+struct SlotPlan {
+  int64_t slots;
+  const int64_t* ptr;
+  const int64_t* rows;
+  const int32_t* ranks;
+};
+
+SlotPlan slot_plan(const at::Tensor& ptr, const at::Tensor& rows, const at::Tensor& ranks) {
   TORCH_CHECK(ptr.scalar_type() == at::kLong && rows.scalar_type() == at::kLong, "ptr and rows must be int64");
   TORCH_CHECK(ranks.scalar_type() == at::kInt, "ranks must be int32");
   TORCH_CHECK(ptr.is_contiguous() && rows.is_contiguous() && ranks.is_contiguous(), "plan tensors must be contiguous");
   TORCH_CHECK(ranks.numel() >= ptr.numel() - 1, "a rank is needed for every slot of the plan");
+  return {ptr.numel() - 1, ptr.data_ptr<int64_t>(), rows.data_ptr<int64_t>(), ranks.data_ptr<int32_t>()};
 }
 
 // t[row, g*R + j] = a[s, g*R + j, :] . x[row, :] for j < ranks[s]; 0 for the other columns.
@@ -32,19 +41,18 @@ void shrink_slots(const at::Tensor& x, const at::Tensor& a, const at::Tensor& pt
   check_inner_contiguous(x, "x");
   check_inner_contiguous(a, "a");
   check_inner_contiguous(t, "t");
-  check_plan(ptr, rows, ranks);
-  const int64_t slots = ptr.numel() - 1, in = x.size(1), width = a.size(1), rank_max = width / members;
+  const SlotPlan plan = slot_plan(ptr, rows, ranks);
+  const int64_t* P = plan.ptr;
+  const int64_t* Rw = plan.rows;
+  const int64_t in = x.size(1), width = a.size(1), rank_max = width / members;
   TORCH_CHECK(a.size(2) == in && t.size(1) == width && width == members * rank_max, "shrink shapes disagree");
   const float* X = x.data_ptr<float>();
   const float* A = a.data_ptr<float>();
   float* T = t.data_ptr<float>();
-  const int64_t* P = ptr.data_ptr<int64_t>();
-  const int64_t* Rw = rows.data_ptr<int64_t>();
-  const int32_t* K = ranks.data_ptr<int32_t>();
   const int64_t xs = x.stride(0), ts = t.stride(0), as = a.stride(0), ar = a.stride(1);
-  at::parallel_for(0, slots, 1, [&](int64_t s0, int64_t s1) {
+  at::parallel_for(0, plan.slots, 1, [&](int64_t s0, int64_t s1) {
     for (int64_t s = s0; s < s1; ++s) {
-      const int64_t rank = std::min<int64_t>(K[s], rank_max);
+      const int64_t rank = std::min<int64_t>(plan.ranks[s], rank_max);
       for (int64_t p = P[s]; p < P[s + 1]; ++p) std::fill_n(T + Rw[p] * ts, width, 0.f);
       for (int64_t g = 0; g < members; ++g) {
         for (int64_t j = 0; j < rank; ++j) {
@@ -69,19 +77,18 @@ void expand_slots(const at::Tensor& y, const at::Tensor& t, const at::Tensor& b,
   check_inner_contiguous(y, "y");
   check_inner_contiguous(t, "t");
   TORCH_CHECK(b.scalar_type() == at::kFloat && b.stride(1) == 1, "b must be float32 with out contiguous");
-  check_plan(ptr, rows, ranks);
-  const int64_t slots = ptr.numel() - 1, out = b.size(1), rank_max = b.size(2);
+  const SlotPlan plan = slot_plan(ptr, rows, ranks);
+  const int64_t* P = plan.ptr;
+  const int64_t* Rw = plan.rows;
+  const int64_t out = b.size(1), rank_max = b.size(2);
   TORCH_CHECK(y.size(1) == out && t.size(1) >= rank_max, "expand shapes disagree");
   float* Y = y.data_ptr<float>();
   const float* T = t.data_ptr<float>();
   const float* B = b.data_ptr<float>();
-  const int64_t* P = ptr.data_ptr<int64_t>();
-  const int64_t* Rw = rows.data_ptr<int64_t>();
-  const int32_t* K = ranks.data_ptr<int32_t>();
   const int64_t ys = y.stride(0), ts = t.stride(0), bs = b.stride(0), br = b.stride(2);
-  at::parallel_for(0, slots, 1, [&](int64_t s0, int64_t s1) {
+  at::parallel_for(0, plan.slots, 1, [&](int64_t s0, int64_t s1) {
     for (int64_t s = s0; s < s1; ++s) {
-      const int64_t rank = std::min<int64_t>(K[s], rank_max);
+      const int64_t rank = std::min<int64_t>(plan.ranks[s], rank_max);
       for (int64_t p = P[s]; p < P[s + 1]; ++p) {
         float* yrow = Y + Rw[p] * ys;
         const float* trow = T + Rw[p] * ts;

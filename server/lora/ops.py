@@ -23,10 +23,11 @@ from __future__ import annotations
 
 from functools import lru_cache
 from types import ModuleType
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, get_args
 
 import torch
 
+from server.config import CpuLoraKernel
 from server.lora import cpu_native, cpu_ops
 from server.lora.step import LoraStepMeta
 
@@ -76,7 +77,7 @@ REFERENCE = Backend("reference", shrink_reference, expand_reference_)
 CPU = Backend("cpu", cpu_ops.shrink, cpu_ops.expand_, cpu_ops.CpuShrunk.columns, a_storage_in_major=True,
               b_storage_rank_major=True)
 CPU_KERNELS = Backend("cpu-kernels", cpu_native.shrink, cpu_native.expand_, b_storage_rank_major=True)
-CPU_LORA_KERNELS = ("auto", "compiled", "bmm")  # the `--cpu-lora-kernel` choices
+CPU_LORA_KERNELS = get_args(CpuLoraKernel)  # the `--cpu-lora-kernel` choices
 
 
 @lru_cache(maxsize=1)
@@ -89,7 +90,8 @@ def _triton_ops() -> ModuleType | None:
     return triton_ops
 
 
-def backend_for(device: torch.device, dtype: torch.dtype = torch.float32, cpu_kernel: str = "auto") -> Backend:
+def backend_for(device: torch.device, dtype: torch.dtype = torch.float32,
+                cpu_kernel: CpuLoraKernel = "auto") -> Backend:
     """The op implementation for `dtype` tensors on `device`.
 
     `cpu_kernel`: "auto" uses the compiled CPU kernels when they build (float32), "compiled"

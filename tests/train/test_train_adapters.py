@@ -37,27 +37,27 @@ def test_shipped_adapter_is_a_small_peft_folder(name):
     assert "exact match" in (folder / "README.md").read_text()
 
 
-def test_install_swaps_the_folder_in_whole(tmp_path: Path):
+def installed_over(tmp_path: Path, existing: str, content: str) -> tuple[Path, Path]:
+    """(target, staging): `store/demo` holding file `existing`, replaced by `install` with a staged folder."""
     target = tmp_path / "store" / "demo"
     target.mkdir(parents=True)
-    (target / "old.txt").write_text("old")
+    (target / existing).write_text(content)
     staging = tmp_path / "store" / ".demo-new"
     staging.mkdir()
     (staging / "adapter_config.json").write_text("{}")
     install(staging, target)
+    return target, staging
+
+
+def test_install_swaps_the_folder_in_whole(tmp_path: Path):
+    target, staging = installed_over(tmp_path, "old.txt", "old")
     assert [p.name for p in target.iterdir()] == ["adapter_config.json"] and not staging.exists()
     assert sorted(p.name for p in target.parent.iterdir()) == ["demo"]
     assert os.stat(target / "adapter_config.json").st_mode & 0o777 == 0o644
 
 
 def test_install_keeps_the_hand_written_contract(tmp_path: Path):
-    target = tmp_path / "store" / "demo"
-    target.mkdir(parents=True)
-    (target / "loraplex.json").write_text('{"description": "kept"}')
-    staging = tmp_path / "store" / ".demo-new"
-    staging.mkdir()
-    (staging / "adapter_config.json").write_text("{}")
-    install(staging, target)
+    target, _ = installed_over(tmp_path, "loraplex.json", '{"description": "kept"}')
     assert sorted(p.name for p in target.iterdir()) == ["adapter_config.json", "loraplex.json"]
     assert json.loads((target / "loraplex.json").read_text()) == {"description": "kept"}
 
