@@ -39,7 +39,10 @@ class Settings(BaseSettings):
         "can build them (once, cached), else batched matmuls; compiled = fail when they cannot be built")
     max_cpu_loras: int = Field(32, ge=1, description="parsed adapters kept in CPU memory (LRU)")
     max_cpu_lora_bytes: int = Field(2 * 2**30, ge=1, description="bytes of parsed adapters kept in CPU memory (LRU)")
-    kv_cache_tokens: int = Field(16384, ge=16, description="KV cache size in tokens, allocated once")
+    kv_cache_gb: float = Field(4.0, gt=0, description="KV cache memory in GiB, allocated once (on the CPU its "
+                               "pages are committed as they fill)")
+    kv_cache_tokens: int | None = Field(None, ge=16, description="KV cache size in tokens; set, it overrides "
+                                        "kv_cache_gb")
     block_size: int = Field(16, ge=1, le=1024, description="tokens per KV cache block")
     max_batched_tokens: int = Field(512, ge=1, description="tokens per engine step (prefill chunk budget)")
     max_running: int = Field(64, ge=1, description="sequences decoding at once")

@@ -118,6 +118,8 @@ class EngineCollector(Collector):
                                   "cache", value=queried)
         yield CounterMetricFamily("loraplex_prefix_cache_hit_tokens", "Prompt tokens whose KV came from the "
                                   "prefix cache", value=hits)
+        yield CounterMetricFamily("loraplex_preemptions", "Sequences preempted (to be recomputed) for want of KV "
+                                  "cache blocks", value=getattr(stats, "preemptions", 0))
         resident = GaugeMetricFamily("loraplex_adapters_resident", "Adapters held per tier", labels=["tier"])
         resident.add_metric(["device"], stats.adapters_on_device)
         resident.add_metric(["cpu"], stats.adapters_on_cpu)

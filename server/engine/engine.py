@@ -55,6 +55,16 @@ class EngineStats:
     kv_blocks_cached: int = 0          # blocks the prefix cache can find (held or free)
     prefix_cache_queried_tokens: int = 0
     prefix_cache_hit_tokens: int = 0
+    preemptions: int = 0               # sequences recomputed for want of KV blocks
+
+
+def _kv_cache(base: BaseModel, settings: Settings) -> KVCache:
+    """`--kv-cache-tokens` when set, else as many tokens as `--kv-cache-gb` holds."""
+    if settings.kv_cache_tokens is not None:
+        return KVCache.from_token_budget(base.model.config, settings.kv_cache_tokens, settings.block_size,
+                                         base.device, base.dtype)
+    return KVCache.from_memory_budget(base.model.config, int(settings.kv_cache_gb * 2**30), settings.block_size,
+                                      base.device, base.dtype)
 
 
 class Engine:
@@ -68,8 +78,7 @@ class Engine:
         backend = backend_for(weight.device, weight.dtype, settings.cpu_lora_kernel)
         self.lora = LoraModel(base.model, layout, settings.max_loras, settings.max_lora_rank, backend)
         use_paged_attention(base.model)
-        self.kv_cache = KVCache.from_token_budget(base.model.config, settings.kv_cache_tokens, settings.block_size,
-                                                  base.device, base.dtype)
+        self.kv_cache = _kv_cache(base, settings)
         self.adapters = AdapterManager(self.lora, layout, settings, base.name)
         self.prefix_cache = PrefixCache(self.kv_cache.allocator, self.kv_cache.block_size, settings.prefix_cache)
         self.scheduler = Scheduler(self.kv_cache.allocator, self.kv_cache.block_size, settings.max_batched_tokens,
@@ -188,7 +197,8 @@ class Engine:
                            adapters_on_cpu=on_cpu, prefill_tokens=self.core.prefill_tokens,
                            kv_blocks_cached=allocator.num_cached,
                            prefix_cache_queried_tokens=self.prefix_cache.queried_tokens,
-                           prefix_cache_hit_tokens=self.prefix_cache.hit_tokens)
+                           prefix_cache_hit_tokens=self.prefix_cache.hit_tokens,
+                           preemptions=self.scheduler.preemptions)
 
     # Adapter admin (sync: the API calls these with asyncio.to_thread) ---------------------------
 

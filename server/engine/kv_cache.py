@@ -10,6 +10,7 @@ returns its blocks at once.
 from __future__ import annotations
 
 import math
+import mmap
 from collections import OrderedDict
 
 import torch
@@ -132,6 +133,21 @@ def _text_config(config):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
+def bytes_per_token(config, dtype: torch.dtype) -> int:
+    """Bytes of one token's keys and values over every layer of a transformers config."""
+    layers, kv_heads, head_dim = KVCache.dims_from_config(config)
+    return 2 * layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def _zeros(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A zero tensor; on the CPU over an anonymous memory map, whose pages the kernel hands out zeroed
+    when first touched, so an idle cache costs no memory (`torch.zeros` would write all of it now)."""
+    if device.type != "cpu":
+        return torch.zeros(shape, device=device, dtype=dtype)
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return torch.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype=dtype, count=math.prod(shape)).view(shape)
+
+
 class KVCache:
     """Per-layer key and value pools, allocated once.
 
@@ -155,8 +171,8 @@ class KVCache:
         self.num_blocks, self.block_size = num_blocks, block_size
         self.device, self.dtype = torch.device(device), dtype
         shape = (num_kv_heads, num_blocks, block_size, head_dim)
-        self.keys = [torch.zeros(shape, device=self.device, dtype=dtype) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, device=self.device, dtype=dtype) for _ in range(num_layers)]
+        self.keys = [_zeros(shape, self.device, dtype) for _ in range(num_layers)]
+        self.values = [_zeros(shape, self.device, dtype) for _ in range(num_layers)]
         self.allocator = BlockAllocator(num_blocks)
         self._scratch: dict[str, torch.Tensor] = {}
 
@@ -174,6 +190,16 @@ class KVCache:
                     device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> KVCache:
         return cls(*cls.dims_from_config(config), num_blocks=num_blocks, block_size=block_size,
                    device=device, dtype=dtype)
+
+    @classmethod
+    def from_memory_budget(cls, config, nbytes: int, block_size: int = 16, device: torch.device | str = "cpu",
+                           dtype: torch.dtype = torch.float32) -> KVCache:
+        """The largest cache (whole blocks) whose keys and values fit in `nbytes`."""
+        per_block = bytes_per_token(config, dtype) * block_size
+        if nbytes < per_block:
+            raise ValueError(f"a KV cache of {nbytes} bytes cannot hold one block of {block_size} tokens "
+                             f"({per_block} bytes)")
+        return cls.from_config(config, nbytes // per_block, block_size, device, dtype)
 
     @classmethod
     def from_token_budget(cls, config, kv_cache_tokens: int, block_size: int = 16,

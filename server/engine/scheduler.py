@@ -12,14 +12,18 @@ sequence that would pin a slot, until running ones drain and it gets one (aging)
 
 from __future__ import annotations
 
-from collections import deque
 import enum
+import logging
+import math
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from server.engine.kv_cache import BlockAllocator, OutOfBlocks
 from server.engine.prefix_cache import PrefixCache
 from server.engine.sequence import Sequence, SeqStatus
+
+log = logging.getLogger(__name__)
 
 
 class Admission(enum.Enum):
@@ -55,6 +59,7 @@ class Scheduler:
         self._release = release
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.preemptions = 0  # sequences sent back to recompute for want of KV blocks
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -157,6 +162,10 @@ class Scheduler:
         return None
 
     def _preempt(self, seq: Sequence) -> None:
+        self.preemptions += 1
+        if math.log10(self.preemptions).is_integer():  # the 1st, 10th, 100th...: a hint, not a flood
+            log.warning("%d sequences preempted (recomputed) so far for want of KV cache blocks; a larger "
+                        "--kv-cache-gb, or a smaller --max-running, avoids the recomputation", self.preemptions)
         self.running.remove(seq)
         self._free(seq)
         seq.num_computed = seq.num_published = 0

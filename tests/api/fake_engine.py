@@ -90,6 +90,7 @@ class Stats:
     kv_blocks_total: int = 12
     adapters_on_device: int = 1
     adapters_on_cpu: int = 2
+    preemptions: int = 5
 
 
 def fake_tokens(model: str, seed: int | None, count: int) -> list[str]:

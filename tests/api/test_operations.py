@@ -42,6 +42,7 @@ def test_metrics_text(client, engine):
     assert metric(text, "loraplex_time_per_output_token_seconds_count") == 2
     assert metric(text, "loraplex_queue_waiting") == 0
     assert metric(text, "loraplex_kv_cache_usage_ratio") == 0.25
+    assert metric(text, "loraplex_preemptions_total") == 5
     assert metric(text, "loraplex_adapters_resident", tier="device") == 1
     assert metric(text, "loraplex_adapter_info", adapter="alpha", tier="disk", status="ready", version="1") == 1
     assert metric(text, "loraplex_adapter_requests_total", adapter="alpha") == 1

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import os
 import random
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 from transformers.masking_utils import create_causal_mask
 
 from server.engine.attention import PAGED_ATTENTION, SeqSlice, StepAttention, packed_forward, use_paged_attention
-from server.engine.kv_cache import BlockAllocator, KVCache, OutOfBlocks
+from server.engine.kv_cache import BlockAllocator, KVCache, OutOfBlocks, bytes_per_token
 
 BLOCK = 4
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -136,6 +138,28 @@ def test_kv_cache_shapes_and_budget():
     assert kv.num_blocks == 8 and kv.keys[0].shape == (2, 8, BLOCK, 16) and len(kv.values) == 2
     assert kv.bytes == 2 * 2 * 8 * BLOCK * 2 * 16 * 4
     assert kv.blocks_for(0) == 0 and kv.blocks_for(4) == 1 and kv.blocks_for(5) == 2
+
+
+def test_kv_cache_from_memory_budget_fits_whole_blocks():
+    config = LlamaConfig(**TINY)
+    per_token = bytes_per_token(config, torch.float32)
+    assert per_token == 2 * 2 * 2 * 16 * 4  # keys and values, 2 layers, 2 kv heads, head_dim 16, fp32
+    kv = KVCache.from_memory_budget(config, 10 * BLOCK * per_token + 1, block_size=BLOCK)
+    assert kv.num_blocks == 10 and kv.bytes == 10 * BLOCK * per_token
+    with pytest.raises(ValueError, match="one block"):
+        KVCache.from_memory_budget(config, BLOCK * per_token - 1, block_size=BLOCK)
+
+
+def test_cpu_kv_cache_is_zero_and_commits_memory_only_as_it_fills():
+    def resident_bytes() -> int:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    before = resident_bytes()
+    kv = KVCache.from_memory_budget(LlamaConfig(**TINY), 512 * 2**20, block_size=BLOCK)
+    assert kv.bytes > 500 * 2**20 and resident_bytes() - before < 64 * 2**20
+    assert not any(pool.any() for pool in (kv.keys[0][:, :8], kv.values[1][:, -8:]))
+    kv.keys[0][:, 3] = 1.0
+    assert kv.keys[0][:, 3].eq(1).all() and not kv.keys[1][:, 3].any()  # layers do not share memory
 
 
 def test_allocator_all_or_nothing_and_double_free():

@@ -87,3 +87,17 @@ def test_engine_equals_peft_generate_per_request(tiny_model_dir, tmp_path, start
         new = new[: new.index(2)] if 2 in new else new
         result = asyncio.run(engine.generate(greedy(name, prompt, max_tokens=12)))
         assert result.text == tokenizer.decode(new, skip_special_tokens=True), name
+
+
+def test_preempted_sequences_are_recomputed_to_the_same_output(tiny_model_dir, tmp_path, started):
+    # A KV cache of 8 blocks of 16 cannot hold six growing sequences at once: the newest are preempted,
+    # their blocks freed, and they are recomputed from the prompt later, with the same greedy output.
+    store = adapter_store(tmp_path, tiny_model_dir, 2)
+    requests = [greedy(["ad0", "ad1", tiny_model_dir.name][i % 3], p, max_tokens=40) for i, p in enumerate(PROMPTS)]
+    reference = started(make_engine(tiny_model_dir, store))
+    expected = asyncio.run(one_at_a_time(reference, requests))
+    engine = started(make_engine(tiny_model_dir, store, kv_cache_tokens=128, block_size=16))
+    got = asyncio.run(run_all(engine, requests))
+    assert [g.text for g in got] == [e.text for e in expected]
+    assert engine.stats().preemptions > 0 and reference.stats().preemptions == 0
+    assert engine.kv_cache.allocator.num_free == engine.kv_cache.allocator.num_total
