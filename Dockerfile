@@ -5,7 +5,7 @@
 #
 # Stages: `python` (Debian's Python) -> `deps` (a venv with torch and the pinned server dependencies,
 # a plain no-extras install) -> `model` (the embedded model converted to safetensors at build time) and
-# `project` (the loraplex package) and `kernels` (the CPU LoRA kernels, compiled) -> the runtime image,
+# `project` (the loraplex package) and `kernels` (the CPU kernels, compiled) -> the runtime image,
 # which copies only the venv, the model, the kernels' library, the shipped adapters and two small
 # scripts: no compiler, no pip, no pip cache, no build files.
 #
@@ -95,7 +95,7 @@ COPY server /tmp/src/server
 RUN /opt/venv/bin/pip install --no-deps --root /stage /tmp/src
 
 # ---------------------------------------------------------------------------------------------------
-# The CPU LoRA kernels (server/lora/cpu_kernels.cpp), built here with torch's extension loader for
+# The compiled CPU kernels (server/native: the LoRA op, decode attention), built here by their loader for
 # x86-64-v3 (AVX2 + FMA: any x86 server of the last decade), so the runtime needs no compiler; the
 # server checks the CPU has those features before it loads the library. Not for other architectures.
 FROM deps AS kernels
@@ -103,11 +103,11 @@ FROM deps AS kernels
 RUN apt-get update \
     && apt-get install -y --no-install-recommends g++ \
     && rm -rf /var/lib/apt/lists/*
-COPY server/lora/cpu_kernels.cpp /tmp/kernels/
-RUN mkdir -p /opt/kernels && PATH=/opt/venv/bin:$PATH /opt/venv/bin/python -c "from torch.utils.cpp_extension import load; \
-load(name='loraplex_cpu_lora', sources=['/tmp/kernels/cpu_kernels.cpp'], build_directory='/opt/kernels', \
-is_python_module=False, extra_cflags=['-O3', '-march=x86-64-v3', '-mtune=generic', '-fopenmp'])" \
-    && test -s /opt/kernels/loraplex_cpu_lora.so
+COPY server/__init__.py /tmp/kernels/server/
+COPY server/native /tmp/kernels/server/native
+RUN cd /tmp/kernels && PATH=/opt/venv/bin:$PATH /opt/venv/bin/python -c "from pathlib import Path; \
+from server.native.loader import PORTABLE, build_library; build_library(Path('/opt/kernels'), PORTABLE)" \
+    && test -s /opt/kernels/loraplex_cpu.so
 
 # ---------------------------------------------------------------------------------------------------
 # The venv the runtime gets: everything but pip and torch's C++ headers, which a running server never needs.
@@ -128,7 +128,7 @@ RUN apt-get update \
     && chown -R loraplex:loraplex /var/lib/loraplex /var/cache/loraplex
 
 COPY --from=venv /opt/venv /opt/venv
-COPY --from=kernels /opt/kernels/loraplex_cpu_lora.so /opt/loraplex/kernels/loraplex_cpu_lora.so
+COPY --from=kernels /opt/kernels/loraplex_cpu.so /opt/loraplex/kernels/loraplex_cpu.so
 COPY --from=model /opt/loraplex/models /opt/loraplex/models
 COPY adapters /opt/loraplex/adapters
 COPY docker/entrypoint.sh /usr/local/bin/loraplex-entrypoint
@@ -144,7 +144,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     LORAPLEX_PORT=8000 \
     LORAPLEX_ADAPTERS_DIR=/var/lib/loraplex/adapters \
     LORAPLEX_CACHE_DIR=/var/cache/loraplex \
-    LORAPLEX_CPU_KERNELS_LIBRARY=/opt/loraplex/kernels/loraplex_cpu_lora.so
+    LORAPLEX_CPU_KERNELS_LIBRARY=/opt/loraplex/kernels/loraplex_cpu.so
 
 # Numeric, so that orchestrators can verify it is not root (Kubernetes runAsNonRoot).
 USER 10001:10001

@@ -13,6 +13,8 @@ DEFAULT_CACHE_DIR = Path.home() / ".cache" / "loraplex"
 
 # The LoRA op on the CPU (server/lora/ops.py, `backend_for`).
 CpuLoraKernel = Literal["auto", "compiled", "bmm"]
+# Decode attention on the CPU (server/engine/attention.py, `decode_kernel_applies`).
+CpuAttentionKernel = Literal["auto", "compiled", "torch"]
 
 class Settings(BaseSettings):
     """Every knob of the server. CLI flags override environment variables."""
@@ -37,6 +39,9 @@ class Settings(BaseSettings):
     cpu_lora_kernel: CpuLoraKernel = Field(
         "auto", description="LoRA op on the CPU (float32): auto = the compiled kernels when a C++ compiler "
         "can build them (once, cached), else batched matmuls; compiled = fail when they cannot be built")
+    cpu_attention_kernel: CpuAttentionKernel = Field(
+        "auto", description="decode attention on the CPU (float32): auto = the compiled kernel, reading KV "
+        "blocks in place, when it builds, else gather + batched matmuls; compiled = fail when it cannot be built")
     max_cpu_loras: int = Field(32, ge=1, description="parsed adapters kept in CPU memory (LRU)")
     max_cpu_lora_bytes: int = Field(2 * 2**30, ge=1, description="bytes of parsed adapters kept in CPU memory (LRU)")
     kv_cache_gb: float = Field(4.0, gt=0, description="KV cache memory in GiB, allocated once (on the CPU its "

@@ -20,15 +20,19 @@ is the only cache.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
 
+from server.config import CpuAttentionKernel
 from server.engine.kv_cache import KVCache
+from server.native.loader import load_kernels
 
 PAGED_ATTENTION = "loraplex_paged"
+CPU_ATTENTION_KERNELS = get_args(CpuAttentionKernel)  # the `--cpu-attention-kernel` choices
 
 
 @dataclass
@@ -72,10 +76,12 @@ class StepAttention:
     - `last_rows [n_seqs]`: packed row of each sequence's last token, in input order.
     - `decode_rows [n_decode]`: packed rows of the decoding sequences (query_len == 1),
       attended in one batched call: `decode_blocks [n_decode * max_blocks]` are their
-      block tables, right-padded with block 0, read with one `index_select` (a block is a
-      contiguous chunk, far cheaper to gather than single slots), and `decode_bias
-      [n_decode, 1, 1, max_blocks * block_size]` masks the padding (additive: 0 or -inf,
-      which SDPA takes without converting it every layer, unlike a bool mask).
+      block tables, right-padded with block 0, and `decode_lens [n_decode]` their context
+      lengths. With `decode_kernel` the compiled CPU kernel reads the blocks in place
+      (`loraplex::paged_decode_attention`, server/native/attention_kernels.cpp); else one
+      `index_select` gathers them (a block is a contiguous chunk, far cheaper to gather than
+      single slots) and `decode_bias [n_decode, 1, 1, max_blocks * block_size]` masks the
+      padding (additive: 0 or -inf, which SDPA takes without converting it every layer).
     - `prefills`: one `PrefillPlan` per prefill chunk, attended one call each.
     """
 
@@ -84,9 +90,11 @@ class StepAttention:
     last_rows: torch.Tensor
     decode_rows: torch.Tensor
     decode_blocks: torch.Tensor
-    decode_bias: torch.Tensor
+    decode_lens: torch.Tensor
+    decode_bias: torch.Tensor | None
     prefills: list[PrefillPlan]
     max_context: int
+    decode_kernel: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -94,8 +102,9 @@ class StepAttention:
 
     @classmethod
     def build(cls, seqs: list[SeqSlice], block_size: int, device: torch.device | str,
-              dtype: torch.dtype = torch.float32) -> StepAttention:
-        """Plan a step; `dtype` is the model's (the masks are additive biases in it)."""
+              dtype: torch.dtype = torch.float32, decode_kernel: bool = False) -> StepAttention:
+        """Plan a step; `dtype` is the model's (the masks are additive biases in it). `decode_kernel`:
+        decode rows go through the compiled CPU kernel (the caller checked it is loaded and applies)."""
         _validate(seqs, block_size)
         tables = _padded_block_tables(seqs)  # [n, max_blocks], on the CPU while we index
         seq_of_token = torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor([s.query_len for s in seqs]))
@@ -107,12 +116,15 @@ class StepAttention:
         decode = [i for i, s in enumerate(seqs) if s.query_len == 1]
         ctx = torch.tensor([seqs[i].context_len for i in decode], dtype=torch.long)
         n_blocks = -(-int(ctx.max()) // block_size) if decode else 0
-        key_pos = torch.arange(n_blocks * block_size)
-        decode_bias = _bias(key_pos[None, :] < ctx[:, None], dtype)[:, None, None, :]
+        decode_bias = None
+        if not decode_kernel:
+            key_pos = torch.arange(n_blocks * block_size)
+            decode_bias = _bias(key_pos[None, :] < ctx[:, None], dtype)[:, None, None, :]
 
         prefills = [_prefill_plan(s, tables[i], block_size, dtype) for i, s in enumerate(seqs) if s.query_len > 1]
         step = cls(slot_mapping, positions, last_rows, last_rows[decode], tables[decode, :n_blocks].reshape(-1),
-                   decode_bias, [_to_device(p, device) for p in prefills], max(s.context_len for s in seqs))
+                   ctx, decode_bias, [_to_device(p, device) for p in prefills], max(s.context_len for s in seqs),
+                   decode_kernel)
         return _to_device(step, device)  # built on the CPU, moved once per step
 
 
@@ -188,7 +200,8 @@ def paged_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
 
     out = query.new_empty(step.num_tokens, query.shape[1], query.shape[3])  # [T, H, D]
     if step.decode_rows.numel():
-        out[step.decode_rows] = _decode_attention(query, cache, layer, step, scaling)
+        decode = _decode_attention_kernel if step.decode_kernel else _decode_attention
+        out[step.decode_rows] = decode(query, cache, layer, step, scaling)
     for plan in step.prefills:
         rows = slice(plan.query_start, plan.query_start + plan.query_len)
         out[rows] = _prefill_attention(query[:, :, rows], key[:, :, rows], value[:, :, rows],
@@ -228,6 +241,32 @@ def _decode_attention(query: torch.Tensor, cache: KVCache, layer: int, step: Ste
     return o.view(kv_heads, n, group, head_dim).transpose(0, 1).reshape(n, heads, head_dim)
 
 
+def _decode_attention_kernel(query: torch.Tensor, cache: KVCache, layer: int, step: StepAttention,
+                             scaling: float | None) -> torch.Tensor:
+    """The same, by the compiled kernel: each sequence's blocks read where they lie, up to its own length."""
+    q = query[0, :, step.decode_rows].transpose(0, 1)  # [n_decode, num_heads, head_dim]
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    scale = query.shape[3] ** -0.5 if scaling is None else scaling
+    tables = step.decode_blocks.view(step.decode_rows.numel(), -1)
+    torch.ops.loraplex.paged_decode_attention(q, cache.keys[layer], cache.values[layer], tables, step.decode_lens,
+                                              scale, out)
+    return out
+
+
+def decode_kernel_applies(device: torch.device, dtype: torch.dtype, choice: CpuAttentionKernel) -> bool:
+    """Whether decode attention runs the compiled CPU kernel (float32 on the CPU): `choice` "auto" uses it
+    when it builds, "compiled" requires it (RuntimeError otherwise), "torch" never builds it."""
+    if choice not in CPU_ATTENTION_KERNELS:
+        raise ValueError(f"choice must be one of {CPU_ATTENTION_KERNELS}, got {choice!r}")
+    if device.type != "cpu" or dtype != torch.float32 or choice == "torch":
+        return False
+    if load_kernels():
+        return True
+    if choice == "compiled":
+        raise RuntimeError("--cpu-attention-kernel compiled: the CPU kernels could not be built (see the log)")
+    return False
+
+
 def _prefill_attention(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: KVCache, layer: int,
                        plan: PrefillPlan, scaling: float | None) -> torch.Tensor:
     """One prefill chunk, causal with offset; `q [1, H, L, D]` -> `[L, H, D]`."""
@@ -265,15 +304,15 @@ def pack(seqs: list[tuple[list[int], int, list[int]]]) -> tuple[list[SeqSlice], 
 
 
 @torch.inference_mode()
-def packed_forward(model: nn.Module, kv_cache: KVCache,
-                   seqs: list[tuple[list[int], int, list[int]]]) -> torch.Tensor:
+def packed_forward(model: nn.Module, kv_cache: KVCache, seqs: list[tuple[list[int], int, list[int]]],
+                   decode_kernel: bool = False) -> torch.Tensor:
     """One packed forward pass; returns the logits of each sequence's last token `[n_seqs, vocab]`.
 
     `seqs` are `(token_ids_this_step, context_len_after, block_table)`. The model must have
     been switched with `use_paged_attention`; LoRA slot indices etc. are set by the caller.
     """
     slices, tokens = pack(seqs)
-    step = StepAttention.build(slices, kv_cache.block_size, kv_cache.device, kv_cache.dtype)
+    step = StepAttention.build(slices, kv_cache.block_size, kv_cache.device, kv_cache.dtype, decode_kernel)
     return forward_step(model, kv_cache, step, torch.tensor(tokens, dtype=torch.long, device=kv_cache.device))
 
 

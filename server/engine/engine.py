@@ -14,7 +14,7 @@ from pathlib import Path
 from server.adapters.layout import BaseLayout
 from server.config import Settings
 from server.engine.adapters import AdapterManager
-from server.engine.attention import use_paged_attention
+from server.engine.attention import decode_kernel_applies, use_paged_attention
 from server.engine.contract import output_format
 from server.engine.core import EngineCore
 from server.engine.front import EngineFront
@@ -78,6 +78,7 @@ class Engine:
         backend = backend_for(weight.device, weight.dtype, settings.cpu_lora_kernel)
         self.lora = LoraModel(base.model, layout, settings.max_loras, settings.max_lora_rank, backend)
         use_paged_attention(base.model)
+        self.decode_kernel = decode_kernel_applies(weight.device, weight.dtype, settings.cpu_attention_kernel)
         self.kv_cache = _kv_cache(base, settings)
         self.adapters = AdapterManager(self.lora, layout, settings, base.name)
         self.prefix_cache = PrefixCache(self.kv_cache.allocator, self.kv_cache.block_size, settings.prefix_cache)
@@ -91,7 +92,7 @@ class Engine:
         vocab_size = int(base.model.get_output_embeddings().weight.shape[0])
         self.grammars = GrammarCompiler(self.tokenizer, vocab_size, eos_ids)
         self.adapters.check_contract = self._check_contract
-        self.core = EngineCore(self.kv_cache, self.scheduler, ModelRunner(self.lora, self.kv_cache), self.adapters,
+        self.core = EngineCore(self.kv_cache, self.scheduler, ModelRunner(self.lora, self.kv_cache, self.decode_kernel), self.adapters,
                                self.tokenizer, eos_ids, self._max_context, settings.threads, self.grammars)
         self.adapters.post_evict = lambda key: self.core.post("evict", key)
         self.front = EngineFront(self.core, self.adapters, self.tokenizer, settings.max_queue, self._max_context,

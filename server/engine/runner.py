@@ -11,9 +11,11 @@ from server.lora.model import LoraModel
 
 
 class ModelRunner:
-    def __init__(self, lora: LoraModel, kv_cache: KVCache) -> None:
+    def __init__(self, lora: LoraModel, kv_cache: KVCache, decode_kernel: bool = False) -> None:
+        """`decode_kernel`: decode attention by the compiled CPU kernel (`decode_kernel_applies` said so)."""
         self.lora = lora
         self.kv_cache = kv_cache
+        self.decode_kernel = decode_kernel
 
     @torch.inference_mode()
     def step(self, plan: list[ScheduledSeq]) -> tuple[list[ScheduledSeq], torch.Tensor]:
@@ -37,7 +39,8 @@ class ModelRunner:
             num_decode += item.num_tokens == 1
         slices, tokens = pack(seqs)
         device = self.kv_cache.device
-        attention = StepAttention.build(slices, self.kv_cache.block_size, device, self.kv_cache.dtype)
+        attention = StepAttention.build(slices, self.kv_cache.block_size, device, self.kv_cache.dtype,
+                                        self.decode_kernel)
         meta = self.lora.step_meta(token_rows, num_decode) if rows else None
         with self.lora.stepping(meta):
             logits = forward_step(self.lora.model, self.kv_cache, attention,

@@ -3,7 +3,7 @@
 Same contract as the reference in server/lora/ops.py (`shrink` returns a dense `t [N, R]`, 0 on
 rows of the base model), computed from `meta.slot_plan`:
 
-    decode rows in CSR per slot  -> loraplex::shrink_slots / expand_slots (server/lora/cpu_kernels.cpp):
+    decode rows in CSR per slot  -> loraplex::shrink_slots / expand_slots (server/native/lora_kernels.cpp):
                                     each slot's A and B streamed once, only up to its adapter's rank
     prefill chunks, long runs    -> one matmul per segment (a GEMM is faster there)
 
@@ -12,80 +12,18 @@ weights once per step and does almost no arithmetic, so it is bound by memory tr
 batched matmul over the padded slots reached about half the machine's read bandwidth on these
 shapes and read the rank padding too (a batch of rank 8-64 adapters all at rank 64).
 
-The kernels are compiled on first use with torch's extension loader (a C++ compiler and ninja are
-needed; `-march=native`, so the build folder is keyed by this CPU's instruction-set flags) and
-cached in torch's extensions folder (`TORCH_EXTENSIONS_DIR`). A library built ahead (the container
-image builds one for x86-64-v3 in a stage with a compiler) is loaded instead when
-`LORAPLEX_CPU_KERNELS_LIBRARY` names it. `load_kernels` returns False when they can be neither
-loaded nor built; the caller then uses the batched-matmul backend (server/lora/cpu_ops.py).
+server/native/loader.py builds and loads them (`load_kernels`); when it cannot, the caller uses the
+batched-matmul backend (server/lora/cpu_ops.py).
 """
 
 from __future__ import annotations
 
-import hashlib
-import logging
-import os
-import platform
-import shutil
-from functools import lru_cache
-from pathlib import Path
-
 import torch
 
 from server.lora.step import LoraStepMeta
+from server.native.loader import load_kernels
 
-log = logging.getLogger(__name__)
-SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
-PREBUILT_ENV = "LORAPLEX_CPU_KERNELS_LIBRARY"
-
-
-PREBUILT_NEEDS = {"avx2", "fma"}  # x86-64-v3's vector instructions, which the prebuilt library uses
-
-
-def _cpu_flags() -> str:
-    """This CPU's instruction-set flags as /proc/cpuinfo lists them ("" where there is none)."""
-    try:
-        return next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    except OSError:
-        return ""
-
-
-def _cpu_key() -> str:
-    """A short key of this CPU's instruction set (a `-march=native` build runs on exactly this)."""
-    return hashlib.sha256(f"{platform.machine()} {_cpu_flags() or platform.processor()}".encode()).hexdigest()[:12]
-
-
-def _put_ninja_on_path() -> None:
-    """torch's loader runs `ninja` from PATH; the pip package's binary is not on it in an unactivated venv."""
-    if shutil.which("ninja") is None:
-        import ninja
-
-        os.environ["PATH"] = os.pathsep.join(p for p in (ninja.BIN_DIR, os.environ.get("PATH")) if p)
-
-
-@lru_cache(maxsize=1)
-def load_kernels() -> bool:
-    """Build (first time) and load the kernels into this process; False, with the reason logged, if impossible."""
-    try:
-        prebuilt = os.environ.get(PREBUILT_ENV)
-        if prebuilt:
-            missing = PREBUILT_NEEDS - set(_cpu_flags().split())
-            if missing:  # loading it would end the process with an illegal instruction
-                raise RuntimeError(f"{prebuilt} needs CPU features this CPU lacks: {sorted(missing)}")
-            torch.ops.load_library(prebuilt)
-            return True
-        from torch.utils.cpp_extension import _get_build_directory, load
-
-        _put_ninja_on_path()
-        build = Path(_get_build_directory("loraplex_cpu_lora", verbose=False)) / _cpu_key()
-        build.mkdir(parents=True, exist_ok=True)
-        load(name="loraplex_cpu_lora", sources=[str(SOURCE)], build_directory=str(build), is_python_module=False,
-             extra_cflags=["-O3", "-march=native", "-fopenmp"])
-    except Exception as exc:  # noqa: BLE001 - no compiler, no ninja, a failed build: all mean "use the fallback"
-        log.warning("the compiled CPU LoRA kernels are unavailable (%s: %s); using batched matmuls",
-                    type(exc).__name__, str(exc).strip().splitlines()[-1] if str(exc).strip() else "")
-        return False
-    return True
+__all__ = ["expand_", "load_kernels", "shrink"]
 
 
 def _ranks(meta: LoraStepMeta, width: int) -> torch.Tensor:

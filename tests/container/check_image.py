@@ -232,10 +232,11 @@ def check_serving(target: Target) -> None:
     assert base.strip() != "negative", "the base model gave the adapter's answer: adapters are not applied"
 
 
-def check_lora_kernels(target: Target) -> None:
-    """The image's prebuilt CPU LoRA kernels load (the startup line names the LoRA op in use)."""
+def check_cpu_kernels(target: Target) -> None:
+    """The image's prebuilt CPU kernels load (the startup line names the LoRA op and decode attention in use)."""
     logs = target.logs()
     assert "LoRA op cpu-kernels" in logs, f"the container does not run the compiled CPU LoRA kernels:\n{logs}"
+    assert "decode attention cpu-kernel" in logs, f"the container does not run the compiled decode attention:\n{logs}"
 
 
 def check_upload(target: Target) -> str:
@@ -344,7 +345,7 @@ def run_checks(target: Target) -> float:
     ready = target.http.wait_ready(target.alive)
     total = time.monotonic() - started
     log(f"{type(target).__name__}: ready {total:.1f} s after start")
-    check_lora_kernels(target)
+    check_cpu_kernels(target)
     check_serving(target)
     check_healthy(target)
     check_non_root(target)

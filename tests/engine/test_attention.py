@@ -15,8 +15,14 @@ from transformers.masking_utils import create_causal_mask
 
 from server.engine.attention import PAGED_ATTENTION, SeqSlice, StepAttention, packed_forward, use_paged_attention
 from server.engine.kv_cache import BlockAllocator, KVCache, OutOfBlocks, bytes_per_token
+from server.native.loader import load_kernels
 
 BLOCK = 4
+def kernels() -> bool:
+    assert load_kernels(), "the compiled CPU kernels must build here (a C++ compiler and ninja are installed)"
+    return True
+
+
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=128, max_position_embeddings=256)
 
@@ -65,7 +71,7 @@ def _schedule(prompts: dict[str, list[int]], decode_steps: int):
         yield [("A", 1), ("B", 1), ("C", 1)]
 
 
-def _run_and_compare(ref, paged, make_tables) -> None:
+def _run_and_compare(ref, paged, make_tables, decode_kernel: bool = False) -> None:
     gen = torch.Generator().manual_seed(3)
     prompts = {name: torch.randint(0, 128, (n,), generator=gen).tolist() for name, n in [("A", 7), ("B", 11), ("C", 5)]}
     total = {name: len(p) + 5 for name, p in prompts.items()}  # room for the decoded tokens
@@ -75,7 +81,7 @@ def _run_and_compare(ref, paged, make_tables) -> None:
     cached = {name: 0 for name in prompts}
     for step in _schedule(prompts, decode_steps=4):
         seqs = [(tokens[n][cached[n]:cached[n] + k], cached[n] + k, tables[n]) for n, k in step]
-        logits = packed_forward(paged, kv, seqs)
+        logits = packed_forward(paged, kv, seqs, decode_kernel)
         assert logits.shape == (len(step), 128)
         for row, (name, k) in enumerate(step):
             cached[name] += k
@@ -86,12 +92,14 @@ def _run_and_compare(ref, paged, make_tables) -> None:
                 tokens[name].append(int(expected.argmax()))
 
 
-def test_packed_steps_match_transformers(models):
-    _run_and_compare(*models, contiguous_tables)
+@pytest.mark.parametrize("decode_kernel", [False, True], ids=["torch", "kernel"])
+def test_packed_steps_match_transformers(models, decode_kernel):
+    _run_and_compare(*models, contiguous_tables, decode_kernel and kernels())
 
 
-def test_shuffled_non_contiguous_blocks_match(models):
-    _run_and_compare(*models, interleaved_tables)
+@pytest.mark.parametrize("decode_kernel", [False, True], ids=["torch", "kernel"])
+def test_shuffled_non_contiguous_blocks_match(models, decode_kernel):
+    _run_and_compare(*models, interleaved_tables, decode_kernel and kernels())
 
 
 def test_step_plan_indices():

@@ -1,6 +1,6 @@
 // The CPU LoRA kernels: rank-aware batched mat-vecs over each slot's rows, float32.
 //
-// Built by server/lora/cpu_native.py on first use (torch's JIT extension loader, -O3 -march=native)
+// Built by server/native/loader.py on first use (torch's JIT extension loader, -O3 -march=native)
 // and registered as torch ops `loraplex::shrink_slots` and `loraplex::expand_slots`. Rows are given
 // per slot in CSR form: slot s owns packed rows rows[ptr[s] .. ptr[s+1]) (ptr [S' + 1], rows [n]).
 // Each slot's weights are streamed once whatever its row count, only up to its adapter's rank

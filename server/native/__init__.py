@@ -1,0 +1,1 @@
+"""Compiled CPU kernels (C++ torch ops in namespace `loraplex`), built on first use; see loader.py."""

@@ -1,0 +1,169 @@
+// Paged decode attention on the CPU, float32: one query token per sequence against its cached keys
+// and values, read in place from the KV pools' blocks (no gather copy, no padding to the batch's
+// longest context).
+//
+// Registered as torch op `loraplex::paged_decode_attention` (built with lora_kernels.cpp by
+// server/native/loader.py). Shapes:
+//   q [n, H, D]                   the decoding sequences' queries (D contiguous), rotary applied
+//   k_pool, v_pool [KVH, NB, BS, D] one layer's cache, contiguous (server/engine/kv_cache.py)
+//   tables [n, W] int64           block ids of each sequence's context, in token order
+//   context_lens [n] int64        tokens in cache per sequence, this step's included (<= W * BS)
+//   out [n, H, D]                 written: softmax(q . K^T * scale) . V over each sequence's context
+// GQA: query head h reads kv head h / (H / KVH). Work items are (sequence, kv head) pairs on torch's
+// OpenMP team (at::parallel_for); an item's H / KVH query heads share one pass over its keys and one
+// over its values, so each cached byte is read once per step.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+// exp(x) for x <= 0 (softmax after the max is subtracted), vectorizable: x = n ln2 + r, |r| <= ln2/2,
+// exp(r) by a degree-6 polynomial (relative error < 2e-7), 2^n built in the exponent bits.
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.f);  // below, exp underflows float32 anyway
+  const float n = std::nearbyint(x * 1.44269504088896341f);
+  const float r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;
+  float p = 1.f / 720;
+  p = p * r + 1.f / 120;
+  p = p * r + 1.f / 24;
+  p = p * r + 1.f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+// head_dim as a compile-time constant (0: known at run time only).
+template <int64_t D>
+struct Dim {
+  static constexpr int64_t value = D;
+};
+
+// One work item: the `group` query heads `qh` (stride qs1) of one sequence against one kv head's
+// pools `kh`/`vh`, over `len` tokens in the blocks `table`; writes `o` (stride os1). `scores [group * len]`
+// and `acc [group * dim]` are the calling thread's scratch. Loops run block by block, so a block's
+// keys (values) stay in L1 while every query head of the group reads them.
+template <typename DimT>
+void attend(const float* qh, int64_t qs1, const float* kh, const float* vh, const int64_t* table, int64_t len,
+            int64_t block, int64_t group, int64_t dim_rt, float sc, float* scores, float* acc, float* o,
+            int64_t os1) {
+  constexpr int64_t DC = DimT::value;
+  const int64_t dim = DC > 0 ? DC : dim_rt;
+  const int64_t nblocks = (len + block - 1) / block;
+  for (int64_t b = 0; b < nblocks; ++b) {
+    const int64_t t0 = b * block, tn = std::min(block, len - t0);
+    const float* kb = kh + table[b] * block * dim;
+    for (int64_t g = 0; g < group; ++g) {
+      const float* qg = qh + g * qs1;
+      float* s = scores + g * len + t0;
+      for (int64_t t = 0; t < tn; ++t) {
+        const float* k = kb + t * dim;
+        float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t d = 0; d < dim; ++d) dot += qg[d] * k[d];
+        s[t] = dot * sc;
+      }
+    }
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    float* s = scores + g * len;
+    float top = s[0];
+    for (int64_t t = 1; t < len; ++t) top = std::max(top, s[t]);
+    float total = 0.f;
+#pragma omp simd reduction(+ : total)
+    for (int64_t t = 0; t < len; ++t) {
+      const float e = exp_nonpositive(s[t] - top);
+      s[t] = e;
+      total += e;
+    }
+    const float inv = 1.f / total;
+#pragma omp simd
+    for (int64_t t = 0; t < len; ++t) s[t] *= inv;
+  }
+  std::fill_n(acc, group * dim, 0.f);
+  for (int64_t b = 0; b < nblocks; ++b) {
+    const int64_t t0 = b * block, tn = std::min(block, len - t0);
+    const float* vb = vh + table[b] * block * dim;
+    for (int64_t g = 0; g < group; ++g) {
+      const float* p = scores + g * len + t0;
+      float* a = acc + g * dim;
+      for (int64_t t = 0; t < tn; ++t) {
+        const float* v = vb + t * dim;
+        const float pt = p[t];
+#pragma omp simd
+        for (int64_t d = 0; d < dim; ++d) a[d] += pt * v[d];
+      }
+    }
+  }
+  for (int64_t g = 0; g < group; ++g) std::copy_n(acc + g * dim, dim, o + g * os1);
+}
+
+void paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
+                            const at::Tensor& tables, const at::Tensor& context_lens, double scale,
+                            const at::Tensor& out) {
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k_pool.scalar_type() == at::kFloat &&
+                  v_pool.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat,
+              "paged_decode_attention is float32 only");
+  TORCH_CHECK(q.dim() == 3 && out.dim() == 3 && k_pool.dim() == 4 && v_pool.sizes() == k_pool.sizes(),
+              "expected q/out [n, H, D] and k_pool/v_pool [KVH, NB, BS, D]");
+  TORCH_CHECK(k_pool.is_contiguous() && v_pool.is_contiguous(), "the KV pools must be contiguous");
+  TORCH_CHECK(q.stride(2) == 1 && out.stride(2) == 1, "q and out must be contiguous in head_dim");
+  TORCH_CHECK(tables.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong &&
+                  tables.is_contiguous() && context_lens.is_contiguous(),
+              "tables and context_lens must be contiguous int64");
+  const int64_t n = q.size(0), heads = q.size(1), dim = q.size(2);
+  const int64_t kv_heads = k_pool.size(0), num_blocks = k_pool.size(1), block = k_pool.size(2);
+  TORCH_CHECK(k_pool.size(3) == dim && out.sizes() == q.sizes(), "head_dim or output shape disagree");
+  TORCH_CHECK(heads % kv_heads == 0, "query heads must be a multiple of kv heads");
+  TORCH_CHECK(tables.dim() == 2 && tables.size(0) == n && context_lens.numel() == n, "one table row per sequence");
+  const int64_t width = tables.size(1), group = heads / kv_heads;
+  const int64_t* T = tables.data_ptr<int64_t>();
+  const int64_t* C = context_lens.data_ptr<int64_t>();
+  int64_t longest = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(C[i] >= 1 && C[i] <= width * block, "context length out of the table's range");
+    for (int64_t b = 0; b < (C[i] + block - 1) / block; ++b)
+      TORCH_CHECK(T[i * width + b] >= 0 && T[i * width + b] < num_blocks, "block id out of range");
+    longest = std::max(longest, C[i]);
+  }
+  const float* Q = q.data_ptr<float>();
+  const float* K = k_pool.data_ptr<float>();
+  const float* V = v_pool.data_ptr<float>();
+  float* O = out.data_ptr<float>();
+  const int64_t qs0 = q.stride(0), qs1 = q.stride(1), os0 = out.stride(0), os1 = out.stride(1);
+  const int64_t head_stride = num_blocks * block * dim;  // one kv head's pool
+  const float sc = static_cast<float>(scale);
+
+  at::parallel_for(0, n * kv_heads, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> scores(group * longest), acc(group * dim);
+    for (int64_t item = i0; item < i1; ++item) {
+      const int64_t seq = item / kv_heads, h = item % kv_heads;
+      const auto args = std::make_tuple(Q + seq * qs0 + h * group * qs1, qs1, K + h * head_stride,
+                                        V + h * head_stride, T + seq * width, C[seq], block, group, dim, sc,
+                                        scores.data(), acc.data(), O + seq * os0 + h * group * os1, os1);
+      if (dim == 64) std::apply(attend<Dim<64>>, args);  // a constant head_dim unrolls the inner loops
+      else if (dim == 128) std::apply(attend<Dim<128>>, args);
+      else std::apply(attend<Dim<0>>, args);
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(loraplex, m) {
+  m.def("paged_decode_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor tables, Tensor context_lens, "
+        "float scale, Tensor(a!) out) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(loraplex, CPU, m) { m.impl("paged_decode_attention", &paged_decode_attention); }
