@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from server.adapters.layout import BaseLayout  # noqa: E402
 from server.adapters.peft_format import LoraModuleWeights, ParsedAdapter  # noqa: E402
 from server.config import Settings  # noqa: E402
-from server.engine.attention import use_paged_attention  # noqa: E402
+from server.engine.attention import CPU_ATTENTION_KERNELS, decode_kernel_applies, use_paged_attention  # noqa: E402
 from server.engine.kv_cache import KVCache  # noqa: E402
 from server.engine.runner import ModelRunner  # noqa: E402
 from server.engine.scheduler import ScheduledSeq  # noqa: E402
@@ -50,7 +50,7 @@ class DecodeRig:
     """A runner, its KV cache and `seqs` decoding sequences of `context` tokens each."""
 
     def __init__(self, base, seqs: int, adapters: int, context: int, ranks: tuple[int, ...] = (16,),
-                 cpu_kernel: str = "auto") -> None:
+                 cpu_kernel: str = "auto", attention_kernel: str = "auto") -> None:
         """Slot i holds a random adapter of rank `ranks[i % len(ranks)]`; buffers are max(ranks) wide."""
         model = base.model
         layout = BaseLayout.from_model(model)
@@ -59,7 +59,8 @@ class DecodeRig:
         use_paged_attention(model)
         block = 16
         self.kv = KVCache.from_token_budget(model.config, seqs * (context + block), block)
-        self.runner = ModelRunner(self.lora, self.kv)
+        decode_kernel = decode_kernel_applies(torch.device("cpu"), torch.float32, attention_kernel)
+        self.runner = ModelRunner(self.lora, self.kv, decode_kernel)
         for slot in range(adapters):
             self.lora.write_slot(slot, random_adapter(layout, ranks[slot % len(ranks)], slot))
         self.context = context
@@ -114,11 +115,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--cpu-lora-kernel", choices=CPU_LORA_KERNELS, default="auto")
+    parser.add_argument("--cpu-attention-kernel", choices=CPU_ATTENTION_KERNELS, default="auto")
     args = parser.parse_args()
     base = load_base_model(Settings(device="cpu"))
     ranks = tuple(int(r) for r in args.ranks.split(","))
-    rig = DecodeRig(base, args.seqs, args.adapters, args.context, ranks, args.cpu_lora_kernel)
-    print(f"LoRA op: {rig.lora.backend.name}")
+    rig = DecodeRig(base, args.seqs, args.adapters, args.context, ranks, args.cpu_lora_kernel,
+                    args.cpu_attention_kernel)
+    print(f"LoRA op: {rig.lora.backend.name}; decode attention: {'kernel' if rig.runner.decode_kernel else 'torch'}")
     rig.step()
     medians = interleaved(rig, {"base": 0, f"{args.adapters} adapters": args.adapters}, args.repeats)
     for name, seconds in medians.items():

@@ -11,6 +11,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+
 namespace {
 
 void check_inner_contiguous(const at::Tensor& t, const char* name) {
@@ -70,8 +72,43 @@ void shrink_slots(const at::Tensor& x, const at::Tensor& a, const at::Tensor& pt
   });
 }
 
+// Up to ROWS rows of one slot, one chunk of CHUNK output columns: the rows' partial outputs stay in
+// registers while the slot's B rows stream past once (y[r, o] += sum_j t[r, j] * B[j, o]).
+template <int ROWS, int CHUNK>
+inline void expand_chunk(float* const* y, const float* const* t, const float* b, int64_t br, int64_t rank,
+                         int64_t width) {
+  float acc[ROWS][CHUNK];
+  for (int r = 0; r < ROWS; ++r)
+    for (int64_t o = 0; o < width; ++o) acc[r][o] = y[r][o];
+  for (int64_t j = 0; j < rank; ++j) {
+    const float* brow = b + j * br;
+    for (int r = 0; r < ROWS; ++r) {
+      const float c = t[r][j];
+      if (width == CHUNK) {
+#pragma omp simd
+        for (int o = 0; o < CHUNK; ++o) acc[r][o] += c * brow[o];
+      } else {
+        for (int64_t o = 0; o < width; ++o) acc[r][o] += c * brow[o];
+      }
+    }
+  }
+  for (int r = 0; r < ROWS; ++r)
+    for (int64_t o = 0; o < width; ++o) y[r][o] = acc[r][o];
+}
+
+template <int ROWS>
+void expand_rows(float* const* y, const float* const* t, const float* b, int64_t br, int64_t rank, int64_t out) {
+  constexpr int CHUNK = 64;
+  for (int64_t o0 = 0; o0 < out; o0 += CHUNK) {
+    float* yc[ROWS];
+    for (int r = 0; r < ROWS; ++r) yc[r] = y[r] + o0;
+    expand_chunk<ROWS, CHUNK>(yc, t, b + o0, br, rank, std::min<int64_t>(CHUNK, out - o0));
+  }
+}
+
 // y[row, :] += sum_{j < ranks[s]} t[row, j] * b[s, :, j].  y [N, out], t [N, >= R], b [S, out, R] with
-// out contiguous (b is the [S, R, out] buffer's transposed view).
+// out contiguous (b is the [S, R, out] buffer's transposed view). A slot's rows go through in groups of
+// up to 4, so B is read once per group, not once per row.
 void expand_slots(const at::Tensor& y, const at::Tensor& t, const at::Tensor& b, const at::Tensor& ptr,
                   const at::Tensor& rows, const at::Tensor& ranks) {
   check_inner_contiguous(y, "y");
@@ -89,14 +126,26 @@ void expand_slots(const at::Tensor& y, const at::Tensor& t, const at::Tensor& b,
   at::parallel_for(0, plan.slots, 1, [&](int64_t s0, int64_t s1) {
     for (int64_t s = s0; s < s1; ++s) {
       const int64_t rank = std::min<int64_t>(plan.ranks[s], rank_max);
-      for (int64_t p = P[s]; p < P[s + 1]; ++p) {
-        float* yrow = Y + Rw[p] * ys;
-        const float* trow = T + Rw[p] * ts;
-        for (int64_t j = 0; j < rank; ++j) {
-          const float c = trow[j];
-          const float* brow = B + s * bs + j * br;
-#pragma omp simd
-          for (int64_t o = 0; o < out; ++o) yrow[o] += c * brow[o];
+      if (s + 1 < s1) {  // the next slot's B, fetched while this one computes
+        const float* next = B + (s + 1) * bs;
+        const int64_t next_rank = std::min<int64_t>(plan.ranks[s + 1], rank_max);
+        for (int64_t j = 0; j < next_rank; ++j)
+          for (int64_t o = 0; o < out; o += 16) __builtin_prefetch(next + j * br + o, 0, 3);
+      }
+      for (int64_t p = P[s]; p < P[s + 1]; p += 4) {
+        const int64_t count = std::min<int64_t>(4, P[s + 1] - p);
+        float* yr[4];
+        const float* tr[4];
+        for (int64_t r = 0; r < count; ++r) {
+          yr[r] = Y + Rw[p + r] * ys;
+          tr[r] = T + Rw[p + r] * ts;
+        }
+        const float* bslot = B + s * bs;
+        switch (count) {
+          case 1: expand_rows<1>(yr, tr, bslot, br, rank, out); break;
+          case 2: expand_rows<2>(yr, tr, bslot, br, rank, out); break;
+          case 3: expand_rows<3>(yr, tr, bslot, br, rank, out); break;
+          default: expand_rows<4>(yr, tr, bslot, br, rank, out); break;
         }
       }
     }
