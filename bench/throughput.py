@@ -85,7 +85,8 @@ def run_engine(settings: Settings, work: Workload, models: list[str]) -> dict:
         asyncio.run(run_burst(engine, warm, sorted(set(models)), "warm"))
         before = engine.lora.adapter_steps
         seconds, timings = asyncio.run(run_burst(engine, work, models, "run"))
-        return {"seconds": seconds, "adapter_steps": engine.lora.adapter_steps - before, **latency_summary(timings)}
+        return {"seconds": seconds, "adapter_steps": engine.lora.adapter_steps - before,
+                "preemptions": engine.stats().preemptions, **latency_summary(timings)}
     finally:
         engine.stop()
 
