@@ -11,11 +11,16 @@ tiers really swap. Requests are drawn with a fixed seed, Zipf(s) over a seeded p
 adapters, and uniformly, from the same prompts; both run on one engine per count (Zipf first).
 
 Per count and distribution: output tokens/s, TTFT and inter-token latency p50/p99, and the
-throughput ratio to the 1-adapter run (target: 1000 adapters >= 0.85 of 1).
+throughput ratio to the same requests all on one adapter, run on the same engine just before the
+draws and again just after them (A B C A; the ratio is to their mean): this machine's speed drifts
+by 5-20% over minutes, so a reference run taken on another engine minutes away would measure the
+drift too. Target: 1000 adapters >= 0.85 of 1.
 
 Hot loads (on the largest count's engine, nothing else running): TTFT of the first request for
 an adapter that is only on disk, minus TTFT of the next request for the same, now resident,
-adapter; p50 and p99 over `--hot-loads` adapters.
+adapter; p50 and p99 over `--hot-loads` adapters. The engines run without prefix caching: the runs
+of one engine repeat the same prompts, and a hit would skip prefills the 1-adapter runs paid for
+(and make the resident request of a hot-load pair skip its prefill).
 Writes bench/results/scaling.md and scaling.json.
 """
 
@@ -126,7 +131,8 @@ def main() -> None:
         args.counts, args.requests, args.max_loras, args.max_cpu_loras, args.hot_loads = [1, 10, 100], 8, 4, 8, 5
 
     settings = Settings(cache_dir=args.cache_dir, device="cpu", max_loras=args.max_loras,
-                        max_cpu_loras=args.max_cpu_loras, max_running=args.max_running, max_lora_rank=16)
+                        max_cpu_loras=args.max_cpu_loras, max_running=args.max_running, max_lora_rank=16,
+                        prefix_cache=False)
     base = in_thread(load_base_model, settings)
     layout = BaseLayout.from_model(base.model)
     work = make_workload(base.tokenizer, args.requests, prompt_range, new_range, args.seed)
@@ -143,21 +149,25 @@ def main() -> None:
             print(f"{count} adapters: engine ready in {time.perf_counter() - start:.1f} s", file=sys.stderr,
                   flush=True)
             try:
-                asyncio.run(run_burst(engine, [(work[0][0], 2)] * 2, [base.name] * 2, "warm"))
-                used: set[str] = set()
+                asyncio.run(run_burst(engine, [(work[0][0], 2)] * 2, [base.name, names[0]], "warm"))
+                used: set[str] = {names[0]}
+                one = [run_count(engine, work, [names[0]] * len(work), f"one-{count}-a")]
                 for dist in args.dists:
                     models = draw(names, len(work), dist, args.zipf_s, args.seed)
                     used.update(models)
                     runs[dist][count] = run_count(engine, work, models, f"{dist}-{count}")
                     print(f"  {dist}: {runs[dist][count]['tok_s']:.1f} tok/s", file=sys.stderr, flush=True)
+                one.append(run_count(engine, work, [names[0]] * len(work), f"one-{count}-b"))
+                reference = (one[0]["tok_s"] + one[1]["tok_s"]) / 2
+                print(f"  one adapter: {one[0]['tok_s']:.1f} then {one[1]['tok_s']:.1f} tok/s", file=sys.stderr,
+                      flush=True)
+                for dist in args.dists:
+                    runs[dist][count].update(one_tok_s=[one[0]["tok_s"], one[1]["tok_s"]],
+                                             ratio=runs[dist][count]["tok_s"] / reference)
                 if count == max(args.counts) and args.hot_loads:
                     hot = {"count": count, **hot_loads(engine, names, used, args.hot_loads, work[0][0])}
             finally:
                 engine.stop()
-    for dist, by_count in runs.items():
-        one = by_count.get(min(by_count))
-        for row in by_count.values():
-            row["ratio"] = row["tok_s"] / one["tok_s"]
     meta = {"threads": in_thread(torch.get_num_threads), "requests": args.requests, "max_loras": args.max_loras,
             "max_cpu_loras": args.max_cpu_loras, "max_running": args.max_running, "zipf_s": args.zipf_s,
             "prompt_range": prompt_range, "new_range": new_range, "quick": args.quick, "model": base.name}
@@ -176,14 +186,19 @@ def render(runs: dict[str, dict[int, dict]], hot: dict, meta: dict) -> str:
            f"{meta['requests']} requests at once (at most {meta['max_running']} running), prompts {pr[0]}-{pr[1]} "
            f"tokens, {nr[0]}-{nr[1]} new tokens, greedy; {meta['max_loras']} device slots, {meta['max_cpu_loras']} "
            f"adapters in the CPU tier; ranks 8/16, mixed target sets; Zipf s={meta['zipf_s']}.\n",
-           "| requests drawn | adapters | distinct in run | output tok/s | ratio to 1 | TTFT p50 ms | TTFT p99 ms "
-           "| ITL p50 ms | ITL p99 ms |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+           "\"one adapter\": the same requests all on one adapter, on the same engine just before and just "
+           "after the draws; the ratio is to their mean.\n",
+           "| requests drawn | adapters | distinct in run | output tok/s | one adapter tok/s | ratio to one "
+           "| TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for dist, by_count in runs.items():
         for count, r in sorted(by_count.items()):
-            out.append(f"| {dist} | {count} | {r['distinct']} | {r['tok_s']:.1f} | {r['ratio']:.2f} "
+            before, after = r["one_tok_s"]
+            out.append(f"| {dist} | {count} | {r['distinct']} | {r['tok_s']:.1f} | {before:.1f} / {after:.1f} "
+                       f"| {r['ratio']:.2f} "
                        f"| {r['ttft_p50_ms']:.0f} | {r['ttft_p99_ms']:.0f} | {r['itl_p50_ms']:.1f} "
                        f"| {r['itl_p99_ms']:.1f} |")
-    out.append("\nTarget: 1000 adapters >= 0.85 of 1 adapter.\n")
+    out.append("\nTarget: 1000 adapters >= 0.85 of one adapter.\n")
     if hot:
         out += [f"Hot loads ({hot['trials']} adapters that were only on disk, {hot['count']} registered, engine "
                 "otherwise idle, 1 new token):\n", "| | p50 ms | p99 ms |", "| --- | ---: | ---: |",

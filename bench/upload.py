@@ -8,7 +8,9 @@ adapter: a multipart upload (`POST /v1/adapters`, the two PEFT files), and as so
 streamed completion on it (`max_tokens` 1). Timed per upload: the upload's round trip (streaming
 the files, validation, hashing, the atomic store write), upload return to first token (the load
 into the CPU tier and a device slot, then prefill), and the same completion again on the now
-resident adapter, whose time to first token is the floor. p50 and p99 of each.
+resident adapter, whose time to first token is the floor. p50 and p99 of each. The server runs
+without prefix caching, so the repeated completion computes its prefill again and the difference
+between the two is the load alone.
 Writes bench/results/upload.md and upload.json.
 """
 
@@ -62,7 +64,7 @@ def first_token(client: httpx.Client, model: str) -> float:
 def run(uploads: int, folder: Path, store: Path, base_name: str) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {"upload": [], "to_first_token": [], "resident_ttft": []}
     env = {"LORAPLEX_ADMIN_TOKEN": TOKEN}
-    with server_process("--adapters-dir", str(store), env=env, timeout=600) as (_, url, _):
+    with server_process("--adapters-dir", str(store), "--no-prefix-cache", env=env, timeout=600) as (_, url, _):
         headers = {"Authorization": f"Bearer {TOKEN}"}
         with httpx.Client(base_url=url, headers=headers, timeout=300) as client:
             first_token(client, base_name)  # warm the base path

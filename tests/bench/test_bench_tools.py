@@ -64,8 +64,8 @@ def test_report_parses_step_profile_and_writes_plots(tmp_path, monkeypatch):
     assert profiles["0 adapters"]["aten::copy_"] == pytest.approx(0.975425 / report.PROFILED_STEPS)
     monkeypatch.setattr(report, "RESULTS", tmp_path)
     (tmp_path / "step.txt").write_text(STEP_OUT)
-    runs = {str(c): {"tok_s": 10.0 / (1 + c / 1000), "ttft_p99_ms": 100.0 + c, "itl_p99_ms": 50.0}
-            for c in (1, 10, 100)}
+    runs = {str(c): {"tok_s": 10.0 / (1 + c / 1000), "ratio": 1 / (1 + c / 1000), "ttft_p99_ms": 100.0 + c,
+                     "itl_p99_ms": 50.0} for c in (1, 10, 100)}
     scaling = {"meta": {"max_loras": 4, "max_cpu_loras": 8, "quick": True}, "runs": {"zipf": runs}}
     (tmp_path / "scaling.json").write_text(json.dumps(scaling))
     (tmp_path / "scaling.md").write_text("# Scaling\n\n| table |\n")
