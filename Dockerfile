@@ -105,7 +105,8 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 COPY server/__init__.py /tmp/kernels/server/
 COPY server/native /tmp/kernels/server/native
-RUN cd /tmp/kernels && PATH=/opt/venv/bin:$PATH /opt/venv/bin/python -c "from pathlib import Path; \
+WORKDIR /tmp/kernels
+RUN PATH=/opt/venv/bin:$PATH /opt/venv/bin/python -c "from pathlib import Path; \
 from server.native.loader import PORTABLE, build_library; build_library(Path('/opt/kernels'), PORTABLE)" \
     && test -s /opt/kernels/loraplex_cpu.so
 
