@@ -29,4 +29,4 @@ SHORT = Form("short", churn_requests=16, churn_names=3, churn_contents=4, churn_
              stall_upload_bytes=20 * 2**20, stall_prompt_chars=2**20 // 8, stall_samples=12)
 SOAK = Form("soak", churn_requests=200, churn_names=16, churn_contents=24, churn_admin_ops=100, churn_workers=8,
             fuzz_cases=1200, leak_cycles=1000, leak_cancels=1000, crash_kills=20, overload_factor=10,
-            slow_clients=200, stall_upload_bytes=200 * 2**20, stall_prompt_chars=2**20, stall_samples=60)
+            slow_clients=200, stall_upload_bytes=200 * 2**20, stall_prompt_chars=2**20, stall_samples=200)
