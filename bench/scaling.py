@@ -30,6 +30,7 @@ import argparse
 import asyncio
 import os
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -151,19 +152,19 @@ def main() -> None:
             try:
                 asyncio.run(run_burst(engine, [(work[0][0], 2)] * 2, [base.name, names[0]], "warm"))
                 used: set[str] = {names[0]}
-                one = [run_count(engine, work, [names[0]] * len(work), f"one-{count}-a")]
+                single = [names[0]] * len(work)  # the same requests, all on one adapter
+                one = [run_count(engine, work, single, f"one-{count}-a")]
                 for dist in args.dists:
                     models = draw(names, len(work), dist, args.zipf_s, args.seed)
                     used.update(models)
                     runs[dist][count] = run_count(engine, work, models, f"{dist}-{count}")
                     print(f"  {dist}: {runs[dist][count]['tok_s']:.1f} tok/s", file=sys.stderr, flush=True)
-                one.append(run_count(engine, work, [names[0]] * len(work), f"one-{count}-b"))
-                reference = (one[0]["tok_s"] + one[1]["tok_s"]) / 2
-                print(f"  one adapter: {one[0]['tok_s']:.1f} then {one[1]['tok_s']:.1f} tok/s", file=sys.stderr,
-                      flush=True)
+                one.append(run_count(engine, work, single, f"one-{count}-b"))
+                one_tok_s = [run["tok_s"] for run in one]
+                print(f"  one adapter: {one_tok_s[0]:.1f} then {one_tok_s[1]:.1f} tok/s", file=sys.stderr, flush=True)
                 for dist in args.dists:
-                    runs[dist][count].update(one_tok_s=[one[0]["tok_s"], one[1]["tok_s"]],
-                                             ratio=runs[dist][count]["tok_s"] / reference)
+                    runs[dist][count].update(one_tok_s=one_tok_s,
+                                             ratio=runs[dist][count]["tok_s"] / statistics.fmean(one_tok_s))
                 if count == max(args.counts) and args.hot_loads:
                     hot = {"count": count, **hot_loads(engine, names, used, args.hot_loads, work[0][0])}
             finally:

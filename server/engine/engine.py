@@ -92,8 +92,9 @@ class Engine:
         vocab_size = int(base.model.get_output_embeddings().weight.shape[0])
         self.grammars = GrammarCompiler(self.tokenizer, vocab_size, eos_ids)
         self.adapters.check_contract = self._check_contract
-        self.core = EngineCore(self.kv_cache, self.scheduler, ModelRunner(self.lora, self.kv_cache, self.decode_kernel), self.adapters,
-                               self.tokenizer, eos_ids, self._max_context, settings.threads, self.grammars)
+        runner = ModelRunner(self.lora, self.kv_cache, self.decode_kernel)
+        self.core = EngineCore(self.kv_cache, self.scheduler, runner, self.adapters, self.tokenizer, eos_ids,
+                               self._max_context, settings.threads, self.grammars)
         self.adapters.post_evict = lambda key: self.core.post("evict", key)
         self.front = EngineFront(self.core, self.adapters, self.tokenizer, settings.max_queue, self._max_context,
                                  self.kv_cache.num_slots, settings.background_niceness, self.grammars)

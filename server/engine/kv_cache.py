@@ -136,7 +136,7 @@ def _text_config(config):
 def bytes_per_token(config, dtype: torch.dtype) -> int:
     """Bytes of one token's keys and values over every layer of a transformers config."""
     layers, kv_heads, head_dim = KVCache.dims_from_config(config)
-    return 2 * layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+    return 2 * layers * kv_heads * head_dim * dtype.itemsize
 
 
 def _zeros(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -144,8 +144,8 @@ def _zeros(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> 
     when first touched, so an idle cache costs no memory (`torch.zeros` would write all of it now)."""
     if device.type != "cpu":
         return torch.zeros(shape, device=device, dtype=dtype)
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    return torch.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype=dtype, count=math.prod(shape)).view(shape)
+    count = math.prod(shape)
+    return torch.frombuffer(mmap.mmap(-1, max(count * dtype.itemsize, 1)), dtype=dtype, count=count).view(shape)
 
 
 class KVCache:

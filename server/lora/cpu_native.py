@@ -21,9 +21,6 @@ from __future__ import annotations
 import torch
 
 from server.lora.step import LoraStepMeta
-from server.native.loader import load_kernels
-
-__all__ = ["expand_", "load_kernels", "shrink"]
 
 
 def _ranks(meta: LoraStepMeta, width: int) -> torch.Tensor:

@@ -15,8 +15,8 @@ Backends, picked per device and dtype by `backend_for`: on the CPU in float32 th
 kernels (`server.lora.cpu_native`: each slot's rows through a rank-aware mat-vec that streams its
 weights once, matmuls for prefill chunks), else the batched-matmul CPU path (`server.lora.cpu_ops`:
 one padded batched matmul over the dense prefix of used slots for decode rows, one matmul per
-segment for prefill chunks); both read host plans in `meta`, so nothing syncs with the host. Triton kernels from `server.lora.triton_ops` on CUDA when importable, and
-the torch reference (a per-token gather + bmm, BGMV) everywhere else.
+segment for prefill chunks); both read host plans in `meta`, so nothing syncs with the host.
+Triton kernels from `server.lora.triton_ops` on CUDA when importable, and the torch reference (a per-token gather + bmm, BGMV) everywhere else.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import torch
 
 from server.config import CpuLoraKernel
 from server.lora import cpu_native, cpu_ops
+from server.native.loader import load_kernels
 from server.lora.step import LoraStepMeta
 
 
@@ -101,7 +102,7 @@ def backend_for(device: torch.device, dtype: torch.dtype = torch.float32,
     if device.type == "cpu":
         if cpu_kernel == "bmm" or dtype != torch.float32:
             return CPU
-        if cpu_native.load_kernels():
+        if load_kernels():
             return CPU_KERNELS
         if cpu_kernel == "compiled":
             raise RuntimeError("--cpu-lora-kernel compiled: the CPU LoRA kernels could not be built (see the log)")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.lora.cpu_native import load_kernels
+from server.native.loader import load_kernels
 from server.lora.ops import CPU, CPU_KERNELS, REFERENCE, add_lora_, backend_for
 from server.lora.step import KERNEL_GEMM_ROWS, LoraStepMeta
 
