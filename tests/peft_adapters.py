@@ -57,3 +57,14 @@ def make_peft_adapters(base: torch.nn.Module, folder: Path, scale_b: float = 1.0
 
 def peft_reference(base: torch.nn.Module, path: Path) -> PeftModel:
     return PeftModel.from_pretrained(copy.deepcopy(base), path).eval()
+
+
+def save_bfloat16_copy(source: Path, folder: Path) -> Path:
+    """`source`'s adapter saved again with bfloat16 weights (as PEFT saves adapters trained in bfloat16)."""
+    from safetensors.torch import load_file, save_file
+
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_bytes((source / "adapter_config.json").read_bytes())
+    tensors = load_file(source / "adapter_model.safetensors")
+    save_file({k: v.to(torch.bfloat16) for k, v in tensors.items()}, folder / "adapter_model.safetensors")
+    return folder

@@ -27,7 +27,7 @@ from server.engine.scheduler import Scheduler
 from server.engine.stream import RequestStream
 from server.lora.model import LoraModel
 from server.lora.ops import backend_for
-from server.models import BaseModel
+from server.models import BaseModel, resolve_lora_dtype
 from server.threads import run_in_fresh_thread
 
 
@@ -75,8 +75,9 @@ class Engine:
         self.tokenizer = base.tokenizer
         layout = BaseLayout.from_model(base.model)
         weight = next(base.model.parameters())
+        lora_dtype = resolve_lora_dtype(settings.lora_dtype, weight.dtype, weight.device)
         backend = backend_for(weight.device, weight.dtype, settings.cpu_lora_kernel)
-        self.lora = LoraModel(base.model, layout, settings.max_loras, settings.max_lora_rank, backend)
+        self.lora = LoraModel(base.model, layout, settings.max_loras, settings.max_lora_rank, backend, lora_dtype)
         use_paged_attention(base.model)
         self.decode_kernel = decode_kernel_applies(weight.device, weight.dtype, settings.cpu_attention_kernel)
         self.kv_cache = _kv_cache(base, settings)

@@ -1,4 +1,6 @@
-"""The compiled CPU backend of the LoRA op: rank-aware kernels over each slot's rows (float32).
+"""The compiled CPU backend of the LoRA op: rank-aware kernels over each slot's rows.
+
+Activations are float32; the weights float32 or bfloat16 (read as they lie, widened in registers).
 
 Same contract as the reference in server/lora/ops.py (`shrink` returns a dense `t [N, R]`, 0 on
 rows of the base model), computed from `meta.slot_plan`:
@@ -41,7 +43,7 @@ def shrink(x: torch.Tensor, a: torch.Tensor, meta: LoraStepMeta) -> torch.Tensor
         members = a.shape[1] // meta.max_rank if stacked else 1
         torch.ops.loraplex.shrink_slots(x, a, plan.ptr, plan.rows, _ranks(meta, a.shape[1] // members), members, t)
     for start, length, slot in plan.segments:
-        torch.mm(x[start:start + length], a[slot].t(), out=t[start:start + length])
+        torch.mm(x[start:start + length], a[slot].to(x.dtype).t(), out=t[start:start + length])
     return t
 
 
@@ -53,4 +55,4 @@ def expand_(y: torch.Tensor, t: torch.Tensor, b: torch.Tensor, meta: LoraStepMet
         b = b if b.stride(1) == 1 else b.transpose(1, 2).contiguous().transpose(1, 2)  # as the layers keep it
         torch.ops.loraplex.expand_slots(out, t, b, plan.ptr, plan.rows, _ranks(meta, b.shape[2]))
     for start, length, slot in plan.segments:
-        out[start:start + length].addmm_(t[start:start + length], b[slot].t())
+        out[start:start + length].addmm_(t[start:start + length], b[slot].to(y.dtype).t())

@@ -7,6 +7,9 @@ Same contract as the reference in server/lora/ops.py, except that `shrink` retur
     expand_(y [N, out_total], t: CpuShrunk, b [S, out, R], meta, out_offset) -> None
         y[i, out_offset:out_offset+out] += b[slot(i)] @ t[i]   (slot(i) != -1)
 
+Weights narrower than the activations (bfloat16 slots beside a float32 model) are widened per
+call, a copy of the used slots: the compiled kernels (server/lora/cpu_native.py) read them as they lie.
+
 Decode rows of the padded batch (`meta.pad_*`, planned on the host) run as ONE `bmm` over slots
 `[0, pad_slots)`, `pad_width` rows per slot. Their shrink output stays in that padded layout
 `[pad_slots, pad_width, R]`, which every expand of the group multiplies as it lies; only the
@@ -61,11 +64,12 @@ def shrink(x: torch.Tensor, a: torch.Tensor, meta: LoraStepMeta) -> CpuShrunk:
     padded = rows = None
     if meta.pad_count:
         picked = x[:meta.pad_count] if meta.pad_gather is None else x.index_select(0, meta.pad_gather)
-        padded = torch.bmm(picked.view(meta.pad_slots, meta.pad_width, -1), a[:meta.pad_slots].transpose(1, 2))
+        padded = torch.bmm(picked.view(meta.pad_slots, meta.pad_width, -1),
+                           a[:meta.pad_slots].to(x.dtype).transpose(1, 2))
     if meta.host_segments:
         rows = x.new_empty(x.shape[0], a.shape[1])
         for start, length, slot in meta.host_segments:
-            torch.mm(x[start:start + length], a[slot].t(), out=rows[start:start + length])
+            torch.mm(x[start:start + length], a[slot].to(x.dtype).t(), out=rows[start:start + length])
     return CpuShrunk(padded, rows, a.shape[1])
 
 
@@ -73,7 +77,7 @@ def expand_(y: torch.Tensor, t: CpuShrunk, b: torch.Tensor, meta: LoraStepMeta, 
     """y[:, out_offset:out_offset+out] += b[slot] @ t per row; `b [S, out, R]` (fastest as a view of [S, R, out])."""
     out = y[:, out_offset:out_offset + b.shape[1]]
     if t.padded is not None:
-        b_t = b[:meta.pad_slots].transpose(1, 2)
+        b_t = b[:meta.pad_slots].to(y.dtype).transpose(1, 2)
         count = meta.pad_count
         if meta.pad_gather is None:  # the padded batch is rows [0, count) as they lie
             out[:count].view(meta.pad_slots, meta.pad_width, -1).baddbmm_(t.padded, b_t)
@@ -88,4 +92,4 @@ def expand_(y: torch.Tensor, t: CpuShrunk, b: torch.Tensor, meta: LoraStepMeta, 
                 out.index_put_((meta.pad_rows,), delta, accumulate=True)
     if t.rows is not None:
         for start, length, slot in meta.host_segments:
-            out[start:start + length].addmm_(t.rows[start:start + length], b[slot].t())
+            out[start:start + length].addmm_(t.rows[start:start + length], b[slot].to(y.dtype).t())

@@ -105,7 +105,8 @@ class LoraLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.index, self.state = index, state
         self._group = [group]  # a list: the group is not a submodule of every member
-        slots, rank, kw = group.lora_a.shape[0], group.max_rank, {"device": weight.device, "dtype": weight.dtype}
+        slots, rank = group.lora_a.shape[0], group.max_rank
+        kw = {"device": weight.device, "dtype": group.a_storage.dtype}
         # The CPU backends stream B fastest as [S, R, out] (a contiguous [R, out] matrix per slot, 2x
         # faster than [S, out, R] for batched matmuls, measured; the kernels stop at the rank's row);
         # `lora_b` is always the op's [S, out, R] (a view there).
@@ -152,7 +153,7 @@ class LoraLinear(nn.Module):
         a_rows[:r].copy_(a)
         a_rows[r:].zero_()
         b_row = self.lora_b[row]
-        b_row[:, :r].copy_(b).mul_(scale)
+        b_row[:, :r].copy_(b * scale)  # scaled first, so that a narrower slot dtype rounds once
         b_row[:, r:].zero_()
 
     @torch.no_grad()

@@ -35,13 +35,15 @@ class LoraModel:
     """
 
     def __init__(self, model: nn.Module, layout: BaseLayout, max_loras: int, max_rank: int,
-                 backend: Backend | None = None) -> None:
-        """`backend`: the LoRA op (default: `backend_for` the model's device and dtype)."""
+                 backend: Backend | None = None, weight_dtype: torch.dtype | None = None) -> None:
+        """`backend`: the LoRA op (default: `backend_for` the model's device and dtype); `weight_dtype`:
+        the slots' (default: the model's; bfloat16 beside a float32 model halves the bytes per step)."""
         weight = next(model.parameters())
         self.model = model
         self.layout = layout
         self.max_loras, self.max_rank = max_loras, max_rank
         self.device = weight.device
+        self.weight_dtype = weight_dtype or weight.dtype
         self.state = StepState()
         self.backend = backend or backend_for(weight.device, weight.dtype)
         self.layers: dict[str, LoraLinear] = {}
@@ -54,7 +56,7 @@ class LoraModel:
         self.row_ranks = [0] * max_loras       # rank of the adapter in each row, 0 = empty
         for names in _group_names(layout):
             fan_in = layout.linear[names[0]][0]
-            group = LoraGroup(len(names), fan_in, max_loras, max_rank, weight.device, weight.dtype, self.backend)
+            group = LoraGroup(len(names), fan_in, max_loras, max_rank, weight.device, self.weight_dtype, self.backend)
             self.groups.append(group)
             for index, name in enumerate(names):
                 base = model.get_submodule(name)

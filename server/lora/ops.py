@@ -8,7 +8,8 @@
 `meta` is the step's `LoraStepMeta` (server/lora/step.py). `x`, `t`, `y` may be strided views
 (q/k/v share one shrink with A stacked to [S, 3R, in]; each expand reads its columns of t,
 `backend.columns(t, cols)`). A is zero-padded past each slot's rank and B carries the adapter's
-scale. What `shrink` returns is the backend's own: a dense `t [N, R]` for the reference and the
+scale. `a` and `b` may be bfloat16 beside float32 `x` (the slots' `--lora-dtype`): the op computes in `x`'s
+dtype. What `shrink` returns is the backend's own: a dense `t [N, R]` for the reference and the
 Triton kernels, a `CpuShrunk` (the same values in the layouts its expands read) on the CPU.
 
 Backends, picked per device and dtype by `backend_for`: on the CPU in float32 the compiled
@@ -61,14 +62,14 @@ class Backend(NamedTuple):
 def shrink_reference(x: torch.Tensor, a: torch.Tensor, meta: LoraStepMeta) -> torch.Tensor:
     """BGMV: gather each token's A and run one batched mat-vec; `[N, R]`."""
     slots = meta.token_slots
-    t = torch.bmm(x.unsqueeze(1), a[slots.clamp(min=0)].transpose(1, 2)).squeeze(1)
+    t = torch.bmm(x.unsqueeze(1), a[slots.clamp(min=0)].to(x.dtype).transpose(1, 2)).squeeze(1)
     return t * (slots >= 0).unsqueeze(1).to(t.dtype)
 
 
 def expand_reference_(y: torch.Tensor, t: torch.Tensor, b: torch.Tensor, meta: LoraStepMeta,
                       out_offset: int = 0) -> None:
     slots = meta.token_slots
-    delta = torch.bmm(t.unsqueeze(1), b[slots.clamp(min=0)].transpose(1, 2)).squeeze(1)
+    delta = torch.bmm(t.unsqueeze(1), b[slots.clamp(min=0)].to(t.dtype).transpose(1, 2)).squeeze(1)
     y[:, out_offset:out_offset + b.shape[1]] += delta * (slots >= 0).unsqueeze(1).to(delta.dtype)
 
 

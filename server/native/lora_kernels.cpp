@@ -1,4 +1,6 @@
-// The CPU LoRA kernels: rank-aware batched mat-vecs over each slot's rows, float32.
+// The CPU LoRA kernels: rank-aware batched mat-vecs over each slot's rows. Activations and sums are
+// float32; the adapter weights (A, B) are float32 or bfloat16 (half the bytes to stream, widened to
+// float32 as they are loaded).
 //
 // Built by server/native/loader.py on first use (torch's JIT extension loader, -O3 -march=native)
 // and registered as torch ops `loraplex::shrink_slots` and `loraplex::expand_slots`. Rows are given
@@ -12,12 +14,71 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
 
 namespace {
 
 void check_inner_contiguous(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32");
   TORCH_CHECK(t.stride(-1) == 1, name, " must be contiguous in its last dimension");
+}
+
+void check_weights(const at::Tensor& w, const char* name) {
+  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16, name,
+              " must be float32 or bfloat16");
+}
+
+// 16 floats: GCC's vector extensions lower it to one AVX-512 register or two AVX2 ones (the
+// portable build), with no intrinsics to keep per instruction set; plain loops over short arrays
+// came out as a mix of 128- and 256-bit code with stack round trips.
+constexpr int VL = 16;
+typedef float vfloat __attribute__((vector_size(VL * sizeof(float))));
+typedef uint32_t vuint __attribute__((vector_size(VL * sizeof(uint32_t))));
+typedef uint16_t vhalf __attribute__((vector_size(VL * sizeof(uint16_t))));
+
+// A weight as float32: bfloat16 is the top half of a float32, so widening is a 16-bit shift.
+inline float widen(float w) { return w; }
+inline float widen(uint16_t w) {
+  const uint32_t bits = static_cast<uint32_t>(w) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// VL consecutive values as float32 (unaligned loads).
+inline vfloat load(const float* p) {
+  vfloat v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline vfloat load(const uint16_t* p) {
+  vhalf h;
+  std::memcpy(&h, p, sizeof h);
+  const vuint bits = __builtin_convertvector(h, vuint) << 16;
+  vfloat v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+inline void store(float* p, vfloat v) { std::memcpy(p, &v, sizeof v); }
+
+// The sum of a vector's lanes, as a tree of halves.
+inline float lane_sum(vfloat v) {
+  typedef float v8 __attribute__((vector_size(8 * sizeof(float))));
+  typedef float v4 __attribute__((vector_size(4 * sizeof(float))));
+  const v8 h8 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const v4 h4 = __builtin_shufflevector(h8, h8, 0, 1, 2, 3) + __builtin_shufflevector(h8, h8, 4, 5, 6, 7);
+  return (h4[0] + h4[2]) + (h4[1] + h4[3]);
+}
+
+// Calls body(W*) with the weights' data as float (float32) or uint16_t (bfloat16 bits).
+template <typename Body>
+void with_weights(const at::Tensor& w, Body&& body) {
+  if (w.scalar_type() == at::kBFloat16)
+    body(reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()));
+  else
+    body(w.data_ptr<float>());
 }
 
 // The rows of each slot (CSR) and the slots' ranks, checked, as raw pointers.
@@ -36,35 +97,65 @@ SlotPlan slot_plan(const at::Tensor& ptr, const at::Tensor& rows, const at::Tens
   return {ptr.numel() - 1, ptr.data_ptr<int64_t>(), rows.data_ptr<int64_t>(), ranks.data_ptr<int32_t>()};
 }
 
+// t[r][col] = a[:] . x[r, :] for ROWS rows: UNROLL independent vector sums per row, so the FMAs do
+// not wait on each other's latency (one running sum per dot product was latency-bound), and each A
+// vector is loaded once for all the rows. A is read in order: reading several rank rows at once
+// was slower from memory.
+template <int ROWS, typename W>
+inline void dot_row(const float* const* x, const W* a, int64_t in, float* const* t, int64_t col) {
+  constexpr int UNROLL = 4;
+  vfloat acc[ROWS][UNROLL] = {};
+  int64_t i = 0;
+  for (; i + UNROLL * VL <= in; i += UNROLL * VL) {
+    for (int u = 0; u < UNROLL; ++u) {
+      const vfloat w = load(a + i + u * VL);
+      for (int r = 0; r < ROWS; ++r) acc[r][u] += w * load(x[r] + i + u * VL);
+    }
+  }
+  for (; i + VL <= in; i += VL) {
+    const vfloat w = load(a + i);
+    for (int r = 0; r < ROWS; ++r) acc[r][0] += w * load(x[r] + i);
+  }
+  for (int r = 0; r < ROWS; ++r) {
+    float sum = lane_sum((acc[r][0] + acc[r][1]) + (acc[r][2] + acc[r][3]));
+    for (int64_t ii = i; ii < in; ++ii) sum += widen(a[ii]) * x[r][ii];
+    t[r][col] = sum;
+  }
+}
+
 // t[row, g*R + j] = a[s, g*R + j, :] . x[row, :] for j < ranks[s]; 0 for the other columns.
-// x [N, in], a [S, members*R, in], t [N, members*R].
-void shrink_slots(const at::Tensor& x, const at::Tensor& a, const at::Tensor& ptr, const at::Tensor& rows,
+// x [N, in], a [S, members*R, in], t [N, members*R]. A slot's rows go through in pairs, so its A
+// is read once per pair.
+template <typename W>
+void shrink_typed(const at::Tensor& x, const W* A, const at::Tensor& a, const at::Tensor& ptr, const at::Tensor& rows,
                   const at::Tensor& ranks, int64_t members, const at::Tensor& t) {
-  check_inner_contiguous(x, "x");
-  check_inner_contiguous(a, "a");
-  check_inner_contiguous(t, "t");
   const SlotPlan plan = slot_plan(ptr, rows, ranks);
   const int64_t* P = plan.ptr;
   const int64_t* Rw = plan.rows;
   const int64_t in = x.size(1), width = a.size(1), rank_max = width / members;
   TORCH_CHECK(a.size(2) == in && t.size(1) == width && width == members * rank_max, "shrink shapes disagree");
   const float* X = x.data_ptr<float>();
-  const float* A = a.data_ptr<float>();
   float* T = t.data_ptr<float>();
   const int64_t xs = x.stride(0), ts = t.stride(0), as = a.stride(0), ar = a.stride(1);
   at::parallel_for(0, plan.slots, 1, [&](int64_t s0, int64_t s1) {
     for (int64_t s = s0; s < s1; ++s) {
       const int64_t rank = std::min<int64_t>(plan.ranks[s], rank_max);
       for (int64_t p = P[s]; p < P[s + 1]; ++p) std::fill_n(T + Rw[p] * ts, width, 0.f);
-      for (int64_t g = 0; g < members; ++g) {
-        for (int64_t j = 0; j < rank; ++j) {
-          const float* arow = A + s * as + (g * rank_max + j) * ar;
-          for (int64_t p = P[s]; p < P[s + 1]; ++p) {
-            const float* xrow = X + Rw[p] * xs;
-            float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-            for (int64_t i = 0; i < in; ++i) acc += arow[i] * xrow[i];
-            T[Rw[p] * ts + g * rank_max + j] = acc;
+      for (int64_t p = P[s]; p < P[s + 1]; p += 2) {
+        const int64_t count = std::min<int64_t>(2, P[s + 1] - p);
+        const float* xr[2];
+        float* tr[2];
+        for (int64_t r = 0; r < count; ++r) {
+          xr[r] = X + Rw[p + r] * xs;
+          tr[r] = T + Rw[p + r] * ts;
+        }
+        for (int64_t g = 0; g < members; ++g) {
+          const W* ag = A + s * as + g * rank_max * ar;
+          for (int64_t j = 0; j < rank; ++j) {
+            if (count == 2)
+              dot_row<2>(xr, ag + j * ar, in, tr, g * rank_max + j);
+            else
+              dot_row<1>(xr, ag + j * ar, in, tr, g * rank_max + j);
           }
         }
       }
@@ -72,48 +163,41 @@ void shrink_slots(const at::Tensor& x, const at::Tensor& a, const at::Tensor& pt
   });
 }
 
-// Up to ROWS rows of one slot, one chunk of CHUNK output columns: the rows' partial outputs stay in
-// registers while the slot's B rows stream past once (y[r, o] += sum_j t[r, j] * B[j, o]).
-template <int ROWS, int CHUNK>
-inline void expand_chunk(float* const* y, const float* const* t, const float* b, int64_t br, int64_t rank,
-                         int64_t width) {
-  float acc[ROWS][CHUNK];
-  for (int r = 0; r < ROWS; ++r)
-    for (int64_t o = 0; o < width; ++o) acc[r][o] = y[r][o];
-  for (int64_t j = 0; j < rank; ++j) {
-    const float* brow = b + j * br;
-    for (int r = 0; r < ROWS; ++r) {
-      const float c = t[r][j];
-      if (width == CHUNK) {
-#pragma omp simd
-        for (int o = 0; o < CHUNK; ++o) acc[r][o] += c * brow[o];
-      } else {
-        for (int64_t o = 0; o < width; ++o) acc[r][o] += c * brow[o];
-      }
-    }
-  }
-  for (int r = 0; r < ROWS; ++r)
-    for (int64_t o = 0; o < width; ++o) y[r][o] = acc[r][o];
+void shrink_slots(const at::Tensor& x, const at::Tensor& a, const at::Tensor& ptr, const at::Tensor& rows,
+                  const at::Tensor& ranks, int64_t members, const at::Tensor& t) {
+  check_inner_contiguous(x, "x");
+  check_weights(a, "a");
+  TORCH_CHECK(a.stride(-1) == 1, "a must be contiguous in its last dimension");
+  check_inner_contiguous(t, "t");
+  with_weights(a, [&](auto* A) { shrink_typed(x, A, a, ptr, rows, ranks, members, t); });
 }
 
-template <int ROWS>
-void expand_rows(float* const* y, const float* const* t, const float* b, int64_t br, int64_t rank, int64_t out) {
-  constexpr int CHUNK = 64;
-  for (int64_t o0 = 0; o0 < out; o0 += CHUNK) {
-    float* yc[ROWS];
-    for (int r = 0; r < ROWS; ++r) yc[r] = y[r] + o0;
-    expand_chunk<ROWS, CHUNK>(yc, t, b + o0, br, rank, std::min<int64_t>(CHUNK, out - o0));
+// Up to ROWS rows of one slot: y[r, :] += t[r, j] * B[j, :] for each rank row j in turn, so B is
+// read once, in order, and the rows' outputs stay in L1 between rank rows.
+template <int ROWS, typename W>
+void expand_rows(float* const* y, const float* const* t, const W* b, int64_t br, int64_t rank, int64_t out) {
+  for (int64_t j = 0; j < rank; ++j) {
+    const W* brow = b + j * br;
+    float c[ROWS];
+    for (int r = 0; r < ROWS; ++r) c[r] = t[r][j];
+    int64_t o = 0;
+    for (; o + VL <= out; o += VL) {
+      const vfloat w = load(brow + o);
+      for (int r = 0; r < ROWS; ++r) store(y[r] + o, load(y[r] + o) + c[r] * w);
+    }
+    for (; o < out; ++o) {
+      const float w = widen(brow[o]);
+      for (int r = 0; r < ROWS; ++r) y[r][o] += c[r] * w;
+    }
   }
 }
 
 // y[row, :] += sum_{j < ranks[s]} t[row, j] * b[s, :, j].  y [N, out], t [N, >= R], b [S, out, R] with
 // out contiguous (b is the [S, R, out] buffer's transposed view). A slot's rows go through in groups of
 // up to 4, so B is read once per group, not once per row.
-void expand_slots(const at::Tensor& y, const at::Tensor& t, const at::Tensor& b, const at::Tensor& ptr,
+template <typename W>
+void expand_typed(const at::Tensor& y, const at::Tensor& t, const W* B, const at::Tensor& b, const at::Tensor& ptr,
                   const at::Tensor& rows, const at::Tensor& ranks) {
-  check_inner_contiguous(y, "y");
-  check_inner_contiguous(t, "t");
-  TORCH_CHECK(b.scalar_type() == at::kFloat && b.stride(1) == 1, "b must be float32 with out contiguous");
   const SlotPlan plan = slot_plan(ptr, rows, ranks);
   const int64_t* P = plan.ptr;
   const int64_t* Rw = plan.rows;
@@ -121,17 +205,10 @@ void expand_slots(const at::Tensor& y, const at::Tensor& t, const at::Tensor& b,
   TORCH_CHECK(y.size(1) == out && t.size(1) >= rank_max, "expand shapes disagree");
   float* Y = y.data_ptr<float>();
   const float* T = t.data_ptr<float>();
-  const float* B = b.data_ptr<float>();
   const int64_t ys = y.stride(0), ts = t.stride(0), bs = b.stride(0), br = b.stride(2);
   at::parallel_for(0, plan.slots, 1, [&](int64_t s0, int64_t s1) {
     for (int64_t s = s0; s < s1; ++s) {
       const int64_t rank = std::min<int64_t>(plan.ranks[s], rank_max);
-      if (s + 1 < s1) {  // the next slot's B, fetched while this one computes
-        const float* next = B + (s + 1) * bs;
-        const int64_t next_rank = std::min<int64_t>(plan.ranks[s + 1], rank_max);
-        for (int64_t j = 0; j < next_rank; ++j)
-          for (int64_t o = 0; o < out; o += 16) __builtin_prefetch(next + j * br + o, 0, 3);
-      }
       for (int64_t p = P[s]; p < P[s + 1]; p += 4) {
         const int64_t count = std::min<int64_t>(4, P[s + 1] - p);
         float* yr[4];
@@ -140,7 +217,7 @@ void expand_slots(const at::Tensor& y, const at::Tensor& t, const at::Tensor& b,
           yr[r] = Y + Rw[p + r] * ys;
           tr[r] = T + Rw[p + r] * ts;
         }
-        const float* bslot = B + s * bs;
+        const W* bslot = B + s * bs;
         switch (count) {
           case 1: expand_rows<1>(yr, tr, bslot, br, rank, out); break;
           case 2: expand_rows<2>(yr, tr, bslot, br, rank, out); break;
@@ -150,6 +227,15 @@ void expand_slots(const at::Tensor& y, const at::Tensor& t, const at::Tensor& b,
       }
     }
   });
+}
+
+void expand_slots(const at::Tensor& y, const at::Tensor& t, const at::Tensor& b, const at::Tensor& ptr,
+                  const at::Tensor& rows, const at::Tensor& ranks) {
+  check_inner_contiguous(y, "y");
+  check_inner_contiguous(t, "t");
+  check_weights(b, "b");
+  TORCH_CHECK(b.stride(1) == 1, "b must have out contiguous");
+  with_weights(b, [&](auto* B) { expand_typed(y, t, B, b, ptr, rows, ranks); });
 }
 
 }  // namespace

@@ -1,7 +1,9 @@
 """The LoRA op's backends (compiled CPU kernels, CPU batched matmuls, torch reference) against a
 per-token loop, over every layout the step plan produces: decode rows sorted or not, uniform or
 ragged, heavy slots, prefill segments, base rows mixed in, stacked A with strided column slices of
-the shrink output, and ranks below the buffers' width (not multiples of 8) that the kernels skip."""
+the shrink output, and ranks below the buffers' width (not multiples of 8) that the kernels skip;
+float32 and bfloat16 weights beside float32 activations; widths that take the kernels' vector
+loops, their single-vector steps and their scalar tails."""
 
 from __future__ import annotations
 
@@ -20,14 +22,18 @@ def compiled_kernels():
     assert load_kernels(), "the CPU LoRA kernels must build here (a C++ compiler and ninja are installed)"
 
 S, R, IN, OUT = 5, 8, 12, 10
+# (in, out): scalar only; 64-wide unrolled steps + one vector + a tail; whole vectors only.
+SHAPES = [(IN, OUT), (85, 37), (128, 64)]
+WEIGHT_DTYPES = [torch.float32, torch.bfloat16]
 
 
 def reference(x, a, b, slots):
-    y = torch.zeros(x.shape[0], b.shape[1], dtype=x.dtype)
+    """Per token, in float64 over the weights' exact values, returned in x's dtype."""
+    y = torch.zeros(x.shape[0], b.shape[1], dtype=torch.float64)
     for t, s in enumerate(slots):
         if s >= 0:
-            y[t] = b[s] @ (a[s] @ x[t])
-    return y
+            y[t] = b[s].double() @ (a[s].double() @ x[t].double())
+    return y.to(x.dtype)
 
 
 CASES = [
@@ -45,12 +51,14 @@ CASES = [
 
 @pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)
 @pytest.mark.parametrize("slots,num_decode", CASES)
-def test_shrink_expand_match_per_token_loop(backend, slots, num_decode):
+@pytest.mark.parametrize("fan_in,fan_out", SHAPES, ids=lambda v: str(v))
+@pytest.mark.parametrize("weights", WEIGHT_DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_shrink_expand_match_per_token_loop(backend, slots, num_decode, fan_in, fan_out, weights):
     torch.manual_seed(0)
-    a, b = torch.randn(S, R, IN), torch.randn(S, OUT, R)
-    x = torch.randn(len(slots), IN)
+    a, b = torch.randn(S, R, fan_in).to(weights), torch.randn(S, fan_out, R).to(weights)
+    x = torch.randn(len(slots), fan_in)
     meta = LoraStepMeta.build(slots, [R] * S, "cpu", num_decode, max_rank=R)
-    y = torch.randn(len(slots), OUT)
+    y = torch.randn(len(slots), fan_out)
     expected = y + reference(x, a, b, slots)
     add_lora_(y, x, a, b, meta, backend)
     torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-4)
@@ -60,7 +68,7 @@ def test_shrink_expand_match_per_token_loop(backend, slots, num_decode):
     assert t.shape == (len(slots), R)
     assert not t[torch.tensor(slots) < 0].any()  # base rows are zero
     lora_rows = torch.tensor(slots) >= 0
-    torch.testing.assert_close(t[lora_rows], torch.stack([a[s] @ x[i] for i, s in enumerate(slots) if s >= 0])
+    torch.testing.assert_close(t[lora_rows], torch.stack([a[s].float() @ x[i] for i, s in enumerate(slots) if s >= 0])
                                if lora_rows.any() else t[lora_rows], atol=1e-4, rtol=1e-4)
 
 
@@ -74,15 +82,16 @@ def zero_past_rank(a: torch.Tensor, b: torch.Tensor, ranks: list[int]) -> None:
 @pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)
 @pytest.mark.parametrize("slots,num_decode", CASES[:6])
 @pytest.mark.parametrize("ranks", [[R] * S, [3, 8, 5, 1, 7]], ids=["full", "ragged"])
-def test_stacked_shrink_and_expand_into_column_slices(backend, slots, num_decode, ranks):
+@pytest.mark.parametrize("fan_in,outs", [(IN, (10, 6, 6)), (85, (37, 16, 16))], ids=["small", "vector"])
+@pytest.mark.parametrize("weights", WEIGHT_DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_stacked_shrink_and_expand_into_column_slices(backend, slots, num_decode, ranks, fan_in, outs, weights):
     """q/k/v style: A stacked to [S, 3R, in], one shrink, three expands on strided slices of t and y."""
     torch.manual_seed(1)
-    outs = (10, 6, 6)
-    a = [torch.randn(S, R, IN) for _ in outs]
-    b = [torch.randn(S, o, R) for o in outs]
+    a = [torch.randn(S, R, fan_in).to(weights) for _ in outs]
+    b = [torch.randn(S, o, R).to(weights) for o in outs]
     for a_g, b_g in zip(a, b):
         zero_past_rank(a_g, b_g, ranks)
-    x = torch.randn(len(slots), IN)
+    x = torch.randn(len(slots), fan_in)
     meta = LoraStepMeta.build(slots, ranks, "cpu", num_decode, max_rank=R)
     y = torch.randn(len(slots), sum(outs))
     expected = y.clone()
@@ -137,17 +146,19 @@ def test_kernel_plan_rows_per_slot_and_long_runs_as_segments():
     assert plan.segments == ((5, long, 2), (5 + long, 2, 0), (5 + long + 3, 1, 4))
 
 
-def test_kernels_read_only_up_to_each_rank():
+@pytest.mark.parametrize("fan_in,fan_out", SHAPES, ids=lambda v: str(v))
+@pytest.mark.parametrize("weights", WEIGHT_DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_kernels_read_only_up_to_each_rank(fan_in, fan_out, weights):
     """Garbage past a slot's rank is never read: the kernels stop at the rank (the others need zeros there)."""
     torch.manual_seed(3)
     slots, ranks = [0, 1, 1, 2, 2, 2], [2, 5, 8]
-    a, b = torch.randn(3, R, IN), torch.randn(3, OUT, R)
+    a, b = torch.randn(3, R, fan_in).to(weights), torch.randn(3, fan_out, R).to(weights)
     zero_past_rank(a, b, ranks)
-    expected = reference(torch.ones(6, IN), a, b, slots)
+    expected = reference(torch.ones(6, fan_in), a, b, slots)
     for s, r in enumerate(ranks):
         a[s, r:], b[s, :, r:] = float("nan"), float("nan")
-    y = torch.zeros(6, OUT)
-    add_lora_(y, torch.ones(6, IN), a, b, LoraStepMeta.build(slots, ranks, "cpu", 6, max_rank=R), CPU_KERNELS)
+    y = torch.zeros(6, fan_out)
+    add_lora_(y, torch.ones(6, fan_in), a, b, LoraStepMeta.build(slots, ranks, "cpu", 6, max_rank=R), CPU_KERNELS)
     torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-4)
 
 

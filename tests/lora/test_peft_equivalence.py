@@ -1,4 +1,5 @@
-"""One mixed batch (every adapter plus base rows) equals PEFT's single-adapter forward, row by row."""
+"""One mixed batch (every adapter plus base rows) equals PEFT's single-adapter forward, row by row;
+also with bfloat16 adapter slots beside the float32 model."""
 
 from __future__ import annotations
 
@@ -15,14 +16,15 @@ from tests.lora.padded_batch import forward_logits, generate_batch
 from server.lora.model import LoraModel
 from tests.conftest import tiny_llama
 from tests.lora.peft_fixtures import ADAPTER_CONFIGS, make_peft_adapters
+from tests.peft_adapters import save_bfloat16_copy
 
 MAX_RANK = 64
 
 
-def build_lora(base: torch.nn.Module, paths: dict) -> tuple[LoraModel, list[str]]:
+def build_lora(base: torch.nn.Module, paths: dict, weight_dtype: torch.dtype | None = None) -> tuple[LoraModel, list[str]]:
     model = copy.deepcopy(base)
     layout = BaseLayout.from_model(model)
-    lora = LoraModel(model, layout, max_loras=len(paths), max_rank=MAX_RANK)
+    lora = LoraModel(model, layout, max_loras=len(paths), max_rank=MAX_RANK, weight_dtype=weight_dtype)
     names = list(paths)
     for slot, name in enumerate(names):
         lora.write_slot(slot, load_peft_adapter(paths[name], layout, MAX_RANK))
@@ -109,3 +111,44 @@ def test_mixed_batch_equals_peft_on_default_model(tmp_path, default_base):
     paths = make_peft_adapters(base, tmp_path, scale_b=0.05)
     tok = default_base.tokenizer
     check_logits_and_greedy(base, paths, vocab=tok.vocab_size, pad_id=tok.pad_token_id, eos_ids=[tok.eos_token_id])
+
+
+# Adapters whose scale (alpha / r, or alpha / sqrt(r)) is a power of two: B * scale is exact in bfloat16.
+POWER_OF_TWO_SCALES = ["qv-r4", "regex-r16", "mlp-r32", "all-r64", "patterns-r8", "layer1-r12"]
+
+
+def test_bfloat16_slots_hold_bfloat16_saved_adapters_exactly(tmp_path):
+    """`--lora-dtype bfloat16` beside a float32 model: adapters saved in bfloat16 give PEFT's float32
+    output (PEFT widens them on load; the slots keep them as they are and the op computes in float32)."""
+    base = tiny_llama()
+    saved = make_peft_adapters(base, tmp_path / "f32")
+    paths = {name: save_bfloat16_copy(saved[name], tmp_path / "bf16" / name) for name in POWER_OF_TWO_SCALES}
+    lora, names = build_lora(base, paths, torch.bfloat16)
+    assert all(g.a_storage.dtype == torch.bfloat16 for g in lora.groups)
+    assert all(layer.b_storage.dtype == torch.bfloat16 for layer in lora.layers.values())
+    rows, slots = mixed_rows(256, names)
+    ours = forward_logits(lora, rows, slots, 0)
+    ours_greedy = generate_batch(lora, rows, slots, 32, [1], 0)
+    checked = assert_rows_match_oracle(peft_oracle(base, paths), names, rows, slots, ours, ours_greedy, 32, 0, [1])
+    assert checked == {*names, None}
+
+
+def test_bfloat16_slots_round_float32_adapters_by_a_bounded_amount(tmp_path):
+    """float32-saved adapters in bfloat16 slots: each row's logits move from PEFT's by at most 2% of
+    what the adapter itself changes (8 bits of mantissa per weight), and never on base rows."""
+    base = tiny_llama()
+    paths = make_peft_adapters(base, tmp_path)
+    lora, names = build_lora(base, paths, torch.bfloat16)
+    rows, slots = mixed_rows(256, names)
+    ours = forward_logits(lora, rows, slots, 0)
+    oracle = peft_oracle(base, paths)
+    for row, slot, logits in zip(rows, slots, ours):
+        name = names[slot] if slot >= 0 else None
+        expected, _ = oracle_run(oracle, name, row, 1, 0, [1])
+        err = (logits - expected).abs().max().item()
+        if name is None:
+            assert err < 1e-3
+            continue
+        base_logits, _ = oracle_run(oracle, None, row, 1, 0, [1])
+        effect = (expected - base_logits).abs().max().item()
+        assert 0 < err < 0.02 * effect, f"{name}: error {err} against an adapter effect of {effect}"
