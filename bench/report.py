@@ -24,8 +24,10 @@ import matplotlib.ticker  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SYSTEMS = {"engine_base": "loraplex, base only", "engine_multi": "loraplex, adapters",
-           "generate": "transformers generate", "peft": "PEFT mixed batch"}
-COLORS = {"engine_base": "#4c72b0", "engine_multi": "#55a868", "generate": "#c44e52", "peft": "#8172b2"}
+           "engine_multi_bf16": "loraplex, adapters (bfloat16 slots)", "generate": "transformers generate",
+           "peft": "PEFT mixed batch"}
+COLORS = {"engine_base": "#4c72b0", "engine_multi": "#55a868", "engine_multi_bf16": "#8fbc8f", "generate": "#c44e52",
+          "peft": "#8172b2"}
 
 
 def load(name: str) -> dict | None:
@@ -37,10 +39,11 @@ def plot_throughput(data: dict) -> Path:
     """Grouped bars: output tok/s of each system per workload."""
     workloads = list(data["workloads"])
     fig, ax = plt.subplots(figsize=(max(6.0, 2.2 * len(workloads)), 4.2))
-    width = 0.8 / len(SYSTEMS)
-    for j, (key, label) in enumerate(SYSTEMS.items()):
+    systems = {k: v for k, v in SYSTEMS.items() if all(k in data["workloads"][w] for w in workloads)}
+    width = 0.8 / len(systems)
+    for j, (key, label) in enumerate(systems.items()):
         values = [data["workloads"][w][key]["tok_s"] for w in workloads]
-        xs = [i + (j - (len(SYSTEMS) - 1) / 2) * width for i in range(len(workloads))]
+        xs = [i + (j - (len(systems) - 1) / 2) * width for i in range(len(workloads))]
         bars = ax.bar(xs, values, width, label=label, color=COLORS[key])
         ax.bar_label(bars, fmt="%.0f", fontsize=7)
     ax.set_xticks(range(len(workloads)), [workload_label(data["workloads"][w]["spec"]) for w in workloads],

@@ -11,15 +11,16 @@ Workloads (prompts 16-256 tokens, 16-256 new tokens unless said otherwise):
   64x32-ranks  64 requests over 32 all-linear adapters of ranks 8, 16, 32, 64 in one batch
 
 Systems: the loraplex engine with every request on the base model; the engine with the requests
-spread over the adapters; transformers `generate` on the base model in static batches; PEFT
+spread over the adapters (float32 slots, the default, and `--lora-dtype bfloat16`: the same adapters,
+saved in float32, held in bfloat16); transformers `generate` on the base model in static batches; PEFT
 mixed-adapter `generate(adapter_names=...)` in static batches. Every request generates exactly
 its `max_tokens` (EOS ignored everywhere), greedy. Output tokens per second = new tokens / wall time.
 
-The engine's base-only and adapter runs of a workload alternate (A B B A, `--repeats` each, the
+The engine's base-only and adapter runs of a workload alternate (A B C C B A, `--repeats` each, the
 fastest kept), so that the machine's drift over minutes does not enter their ratio.
 Next to each adapters / base ratio: the bound memory traffic sets on it (the base-only run's time
 plus reading the A and B of every distinct adapter of every step once, at the read bandwidth
-measured in this run). PEFT, the slowest by far, runs the first `--peft-requests` requests only.
+measured in this run; half the bytes with bfloat16 slots). PEFT, the slowest by far, runs the first `--peft-requests` requests only.
 Writes bench/results/throughput.md and throughput.json.
 """
 
@@ -83,9 +84,10 @@ def run_engine(settings: Settings, work: Workload, models: list[str]) -> dict:
     try:
         warm = [(work[0][0][:40], 2)] * len(set(models))
         asyncio.run(run_burst(engine, warm, sorted(set(models)), "warm"))
-        before = engine.lora.adapter_steps
+        before = engine.lora.adapter_steps, engine.lora.row_moves
         seconds, timings = asyncio.run(run_burst(engine, work, models, "run"))
-        return {"seconds": seconds, "adapter_steps": engine.lora.adapter_steps - before,
+        return {"seconds": seconds, "adapter_steps": engine.lora.adapter_steps - before[0],
+                "row_moves": engine.lora.row_moves - before[1],
                 "preemptions": engine.stats().preemptions, **latency_summary(timings)}
     finally:
         engine.stop()
@@ -105,21 +107,27 @@ def run_static(model, tokenizer, work: Workload, batch: int, adapter_names: list
     return {"seconds": time.perf_counter() - start}
 
 
+ENGINE_RUNS = ("engine_base", "engine_multi", "engine_multi_bf16")  # base only, adapters, bfloat16 slots
+
+
 def paired_runs(spec: Spec, cfg: Settings, work: Workload, base_models: list[str], models: list[str],
-                repeats: int) -> tuple[dict, dict]:
-    """The engine base-only and with adapters, run in A B B A order `repeats` times over, the
-    fastest of each kept: the machine's speed drifts over minutes, and a ratio of two runs taken
-    far apart measures the drift too."""
-    runs: dict[str, list[dict]] = {"base": [], "multi": []}
+                repeats: int) -> dict[str, dict]:
+    """The engine base-only, with adapters, and with adapters in bfloat16 slots, run in A B C C B A
+    order `repeats` times over, the fastest of each kept: the machine's speed drifts over minutes,
+    and a ratio of two runs taken far apart measures the drift too."""
+    runs: dict[str, list[dict]] = {kind: [] for kind in ENGINE_RUNS}
+    settings = {"engine_base": cfg, "engine_multi": cfg,
+                "engine_multi_bf16": cfg.model_copy(update={"lora_dtype": "bfloat16"})}
+    labels = {"engine_base": "base only", "engine_multi": f"{spec.adapters} adapters",
+              "engine_multi_bf16": f"{spec.adapters} adapters, bfloat16 slots"}
     for i in range(repeats):
-        for kind in (("base", "multi") if i % 2 == 0 else ("multi", "base")):
-            label = "base only" if kind == "base" else f"{spec.adapters} adapters"
-            runs[kind].append(timed(f"{spec.name}: engine, {label}",
-                                    lambda: run_engine(cfg, work, base_models if kind == "base" else models)))
+        for kind in (ENGINE_RUNS if i % 2 == 0 else ENGINE_RUNS[::-1]):
+            runs[kind].append(timed(f"{spec.name}: engine, {labels[kind]}", lambda: run_engine(
+                settings[kind], work, base_models if kind == "engine_base" else models)))
     best = {kind: min(r, key=lambda run: run["seconds"]) for kind, r in runs.items()}
     for kind, r in runs.items():
         best[kind]["all_seconds"] = [round(run["seconds"], 1) for run in r]
-    return best["base"], best["multi"]
+    return best
 
 
 def timed(label: str, run) -> dict:
@@ -129,18 +137,20 @@ def timed(label: str, run) -> dict:
     return result
 
 
-def traffic(spec: Spec, layout: BaseLayout, row: dict, bandwidth: float) -> dict:
+def traffic(spec: Spec, layout: BaseLayout, row: dict, bandwidth: float, run: str = "engine_multi",
+            elem: int = 4) -> dict:
     """The bound memory traffic sets on the adapters / base ratio of one workload.
 
     A run can be no faster than the base-only run of the same requests plus the time to read,
     once per step, the A and B of every distinct adapter in that step (counted by the engine:
     `adapter_steps`); at this machine's read bandwidth. `padded` is the same with every adapter
-    read at the slots' padded rank (`--max-lora-rank`), which is what the CPU op reads.
+    read at the slots' padded rank (`--max-lora-rank`), which is what the CPU op reads. `elem`:
+    bytes per weight in the slots (4 float32, 2 bfloat16).
     """
     ranks = [spec.ranks[i % len(spec.ranks)] for i in range(spec.adapters)]
-    mean_bytes = sum(lora_bytes(layout, r) for r in ranks) / len(ranks)
-    padded_bytes = lora_bytes(layout, max(spec.ranks))
-    steps = row["engine_multi"]["adapter_steps"]
+    mean_bytes = sum(lora_bytes(layout, r, elem=elem) for r in ranks) / len(ranks)
+    padded_bytes = lora_bytes(layout, max(spec.ranks), elem=elem)
+    steps = row[run]["adapter_steps"]
     base_s = row["engine_base"]["seconds"]
     bound = base_s / (base_s + steps * mean_bytes / bandwidth)
     padded = base_s / (base_s + steps * padded_bytes / bandwidth)
@@ -202,12 +212,12 @@ def main() -> None:
                                                     lambda: in_thread(run_static, base.model, base.tokenizer, work,
                                                                       args.batch, None))}
             models = [names[spec.adapter_set][i % spec.adapters] for i in range(len(work))]
-            engine_base, multi = paired_runs(spec, cfg, work, [base.name] * len(work), models, args.repeats)
-            rows[spec.name] = {"spec": spec.__dict__, "tokens": sum(n for _, n in work),
-                               "engine_base": engine_base, "engine_multi": multi,
+            engine_runs = paired_runs(spec, cfg, work, [base.name] * len(work), models, args.repeats)
+            rows[spec.name] = {"spec": spec.__dict__, "tokens": sum(n for _, n in work), **engine_runs,
                                "generate": base_runs[key]["generate"], "models": models,
                                "base_runs_of": base_runs[key]["first"]}
             rows[spec.name]["traffic"] = traffic(spec, layout, rows[spec.name], bandwidth)
+            rows[spec.name]["traffic_bf16"] = traffic(spec, layout, rows[spec.name], bandwidth, "engine_multi_bf16", 2)
             rows[spec.name]["arithmetic"] = arithmetic(rows[spec.name], in_thread(forward_flops, base.model, layout,
                                                                                  base.tokenizer, work), rates)
         # PEFT last: it wraps base.model in place, which would change the `generate` runs above.
@@ -229,7 +239,7 @@ def main() -> None:
             rows[spec.name]["peft"]["tokens"] = sum(n for _, n in work)
     for row in rows.values():
         row.pop("models")
-        for system in ("engine_base", "engine_multi", "generate", "peft"):
+        for system in (*ENGINE_RUNS, "generate", "peft"):
             row[system]["tok_s"] = row[system].get("tokens", row["tokens"]) / row[system]["seconds"]
     meta = {"threads": in_thread(torch.get_num_threads), "batch": args.batch, "prompt_range": prompt_range,
             "repeats": args.repeats,
@@ -250,7 +260,8 @@ def render(rows: dict[str, dict], meta: dict) -> str:
            f"{nr[1]}), greedy, EOS ignored; peers in static batches of {meta['batch']}.\n",
            "| workload | system | output tok/s | seconds | ITL p50 ms |", "| --- | --- | ---: | ---: | ---: |"]
     labels = {"engine_base": "engine, base only", "engine_multi": "engine, adapters",
-              "generate": "transformers generate", "peft": "PEFT mixed batch"}
+              "engine_multi_bf16": "engine, adapters in bfloat16 slots", "generate": "transformers generate",
+              "peft": "PEFT mixed batch"}
     for name, row in rows.items():
         for key, label in labels.items():
             run = row[key]
@@ -260,8 +271,10 @@ def render(rows: dict[str, dict], meta: dict) -> str:
             out.append(f"| {name} | {label} | {run['tok_s']:.1f} | {run['seconds']:.1f} | {itl} |")
     any_row = next(iter(rows.values()))
     out += ["", f"PEFT runs the first {meta.get('peft_requests') or 'all'} requests of each workload "
-            "(whole static batches); its rate is over their tokens. The engine's two runs of a workload "
-            f"alternate {meta['repeats']} times each (A B B A), the fastest of each shown.\n",
+            "(whole static batches); its rate is over their tokens. The engine's three runs of a workload "
+            f"alternate {meta['repeats']} times each (A B C C B A), the fastest of each shown. \"bfloat16 slots\": "
+            "`--lora-dtype bfloat16`, the same float32-saved adapters rounded to bfloat16 in the slots (half the "
+            "bytes per step; the op still computes in float32).\n",
             f"Memory traffic: read bandwidth {any_row['traffic']['bandwidth_gbs']:.1f} GB/s (a sum over 512 MiB in "
             "this run). Bound: the base-only run's time plus reading, once per step, the A and B of every distinct "
             "adapter in the step (the engine counts them), at that bandwidth; \"padded\": the same with every "
@@ -274,10 +287,12 @@ def render(rows: dict[str, dict], meta: dict) -> str:
             "| workload | ratio | measured | target | adapter MB | adapter-steps | LoRA GB read | bound (padded) |",
             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, row in rows.items():
-        r, t = {k: row[k]["tok_s"] for k in labels}, row["traffic"]
-        cols = f"{t['adapter_mb']:.1f} | {t['adapter_steps']} | {t['lora_gb']:.1f}"
-        out.append(f"| {name} | adapters / base-only engine | {r['engine_multi'] / r['engine_base']:.2f} | >= 0.90 "
-                   f"| {cols} | {t['bound']:.2f} ({t['padded_bound']:.2f}) |")
+        r = {k: row[k]["tok_s"] for k in labels}
+        for run, label, t in (("engine_multi", "adapters / base-only engine", row["traffic"]),
+                              ("engine_multi_bf16", "adapters, bfloat16 slots / base-only engine", row["traffic_bf16"])):
+            cols = f"{t['adapter_mb']:.1f} | {t['adapter_steps']} | {t['lora_gb']:.1f}"
+            out.append(f"| {name} | {label} | {r[run] / r['engine_base']:.2f} | >= 0.90 "
+                       f"| {cols} | {t['bound']:.2f} ({t['padded_bound']:.2f}) |")
         out.append(f"| {name} | adapters engine / PEFT mixed batch | {r['engine_multi'] / r['peft']:.2f} | >= 3.0 "
                    f"| | | | |")
         out.append(f"| {name} | base-only engine / generate | {r['engine_base'] / r['generate']:.2f} | >= 1.5 "
