@@ -33,17 +33,29 @@ def _ranks(meta: LoraStepMeta, width: int) -> torch.Tensor:
     return torch.full((meta.slot_ranks.numel(),), width, dtype=torch.int32, device=meta.slot_ranks.device)
 
 
+def _segment_rank(meta: LoraStepMeta, slot: int, width: int) -> int:
+    """The columns of a slot's `width`-wide member that a segment's matmul needs (as `_ranks`)."""
+    return meta.ranks[slot] if meta.max_rank == width and meta.ranks else width
+
+
 def shrink(x: torch.Tensor, a: torch.Tensor, meta: LoraStepMeta) -> torch.Tensor:
     """t [N, R'] = a[slot] @ x per row (0 on base rows); `x [N, in]`, `a [S, R', in]` contiguous in `in`."""
     t = x.new_zeros(x.shape[0], a.shape[1])
     plan = meta.slot_plan
+    stacked = meta.max_rank and a.shape[1] % meta.max_rank == 0  # members of max_rank columns each
+    members = a.shape[1] // meta.max_rank if stacked else 1
+    width = a.shape[1] // members
     if plan.ptr is not None:
         a = a if a.stride(2) == 1 else a.contiguous()  # the layers' buffers already are; a copy otherwise
-        stacked = meta.max_rank and a.shape[1] % meta.max_rank == 0  # members of max_rank columns each
-        members = a.shape[1] // meta.max_rank if stacked else 1
-        torch.ops.loraplex.shrink_slots(x, a, plan.ptr, plan.rows, _ranks(meta, a.shape[1] // members), members, t)
+        torch.ops.loraplex.shrink_slots(x, a, plan.ptr, plan.rows, _ranks(meta, width), members, t)
     for start, length, slot in plan.segments:
-        torch.mm(x[start:start + length], a[slot].to(x.dtype).t(), out=t[start:start + length])
+        rows, rank = x[start:start + length], _segment_rank(meta, slot, width)
+        if rank == width:
+            torch.mm(rows, a[slot].to(x.dtype).t(), out=t[start:start + length])
+            continue
+        for g in range(members):  # each member's own rank only (a rank-8 adapter in rank-64 slots)
+            cols = slice(g * width, g * width + rank)
+            t[start:start + length, cols] = rows @ a[slot, cols].to(x.dtype).t()
     return t
 
 
@@ -55,4 +67,5 @@ def expand_(y: torch.Tensor, t: torch.Tensor, b: torch.Tensor, meta: LoraStepMet
         b = b if b.stride(1) == 1 else b.transpose(1, 2).contiguous().transpose(1, 2)  # as the layers keep it
         torch.ops.loraplex.expand_slots(out, t, b, plan.ptr, plan.rows, _ranks(meta, b.shape[2]))
     for start, length, slot in plan.segments:
-        out[start:start + length].addmm_(t[start:start + length], b[slot].to(y.dtype).t())
+        rank = _segment_rank(meta, slot, b.shape[2])
+        out[start:start + length].addmm_(t[start:start + length, :rank], b[slot, :, :rank].to(y.dtype).t())

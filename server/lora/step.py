@@ -11,7 +11,8 @@ Fields (N packed tokens, S slots, G segments; every tensor on the model's device
   slot != -1, over ALL rows (decode runs and prefill chunks alike; base runs omitted): the SGMV
   view of the step. `num_segments`, `max_seg_len` are python ints.
 - `slot_ranks [S]` int32: rank of the adapter in each slot, 0 for an empty slot; A/B are
-  zero-padded past it, so a kernel may compute with the buffers' full R.
+  zero-padded past it, so a kernel may compute with the buffers' full R. `ranks` is the same
+  as python ints, for host loops.
 - `num_decode`: rows `[0, num_decode)` are decode rows, the rest prefill rows.
 
 The CPU fast path (`server/lora/cpu_ops.py`) reads a host plan built here too, so it never syncs:
@@ -82,6 +83,7 @@ class LoraStepMeta:
     # Host plan of the compiled CPU kernels.
     slot_plan: SlotPlan
     max_rank: int = 0
+    ranks: tuple[int, ...] = ()
 
     @property
     def has_lora(self) -> bool:
@@ -115,7 +117,7 @@ class LoraStepMeta:
             pad_index=None if index_identity else t(pad_index),
             pad_gather=None if rows_identity and index_identity else t(_gather(pad_rows, pad_index, pad_slots * width)),
             host_segments=host,
-            slot_plan=_slot_plan(token_slots, num_decode, t), max_rank=max_rank,
+            slot_plan=_slot_plan(token_slots, num_decode, t), max_rank=max_rank, ranks=tuple(slot_ranks),
         )
 
 

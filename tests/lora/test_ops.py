@@ -149,16 +149,18 @@ def test_kernel_plan_rows_per_slot_and_long_runs_as_segments():
 @pytest.mark.parametrize("fan_in,fan_out", SHAPES, ids=lambda v: str(v))
 @pytest.mark.parametrize("weights", WEIGHT_DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 def test_kernels_read_only_up_to_each_rank(fan_in, fan_out, weights):
-    """Garbage past a slot's rank is never read: the kernels stop at the rank (the others need zeros there)."""
+    """Garbage past a slot's rank is never read, by the kernels (decode rows) nor by the matmuls of
+    prefill segments: both stop at the rank (the other backends need zeros there)."""
     torch.manual_seed(3)
-    slots, ranks = [0, 1, 1, 2, 2, 2], [2, 5, 8]
+    slots, ranks = [0, 1, 1, 2, 2, 2] + [1] * 5 + [-1] + [2] * 9, [2, 5, 8]
     a, b = torch.randn(3, R, fan_in).to(weights), torch.randn(3, fan_out, R).to(weights)
     zero_past_rank(a, b, ranks)
-    expected = reference(torch.ones(6, fan_in), a, b, slots)
+    x = torch.randn(len(slots), fan_in)
+    expected = reference(x, a, b, slots)
     for s, r in enumerate(ranks):
         a[s, r:], b[s, :, r:] = float("nan"), float("nan")
-    y = torch.zeros(6, fan_out)
-    add_lora_(y, torch.ones(6, fan_in), a, b, LoraStepMeta.build(slots, ranks, "cpu", 6, max_rank=R), CPU_KERNELS)
+    y = torch.zeros(len(slots), fan_out)
+    add_lora_(y, x, a, b, LoraStepMeta.build(slots, ranks, "cpu", 6, max_rank=R), CPU_KERNELS)
     torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-4)
 
 
