@@ -56,6 +56,15 @@ def greedy(model: str, prompt: str, max_tokens: int = 16, **params) -> Generatio
                              SamplingParams(max_tokens=max_tokens, **params))
 
 
+def peft_greedy_text(oracle, tokenizer, prompt: str, steps: int) -> str:
+    """A PEFT model's greedy continuation of `prompt`, exactly `steps` tokens (the oracle of engine outputs)."""
+    ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+    with torch.inference_mode():
+        out = oracle.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps,
+                              min_new_tokens=steps, do_sample=False, pad_token_id=2)
+    return tokenizer.decode(out[0, ids.shape[1]:])
+
+
 async def run_all(engine: Engine, requests: list[GenerationRequest], stagger: float = 0.0) -> list[GenerationResult]:
     """Submit requests `stagger` seconds apart, so they join a batch that is already running."""
     tasks = []

@@ -7,13 +7,12 @@ import asyncio
 import time
 
 import pytest
-import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from server.adapters.composition import CompositionKey
 from server.engine.request import AdapterVersionMismatchError, EngineError, InvalidRequestError, UnknownModelError
-from tests.engine.conftest import greedy, make_engine, one_at_a_time, run_all, save_adapter
+from tests.engine.conftest import greedy, make_engine, one_at_a_time, peft_greedy_text, run_all, save_adapter
 
 PROMPT = "The quick brown fox jumps over the lazy dog because"
 STEPS = 12
@@ -36,11 +35,7 @@ def peft_cat_text(model_dir, store, parts: list[tuple[str, float]], tokenizer) -
         oracle.load_adapter(store / name, adapter_name=name)
     oracle.add_weighted_adapter([n for n, _ in parts], [w for _, w in parts], "mix", combination_type="cat")
     oracle.set_adapter("mix")
-    ids = torch.tensor([tokenizer(PROMPT)["input_ids"]])
-    with torch.inference_mode():
-        out = oracle.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=STEPS,
-                              min_new_tokens=STEPS, do_sample=False, pad_token_id=2)
-    return tokenizer.decode(out[0, ids.shape[1]:])
+    return peft_greedy_text(oracle, tokenizer, PROMPT, STEPS)
 
 
 def test_composition_batched_with_plain_and_base_equals_peft_cat(tiny_llama_dir, store, started):

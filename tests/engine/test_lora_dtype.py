@@ -12,7 +12,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from server.models import resolve_lora_dtype
-from tests.engine.conftest import greedy, make_engine, run_all, save_adapter
+from tests.engine.conftest import greedy, make_engine, peft_greedy_text, run_all, save_adapter
 from tests.peft_adapters import save_bfloat16_copy
 
 PROMPT = "The quick brown fox jumps over the lazy dog because"
@@ -33,12 +33,7 @@ def test_lora_dtype_choices():
 
 def peft_text(model_dir, adapter, tokenizer) -> str:
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    oracle = PeftModel.from_pretrained(base, adapter).eval()
-    ids = torch.tensor([tokenizer(PROMPT)["input_ids"]])
-    with torch.inference_mode():
-        out = oracle.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=STEPS,
-                              min_new_tokens=STEPS, do_sample=False, pad_token_id=2)
-    return tokenizer.decode(out[0, ids.shape[1]:])
+    return peft_greedy_text(PeftModel.from_pretrained(base, adapter).eval(), tokenizer, PROMPT, STEPS)
 
 
 def test_bfloat16_slots_answer_as_peft(tiny_llama_dir, tmp_path, started):
