@@ -14,6 +14,7 @@ from server.adapters.layout import BaseLayout
 from server.adapters.peft_format import load_peft_adapter
 from tests.lora.padded_batch import forward_logits, generate_batch
 from server.lora.model import LoraModel
+from server.lora.ops import CPU, CPU_KERNELS, Backend
 from tests.conftest import tiny_llama
 from tests.lora.peft_fixtures import ADAPTER_CONFIGS, make_peft_adapters
 from tests.peft_adapters import save_bfloat16_copy
@@ -21,10 +22,11 @@ from tests.peft_adapters import save_bfloat16_copy
 MAX_RANK = 64
 
 
-def build_lora(base: torch.nn.Module, paths: dict, weight_dtype: torch.dtype | None = None) -> tuple[LoraModel, list[str]]:
+def build_lora(base: torch.nn.Module, paths: dict, weight_dtype: torch.dtype | None = None,
+               backend: Backend | None = None) -> tuple[LoraModel, list[str]]:
     model = copy.deepcopy(base)
     layout = BaseLayout.from_model(model)
-    lora = LoraModel(model, layout, max_loras=len(paths), max_rank=MAX_RANK, weight_dtype=weight_dtype)
+    lora = LoraModel(model, layout, max_loras=len(paths), max_rank=MAX_RANK, backend=backend, weight_dtype=weight_dtype)
     names = list(paths)
     for slot, name in enumerate(names):
         lora.write_slot(slot, load_peft_adapter(paths[name], layout, MAX_RANK))
@@ -117,13 +119,15 @@ def test_mixed_batch_equals_peft_on_default_model(tmp_path, default_base):
 POWER_OF_TWO_SCALES = ["qv-r4", "regex-r16", "mlp-r32", "all-r64", "patterns-r8", "layer1-r12"]
 
 
-def test_bfloat16_slots_hold_bfloat16_saved_adapters_exactly(tmp_path):
+@pytest.mark.parametrize("backend", [CPU_KERNELS, CPU], ids=lambda b: b.name)
+def test_bfloat16_slots_hold_bfloat16_saved_adapters_exactly(tmp_path, backend):
     """`--lora-dtype bfloat16` beside a float32 model: adapters saved in bfloat16 give PEFT's float32
-    output (PEFT widens them on load; the slots keep them as they are and the op computes in float32)."""
+    output (PEFT widens them on load; the slots keep them as they are and the op computes in float32),
+    through the compiled kernels and through the batched-matmul fallback."""
     base = tiny_llama()
     saved = make_peft_adapters(base, tmp_path / "f32")
     paths = {name: save_bfloat16_copy(saved[name], tmp_path / "bf16" / name) for name in POWER_OF_TWO_SCALES}
-    lora, names = build_lora(base, paths, torch.bfloat16)
+    lora, names = build_lora(base, paths, torch.bfloat16, backend)
     assert all(g.a_storage.dtype == torch.bfloat16 for g in lora.groups)
     assert all(layer.b_storage.dtype == torch.bfloat16 for layer in lora.layers.values())
     rows, slots = mixed_rows(256, names)
