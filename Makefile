@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: serve test test-full test-all soak venv bench bench-scaling bench-step bench-prefix-cache bench-structured clean test-container console-deps test-console console-screenshots vendor-swagger-ui test-cluster bench-cluster serve-cluster
+.PHONY: serve test test-full test-all soak venv bench bench-scaling bench-step bench-lora-op bench-prefix-cache bench-structured clean test-container console-deps test-console console-screenshots vendor-swagger-ui test-cluster bench-cluster serve-cluster
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -115,6 +115,9 @@ bench-structured: $(STAMP)
 # One decode step in isolation (64 sequences, 32 adapters), base vs LoRA interleaved; --profile for a torch profile.
 bench-step: $(STAMP)
 	$(BIN)/python bench/step.py $(ARGS)
+
+bench-lora-op: $(STAMP)
+	$(BIN)/python bench/lora_op.py $(ARGS)
 
 # A shared 1,000-token prefix over the shipped adapters: TTFT and throughput with the prefix cache on vs off.
 bench-prefix-cache: $(STAMP)

@@ -3,6 +3,7 @@ with and without adapters, and profiled (torch profiler) to show where its time 
 
     python bench/step.py                       # 64 decoding sequences, 32 rank-16 all-linear adapters
     python bench/step.py --seqs 32 --adapters 32 --context 200 --profile
+    python bench/step.py --lora-dtypes float32 # float32 slots only (default: float32 and bfloat16)
 
 No engine thread, scheduler or sampler: `ModelRunner.step` on hand-made sequences whose KV
 blocks are allocated but hold zeros (attention reads them all the same).
@@ -11,6 +12,7 @@ blocks are allocated but hold zeros (attention reads them all the same).
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -86,11 +88,11 @@ class DecodeRig:
         return time.perf_counter() - start
 
 
-def interleaved(rig: DecodeRig, variants: dict[str, int], repeats: int) -> dict[str, float]:
-    """Median step seconds per variant (name -> adapter count), variants interleaved A/B/A/B."""
+def interleaved(variants: dict[str, tuple[DecodeRig, int]], repeats: int) -> dict[str, float]:
+    """Median step seconds per variant (name -> its rig and adapter count), interleaved A/B/C/A/B/C."""
     times: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(repeats):
-        for name, count in variants.items():
+        for name, (rig, count) in variants.items():
             rig.set_adapters(count)
             times[name].append(rig.step())
     return {k: statistics.median(v) for k, v in times.items()}
@@ -117,22 +119,32 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--cpu-lora-kernel", choices=CPU_LORA_KERNELS, default="auto")
     parser.add_argument("--cpu-attention-kernel", choices=CPU_ATTENTION_KERNELS, default="auto")
-    parser.add_argument("--lora-dtype", choices=("float32", "bfloat16"), default="float32",
-                        help="the adapter slots' dtype (`--lora-dtype` of the server)")
+    parser.add_argument("--lora-dtypes", default="float32,bfloat16",
+                        help="the adapter slots' dtypes to compare (the server's `--lora-dtype`), one rig each")
     args = parser.parse_args()
     base = load_base_model(Settings(device="cpu"))
     ranks = tuple(int(r) for r in args.ranks.split(","))
-    rig = DecodeRig(base, args.seqs, args.adapters, args.context, ranks, args.cpu_lora_kernel,
-                    args.cpu_attention_kernel, getattr(torch, args.lora_dtype))
-    print(f"LoRA op: {rig.lora.backend.name}, {args.lora_dtype} weights; decode attention: {'kernel' if rig.runner.decode_kernel else 'torch'}")
-    rig.step()
-    medians = interleaved(rig, {"base": 0, f"{args.adapters} adapters": args.adapters}, args.repeats)
+    dtypes = args.lora_dtypes.split(",")
+    # One rig per dtype, each over its own copy of the model (a rig wraps its model's layers in place).
+    models = [base.model] + [copy.deepcopy(base.model) for _ in dtypes[1:]]
+    rigs = {dtype: DecodeRig(SimpleNamespace(model=model), args.seqs, args.adapters, args.context, ranks,
+                             args.cpu_lora_kernel, args.cpu_attention_kernel, getattr(torch, dtype))
+            for dtype, model in zip(dtypes, models)}
+    first = rigs[dtypes[0]]
+    print(f"LoRA op: {first.lora.backend.name}; decode attention: {'kernel' if first.runner.decode_kernel else 'torch'}")
+    names = {dtype: f"{args.adapters} adapters" + ("" if dtype == "float32" else f", {dtype} slots") for dtype in dtypes}
+    variants = {"base": (first, 0), **{names[d]: (rig, args.adapters) for d, rig in rigs.items()}}
+    for rig in rigs.values():
+        rig.step()
+    medians = interleaved(variants, args.repeats)
     for name, seconds in medians.items():
         print(f"{name}: {seconds * 1e3:.1f} ms/step")
-    print(f"ratio base/LoRA step time: {medians['base'] / medians[f'{args.adapters} adapters']:.3f}")
+    for dtype in dtypes:
+        print(f"ratio base/LoRA step time, {dtype} slots: {medians['base'] / medians[names[dtype]]:.3f}")
     if args.profile:
-        for count in (0, args.adapters):
-            print(f"\n=== profile, {count} adapters ===\n{profile(rig, count)}")
+        print(f"\n=== profile, 0 adapters ===\n{profile(first, 0)}")
+        for dtype, rig in rigs.items():
+            print(f"\n=== profile, {names[dtype]} ===\n{profile(rig, args.adapters)}")
 
 
 if __name__ == "__main__":
