@@ -102,7 +102,7 @@ def main() -> None:
     dims = {d for fan_in, fan_out in layout.linear.values() for d in (fan_in, fan_out)}
     xs = {d: torch.randn(args.rows, d) for d in dims}
     ys = {d: torch.zeros(args.rows, d) for d in dims}
-    bandwidth = read_bandwidth()
+    bandwidth = in_thread(read_bandwidth)
     times: dict[str, list[float]] = {name: [] for name in VARIANTS}
     for step in range(args.steps + 2):
         for name, (backend, _) in VARIANTS.items():
