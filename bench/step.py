@@ -131,8 +131,9 @@ def main() -> None:
                              args.cpu_lora_kernel, args.cpu_attention_kernel, getattr(torch, dtype))
             for dtype, model in zip(dtypes, models)}
     first = rigs[dtypes[0]]
-    print(f"LoRA op: {first.lora.backend.name}; decode attention: {'kernel' if first.runner.decode_kernel else 'torch'}")
-    names = {dtype: f"{args.adapters} adapters" + ("" if dtype == "float32" else f", {dtype} slots") for dtype in dtypes}
+    attention = "kernel" if first.runner.decode_kernel else "torch"
+    print(f"LoRA op: {first.lora.backend.name}; decode attention: {attention}")
+    names = {d: f"{args.adapters} adapters" + ("" if d == "float32" else f", {d} slots") for d in dtypes}
     variants = {"base": (first, 0), **{names[d]: (rig, args.adapters) for d, rig in rigs.items()}}
     for rig in rigs.values():
         rig.step()

@@ -20,7 +20,8 @@ The engine's base-only and adapter runs of a workload alternate (A B C C B A, `-
 fastest kept), so that the machine's drift over minutes does not enter their ratio.
 Next to each adapters / base ratio: the bound memory traffic sets on it (the base-only run's time
 plus reading the A and B of every distinct adapter of every step once, at the read bandwidth
-measured in this run; half the bytes with bfloat16 slots). PEFT, the slowest by far, runs the first `--peft-requests` requests only.
+measured in this run; half the bytes with bfloat16 slots). PEFT, the slowest by far, runs the
+first `--peft-requests` requests only.
 Writes bench/results/throughput.md and throughput.json.
 """
 
@@ -288,8 +289,9 @@ def render(rows: dict[str, dict], meta: dict) -> str:
             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, row in rows.items():
         r = {k: row[k]["tok_s"] for k in labels}
-        for run, label, t in (("engine_multi", "adapters / base-only engine", row["traffic"]),
-                              ("engine_multi_bf16", "adapters, bfloat16 slots / base-only engine", row["traffic_bf16"])):
+        ratios = (("engine_multi", "adapters / base-only engine", row["traffic"]),
+                  ("engine_multi_bf16", "adapters, bfloat16 slots / base-only engine", row["traffic_bf16"]))
+        for run, label, t in ratios:
             cols = f"{t['adapter_mb']:.1f} | {t['adapter_steps']} | {t['lora_gb']:.1f}"
             out.append(f"| {name} | {label} | {r[run] / r['engine_base']:.2f} | >= 0.90 "
                        f"| {cols} | {t['bound']:.2f} ({t['padded_bound']:.2f}) |")

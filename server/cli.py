@@ -157,11 +157,11 @@ def startup_summary(engine, settings) -> str:
 
     base, threads = engine.base, settings.threads or torch.get_num_threads()
     on = {True: "on", False: "off"}
+    slot_dtype = str(engine.lora.weight_dtype).removeprefix("torch.")
     return (f"serving {engine.base_name} on {base.device} ({str(base.dtype).removeprefix('torch.')}), "
             f"{len(engine.list_adapters())} adapters in {settings.adapters_dir}, {settings.max_loras} device "
-            f"slots (rank <= {settings.max_lora_rank}, {str(engine.lora.weight_dtype).removeprefix('torch.')} weights, LoRA op "
-            f"{engine.lora.backend.name}), decode attention "
-            f"{'cpu-kernel' if engine.decode_kernel else 'torch'}, "
+            f"slots (rank <= {settings.max_lora_rank}, {slot_dtype} weights, LoRA op {engine.lora.backend.name}), "
+            f"decode attention {'cpu-kernel' if engine.decode_kernel else 'torch'}, "
             f"KV cache {engine.kv_cache.num_slots} tokens ({engine.kv_cache.bytes / 2**30:.2f} GiB), {threads} "
             f"threads, API key {on[bool(settings.api_key)]}, admin {on[bool(settings.admin_token)]}, "
             f"http://{settings.host}:{settings.port}")

@@ -8,8 +8,8 @@
 `meta` is the step's `LoraStepMeta` (server/lora/step.py). `x`, `t`, `y` may be strided views
 (q/k/v share one shrink with A stacked to [S, 3R, in]; each expand reads its columns of t,
 `backend.columns(t, cols)`). A is zero-padded past each slot's rank and B carries the adapter's
-scale. `a` and `b` may be bfloat16 beside float32 `x` (the slots' `--lora-dtype`): the op computes in `x`'s
-dtype. What `shrink` returns is the backend's own: a dense `t [N, R]` for the reference and the
+scale. `a` and `b` may be bfloat16 beside float32 `x` (the slots' `--lora-dtype`): the op
+computes in `x`'s dtype. What `shrink` returns is the backend's own: a dense `t [N, R]` for the reference and the
 Triton kernels, a `CpuShrunk` (the same values in the layouts its expands read) on the CPU.
 
 Backends, picked per device and dtype by `backend_for`: on the CPU in float32 the compiled
@@ -17,7 +17,8 @@ kernels (`server.lora.cpu_native`: each slot's rows through a rank-aware mat-vec
 weights once, matmuls for prefill chunks), else the batched-matmul CPU path (`server.lora.cpu_ops`:
 one padded batched matmul over the dense prefix of used slots for decode rows, one matmul per
 segment for prefill chunks); both read host plans in `meta`, so nothing syncs with the host.
-Triton kernels from `server.lora.triton_ops` on CUDA when importable, and the torch reference (a per-token gather + bmm, BGMV) everywhere else.
+Triton kernels from `server.lora.triton_ops` on CUDA when importable, and the torch reference
+(a per-token gather + bmm, BGMV) everywhere else.
 """
 
 from __future__ import annotations

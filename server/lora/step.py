@@ -25,8 +25,8 @@ LoRA row is covered by `host_segments` ((start, length, slot) triples; prefill c
 runs of a slot far busier than the rest, which would blow up the padding).
 
 The compiled CPU kernels (`server/lora/cpu_native.py`, server/native/lora_kernels.cpp) read
-`slot_plan` instead: decode rows per slot in CSR form, each slot's weights streamed once up to its rank (`max_rank` is the buffers'
-rank width R, 0 when unknown); slots with many decode rows in one run, and prefill chunks, run as
+`slot_plan` instead: decode rows per slot in CSR form, each slot's weights streamed once up to
+its rank (`max_rank` is the buffers' rank width R, 0 when unknown); slots with many decode rows in one run, and prefill chunks, run as
 `slot_plan.segments` through one matmul each, where a GEMM beats per-row dot products.
 """
 
