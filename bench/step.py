@@ -4,6 +4,7 @@ with and without adapters, and profiled (torch profiler) to show where its time 
     python bench/step.py                       # 64 decoding sequences, 32 rank-16 all-linear adapters
     python bench/step.py --seqs 32 --adapters 32 --context 200 --profile
     python bench/step.py --lora-dtypes float32 # float32 slots only (default: float32 and bfloat16)
+    python bench/step.py --targets q_proj,v_proj   # adapters on q and v only (PEFT's default for Llama)
 
 No engine thread, scheduler or sampler: `ModelRunner.step` on hand-made sequences whose KV
 blocks are allocated but hold zeros (attention reads them all the same).
@@ -53,8 +54,9 @@ class DecodeRig:
 
     def __init__(self, base, seqs: int, adapters: int, context: int, ranks: tuple[int, ...] = (16,),
                  cpu_kernel: str = "auto", attention_kernel: str = "auto",
-                 lora_dtype: torch.dtype = torch.float32) -> None:
-        """Slot i holds a random adapter of rank `ranks[i % len(ranks)]`; buffers are max(ranks) wide."""
+                 lora_dtype: torch.dtype = torch.float32, targets: set[str] | None = None) -> None:
+        """Slot i holds a random adapter of rank `ranks[i % len(ranks)]` on `targets` (None: every
+        linear module); buffers are max(ranks) wide."""
         model = base.model
         layout = BaseLayout.from_model(model)
         backend = backend_for(torch.device("cpu"), torch.float32, cpu_kernel)
@@ -65,7 +67,7 @@ class DecodeRig:
         decode_kernel = decode_kernel_applies(torch.device("cpu"), torch.float32, attention_kernel)
         self.runner = ModelRunner(self.lora, self.kv, decode_kernel)
         for slot in range(adapters):
-            self.lora.write_slot(slot, random_adapter(layout, ranks[slot % len(ranks)], slot))
+            self.lora.write_slot(slot, random_adapter(layout, ranks[slot % len(ranks)], slot, targets))
         self.context = context
         self.seqs = []
         for i in range(seqs):
@@ -115,6 +117,7 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, default=32)
     parser.add_argument("--context", type=int, default=200)
     parser.add_argument("--ranks", default="16", help="comma-separated ranks, cycled over the adapters")
+    parser.add_argument("--targets", help="comma-separated module names the adapters target (default: all linear)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--cpu-lora-kernel", choices=CPU_LORA_KERNELS, default="auto")
@@ -124,11 +127,12 @@ def main() -> None:
     args = parser.parse_args()
     base = load_base_model(Settings(device="cpu"))
     ranks = tuple(int(r) for r in args.ranks.split(","))
+    targets = set(args.targets.split(",")) if args.targets else None
     dtypes = args.lora_dtypes.split(",")
     # One rig per dtype, each over its own copy of the model (a rig wraps its model's layers in place).
     models = [base.model] + [copy.deepcopy(base.model) for _ in dtypes[1:]]
     rigs = {dtype: DecodeRig(SimpleNamespace(model=model), args.seqs, args.adapters, args.context, ranks,
-                             args.cpu_lora_kernel, args.cpu_attention_kernel, getattr(torch, dtype))
+                             args.cpu_lora_kernel, args.cpu_attention_kernel, getattr(torch, dtype), targets)
             for dtype, model in zip(dtypes, models)}
     first = rigs[dtypes[0]]
     attention = "kernel" if first.runner.decode_kernel else "torch"

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from server.lora.ranks import RankTable
 from server.lora.step import LoraStepMeta
 
 
@@ -33,12 +34,14 @@ def _ranks(meta: LoraStepMeta, width: int) -> torch.Tensor:
     return torch.full((meta.slot_ranks.numel(),), width, dtype=torch.int32, device=meta.slot_ranks.device)
 
 
-def _segment_rank(meta: LoraStepMeta, slot: int, width: int) -> int:
+def _segment_rank(meta: LoraStepMeta, ranks: RankTable | None, member: int, slot: int, width: int) -> int:
     """The columns of a slot's `width`-wide member that a segment's matmul needs (as `_ranks`)."""
+    if ranks is not None:
+        return ranks.host[member][slot]
     return meta.ranks[slot] if meta.max_rank == width and meta.ranks else width
 
 
-def shrink(x: torch.Tensor, a: torch.Tensor, meta: LoraStepMeta) -> torch.Tensor:
+def shrink(x: torch.Tensor, a: torch.Tensor, meta: LoraStepMeta, *, ranks: RankTable | None = None) -> torch.Tensor:
     """t [N, R'] = a[slot] @ x per row (0 on base rows); `x [N, in]`, `a [S, R', in]` contiguous in `in`."""
     t = x.new_zeros(x.shape[0], a.shape[1])
     plan = meta.slot_plan
@@ -47,25 +50,32 @@ def shrink(x: torch.Tensor, a: torch.Tensor, meta: LoraStepMeta) -> torch.Tensor
     width = a.shape[1] // members
     if plan.ptr is not None:
         a = a if a.stride(2) == 1 else a.contiguous()  # the layers' buffers already are; a copy otherwise
-        torch.ops.loraplex.shrink_slots(x, a, plan.ptr, plan.rows, _ranks(meta, width), members, t)
+        table = _ranks(meta, width) if ranks is None else ranks.table
+        torch.ops.loraplex.shrink_slots(x, a, plan.ptr, plan.rows, table, members, t)
     for start, length, slot in plan.segments:
-        rows, rank = x[start:start + length], _segment_rank(meta, slot, width)
-        if rank == width:
+        rows = x[start:start + length]
+        member_ranks = [_segment_rank(meta, ranks, g, slot, width) for g in range(members)]
+        if all(rank == width for rank in member_ranks):  # one matmul for every member
             torch.mm(rows, a[slot].to(x.dtype).t(), out=t[start:start + length])
             continue
-        for g in range(members):  # each member's own rank only (a rank-8 adapter in rank-64 slots)
-            cols = slice(g * width, g * width + rank)
-            t[start:start + length, cols] = rows @ a[slot, cols].to(x.dtype).t()
+        for g, rank in enumerate(member_ranks):  # each member's own rank only (0: not targeted)
+            if rank:
+                cols = slice(g * width, g * width + rank)
+                t[start:start + length, cols] = rows @ a[slot, cols].to(x.dtype).t()
     return t
 
 
-def expand_(y: torch.Tensor, t: torch.Tensor, b: torch.Tensor, meta: LoraStepMeta, out_offset: int = 0) -> None:
+def expand_(y: torch.Tensor, t: torch.Tensor, b: torch.Tensor, meta: LoraStepMeta, out_offset: int = 0, *,
+            ranks: RankTable | None = None) -> None:
     """y[:, out_offset:out_offset+out] += b[slot] @ t per row; `b [S, out, R]` with `out` contiguous."""
     out = y[:, out_offset:out_offset + b.shape[1]]
     plan = meta.slot_plan
+    width = b.shape[2]
     if plan.ptr is not None:
         b = b if b.stride(1) == 1 else b.transpose(1, 2).contiguous().transpose(1, 2)  # as the layers keep it
-        torch.ops.loraplex.expand_slots(out, t, b, plan.ptr, plan.rows, _ranks(meta, b.shape[2]))
+        table = _ranks(meta, width) if ranks is None else ranks.table
+        torch.ops.loraplex.expand_slots(out, t, b, plan.ptr, plan.rows, table)
     for start, length, slot in plan.segments:
-        rank = _segment_rank(meta, slot, b.shape[2])
-        out[start:start + length].addmm_(t[start:start + length, :rank], b[slot, :, :rank].to(y.dtype).t())
+        rank = _segment_rank(meta, ranks, 0, slot, width)
+        if rank:
+            out[start:start + length].addmm_(t[start:start + length, :rank], b[slot, :, :rank].to(y.dtype).t())

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from server.lora.ranks import RankTable
 from server.lora.step import LoraStepMeta
 
 
@@ -59,8 +60,9 @@ class CpuShrunk:
         return t
 
 
-def shrink(x: torch.Tensor, a: torch.Tensor, meta: LoraStepMeta) -> CpuShrunk:
-    """x [N, in] @ a[slot]^T per row; `a [S, R, in]` (fastest as a transposed view of [S, in, R])."""
+def shrink(x: torch.Tensor, a: torch.Tensor, meta: LoraStepMeta, *, ranks: RankTable | None = None) -> CpuShrunk:
+    """x [N, in] @ a[slot]^T per row; `a [S, R, in]` (fastest as a transposed view of [S, in, R]).
+    The padded batch reads every slot at the full width R, so `ranks` is not used."""
     padded = rows = None
     if meta.pad_count:
         picked = x[:meta.pad_count] if meta.pad_gather is None else x.index_select(0, meta.pad_gather)
@@ -73,7 +75,8 @@ def shrink(x: torch.Tensor, a: torch.Tensor, meta: LoraStepMeta) -> CpuShrunk:
     return CpuShrunk(padded, rows, a.shape[1])
 
 
-def expand_(y: torch.Tensor, t: CpuShrunk, b: torch.Tensor, meta: LoraStepMeta, out_offset: int = 0) -> None:
+def expand_(y: torch.Tensor, t: CpuShrunk, b: torch.Tensor, meta: LoraStepMeta, out_offset: int = 0, *,
+            ranks: RankTable | None = None) -> None:
     """y[:, out_offset:out_offset+out] += b[slot] @ t per row; `b [S, out, R]` (fastest as a view of [S, R, out])."""
     out = y[:, out_offset:out_offset + b.shape[1]]
     if t.padded is not None:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from server.lora.ops import Backend
+from server.lora.ranks import WeightRanks
 from server.lora.step import LoraStepMeta
 
 
@@ -33,7 +34,8 @@ class LoraGroup(nn.Module):
     layout the backend reads fastest (`Backend.a_storage_in_major`): `[S, in, members * R]` for
     the batched-matmul CPU path (the shrink's right operand as it lies: up to 25% faster than the
     transposed view, measured), `[S, members * R, in]` for the compiled kernels (a rank row is
-    contiguous, so a slot's rows past its rank are never read).
+    contiguous, so a slot's rows past its rank are never read). `ranks` holds each row's rank per
+    member (0 where its adapter does not target the member), which the op may skip.
     """
 
     def __init__(self, members: int, in_features: int, max_loras: int, max_rank: int,
@@ -47,6 +49,7 @@ class LoraGroup(nn.Module):
         # The op's view of A, taken once (buffers are never replaced: the model is on its device
         # before its layers are wrapped); a plain attribute, as module buffer lookups are slow.
         self.op_a = self.lora_a
+        self.ranks = WeightRanks(members, max_loras, device)
         self._cache = _ShrinkCache()
 
     @property
@@ -62,18 +65,19 @@ class LoraGroup(nn.Module):
     def shrink(self, x: torch.Tensor, meta: LoraStepMeta) -> Any:
         """The shrink output (t [N, members * R] in the backend's form) for input `x [..., in]` (N
         tokens), computed once for the group's members: they are handed the very same input
-        tensor object, which is the cache key."""
+        tensor object, which is the cache key. Only members that a row of the step touches ask."""
         cache = self._cache
         if cache.x is not x or cache.meta is not meta:
             x2 = x.view(-1, x.shape[-1]) if x.is_contiguous() else x.reshape(-1, x.shape[-1])
             if x2.shape[0] != meta.num_tokens:
                 raise RuntimeError(f"LoRA step planned for {meta.num_tokens} tokens, layer got {x2.shape[0]}")
             cache.x, cache.meta, cache.uses = x, meta, 0
+            cache.readers = sum(1 for mask in self.ranks.masks if mask & meta.row_mask)
             cache.computed += 1
-            cache.t = self.backend.shrink(x2, self.op_a, meta)
+            cache.t = self.backend.shrink(x2, self.op_a, meta, ranks=self.ranks.group)
         t = cache.t
         cache.uses += 1
-        if cache.uses == self.members:  # every member has read it: drop the references
+        if cache.uses >= cache.readers:  # every member that needs it has read it: drop the references
             cache.x = cache.meta = cache.t = None
         return t
 
@@ -81,13 +85,13 @@ class LoraGroup(nn.Module):
 class _ShrinkCache:
     """A group's last shrink (a plain object: setting attributes on a module is slow)."""
 
-    __slots__ = ("x", "meta", "t", "uses", "computed")
+    __slots__ = ("x", "meta", "t", "uses", "readers", "computed")
 
     def __init__(self) -> None:
         self.x: torch.Tensor | None = None
         self.meta: LoraStepMeta | None = None
         self.t: Any = None
-        self.uses = 0
+        self.uses = self.readers = 0
         self.computed = 0
 
 
@@ -115,6 +119,7 @@ class LoraLinear(nn.Module):
         self.register_buffer("b_storage", torch.zeros(shape, **kw), persistent=False)
         # Plain attributes the forward reads (module buffer and property lookups are slow).
         self._backend, self._op_b, self._a_rows = group.backend, self.lora_b, self.a_rows
+        self._ranks, self._masks = group.ranks.members[index], group.ranks.masks
         self._alone = group.members == 1  # reads the whole shrink output: no column view needed
 
     @property
@@ -135,14 +140,15 @@ class LoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         meta = self.state.meta
-        if meta is None or not meta.has_lora:
+        # No row of the step holds an adapter that targets this module: its delta is 0 everywhere.
+        if meta is None or not meta.row_mask & self._masks[self.index]:
             return y
         group, backend = self._group[0], self._backend
         t = group.shrink(x, meta)
         if not self._alone:
             t = backend.columns(t, self._a_rows)
         y = y.contiguous()
-        backend.expand_(y.view(-1, self.out_features), t, self._op_b, meta, 0)
+        backend.expand_(y.view(-1, self.out_features), t, self._op_b, meta, 0, ranks=self._ranks)
         return y
 
     @torch.no_grad()
@@ -155,8 +161,10 @@ class LoraLinear(nn.Module):
         b_row = self.lora_b[row]
         b_row[:, :r].copy_(b * scale)  # scaled first, so that a narrower slot dtype rounds once
         b_row[:, r:].zero_()
+        self.group.ranks.set(self.index, row, r)
 
     @torch.no_grad()
     def clear_slot(self, row: int) -> None:
         self.group.lora_a[row, self.a_rows].zero_()
         self.lora_b[row].zero_()
+        self.group.ranks.set(self.index, row, 0)

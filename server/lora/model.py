@@ -119,6 +119,8 @@ class LoraModel:
         from_ = torch.tensor([src[r] for r in rows], device=self.device)
         for buf in [g.a_storage for g in self.groups] + [layer.b_storage for layer in self.layers.values()]:
             buf.index_copy_(0, dst, buf.index_select(0, from_))
+        for group in self.groups:
+            group.ranks.move_rows(dst, from_)
         self.row_moves += len(pairs)
 
     # Steps ----------------------------------------------------------------------------------------

@@ -1,9 +1,14 @@
 """The batched multi-adapter LoRA op: two primitives over per-slot stacked buffers.
 
-    shrink(x [N, in], a [S, R, in], meta) -> t [N, R]
+    shrink(x [N, in], a [S, R, in], meta, ranks=None) -> t [N, R]
         t[i] = a[slot(i)] @ x[i]; rows with slot -1 are 0
-    expand_(y [N, out_total], t [N, R], b [S, out, R], meta, out_offset) -> None
+    expand_(y [N, out_total], t [N, R], b [S, out, R], meta, out_offset, ranks=None) -> None
         y[i, out_offset:out_offset+out] += b[slot(i)] @ t[i]   (slot(i) != -1)
+
+`ranks` (a `RankTable`, server/lora/ranks.py) gives each slot's rank in this very weight, per
+stacked member (`[members, S]`; one member for an expand): 0 where the slot's adapter does not
+target it. Rows of A and columns of B at or past it are zero, so a backend may skip them; the
+compiled CPU kernels do. Without it, `meta.slot_ranks` holds for every member.
 
 `meta` is the step's `LoraStepMeta` (server/lora/step.py). `x`, `t`, `y` may be strided views
 (q/k/v share one shrink with A stacked to [S, 3R, in]; each expand reads its columns of t,
@@ -32,16 +37,18 @@ import torch
 from server.config import CpuLoraKernel
 from server.lora import cpu_native, cpu_ops
 from server.native.loader import load_kernels
+from server.lora.ranks import RankTable
 from server.lora.step import LoraStepMeta
 
 
 class ShrinkFn(Protocol):
-    def __call__(self, x: torch.Tensor, a: torch.Tensor, meta: LoraStepMeta) -> Any: ...
+    def __call__(self, x: torch.Tensor, a: torch.Tensor, meta: LoraStepMeta, *,
+                 ranks: RankTable | None = None) -> Any: ...
 
 
 class ExpandFn(Protocol):
     def __call__(self, y: torch.Tensor, t: Any, b: torch.Tensor, meta: LoraStepMeta,
-                 out_offset: int = 0) -> None: ...
+                 out_offset: int = 0, *, ranks: RankTable | None = None) -> None: ...
 
 
 def dense_columns(t: torch.Tensor, cols: slice) -> torch.Tensor:
@@ -60,15 +67,16 @@ class Backend(NamedTuple):
 
 # Reference (any device) ----------------------------------------------------------------------------
 
-def shrink_reference(x: torch.Tensor, a: torch.Tensor, meta: LoraStepMeta) -> torch.Tensor:
-    """BGMV: gather each token's A and run one batched mat-vec; `[N, R]`."""
+def shrink_reference(x: torch.Tensor, a: torch.Tensor, meta: LoraStepMeta, *,
+                     ranks: RankTable | None = None) -> torch.Tensor:
+    """BGMV: gather each token's A and run one batched mat-vec; `[N, R]` (reads the zeros too)."""
     slots = meta.token_slots
     t = torch.bmm(x.unsqueeze(1), a[slots.clamp(min=0)].to(x.dtype).transpose(1, 2)).squeeze(1)
     return t * (slots >= 0).unsqueeze(1).to(t.dtype)
 
 
 def expand_reference_(y: torch.Tensor, t: torch.Tensor, b: torch.Tensor, meta: LoraStepMeta,
-                      out_offset: int = 0) -> None:
+                      out_offset: int = 0, *, ranks: RankTable | None = None) -> None:
     slots = meta.token_slots
     delta = torch.bmm(t.unsqueeze(1), b[slots.clamp(min=0)].to(t.dtype).transpose(1, 2)).squeeze(1)
     y[:, out_offset:out_offset + b.shape[1]] += delta * (slots >= 0).unsqueeze(1).to(delta.dtype)

@@ -14,6 +14,8 @@ Fields (N packed tokens, S slots, G segments; every tensor on the model's device
   zero-padded past it, so a kernel may compute with the buffers' full R. `ranks` is the same
   as python ints, for host loops.
 - `num_decode`: rows `[0, num_decode)` are decode rows, the rest prefill rows.
+- `row_mask`: bitmask of the slots any row uses (a layer whose weights hold nothing in them skips
+  the op; server/lora/ranks.py).
 
 The CPU fast path (`server/lora/cpu_ops.py`) reads a host plan built here too, so it never syncs:
 decode rows go through one padded batched matmul over slots `[0, pad_slots)` (`pad_width` rows
@@ -84,6 +86,7 @@ class LoraStepMeta:
     slot_plan: SlotPlan
     max_rank: int = 0
     ranks: tuple[int, ...] = ()
+    row_mask: int = 0
 
     @property
     def has_lora(self) -> bool:
@@ -118,6 +121,7 @@ class LoraStepMeta:
             pad_gather=None if rows_identity and index_identity else t(_gather(pad_rows, pad_index, pad_slots * width)),
             host_segments=host,
             slot_plan=_slot_plan(token_slots, num_decode, t), max_rank=max_rank, ranks=tuple(slot_ranks),
+            row_mask=sum(1 << s for s in set(token_slots) if s >= 0),
         )
 
 

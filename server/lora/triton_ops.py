@@ -327,13 +327,14 @@ def _check(x: torch.Tensor, w: torch.Tensor, what: str) -> None:
 
 
 def shrink(x: torch.Tensor, a: torch.Tensor, meta: StepMeta, *, slice_rank: int | None = None,
-           path: Path = "auto") -> torch.Tensor:
+           path: Path = "auto", ranks: Any = None) -> torch.Tensor:
     """t [N, R] float32 = a[slot(i)] @ x[i] for every row; rows of slot -1 are 0.
 
     x: [N, in] (any strides); a: [S, R, in], R <= 256 (several projections' A may be stacked
     along R). `slice_rank`: the width of each stacked slice; when given, rows past
     `meta.slot_ranks[slot]` inside each slice are skipped (they are zero padding). Without it
-    every one of the R rows is read, which is correct but reads the padding.
+    every one of the R rows is read, which is correct but reads the padding. `ranks` (the op's
+    per-weight table, server/lora/ops.py) is not used: the kernels read `meta.slot_ranks`.
     """
     n, r = x.shape[0], a.shape[1]
     if n == 0 or meta.num_segments == 0:
@@ -416,13 +417,13 @@ def _sgmv_shrink(x, a, meta, ranks, width, interpreted, zero_base) -> torch.Tens
 
 
 def expand_(y: torch.Tensor, t: torch.Tensor, b: torch.Tensor, meta: StepMeta, out_offset: int = 0, *,
-            path: Path = "auto") -> None:
+            path: Path = "auto", ranks: Any = None) -> None:
     """y[i, out_offset:out_offset + out] += b[slot(i)] @ t[i] for every row whose slot is not -1.
 
     y: [N, >= out_offset + out], updated in place (any strides, e.g. a fused q/k/v output);
     t: [N, R] (any float dtype and strides, e.g. a column slice of a stacked shrink output);
     b: [S, out, R] with the adapter scale folded in; columns past `meta.slot_ranks[slot]` are
-    skipped (zero padding).
+    skipped (zero padding); `ranks` as in `shrink`.
     """
     _check(y, b, "expand_")
     if t.shape != (y.shape[0], b.shape[2]):

@@ -5,9 +5,10 @@
 // Built by server/native/loader.py on first use (torch's JIT extension loader, -O3 -march=native)
 // and registered as torch ops `loraplex::shrink_slots` and `loraplex::expand_slots`. Rows are given
 // per slot in CSR form: slot s owns packed rows rows[ptr[s] .. ptr[s+1]) (ptr [S' + 1], rows [n]).
-// Each slot's weights are streamed once whatever its row count, only up to its adapter's rank
-// (ranks [S] int32): the zero padding past it is never read. Slots run in parallel on torch's own
-// OpenMP team (at::parallel_for), rows of one slot on one thread, so no two threads write one row.
+// Each slot's weights are streamed once whatever its row count, only up to its adapter's rank in
+// that weight (ranks int32; 0 where the adapter does not target it): the zeros past it are never
+// read. Slots run in parallel on torch's own OpenMP team (at::parallel_for), split into runs of
+// equal work, rows of one slot on one thread, so no two threads write one row.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -16,6 +17,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace {
 
@@ -81,20 +83,48 @@ void with_weights(const at::Tensor& w, Body&& body) {
     body(w.data_ptr<float>());
 }
 
-// The rows of each slot (CSR) and the slots' ranks, checked, as raw pointers.
+// The rows of each slot (CSR) and the slots' ranks, checked, as raw pointers. `ranks` is [S'] (one
+// rank per slot for every member) or [members, S'] (each member's own: 0 where the slot's adapter
+// does not target it); `rank(g, s)` reads either.
 struct SlotPlan {
   int64_t slots;
   const int64_t* ptr;
   const int64_t* rows;
   const int32_t* ranks;
+  int64_t member_stride;  // 0 for [S'] ranks
+  int64_t rank(int64_t g, int64_t s) const { return ranks[g * member_stride + s]; }
 };
 
-SlotPlan slot_plan(const at::Tensor& ptr, const at::Tensor& rows, const at::Tensor& ranks) {
+SlotPlan slot_plan(const at::Tensor& ptr, const at::Tensor& rows, const at::Tensor& ranks, int64_t members) {
   TORCH_CHECK(ptr.scalar_type() == at::kLong && rows.scalar_type() == at::kLong, "ptr and rows must be int64");
   TORCH_CHECK(ranks.scalar_type() == at::kInt, "ranks must be int32");
   TORCH_CHECK(ptr.is_contiguous() && rows.is_contiguous() && ranks.is_contiguous(), "plan tensors must be contiguous");
-  TORCH_CHECK(ranks.numel() >= ptr.numel() - 1, "a rank is needed for every slot of the plan");
-  return {ptr.numel() - 1, ptr.data_ptr<int64_t>(), rows.data_ptr<int64_t>(), ranks.data_ptr<int32_t>()};
+  TORCH_CHECK(ranks.dim() == 1 || (ranks.dim() == 2 && ranks.size(0) == members),
+              "ranks must be [slots] or [members, slots]");
+  TORCH_CHECK(ranks.size(-1) >= ptr.numel() - 1, "a rank is needed for every slot of the plan");
+  return {ptr.numel() - 1, ptr.data_ptr<int64_t>(), rows.data_ptr<int64_t>(), ranks.data_ptr<int32_t>(),
+          ranks.dim() == 2 ? ranks.size(1) : 0};
+}
+
+// body(s) for every slot s, on torch's threads, the slots cut into one contiguous run per thread
+// of about equal cost(s) (weights read): split by slot count, slots of rank 0 or many rows in one
+// half would leave the other thread idle.
+template <typename Cost, typename Body>
+void for_slots(int64_t slots, Cost cost, Body body) {
+  std::vector<int64_t> prefix(slots + 1, 0);
+  for (int64_t s = 0; s < slots; ++s) prefix[s + 1] = prefix[s] + cost(s);
+  const int64_t total = prefix[slots];
+  if (total == 0) return;
+  const int64_t parts = std::min<int64_t>(at::get_num_threads(), slots);
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t part = p0; part < p1; ++part) {
+      // Slot s belongs to the part its starting cost falls in.
+      const int64_t lo = total * part / parts, hi = total * (part + 1) / parts;
+      const int64_t first = std::lower_bound(prefix.begin(), prefix.begin() + slots, lo) - prefix.begin();
+      const int64_t last = std::lower_bound(prefix.begin(), prefix.begin() + slots, hi) - prefix.begin();
+      for (int64_t s = first; s < last; ++s) body(s);
+    }
+  });
 }
 
 // t[r][col] = a[:] . x[r, :] for ROWS rows: UNROLL independent vector sums per row, so the FMAs do
@@ -123,13 +153,13 @@ inline void dot_row(const float* const* x, const W* a, int64_t in, float* const*
   }
 }
 
-// t[row, g*R + j] = a[s, g*R + j, :] . x[row, :] for j < ranks[s]; 0 for the other columns.
+// t[row, g*R + j] = a[s, g*R + j, :] . x[row, :] for j < rank(g, s); 0 for the other columns.
 // x [N, in], a [S, members*R, in], t [N, members*R]. A slot's rows go through in pairs, so its A
 // is read once per pair.
 template <typename W>
 void shrink_typed(const at::Tensor& x, const W* A, const at::Tensor& a, const at::Tensor& ptr, const at::Tensor& rows,
                   const at::Tensor& ranks, int64_t members, const at::Tensor& t) {
-  const SlotPlan plan = slot_plan(ptr, rows, ranks);
+  const SlotPlan plan = slot_plan(ptr, rows, ranks, members);
   const int64_t* P = plan.ptr;
   const int64_t* Rw = plan.rows;
   const int64_t in = x.size(1), width = a.size(1), rank_max = width / members;
@@ -137,26 +167,30 @@ void shrink_typed(const at::Tensor& x, const W* A, const at::Tensor& a, const at
   const float* X = x.data_ptr<float>();
   float* T = t.data_ptr<float>();
   const int64_t xs = x.stride(0), ts = t.stride(0), as = a.stride(0), ar = a.stride(1);
-  at::parallel_for(0, plan.slots, 1, [&](int64_t s0, int64_t s1) {
-    for (int64_t s = s0; s < s1; ++s) {
-      const int64_t rank = std::min<int64_t>(plan.ranks[s], rank_max);
-      for (int64_t p = P[s]; p < P[s + 1]; ++p) std::fill_n(T + Rw[p] * ts, width, 0.f);
-      for (int64_t p = P[s]; p < P[s + 1]; p += 2) {
-        const int64_t count = std::min<int64_t>(2, P[s + 1] - p);
-        const float* xr[2];
-        float* tr[2];
-        for (int64_t r = 0; r < count; ++r) {
-          xr[r] = X + Rw[p + r] * xs;
-          tr[r] = T + Rw[p + r] * ts;
-        }
-        for (int64_t g = 0; g < members; ++g) {
-          const W* ag = A + s * as + g * rank_max * ar;
-          for (int64_t j = 0; j < rank; ++j) {
-            if (count == 2)
-              dot_row<2>(xr, ag + j * ar, in, tr, g * rank_max + j);
-            else
-              dot_row<1>(xr, ag + j * ar, in, tr, g * rank_max + j);
-          }
+  auto rank = [&](int64_t g, int64_t s) { return std::min<int64_t>(plan.rank(g, s), rank_max); };
+  auto cost = [&](int64_t s) {
+    int64_t sum = 0;
+    for (int64_t g = 0; g < members; ++g) sum += rank(g, s);
+    // A is read once per pair of rows; a slot with rows and nothing to read still zeroes them.
+    return P[s + 1] > P[s] ? 1 + sum * ((P[s + 1] - P[s] + 1) / 2) : 0;
+  };
+  for_slots(plan.slots, cost, [&](int64_t s) {
+    for (int64_t p = P[s]; p < P[s + 1]; ++p) std::fill_n(T + Rw[p] * ts, width, 0.f);
+    for (int64_t p = P[s]; p < P[s + 1]; p += 2) {
+      const int64_t count = std::min<int64_t>(2, P[s + 1] - p);
+      const float* xr[2];
+      float* tr[2];
+      for (int64_t r = 0; r < count; ++r) {
+        xr[r] = X + Rw[p + r] * xs;
+        tr[r] = T + Rw[p + r] * ts;
+      }
+      for (int64_t g = 0; g < members; ++g) {
+        const W* ag = A + s * as + g * rank_max * ar;
+        for (int64_t j = 0, rg = rank(g, s); j < rg; ++j) {
+          if (count == 2)
+            dot_row<2>(xr, ag + j * ar, in, tr, g * rank_max + j);
+          else
+            dot_row<1>(xr, ag + j * ar, in, tr, g * rank_max + j);
         }
       }
     }
@@ -192,13 +226,13 @@ void expand_rows(float* const* y, const float* const* t, const W* b, int64_t br,
   }
 }
 
-// y[row, :] += sum_{j < ranks[s]} t[row, j] * b[s, :, j].  y [N, out], t [N, >= R], b [S, out, R] with
+// y[row, :] += sum_{j < rank(s)} t[row, j] * b[s, :, j].  y [N, out], t [N, >= R], b [S, out, R] with
 // out contiguous (b is the [S, R, out] buffer's transposed view). A slot's rows go through in groups of
 // up to 4, so B is read once per group, not once per row.
 template <typename W>
 void expand_typed(const at::Tensor& y, const at::Tensor& t, const W* B, const at::Tensor& b, const at::Tensor& ptr,
                   const at::Tensor& rows, const at::Tensor& ranks) {
-  const SlotPlan plan = slot_plan(ptr, rows, ranks);
+  const SlotPlan plan = slot_plan(ptr, rows, ranks, 1);
   const int64_t* P = plan.ptr;
   const int64_t* Rw = plan.rows;
   const int64_t out = b.size(1), rank_max = b.size(2);
@@ -206,24 +240,23 @@ void expand_typed(const at::Tensor& y, const at::Tensor& t, const W* B, const at
   float* Y = y.data_ptr<float>();
   const float* T = t.data_ptr<float>();
   const int64_t ys = y.stride(0), ts = t.stride(0), bs = b.stride(0), br = b.stride(2);
-  at::parallel_for(0, plan.slots, 1, [&](int64_t s0, int64_t s1) {
-    for (int64_t s = s0; s < s1; ++s) {
-      const int64_t rank = std::min<int64_t>(plan.ranks[s], rank_max);
-      for (int64_t p = P[s]; p < P[s + 1]; p += 4) {
-        const int64_t count = std::min<int64_t>(4, P[s + 1] - p);
-        float* yr[4];
-        const float* tr[4];
-        for (int64_t r = 0; r < count; ++r) {
-          yr[r] = Y + Rw[p + r] * ys;
-          tr[r] = T + Rw[p + r] * ts;
-        }
-        const W* bslot = B + s * bs;
-        switch (count) {
-          case 1: expand_rows<1>(yr, tr, bslot, br, rank, out); break;
-          case 2: expand_rows<2>(yr, tr, bslot, br, rank, out); break;
-          case 3: expand_rows<3>(yr, tr, bslot, br, rank, out); break;
-          default: expand_rows<4>(yr, tr, bslot, br, rank, out); break;
-        }
+  auto rank = [&](int64_t s) { return std::min<int64_t>(plan.rank(0, s), rank_max); };
+  auto cost = [&](int64_t s) { return rank(s) * ((P[s + 1] - P[s] + 3) / 4); };  // B: once per 4 rows
+  for_slots(plan.slots, cost, [&](int64_t s) {
+    for (int64_t p = P[s]; p < P[s + 1]; p += 4) {
+      const int64_t count = std::min<int64_t>(4, P[s + 1] - p);
+      float* yr[4];
+      const float* tr[4];
+      for (int64_t r = 0; r < count; ++r) {
+        yr[r] = Y + Rw[p + r] * ys;
+        tr[r] = T + Rw[p + r] * ts;
+      }
+      const W* bslot = B + s * bs;
+      switch (count) {
+        case 1: expand_rows<1>(yr, tr, bslot, br, rank(s), out); break;
+        case 2: expand_rows<2>(yr, tr, bslot, br, rank(s), out); break;
+        case 3: expand_rows<3>(yr, tr, bslot, br, rank(s), out); break;
+        default: expand_rows<4>(yr, tr, bslot, br, rank(s), out); break;
       }
     }
   });

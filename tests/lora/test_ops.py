@@ -12,6 +12,7 @@ import torch
 
 from server.native.loader import load_kernels
 from server.lora.ops import CPU, CPU_KERNELS, REFERENCE, add_lora_, backend_for
+from server.lora.ranks import WeightRanks
 from server.lora.step import KERNEL_GEMM_ROWS, LoraStepMeta
 
 BACKENDS = [CPU_KERNELS, CPU, REFERENCE]
@@ -162,6 +163,70 @@ def test_kernels_read_only_up_to_each_rank(fan_in, fan_out, weights):
     y = torch.zeros(len(slots), fan_out)
     add_lora_(y, x, a, b, LoraStepMeta.build(slots, ranks, "cpu", 6, max_rank=R), CPU_KERNELS)
     torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-4)
+
+
+# Per member (q, k, v) and slot: the rank of the slot's adapter in that member, 0 = not targeted.
+# Slots 0-2 target q and v only (PEFT's default), 3 has its own rank per member (a rank_pattern),
+# 4 targets all three; the untargeted half-front of the slots tests the kernels' split of the work.
+MEMBER_RANKS = [[5, 0, 8, 3, 8], [0, 0, 0, 6, 8], [5, 0, 8, 1, 8]]
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)
+@pytest.mark.parametrize("slots,num_decode", CASES[:7])
+@pytest.mark.parametrize("fan_in,outs", [(IN, (10, 6, 6)), (85, (37, 16, 16))], ids=["small", "vector"])
+@pytest.mark.parametrize("weights", WEIGHT_DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_each_member_read_only_up_to_its_own_rank(backend, slots, num_decode, fan_in, outs, weights):
+    """With the weights' `RankTable`, a module a slot's adapter does not target, and every row past
+    its rank in that module, is never read: NaN there changes nothing (the kernels skip it; the other
+    backends ignore the table and so are given zeros)."""
+    torch.manual_seed(4)
+    ranks = WeightRanks(len(outs), S, torch.device("cpu"))
+    for g, member in enumerate(MEMBER_RANKS):
+        for slot, rank in enumerate(member):
+            ranks.set(g, slot, rank)
+    a = [torch.randn(S, R, fan_in).to(weights) for _ in outs]
+    b = [torch.randn(S, o, R).to(weights) for o in outs]
+    for a_g, b_g, member in zip(a, b, MEMBER_RANKS):
+        zero_past_rank(a_g, b_g, member)
+    x = torch.randn(len(slots), fan_in)
+    y = torch.randn(len(slots), sum(outs))
+    expected = y.clone()
+    offset = 0
+    for g, out in enumerate(outs):
+        expected[:, offset:offset + out] += reference(x, a[g], b[g], slots)
+        offset += out
+    if backend is CPU_KERNELS:
+        for a_g, b_g, member in zip(a, b, MEMBER_RANKS):
+            for slot, rank in enumerate(member):
+                a_g[slot, rank:], b_g[slot, :, rank:] = float("nan"), float("nan")
+    meta = LoraStepMeta.build(slots, [8] * S, "cpu", num_decode, max_rank=R)
+    t = backend.shrink(x, torch.cat(a, dim=1), meta, ranks=ranks.group)
+    offset = 0
+    for g, out in enumerate(outs):
+        backend.expand_(y, backend.columns(t, slice(g * R, (g + 1) * R)), b[g], meta, offset,
+                        ranks=ranks.members[g])
+        offset += out
+    torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_weight_ranks_follow_writes_and_row_moves():
+    ranks = WeightRanks(2, 4, torch.device("cpu"))
+    ranks.set(0, 1, 8)
+    ranks.set(1, 1, 4)
+    ranks.set(0, 3, 16)
+    assert ranks.masks == [0b1010, 0b0010]
+    ranks.set(0, 1, 0)
+    assert ranks.masks == [0b1000, 0b0010]
+    ranks.move_rows(torch.tensor([0, 1, 3]), torch.tensor([1, 3, 0]))  # 1 -> 0, 3 -> 1, 0 -> 3
+    assert ranks.group.host == [[0, 16, 0, 0], [4, 0, 0, 0]]
+    assert ranks.group.table.tolist() == ranks.group.host
+    assert ranks.masks == [0b0010, 0b0001]
+    assert ranks.members[1].table.tolist() == [[4, 0, 0, 0]] and ranks.members[1].host == [[4, 0, 0, 0]]
+
+
+def test_step_mask_names_the_rows_in_use():
+    assert LoraStepMeta.build([2, 2, -1, 0], [8] * 3, "cpu", 4).row_mask == 0b101
+    assert LoraStepMeta.build([-1, -1], [8] * 3, "cpu", 2).row_mask == 0
 
 
 def test_backend_for_cpu_picks_the_kernels_in_float32():

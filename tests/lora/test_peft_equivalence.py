@@ -115,6 +115,23 @@ def test_mixed_batch_equals_peft_on_default_model(tmp_path, default_base):
     check_logits_and_greedy(base, paths, vocab=tok.vocab_size, pad_id=tok.pad_token_id, eos_ids=[tok.eos_token_id])
 
 
+def test_row_moves_carry_each_module_s_ranks(tmp_path):
+    """Compacting the used slots into a dense prefix moves adapters between rows, and each module's
+    rank table with them: a stale one would skip a moved adapter's modules or stop short of its rank
+    (layer1-r12 lands in the row qv-r4 held). A batch over every adapter still equals PEFT."""
+    base = tiny_llama()
+    paths = make_peft_adapters(base, tmp_path)
+    lora, names = build_lora(base, paths)
+    n = len(names)
+    lora.place([n - 3, n - 2, n - 1])
+    assert lora.row_moves == 3 and {lora.row_of[s] for s in range(n - 3, n)} == {0, 1, 2}
+    rows, slots = mixed_rows(256, names)
+    ours = forward_logits(lora, rows, slots, pad_id=0)
+    greedy = generate_batch(lora, rows, slots, 8, [1], 0)
+    checked = assert_rows_match_oracle(peft_oracle(base, paths), names, rows, slots, ours, greedy, 8, 0, [1])
+    assert checked == {*names, None}
+
+
 # Adapters whose scale (alpha / r, or alpha / sqrt(r)) is a power of two: B * scale is exact in bfloat16.
 POWER_OF_TWO_SCALES = ["qv-r4", "regex-r16", "mlp-r32", "all-r64", "patterns-r8", "layer1-r12"]
 
