@@ -59,7 +59,8 @@ def workload_label(spec: dict) -> str:
     if spec.get("equal"):
         return label + "\nequal lengths"
     ranks = spec.get("ranks", [16])
-    return label + (f"\nranks {min(ranks)}-{max(ranks)}" if len(ranks) > 1 else f"\nrank {ranks[0]}")
+    label += f"\nranks {min(ranks)}-{max(ranks)}" if len(ranks) > 1 else f"\nrank {ranks[0]}"
+    return label + (", q/k/v/o" if spec.get("targets") else "")
 
 
 def plot_scaling(data: dict) -> Path:

@@ -9,6 +9,7 @@ Workloads (prompts 16-256 tokens, 16-256 new tokens unless said otherwise):
   32x32        32 requests over 32 adapters
   64x32-equal  64 requests over 32 adapters, every request 256 prompt + 256 new tokens
   64x32-ranks  64 requests over 32 all-linear adapters of ranks 8, 16, 32, 64 in one batch
+  64x32-attn   64 requests over 32 rank-16 adapters on q/k/v/o only (as the adapters in adapters/)
 
 Systems: the loraplex engine with every request on the base model; the engine with the requests
 spread over the adapters (float32 slots, the default, and `--lora-dtype bfloat16`: the same adapters,
@@ -55,26 +56,31 @@ class Spec:
     adapters: int
     ranks: tuple[int, ...]   # adapter i has rank ranks[i % len(ranks)]
     equal: bool = False
+    targets: tuple[str, ...] | None = None  # module names the adapters target; None = all linear
 
     @property
     def adapter_set(self) -> str:
-        return "r" + "-".join(map(str, self.ranks))
+        return "r" + "-".join(map(str, self.ranks)) + ("" if self.targets is None else "-" + "-".join(self.targets))
+
+
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 def specs(quick: bool) -> list[Spec]:
     n, a = (8, 4) if quick else (64, 32)
     return [Spec(f"{n}x{a}", n, a, (16,)), Spec(f"{n // 2}x{a}", n // 2, a, (16,)),
-            Spec(f"{n}x{a}-equal", n, a, (16,), equal=True), Spec(f"{n}x{a}-ranks", n, a, (8, 16, 32, 64))]
+            Spec(f"{n}x{a}-equal", n, a, (16,), equal=True), Spec(f"{n}x{a}-ranks", n, a, (8, 16, 32, 64)),
+            Spec(f"{n}x{a}-attn", n, a, (16,), targets=ATTENTION)]
 
 
 def make_adapters(base, folder: Path, spec: Spec) -> list[str]:
-    """Real PEFT adapters (tests/peft_adapters.py), rank-cycled, all-linear; returns their names."""
+    """Real PEFT adapters (tests/peft_adapters.py), rank-cycled, on the spec's targets; returns their names."""
     names = []
     for i in range(spec.adapters):
         rank = spec.ranks[i % len(spec.ranks)]
         name = f"{spec.adapter_set}-{i}"
         save_adapter(base, folder / name, seed=i, scale_b=0.05, r=rank, lora_alpha=2 * rank,
-                     target_modules="all-linear")
+                     target_modules=list(spec.targets) if spec.targets else "all-linear")
         names.append(name)
     return names
 
@@ -149,8 +155,8 @@ def traffic(spec: Spec, layout: BaseLayout, row: dict, bandwidth: float, run: st
     bytes per weight in the slots (4 float32, 2 bfloat16).
     """
     ranks = [spec.ranks[i % len(spec.ranks)] for i in range(spec.adapters)]
-    mean_bytes = sum(lora_bytes(layout, r, elem=elem) for r in ranks) / len(ranks)
-    padded_bytes = lora_bytes(layout, max(spec.ranks), elem=elem)
+    mean_bytes = sum(lora_bytes(layout, r, spec.targets, elem) for r in ranks) / len(ranks)
+    padded_bytes = lora_bytes(layout, max(spec.ranks), spec.targets, elem)
     steps = row[run]["adapter_steps"]
     base_s = row["engine_base"]["seconds"]
     bound = base_s / (base_s + steps * mean_bytes / bandwidth)
