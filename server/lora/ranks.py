@@ -44,8 +44,9 @@ class WeightRanks:
         """Row `dst[i]` takes what row `src[i]` held (the buffers' `index_copy_` of a row move)."""
         table = self.group.table
         table.index_copy_(1, dst, table.index_select(1, src))
+        dst_rows, src_rows = dst.tolist(), src.tolist()
         for g, ranks in enumerate(self.group.host):
-            moved = [ranks[s] for s in src.tolist()]
-            for d, rank in zip(dst.tolist(), moved):
+            moved = [ranks[s] for s in src_rows]
+            for d, rank in zip(dst_rows, moved):
                 ranks[d] = rank
             self.masks[g] = sum(1 << row for row, rank in enumerate(ranks) if rank)
