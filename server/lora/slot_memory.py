@@ -8,9 +8,8 @@ the LoRA op alone (the shrinks and expands of one step, out of cache, alternated
 26.2 -> 24.1 ms with float32 slots, 17.3 -> 15.3 ms with bfloat16 ones.
 
 One mapping for every buffer, carved in order, so that at most one 2 MiB page is partly unused
-(a mapping per buffer would round each of ~200 buffers up to whole huge pages). Every page is
-faulted in at start-up, as `torch.zeros` would: the kernel may compact memory to find a huge page
-on a first fault, which took 2 s for one slot write here when left to the first adapter load.
+(a mapping per buffer would round each of ~200 buffers up to whole huge pages). The mapping is
+zero-filled and nothing in it is resident until a slot is written.
 """
 
 from __future__ import annotations
@@ -42,9 +41,6 @@ class SlotArena:
             except OSError:  # THP unavailable: 4 KiB pages, the same contents
                 pass
         self._memory = raw[start:start + nbytes]
-        # Fault every page in now: a first fault on a huge page may compact memory for seconds
-        # (measured: one slot write of 2 s), which must not happen under a request or an upload.
-        self._memory.fill_(0)
         self._used = 0
 
     @staticmethod
