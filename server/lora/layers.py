@@ -15,7 +15,6 @@ from torch import nn
 
 from server.lora.ops import Backend
 from server.lora.ranks import WeightRanks
-from server.lora.slot_memory import Allocator
 from server.lora.step import LoraStepMeta
 
 
@@ -40,15 +39,13 @@ class LoraGroup(nn.Module):
     """
 
     def __init__(self, members: int, in_features: int, max_loras: int, max_rank: int,
-                 device: torch.device, dtype: torch.dtype, backend: Backend, zeros: Allocator) -> None:
-        """`zeros(shape, dtype)`: where the slot buffers come from (server/lora/slot_memory.py)."""
+                 device: torch.device, dtype: torch.dtype, backend: Backend) -> None:
         super().__init__()
         self.members, self.max_rank, self.backend = members, max_rank, backend
-        self.zeros = zeros
         self.a_transposed = backend.a_storage_in_major
         rows = members * max_rank
         shape = (max_loras, in_features, rows) if self.a_transposed else (max_loras, rows, in_features)
-        self.register_buffer("a_storage", zeros(shape, dtype), persistent=False)
+        self.register_buffer("a_storage", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         # The op's view of A, taken once (buffers are never replaced: the model is on its device
         # before its layers are wrapped); a plain attribute, as module buffer lookups are slow.
         self.op_a = self.lora_a
@@ -107,17 +104,19 @@ class LoraLinear(nn.Module):
     def __init__(self, base: nn.Module, in_features: int, out_features: int, group: LoraGroup, index: int,
                  state: StepState) -> None:
         super().__init__()
+        weight = next(base.parameters())
         self.base = base
         self.in_features, self.out_features = in_features, out_features
         self.index, self.state = index, state
         self._group = [group]  # a list: the group is not a submodule of every member
         slots, rank = group.lora_a.shape[0], group.max_rank
+        kw = {"device": weight.device, "dtype": group.a_storage.dtype}
         # The CPU backends stream B fastest as [S, R, out] (a contiguous [R, out] matrix per slot, 2x
         # faster than [S, out, R] for batched matmuls, measured; the kernels stop at the rank's row);
         # `lora_b` is always the op's [S, out, R] (a view there).
         self.b_transposed = group.backend.b_storage_rank_major
         shape = (slots, rank, out_features) if self.b_transposed else (slots, out_features, rank)
-        self.register_buffer("b_storage", group.zeros(shape, group.a_storage.dtype), persistent=False)
+        self.register_buffer("b_storage", torch.zeros(shape, **kw), persistent=False)
         # Plain attributes the forward reads (module buffer and property lookups are slow).
         self._backend, self._op_b, self._a_rows = group.backend, self.lora_b, self.a_rows
         self._ranks, self._masks = group.ranks.members[index], group.ranks.masks

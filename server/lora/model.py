@@ -20,7 +20,6 @@ from server.adapters.layout import BaseLayout
 from server.adapters.peft_format import ParsedAdapter
 from server.lora.layers import LoraGroup, LoraLinear, StepState
 from server.lora.ops import Backend, backend_for
-from server.lora.slot_memory import Allocator, SlotArena, device_zeros
 from server.lora.step import LoraStepMeta
 
 # Sibling projections that read the same input and so share one stacked shrink.
@@ -55,12 +54,9 @@ class LoraModel:
         self.row_of = list(range(max_loras))   # slot -> row
         self.slot_at = list(range(max_loras))  # row -> slot
         self.row_ranks = [0] * max_loras       # rank of the adapter in each row, 0 = empty
-        group_names = _group_names(layout)
-        zeros = self._slot_memory(group_names)
-        for names in group_names:
+        for names in _group_names(layout):
             fan_in = layout.linear[names[0]][0]
-            group = LoraGroup(len(names), fan_in, max_loras, max_rank, weight.device, self.weight_dtype, self.backend,
-                              zeros)
+            group = LoraGroup(len(names), fan_in, max_loras, max_rank, weight.device, self.weight_dtype, self.backend)
             self.groups.append(group)
             for index, name in enumerate(names):
                 base = model.get_submodule(name)
@@ -68,15 +64,6 @@ class LoraModel:
                 parent_name, _, child = name.rpartition(".")
                 setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
                 self.layers[name] = layer
-
-    def _slot_memory(self, group_names: list[tuple[str, ...]]) -> Allocator:
-        """On the CPU, one huge-page-backed arena sized for every slot buffer (server/lora/slot_memory.py)."""
-        if self.device.type != "cpu":
-            return device_zeros(self.device)
-        linear, slots, rank = self.layout.linear, self.max_loras, self.max_rank
-        shapes = [(slots, len(names) * rank, linear[names[0]][0]) for names in group_names]
-        shapes += [(slots, rank, linear[name][1]) for names in group_names for name in names]
-        return SlotArena(SlotArena.bytes_for(shapes, self.weight_dtype)).zeros
 
     # Slots ----------------------------------------------------------------------------------------
 
