@@ -14,8 +14,9 @@ compiled CPU kernels do. Without it, `meta.slot_ranks` holds for every member.
 (q/k/v share one shrink with A stacked to [S, 3R, in]; each expand reads its columns of t,
 `backend.columns(t, cols)`). A is zero-padded past each slot's rank and B carries the adapter's
 scale. `a` and `b` may be bfloat16 beside float32 `x` (the slots' `--lora-dtype`): the op
-computes in `x`'s dtype. What `shrink` returns is the backend's own: a dense `t [N, R]` for the reference and the
-Triton kernels, a `CpuShrunk` (the same values in the layouts its expands read) on the CPU.
+computes in `x`'s dtype. What `shrink` returns is the backend's own: a dense `t [N, R]` for the
+reference and the Triton kernels, a `CpuShrunk` (the same values in the layouts its expands
+read) on the CPU.
 
 Backends, picked per device and dtype by `backend_for`: on the CPU in float32 the compiled
 kernels (`server.lora.cpu_native`: each slot's rows through a rank-aware mat-vec that streams its

@@ -28,8 +28,9 @@ runs of a slot far busier than the rest, which would blow up the padding).
 
 The compiled CPU kernels (`server/lora/cpu_native.py`, server/native/lora_kernels.cpp) read
 `slot_plan` instead: decode rows per slot in CSR form, each slot's weights streamed once up to
-its rank (`max_rank` is the buffers' rank width R, 0 when unknown); slots with many decode rows in one run, and prefill chunks, run as
-`slot_plan.segments` through one matmul each, where a GEMM beats per-row dot products.
+its rank (`max_rank` is the buffers' rank width R, 0 when unknown); slots with many decode rows
+in one run, and prefill chunks, run as `slot_plan.segments` through one matmul each, where a
+GEMM beats per-row dot products.
 """
 
 from __future__ import annotations
@@ -87,10 +88,6 @@ class LoraStepMeta:
     max_rank: int = 0
     ranks: tuple[int, ...] = ()
     row_mask: int = 0
-
-    @property
-    def has_lora(self) -> bool:
-        return self.num_lora_tokens > 0
 
     @classmethod
     def build(cls, token_slots: list[int], slot_ranks: list[int], device: torch.device | str = "cpu",
