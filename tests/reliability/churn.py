@@ -84,20 +84,21 @@ class Churn:
     async def _admin_op(self, client: httpx.AsyncClient) -> None:
         name = self.rng.choice(self.names)
         held = self.timeline.current(name)
-        sent = time.monotonic()
-        if held != ABSENT and self.rng.random() < 0.4:
-            response = await client.delete(f"/v1/adapters/{name}", headers=admin_headers())
-            content, expected = ABSENT, 200
+        delete = held != ABSENT and self.rng.random() < 0.4
+        content = ABSENT if delete else self.rng.choice([i for i in range(len(self.contents)) if i != held])
+        self.timeline.announce(name, content, time.monotonic())
+        if delete:
+            response, expected = await client.delete(f"/v1/adapters/{name}", headers=admin_headers()), 200
         else:
-            content = self.rng.choice([i for i in range(len(self.contents)) if i != held])
             response = await aupload(client, name, self.contents[content], overwrite=held != ABSENT)
             expected = 201
         acked = time.monotonic()
         self.report.admin_ops += 1
         if response.status_code != expected:
+            self.timeline.settle(name, None)
             self.report.fail("admin_error", f"{name}: {response.status_code} {response.text[:200]}")
             return
-        self.timeline.change(name, content, sent, acked)
+        self.timeline.settle(name, acked)
 
     async def request_worker(self, client: httpx.AsyncClient, count: int) -> None:
         for _ in range(count):
