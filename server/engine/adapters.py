@@ -9,9 +9,10 @@ the engine thread only.
 
 from __future__ import annotations
 
+import itertools
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -236,6 +237,30 @@ class AdapterManager:
         seq.record = current
         current.requests += 1
         return None
+
+    def prefetch(self, waiting: Iterable[Sequence]) -> None:
+        """Start the disk loads of the adapters next in line, so that a slot freed by a finished
+        sequence finds the next one's weights in memory instead of idling for a disk read.
+
+        Looks ahead over at most half the CPU tier, by count and by bytes, so that prefetched
+        adapters never push each other out before they are used. It only warms the tier: a
+        waiting sequence still takes its weights at admission, after the delete checks.
+        """
+        ahead, budget = max(1, self.registry.max_cpu_loras // 2), self.registry.max_cpu_bytes // 2
+        seen: set[AdapterKey] = set()
+        for seq in itertools.islice(waiting, 4 * ahead):  # bounded work per step whatever the queue
+            if seq.record is None or seq.adapter is not None:
+                continue
+            parts = ([part for part, _ in seq.record.parts] if isinstance(seq.record, ComposedRecord)
+                     else [seq.record])
+            for record in parts:
+                if record.key in seen or record.deleted or record.status == ERROR:
+                    continue
+                seen.add(record.key)
+                budget -= record.size_bytes
+                if len(seen) > ahead or budget < 0:
+                    return
+                self.registry.request_load(record)
 
     def admit(self, seq: Sequence) -> Admission:
         """Pin a device slot for the sequence's adapter."""

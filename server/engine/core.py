@@ -132,6 +132,7 @@ class EngineCore:
             error = self.manager.waiting_error(seq)
             if error is not None:
                 self._fail(seq, error)
+        self.manager.prefetch(self.scheduler.waiting)
 
     def _step(self) -> bool:
         plan = self.scheduler.schedule()
