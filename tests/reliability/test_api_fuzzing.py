@@ -23,6 +23,7 @@ def run_fuzz(server, form: Form) -> None:
     assert report.failure_count == 0, "\n".join(report.failures)
 
 
+@pytest.mark.full  # its soak form covers it; left out of `make test` to keep it under 5 minutes
 def test_api_fuzzing_short(client, server):
     run_fuzz(server, SHORT)
 

@@ -116,6 +116,7 @@ def run_crashes(client: httpx.Client, server, form: Form) -> None:
     assert not problems, "\n".join(problems)
 
 
+@pytest.mark.full  # its soak form covers it; left out of `make test` to keep it under 5 minutes
 def test_crash_safety_short(client, server):
     run_crashes(client, server, SHORT)
 
