@@ -98,6 +98,7 @@ class EngineCore:
         while not self._stopping:
             self._drain_inbox()
             self._fail_unstartable()
+            self.manager.prefetch(self.scheduler.waiting)  # disk loads for the sequences next in line
             if not self.scheduler.has_work():
                 self._wake.wait(timeout=1.0)
                 self._wake.clear()
@@ -132,7 +133,6 @@ class EngineCore:
             error = self.manager.waiting_error(seq)
             if error is not None:
                 self._fail(seq, error)
-        self.manager.prefetch(self.scheduler.waiting)
 
     def _step(self) -> bool:
         plan = self.scheduler.schedule()
