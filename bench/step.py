@@ -61,11 +61,11 @@ class DecodeRig:
         layout = BaseLayout.from_model(model)
         backend = backend_for(torch.device("cpu"), torch.float32, cpu_kernel)
         self.lora = LoraModel(model, layout, max(adapters, 1), max(ranks), backend, lora_dtype)
-        use_paged_attention(model)
+        paged = use_paged_attention(model)
         block = 16
         self.kv = KVCache.from_token_budget(model.config, seqs * (context + block), block)
         decode_kernel = decode_kernel_applies(torch.device("cpu"), torch.float32, attention_kernel)
-        self.runner = ModelRunner(self.lora, self.kv, decode_kernel)
+        self.runner = ModelRunner(self.lora, paged, self.kv, decode_kernel)
         for slot in range(adapters):
             self.lora.write_slot(slot, random_adapter(layout, ranks[slot % len(ranks)], slot, targets))
         self.context = context

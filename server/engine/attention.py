@@ -6,20 +6,27 @@ shape `[1, T]` are the concatenation of every scheduled sequence's tokens for th
 `transformers.AttentionInterface` under the name `PAGED_ATTENTION`, so any causal LM whose
 attention modules call that interface (Llama, Qwen2, Mistral, ...) works unchanged:
 
-    use_paged_attention(model)                      # once, after loading
+    paged = use_paged_attention(model)              # once, after loading: the model and its attention modules
     step = StepAttention.build(slices, kv_cache.block_size, device, kv_cache.dtype)  # per step
-    model.model(input_ids=..., position_ids=step.positions[None], use_cache=False,
-                paged_step=StepContext(kv_cache, step))  # explicit: no ambient state
+    forward_step(paged, kv_cache, step, input_ids)  # last-token logits
 
-`packed_forward` / `forward_step` wrap exactly that and return last-token logits. transformers builds no
-mask for an implementation missing from `AttentionMaskInterface` (`attention_mask` is None
-here), and `use_cache=False` keeps it from creating a DynamicCache: the engine's `KVCache`
-is the only cache.
+`forward_step` hands the step's `StepContext` to every attention module for the length of one forward
+(a keyword argument added by a forward pre-hook), so it reaches the attention function whatever the
+decoder layers in between do with their keyword arguments, and nothing outlives the call. transformers
+builds no mask for an implementation missing from `AttentionMaskInterface` (`attention_mask` is None
+here), and `use_cache=False` keeps it from creating a DynamicCache: the engine's `KVCache` is the only
+cache.
+
+Per layer, the attention function takes what the modeling code passes: `sliding_window` (Mistral,
+Qwen2, Gemma 2/3: key k visible from query q when `q - k < window`), `softcap` (Gemma 2: scores become
+`softcap * tanh(scores / softcap)` before the mask) and `s_aux` (gpt-oss: one sink logit per head that
+joins each softmax's denominator and attends nothing).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
+from functools import partial
 from typing import get_args
 
 import torch
@@ -53,18 +60,43 @@ class SeqSlice:
 
 @dataclass
 class PrefillPlan:
-    """One prefill chunk: packed rows `[query_start, query_start + query_len)`.
+    """One prefill chunk: packed rows `[query_start, query_start + query_len)`, at absolute positions
+    `offset .. offset + query_len - 1`.
 
     `blocks [n_blocks]` are the cache blocks holding its whole context and `bias
     [query_len, n_blocks * block_size]` (additive: 0 or -inf) lets query i see keys
-    `0 .. context_len - query_len + i`. Both are None for a first chunk (`context_len ==
-    query_len`), which attends its own fresh keys causally and needs no gather.
+    `0 .. offset + i`. Both are None for a first chunk (`offset == 0`), which attends its own
+    fresh keys causally and needs no gather. `keys_for` narrows them to a layer's sliding window.
     """
 
     query_start: int
     query_len: int
+    offset: int
+    block_size: int
     blocks: torch.Tensor | None
     bias: torch.Tensor | None
+    _windowed: dict = field(default_factory=dict, init=False, repr=False)  # built once per step and window
+
+    def keys_for(self, window: int | None, device: torch.device,
+                 dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """`(blocks, bias)` for a layer with sliding window `window` (None: full attention).
+
+        Query i sees key k when `offset + i - k < window`, as transformers' sliding-window mask.
+        Blocks wholly before the first query's window are left out (a long context costs a windowed
+        layer its window only). A first chunk keeps `blocks` None (its keys are its own fresh ones)
+        and gets a bias over them; `(None, None)` still means plain causal.
+        """
+        if window is None or self.offset + self.query_len <= window:
+            return self.blocks, self.bias
+        if window not in self._windowed:
+            first_block = 0 if self.blocks is None else max(0, self.offset - window + 1) // self.block_size
+            width = self.query_len if self.blocks is None else (self.blocks.numel() - first_block) * self.block_size
+            keys = first_block * self.block_size + torch.arange(width, device=device)
+            query = self.offset + torch.arange(self.query_len, device=device)[:, None]
+            allowed = (keys <= query) & (keys > query - window)
+            blocks = None if self.blocks is None else self.blocks[first_block:]
+            self._windowed[window] = (blocks, _bias(allowed, dtype))
+        return self._windowed[window]
 
 
 @dataclass
@@ -95,10 +127,23 @@ class StepAttention:
     prefills: list[PrefillPlan]
     max_context: int
     decode_kernel: bool = False
+    _windowed: dict = field(default_factory=dict, init=False, repr=False)  # window -> decode bias
 
     @property
     def num_tokens(self) -> int:
         return self.slot_mapping.numel()
+
+    def decode_bias_for(self, window: int | None) -> torch.Tensor:
+        """`decode_bias` narrowed to a sliding window: decoding sequence i (context `L_i`) sees keys
+        `L_i - window .. L_i - 1`. Built once per step and window, on the step's device."""
+        if window is None or window >= self.max_context:
+            return self.decode_bias
+        if window not in self._windowed:
+            keys = torch.arange(self.decode_bias.shape[-1], device=self.decode_bias.device)
+            lens = self.decode_lens[:, None]
+            self._windowed[window] = _bias((keys < lens) & (keys >= lens - window),
+                                           self.decode_bias.dtype)[:, None, None, :]
+        return self._windowed[window]
 
     @classmethod
     def build(cls, seqs: list[SeqSlice], block_size: int, device: torch.device | str,
@@ -158,22 +203,41 @@ def _padded_block_tables(seqs: list[SeqSlice]) -> torch.Tensor:
 def _prefill_plan(s: SeqSlice, table: torch.Tensor, block_size: int, dtype: torch.dtype) -> PrefillPlan:
     offset = s.context_len - s.query_len
     if offset == 0:
-        return PrefillPlan(s.query_start, s.query_len, None, None)
+        return PrefillPlan(s.query_start, s.query_len, 0, block_size, None, None)
     n_blocks = -(-s.context_len // block_size)
     allowed = torch.arange(n_blocks * block_size)[None, :] <= offset + torch.arange(s.query_len)[:, None]
-    return PrefillPlan(s.query_start, s.query_len, table[:n_blocks].clone(), _bias(allowed, dtype))
+    return PrefillPlan(s.query_start, s.query_len, offset, block_size, table[:n_blocks].clone(), _bias(allowed, dtype))
 
 
 @dataclass
 class StepContext:
     """What the paged attention function needs for one forward: the cache and the step's plan.
 
-    Passed explicitly: `model(..., paged_step=StepContext(...))`; transformers hands unknown
-    keyword arguments down to the attention function of every layer.
+    `forward_step` adds it as the keyword argument `paged_step` to every attention module's call, and
+    the modeling code passes it on to the attention function with the layer's other arguments.
     """
 
     kv_cache: KVCache
     step: StepAttention
+
+
+@dataclass(frozen=True)
+class AttentionOptions:
+    """One layer's attention variant, from the keyword arguments its modeling code passes."""
+
+    window: int | None = None          # sliding window (None: full attention)
+    softcap: float | None = None       # scores -> softcap * tanh(scores / softcap)
+    sinks: torch.Tensor | None = None  # [num_heads] sink logits
+
+    @classmethod
+    def from_kwargs(cls, kwargs: dict) -> AttentionOptions:
+        window, softcap, sinks = kwargs.get("sliding_window"), kwargs.get("softcap"), kwargs.get("s_aux")
+        return cls(int(window) if window else None, float(softcap) if softcap else None, sinks)
+
+    @property
+    def plain(self) -> bool:
+        """No softcap and no sinks: SDPA computes it."""
+        return self.softcap is None and self.sinks is None
 
 
 def paged_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -190,35 +254,48 @@ def paged_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
     reshapes to `[1, T, hidden]`. `paged_step` is the step's `StepContext`.
     """
     if paged_step is None:
-        raise RuntimeError(f"{PAGED_ATTENTION} attention called without paged_step (use packed_forward)")
+        raise RuntimeError(f"{PAGED_ATTENTION} attention called without paged_step (use forward_step)")
     step, cache, layer = paged_step.step, paged_step.kv_cache, module.layer_idx
     if query.shape[0] != 1 or query.shape[2] != step.num_tokens:
         raise ValueError(f"expected packed query [1, H, {step.num_tokens}, D], got {list(query.shape)}")
-    _check_supported(step, kwargs)
+    options = AttentionOptions.from_kwargs(kwargs)
+    scale = query.shape[3] ** -0.5 if scaling is None else scaling
     cache.flat_keys(layer).index_copy_(1, step.slot_mapping, key[0].to(cache.dtype))
     cache.flat_values(layer).index_copy_(1, step.slot_mapping, value[0].to(cache.dtype))
 
     out = query.new_empty(step.num_tokens, query.shape[1], query.shape[3])  # [T, H, D]
     if step.decode_rows.numel():
         decode = _decode_attention_kernel if step.decode_kernel else _decode_attention
-        out[step.decode_rows] = decode(query, cache, layer, step, scaling)
+        out[step.decode_rows] = decode(query, cache, layer, step, scale, options)
     for plan in step.prefills:
         rows = slice(plan.query_start, plan.query_start + plan.query_len)
         out[rows] = _prefill_attention(query[:, :, rows], key[:, :, rows], value[:, :, rows],
-                                       cache, layer, plan, scaling)
+                                       cache, layer, plan, scale, options)
     return out.unsqueeze(0), None
 
 
-def _check_supported(step: StepAttention, kwargs: dict) -> None:
-    window = kwargs.get("sliding_window")
-    if window is not None and step.max_context > window:
-        raise NotImplementedError(f"sliding-window attention (window {window}) is not supported by {PAGED_ATTENTION}")
-    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
-        raise NotImplementedError(f"attention softcapping / sinks are not supported by {PAGED_ATTENTION}")
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float,
+            options: AttentionOptions, sinks: torch.Tensor | None) -> torch.Tensor:
+    """Attention with the scores materialised, for softcaps and sinks (which SDPA does not take).
+
+    `q [B, G, Lq, D]` against `k`/`v [B, 1 or G, Lk, D]`, additive `bias` broadcastable to
+    `[B, G, Lq, Lk]`, `sinks` broadcastable to `[B, G, Lq, 1]` or None; returns `[B, G, Lq, D]`.
+    The order is the modeling code's: scale, softcap, mask, softmax in float32 (with the sink).
+    """
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if options.softcap is not None:
+        scores = torch.tanh(scores / options.softcap) * options.softcap
+    scores = (scores + bias).float()
+    if sinks is not None:
+        sink = sinks.float().expand(*scores.shape[:-1], 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    return torch.matmul(probs.to(v.dtype), v)
 
 
 def _decode_attention(query: torch.Tensor, cache: KVCache, layer: int, step: StepAttention,
-                      scaling: float | None) -> torch.Tensor:
+                      scale: float, options: AttentionOptions) -> torch.Tensor:
     """All decoding sequences in two batched matmuls; returns `[n_decode, num_heads, head_dim]`.
 
     GQA without repeating K/V: query head h uses kv head h // group, so the `group` query
@@ -233,23 +310,27 @@ def _decode_attention(query: torch.Tensor, cache: KVCache, layer: int, step: Ste
     index = cache.gather_index(step.decode_blocks)
     k = cache.gather(cache.keys[layer], index, n, "keys").view(kv_heads * n, -1, head_dim).to(q.dtype)
     v = cache.gather(cache.values[layer], index, n, "values").view(kv_heads * n, -1, head_dim).to(q.dtype)
-    bias = step.decode_bias.view(1, n, 1, -1).expand(kv_heads, n, 1, -1).reshape(kv_heads * n, 1, -1)
-    scale = head_dim ** -0.5 if scaling is None else scaling
-    scores = torch.baddbmm(bias.to(q.dtype), q, k.transpose(1, 2), alpha=scale)
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
-    o = torch.bmm(probs, v)  # [kv_heads * n, group, D]
+    bias = step.decode_bias_for(options.window)
+    bias = bias.view(1, n, 1, -1).expand(kv_heads, n, 1, -1).reshape(kv_heads * n, 1, -1).to(q.dtype)
+    if options.plain:
+        scores = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scale)
+        o = torch.bmm(torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype), v)  # [kv_heads * n, group, D]
+    else:  # query head h = kv_head * group + g: its sink, in the [kv_heads * n, group, 1] layout
+        sinks = None if options.sinks is None else \
+            options.sinks.view(kv_heads, 1, group, 1).expand(kv_heads, n, group, 1).reshape(kv_heads * n, group, 1)
+        o = _attend(q, k, v, bias, scale, options, sinks)
     return o.view(kv_heads, n, group, head_dim).transpose(0, 1).reshape(n, heads, head_dim)
 
 
 def _decode_attention_kernel(query: torch.Tensor, cache: KVCache, layer: int, step: StepAttention,
-                             scaling: float | None) -> torch.Tensor:
-    """The same, by the compiled kernel: each sequence's blocks read where they lie, up to its own length."""
+                             scale: float, options: AttentionOptions) -> torch.Tensor:
+    """The same, by the compiled kernel: each sequence's blocks read where they lie, over its own window."""
     q = query[0, :, step.decode_rows].transpose(0, 1)  # [n_decode, num_heads, head_dim]
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    scale = query.shape[3] ** -0.5 if scaling is None else scaling
     tables = step.decode_blocks.view(step.decode_rows.numel(), -1)
+    sinks = None if options.sinks is None else options.sinks.detach().float().contiguous()
     torch.ops.loraplex.paged_decode_attention(q, cache.keys[layer], cache.values[layer], tables, step.decode_lens,
-                                              scale, out)
+                                              scale, options.window or 0, options.softcap or 0.0, sinks, out)
     return out
 
 
@@ -268,30 +349,71 @@ def decode_kernel_applies(device: torch.device, dtype: torch.dtype, choice: CpuA
 
 
 def _prefill_attention(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: KVCache, layer: int,
-                       plan: PrefillPlan, scaling: float | None) -> torch.Tensor:
-    """One prefill chunk, causal with offset; `q [1, H, L, D]` -> `[L, H, D]`."""
-    if plan.blocks is None:  # the chunk is the whole context: its fresh K/V are all we need
-        o = F.scaled_dot_product_attention(q, key, value, is_causal=True, scale=scaling, enable_gqa=True)
+                       plan: PrefillPlan, scale: float, options: AttentionOptions) -> torch.Tensor:
+    """One prefill chunk, causal with offset (and the layer's window); `q [1, H, L, D]` -> `[L, H, D]`."""
+    blocks, bias = plan.keys_for(options.window, q.device, q.dtype)
+    if blocks is None:  # the chunk is the whole context: its fresh K/V are all we need
+        k, v = key, value
     else:
-        index = cache.gather_index(plan.blocks)
+        index = cache.gather_index(blocks)
         k = cache.gather(cache.keys[layer], index, 1, "keys").transpose(0, 1).to(q.dtype)  # [1, kv_heads, L, D]
         v = cache.gather(cache.values[layer], index, 1, "values").transpose(0, 1).to(q.dtype)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.bias.to(q.dtype), scale=scaling, enable_gqa=True)
+    if options.plain:
+        mask = None if bias is None else bias.to(q.dtype)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=bias is None, scale=scale,
+                                           enable_gqa=True)
+    else:
+        o = _prefill_attend(q, k, v, bias, scale, options)
     return o[0].transpose(0, 1)
+
+
+def _prefill_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float,
+                    options: AttentionOptions) -> torch.Tensor:
+    """A chunk with softcap or sinks: query heads grouped by kv head (GQA without repeating K/V)."""
+    _, heads, length, head_dim = q.shape
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    if bias is None:  # a first chunk, plain causal
+        bias = _bias(torch.ones(length, length, dtype=torch.bool, device=q.device).tril(), q.dtype)
+    qg = q.view(kv_heads, group, length, head_dim)
+    sinks = None if options.sinks is None else options.sinks.view(kv_heads, group, 1, 1)
+    o = _attend(qg, k[0][:, None], v[0][:, None], bias.to(q.dtype), scale, options, sinks)
+    return o.reshape(1, heads, length, head_dim)
 
 
 AttentionInterface.register(PAGED_ATTENTION, paged_attention_forward)
 
 
-def use_paged_attention(model: nn.Module) -> None:
+@dataclass(frozen=True)
+class PagedModel:
+    """A causal LM switched to the paged attention function, and the attention modules of its layers
+    (those the step context is handed to)."""
+
+    model: nn.Module
+    attention_modules: tuple[nn.Module, ...]
+
+
+def use_paged_attention(model: nn.Module) -> PagedModel:
     """Switch a loaded transformers model (and its sub-models) to the paged attention function.
 
     This sets `model.config._attn_implementation`: a config object shared with another model
-    (two `from_config` calls on one config) switches that model too.
+    (two `from_config` calls on one config) switches that model too. The attention modules are the
+    modules with a `layer_idx` (the cache layer they read) whose class is an attention class.
     """
     model.set_attn_implementation(PAGED_ATTENTION)
     if model.config._attn_implementation != PAGED_ATTENTION:
         raise ValueError(f"{type(model).__name__} does not route attention through AttentionInterface")
+    modules = tuple(m for m in model.modules()
+                    if isinstance(getattr(m, "layer_idx", None), int) and "attention" in type(m).__name__.lower())
+    if not modules:
+        raise ValueError(f"{type(model).__name__} has no attention modules with a layer index")
+    return PagedModel(model, modules)
+
+
+def _hand_step(context: StepContext, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Forward pre-hook: the attention module's call gets the step's context among its keyword arguments."""
+    kwargs["paged_step"] = context
+    return args, kwargs
 
 
 def pack(seqs: list[tuple[list[int], int, list[int]]]) -> tuple[list[SeqSlice], list[int]]:
@@ -304,31 +426,35 @@ def pack(seqs: list[tuple[list[int], int, list[int]]]) -> tuple[list[SeqSlice], 
 
 
 @torch.inference_mode()
-def packed_forward(model: nn.Module, kv_cache: KVCache, seqs: list[tuple[list[int], int, list[int]]],
+def packed_forward(paged: PagedModel, kv_cache: KVCache, seqs: list[tuple[list[int], int, list[int]]],
                    decode_kernel: bool = False) -> torch.Tensor:
     """One packed forward pass; returns the logits of each sequence's last token `[n_seqs, vocab]`.
 
-    `seqs` are `(token_ids_this_step, context_len_after, block_table)`. The model must have
-    been switched with `use_paged_attention`; LoRA slot indices etc. are set by the caller.
+    `seqs` are `(token_ids_this_step, context_len_after, block_table)`. LoRA slot indices etc.
+    are set by the caller.
     """
     slices, tokens = pack(seqs)
     step = StepAttention.build(slices, kv_cache.block_size, kv_cache.device, kv_cache.dtype, decode_kernel)
-    return forward_step(model, kv_cache, step, torch.tensor(tokens, dtype=torch.long, device=kv_cache.device))
+    return forward_step(paged, kv_cache, step, torch.tensor(tokens, dtype=torch.long, device=kv_cache.device))
 
 
-def forward_step(model: nn.Module, kv_cache: KVCache, step: StepAttention, input_ids: torch.Tensor) -> torch.Tensor:
+def forward_step(paged: PagedModel, kv_cache: KVCache, step: StepAttention, input_ids: torch.Tensor) -> torch.Tensor:
     """The forward of a planned step over packed `input_ids [T]`; last-token logits `[n_seqs, vocab]`.
 
     The output head runs on the last-token hidden states only, not on all T packed tokens.
     """
-    context = StepContext(kv_cache, step)
-    head = model.get_output_embeddings()
-    kwargs = {"input_ids": input_ids[None], "position_ids": step.positions[None], "use_cache": False,
-              "paged_step": context}
-    if head is None:  # no separable head: run it all, then keep the last rows
-        return model(**kwargs).logits[0, step.last_rows]
-    hidden = model.get_decoder()(**kwargs)
-    return _finish_logits(model.config, head(hidden.last_hidden_state[0, step.last_rows]))
+    model, hand = paged.model, partial(_hand_step, StepContext(kv_cache, step))
+    hooks = [m.register_forward_pre_hook(hand, with_kwargs=True) for m in paged.attention_modules]
+    try:
+        head = model.get_output_embeddings()
+        kwargs = {"input_ids": input_ids[None], "position_ids": step.positions[None], "use_cache": False}
+        if head is None:  # no separable head: run it all, then keep the last rows
+            return model(**kwargs).logits[0, step.last_rows]
+        hidden = model.get_decoder()(**kwargs)
+        return _finish_logits(model.config, head(hidden.last_hidden_state[0, step.last_rows]))
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def _finish_logits(config, logits: torch.Tensor) -> torch.Tensor:

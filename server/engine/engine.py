@@ -78,7 +78,7 @@ class Engine:
         lora_dtype = resolve_lora_dtype(settings.lora_dtype, weight.dtype, weight.device)
         backend = backend_for(weight.device, weight.dtype, settings.cpu_lora_kernel)
         self.lora = LoraModel(base.model, layout, settings.max_loras, settings.max_lora_rank, backend, lora_dtype)
-        use_paged_attention(base.model)
+        paged = use_paged_attention(base.model)
         self.decode_kernel = decode_kernel_applies(weight.device, weight.dtype, settings.cpu_attention_kernel)
         self.kv_cache = _kv_cache(base, settings)
         self.adapters = AdapterManager(self.lora, layout, settings, base.name)
@@ -93,7 +93,7 @@ class Engine:
         vocab_size = int(base.model.get_output_embeddings().weight.shape[0])
         self.grammars = GrammarCompiler(self.tokenizer, vocab_size, eos_ids)
         self.adapters.check_contract = self._check_contract
-        runner = ModelRunner(self.lora, self.kv_cache, self.decode_kernel)
+        runner = ModelRunner(self.lora, paged, self.kv_cache, self.decode_kernel)
         self.core = EngineCore(self.kv_cache, self.scheduler, runner, self.adapters, self.tokenizer, eos_ids,
                                self._max_context, settings.threads, self.grammars)
         self.adapters.post_evict = lambda key: self.core.post("evict", key)

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import torch
 
-from server.engine.attention import StepAttention, forward_step, pack
+from server.engine.attention import PagedModel, StepAttention, forward_step, pack
 from server.engine.kv_cache import KVCache
 from server.engine.scheduler import ScheduledSeq
 from server.lora.model import LoraModel
 
 
 class ModelRunner:
-    def __init__(self, lora: LoraModel, kv_cache: KVCache, decode_kernel: bool = False) -> None:
-        """`decode_kernel`: decode attention by the compiled CPU kernel (`decode_kernel_applies` said so)."""
+    def __init__(self, lora: LoraModel, paged: PagedModel, kv_cache: KVCache, decode_kernel: bool = False) -> None:
+        """`paged`: the LoRA-wrapped model switched to paged attention; `decode_kernel`: decode attention by
+        the compiled CPU kernel (`decode_kernel_applies` said so)."""
         self.lora = lora
+        self.paged = paged
         self.kv_cache = kv_cache
         self.decode_kernel = decode_kernel
 
@@ -43,7 +45,7 @@ class ModelRunner:
                                         self.decode_kernel)
         meta = self.lora.step_meta(token_rows, num_decode) if rows else None
         with self.lora.stepping(meta):
-            logits = forward_step(self.lora.model, self.kv_cache, attention,
+            logits = forward_step(self.paged, self.kv_cache, attention,
                                   torch.tensor(tokens, dtype=torch.long, device=device))
         for item in plan:
             item.seq.num_computed += item.num_tokens

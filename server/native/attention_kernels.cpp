@@ -8,7 +8,11 @@
 //   k_pool, v_pool [KVH, NB, BS, D] one layer's cache, contiguous (server/engine/kv_cache.py)
 //   tables [n, W] int64           block ids of each sequence's context, in token order
 //   context_lens [n] int64        tokens in cache per sequence, this step's included (<= W * BS)
-//   out [n, H, D]                 written: softmax(q . K^T * scale) . V over each sequence's context
+//   window                        > 0: each query sees only its sequence's last `window` tokens (sliding
+//                                 window, as transformers: key k visible from query q when q - k < window)
+//   softcap                       > 0: scores become softcap * tanh(scores / softcap) (Gemma 2)
+//   sinks [H] float32 or None     one extra logit per query head in each softmax's denominator (gpt-oss)
+//   out [n, H, D]                 written: softmax(q . K^T * scale) . V over each sequence's visible context
 // GQA: query head h reads kv head h / (H / KVH). Work items are (sequence, kv head) pairs on torch's
 // OpenMP team (at::parallel_for); an item's H / KVH query heads share one pass over its keys and one
 // over its values, so each cached byte is read once per step.
@@ -20,6 +24,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -51,56 +56,59 @@ struct Dim {
 };
 
 // One work item: the `group` query heads `qh` (stride qs1) of one sequence against one kv head's
-// pools `kh`/`vh`, over `len` tokens in the blocks `table`; writes `o` (stride os1). `scores [group * len]`
-// and `acc [group * dim]` are the calling thread's scratch. Loops run block by block, so a block's
-// keys (values) stay in L1 while every query head of the group reads them.
+// pools `kh`/`vh`, over tokens `first .. len - 1` of the blocks `table` (first > 0 under a sliding
+// window); writes `o` (stride os1). `cap` > 0 softcaps the scaled scores (cap * tanh(s / cap));
+// `sink` (one logit per query head of the group, or null) joins each softmax's denominator only.
+// `scores [group * (len - first)]` and `acc [group * dim]` are the calling thread's scratch. Loops
+// run block by block, so a block's keys (values) stay in L1 while every query head reads them.
 template <typename DimT>
-void attend(const float* qh, int64_t qs1, const float* kh, const float* vh, const int64_t* table, int64_t len,
-            int64_t block, int64_t group, int64_t dim_rt, float sc, float* scores, float* acc, float* o,
-            int64_t os1) {
+void attend(const float* qh, int64_t qs1, const float* kh, const float* vh, const int64_t* table, int64_t first,
+            int64_t len, int64_t block, int64_t group, int64_t dim_rt, float sc, float cap, const float* sink,
+            float* scores, float* acc, float* o, int64_t os1) {
   constexpr int64_t DC = DimT::value;
   const int64_t dim = DC > 0 ? DC : dim_rt;
-  const int64_t nblocks = (len + block - 1) / block;
-  for (int64_t b = 0; b < nblocks; ++b) {
-    const int64_t t0 = b * block, tn = std::min(block, len - t0);
+  const int64_t span = len - first;
+  const int64_t b0 = first / block, nblocks = (len + block - 1) / block;
+  for (int64_t b = b0; b < nblocks; ++b) {
+    const int64_t t0 = std::max(b * block, first), t1 = std::min((b + 1) * block, len);
     const float* kb = kh + table[b] * block * dim;
     for (int64_t g = 0; g < group; ++g) {
       const float* qg = qh + g * qs1;
-      float* s = scores + g * len + t0;
-      for (int64_t t = 0; t < tn; ++t) {
-        const float* k = kb + t * dim;
+      float* s = scores + g * span;
+      for (int64_t t = t0; t < t1; ++t) {
+        const float* k = kb + (t - b * block) * dim;
         float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
         for (int64_t d = 0; d < dim; ++d) dot += qg[d] * k[d];
-        s[t] = dot * sc;
+        s[t - first] = cap > 0.f ? cap * std::tanh(dot * sc / cap) : dot * sc;
       }
     }
   }
   for (int64_t g = 0; g < group; ++g) {
-    float* s = scores + g * len;
-    float top = s[0];
-    for (int64_t t = 1; t < len; ++t) top = std::max(top, s[t]);
-    float total = 0.f;
+    float* s = scores + g * span;
+    float top = sink ? sink[g] : s[0];
+    for (int64_t t = 0; t < span; ++t) top = std::max(top, s[t]);
+    float total = sink ? exp_nonpositive(sink[g] - top) : 0.f;
 #pragma omp simd reduction(+ : total)
-    for (int64_t t = 0; t < len; ++t) {
+    for (int64_t t = 0; t < span; ++t) {
       const float e = exp_nonpositive(s[t] - top);
       s[t] = e;
       total += e;
     }
     const float inv = 1.f / total;
 #pragma omp simd
-    for (int64_t t = 0; t < len; ++t) s[t] *= inv;
+    for (int64_t t = 0; t < span; ++t) s[t] *= inv;
   }
   std::fill_n(acc, group * dim, 0.f);
-  for (int64_t b = 0; b < nblocks; ++b) {
-    const int64_t t0 = b * block, tn = std::min(block, len - t0);
+  for (int64_t b = b0; b < nblocks; ++b) {
+    const int64_t t0 = std::max(b * block, first), t1 = std::min((b + 1) * block, len);
     const float* vb = vh + table[b] * block * dim;
     for (int64_t g = 0; g < group; ++g) {
-      const float* p = scores + g * len + t0;
+      const float* p = scores + g * span;
       float* a = acc + g * dim;
-      for (int64_t t = 0; t < tn; ++t) {
-        const float* v = vb + t * dim;
-        const float pt = p[t];
+      for (int64_t t = t0; t < t1; ++t) {
+        const float* v = vb + (t - b * block) * dim;
+        const float pt = p[t - first];
 #pragma omp simd
         for (int64_t d = 0; d < dim; ++d) a[d] += pt * v[d];
       }
@@ -111,6 +119,7 @@ void attend(const float* qh, int64_t qs1, const float* kh, const float* vh, cons
 
 void paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
                             const at::Tensor& tables, const at::Tensor& context_lens, double scale,
+                            int64_t window, double softcap, const std::optional<at::Tensor>& sinks,
                             const at::Tensor& out) {
   TORCH_CHECK(q.scalar_type() == at::kFloat && k_pool.scalar_type() == at::kFloat &&
                   v_pool.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat,
@@ -127,6 +136,13 @@ void paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pool, const
   TORCH_CHECK(k_pool.size(3) == dim && out.sizes() == q.sizes(), "head_dim or output shape disagree");
   TORCH_CHECK(heads % kv_heads == 0, "query heads must be a multiple of kv heads");
   TORCH_CHECK(tables.dim() == 2 && tables.size(0) == n && context_lens.numel() == n, "one table row per sequence");
+  TORCH_CHECK(window >= 0 && softcap >= 0, "window and softcap must be >= 0 (0: none)");
+  const float* S = nullptr;
+  if (sinks.has_value()) {
+    TORCH_CHECK(sinks->scalar_type() == at::kFloat && sinks->is_contiguous() && sinks->numel() == q.size(1),
+                "sinks must be a contiguous float32 [H]");
+    S = sinks->data_ptr<float>();
+  }
   const int64_t width = tables.size(1), group = heads / kv_heads;
   const int64_t* T = tables.data_ptr<int64_t>();
   const int64_t* C = context_lens.data_ptr<int64_t>();
@@ -143,15 +159,17 @@ void paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pool, const
   float* O = out.data_ptr<float>();
   const int64_t qs0 = q.stride(0), qs1 = q.stride(1), os0 = out.stride(0), os1 = out.stride(1);
   const int64_t head_stride = num_blocks * block * dim;  // one kv head's pool
-  const float sc = static_cast<float>(scale);
+  const float sc = static_cast<float>(scale), cap = static_cast<float>(softcap);
 
   at::parallel_for(0, n * kv_heads, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> scores(group * longest), acc(group * dim);
     for (int64_t item = i0; item < i1; ++item) {
       const int64_t seq = item / kv_heads, h = item % kv_heads;
+      const int64_t first = window > 0 ? std::max<int64_t>(0, C[seq] - window) : 0;
       const auto args = std::make_tuple(Q + seq * qs0 + h * group * qs1, qs1, K + h * head_stride,
-                                        V + h * head_stride, T + seq * width, C[seq], block, group, dim, sc,
-                                        scores.data(), acc.data(), O + seq * os0 + h * group * os1, os1);
+                                        V + h * head_stride, T + seq * width, first, C[seq], block, group, dim, sc,
+                                        cap, S ? S + h * group : nullptr, scores.data(), acc.data(),
+                                        O + seq * os0 + h * group * os1, os1);
       if (dim == 64) std::apply(attend<Dim<64>>, args);  // a constant head_dim unrolls the inner loops
       else if (dim == 128) std::apply(attend<Dim<128>>, args);
       else std::apply(attend<Dim<0>>, args);
@@ -163,7 +181,7 @@ void paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pool, const
 
 TORCH_LIBRARY_FRAGMENT(loraplex, m) {
   m.def("paged_decode_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor tables, Tensor context_lens, "
-        "float scale, Tensor(a!) out) -> ()");
+        "float scale, int window, float softcap, Tensor? sinks, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(loraplex, CPU, m) { m.impl("paged_decode_attention", &paged_decode_attention); }

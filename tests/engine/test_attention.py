@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GptOssConfig, LlamaConfig,
+                          MistralConfig, Qwen2Config, StableLmConfig)
 from transformers.masking_utils import create_causal_mask
 
 from server.engine.attention import PAGED_ATTENTION, SeqSlice, StepAttention, packed_forward, use_paged_attention
@@ -27,23 +28,38 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
             num_key_value_heads=2, vocab_size=128, max_position_embeddings=256)
 
 
-def _tiny_models(config_cls):
+# Each architecture with the attention variant it brings: windows of 4 and 6 tokens (the test's contexts
+# reach 16), mixed sliding and full layers, softcapped scores, sink logits, a layer that drops kwargs.
+VARIANTS = {
+    "llama": (LlamaConfig, {}),
+    "qwen2": (Qwen2Config, {}),
+    "mistral-window": (MistralConfig, dict(sliding_window=4)),
+    "gemma2-softcap-window": (Gemma2Config, dict(sliding_window=6, attn_logit_softcapping=2.0, head_dim=16,
+                                                 query_pre_attn_scalar=16)),
+    "gemma3-mixed-layers": (Gemma3TextConfig, dict(sliding_window=4, layer_types=["sliding_attention",
+                                                                                   "full_attention"], head_dim=16)),
+    "gpt-oss-sinks": (GptOssConfig, dict(sliding_window=4, num_local_experts=4, num_experts_per_tok=2,
+                                         head_dim=16, layer_types=["sliding_attention", "full_attention"])),
+    "stablelm-kwargs-dropped": (StableLmConfig, dict(num_key_value_heads=2)),
+}
+
+
+def _tiny_models(config_cls, extra: dict):
     torch.manual_seed(0)
-    config = config_cls(**TINY, initializer_range=0.2)
-    ref = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
-    with torch.no_grad():  # non-zero q/k/v biases (Qwen2), so a missing bias would show
+    config = config_cls(**{**TINY, **extra}, initializer_range=0.2)
+    ref = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():  # non-zero q/k/v biases (Qwen2) and sinks (gpt-oss), so a missing one would show
         for name, p in ref.named_parameters():
-            if name.endswith("bias"):
+            if name.endswith("bias") or name.endswith("sinks"):
                 p.normal_(0, 0.5)
-    paged = copy.deepcopy(ref)
-    use_paged_attention(paged)
-    assert ref.config._attn_implementation == "sdpa"
+    paged = use_paged_attention(copy.deepcopy(ref))
+    assert ref.config._attn_implementation == "eager"
     return ref, paged
 
 
-@pytest.fixture(scope="module", params=[LlamaConfig, Qwen2Config], ids=["llama", "qwen2"])
+@pytest.fixture(scope="module", params=list(VARIANTS), ids=list(VARIANTS))
 def models(request):
-    return _tiny_models(request.param)
+    return _tiny_models(*VARIANTS[request.param])
 
 
 def contiguous_tables(kv: KVCache, lengths: list[int]) -> list[list[int]]:
@@ -75,7 +91,7 @@ def _run_and_compare(ref, paged, make_tables, decode_kernel: bool = False) -> No
     gen = torch.Generator().manual_seed(3)
     prompts = {name: torch.randint(0, 128, (n,), generator=gen).tolist() for name, n in [("A", 7), ("B", 11), ("C", 5)]}
     total = {name: len(p) + 5 for name, p in prompts.items()}  # room for the decoded tokens
-    kv = KVCache.from_config(paged.config, num_blocks=32, block_size=BLOCK)
+    kv = KVCache.from_config(paged.model.config, num_blocks=32, block_size=BLOCK)
     tables = dict(zip(total, make_tables(kv, list(total.values()))))
     tokens = {name: list(p) for name, p in prompts.items()}  # tokens known so far
     cached = {name: 0 for name in prompts}
@@ -123,21 +139,21 @@ def test_packed_forward_creates_no_transformers_cache(models, monkeypatch):
         raise AssertionError("transformers built its own KV cache")
 
     monkeypatch.setattr(sys.modules[type(paged.model).__module__], "DynamicCache", no_cache)
-    kv = KVCache.from_config(paged.config, num_blocks=4, block_size=BLOCK)
+    kv = KVCache.from_config(paged.model.config, num_blocks=4, block_size=BLOCK)
     assert packed_forward(paged, kv, [([1, 2, 3], 3, [0])]).shape == (1, 128)
 
 
 def test_no_causal_mask_is_built(models):
     _, paged = models
-    assert paged.config._attn_implementation == PAGED_ATTENTION
+    assert paged.model.config._attn_implementation == PAGED_ATTENTION
     embeds = torch.zeros(1, 9, 64)
-    assert create_causal_mask(paged.config, embeds, None, None, torch.arange(9)[None]) is None
+    assert create_causal_mask(paged.model.config, embeds, None, None, torch.arange(9)[None]) is None
 
 
 def test_attention_without_step_raises(models):
     _, paged = models
     with pytest.raises(RuntimeError, match="paged_step"), torch.no_grad():
-        paged(input_ids=torch.tensor([[1, 2, 3]]), use_cache=False)
+        paged.model(input_ids=torch.tensor([[1, 2, 3]]), use_cache=False)
 
 
 def test_kv_cache_shapes_and_budget():
