@@ -26,10 +26,7 @@ DEFAULT_LORA_ALPHA = 8
 
 # Truthy values of these fields make the adapter compute something other than plain LoRA.
 _UNSUPPORTED = {
-    "use_dora": "DoRA (use_dora)",
     "lora_bias": "a LoRA bias (lora_bias)",
-    "modules_to_save": "fully trained extra modules (modules_to_save)",
-    "trainable_token_indices": "trainable tokens (trainable_token_indices)",
     "alora_invocation_tokens": "aLoRA (alora_invocation_tokens)",
     "use_qalora": "QALoRA (use_qalora)",
     "layer_replication": "layer replication (layer_replication)",
@@ -56,6 +53,7 @@ class ModulePlan:
     rank: int
     alpha: float
     scale: float  # alpha / rank, or alpha / sqrt(rank) with use_rslora
+    dora: bool = False  # use_dora: the adapter's file carries a magnitude vector for the module
 
 
 def parse_config(config_bytes: bytes) -> dict[str, Any]:
@@ -79,7 +77,8 @@ def parse_config(config_bytes: bytes) -> dict[str, Any]:
 def _check_supported(config: dict[str, Any]) -> None:
     for key, feature in _UNSUPPORTED.items():
         if config.get(key):
-            raise AdapterFormatError(f"adapter uses {feature}, which is not supported; only plain LoRA")
+            raise AdapterFormatError(f"adapter uses {feature}, which is not supported (served: LoRA, DoRA, "
+                                     "modules_to_save and trainable tokens on the output layer and input embedding)")
     bias = config.get("bias", "none")
     if bias != "none":
         raise AdapterFormatError(f"bias={_short(bias)} is not supported (it trains base biases); use bias='none'")
@@ -89,7 +88,7 @@ def _check_supported(config: dict[str, Any]) -> None:
             f"init_lora_weights={init[:40]!r} changes the base weights; convert the adapter to plain LoRA "
             "(PEFT save_pretrained with path_initial_model_for_weight_conversion)"
         )
-    for key in ("use_rslora", "fan_in_fan_out"):  # fan_in_fan_out: A/B are [r,in]/[out,r] either way
+    for key in ("use_rslora", "fan_in_fan_out", "use_dora"):  # fan_in_fan_out: A/B are [r,in]/[out,r] either way
         if not isinstance(config.get(key, False), bool):
             raise AdapterFormatError(f"{key} must be true or false")
 
@@ -111,32 +110,47 @@ def _plan_modules(config: dict[str, Any], layout: BaseLayout, rx: BoundedRegex) 
         raise AdapterFormatError(f"target_modules {wanted} match no module of the base model "
                                  "(adapter made for another model?)")
     for name in targets:
-        reject_unless_linear(name, layout, f"target module {name!r}")
+        reject_unless_adaptable(name, layout, f"target module {name!r}")
+        if config.get("use_dora") and name == layout.input_embedding:
+            raise AdapterFormatError(f"target module {name!r}: DoRA on the input embedding is not supported "
+                                     "(DoRA is served on linear layers and the output layer)")
+    _check_tying(config, layout, targets)
     r = _positive_int(config.get("r", DEFAULT_LORA_R), "r")
     alpha = _finite(config.get("lora_alpha", DEFAULT_LORA_ALPHA), "lora_alpha")
     rank_pattern = _pattern_dict(config, "rank_pattern", _positive_int)
     alpha_pattern = _pattern_dict(config, "alpha_pattern", _finite)
-    rslora = config.get("use_rslora", False)
+    rslora, dora = config.get("use_rslora", False), config.get("use_dora", False)
     plans = {}
     for name in targets:
         rank = _pattern_value(rank_pattern, name, r, rx)
         module_alpha = _pattern_value(alpha_pattern, name, alpha, rx)
         scale = module_alpha / math.sqrt(rank) if rslora else module_alpha / rank
-        plans[name] = ModulePlan(rank, float(module_alpha), float(scale))
+        plans[name] = ModulePlan(rank, float(module_alpha), float(scale), dora)
     return plans
 
 
-def reject_unless_linear(name: str, layout: BaseLayout, what: str) -> None:
-    """Raise unless `name` is a module our LoRA layers wrap, saying why not."""
-    if name in layout.linear:
+def reject_unless_adaptable(name: str, layout: BaseLayout, what: str) -> None:
+    """Raise unless `name` is a module that can carry LoRA here (a linear layer, the output layer or
+    the input embedding), saying why not."""
+    if name in layout.linear or name in layout.special_dims:
         return
     if name == layout.output_name:
-        raise AdapterFormatError(f"{what}: LoRA on the output layer (lm_head) is not supported")
+        raise AdapterFormatError(f"{what}: LoRA on this model's output layer is not supported (not a Linear)")
     if name in layout.embeddings:
-        raise AdapterFormatError(f"{what}: LoRA on an embedding layer is not supported")
+        raise AdapterFormatError(f"{what}: LoRA is supported on the input embedding only, not on other "
+                                 "embedding layers")
     if name in layout.other:
         raise AdapterFormatError(f"{what} is not a linear layer; only linear layers can carry LoRA")
     raise AdapterFormatError(f"{what}: the base model has no such module (adapter made for another model?)")
+
+
+def _check_tying(config: dict[str, Any], layout: BaseLayout, targets: list[str]) -> None:
+    """PEFT's `ensure_weight_tying` gives a tied output layer the embedding's adapter; not served."""
+    if not isinstance(config.get("ensure_weight_tying", False), bool):
+        raise AdapterFormatError("ensure_weight_tying must be true or false")
+    if config.get("ensure_weight_tying") and layout.tied:
+        raise AdapterFormatError("ensure_weight_tying=true (the output layer sharing the embedding's adapter) is "
+                                 "not supported; save the adapter with ensure_weight_tying=false")
 
 
 @dataclass(frozen=True)

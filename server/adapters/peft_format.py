@@ -8,7 +8,7 @@ says what, and weights are only ever read with safetensors (never pickle / torch
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +24,12 @@ from .peft_config import (
     ModulePlan,
     parse_config,
     plan_modules,
-    reject_unless_linear,
+    reject_unless_adaptable,
 )
+from .peft_extras import TokenRows, check_base_copies, saved_modules, trainable_tokens
 
-__all__ = ["AdapterFormatError", "LoraModuleWeights", "ParsedAdapter", "load_peft_adapter", "looks_like_pickle",
-           "parse_peft_adapter"]
+__all__ = ["AdapterFormatError", "LoraModuleWeights", "ParsedAdapter", "TokenRows", "load_peft_adapter",
+           "looks_like_pickle", "parse_peft_adapter"]
 
 CONFIG_NAME = CONFIG_FILE
 WEIGHTS_NAME = WEIGHTS_FILE
@@ -43,9 +44,13 @@ _PICKLE_REFUSED = (
 
 @dataclass(frozen=True, eq=False)
 class LoraModuleWeights:
+    """One module's LoRA; for the input embedding `in_features` is the vocabulary and `out_features`
+    the embedding width (PEFT's lora_embedding_A [r, vocab] and lora_embedding_B [dim, r])."""
+
     a: torch.Tensor  # [r, in_features], float32, CPU, contiguous
     b: torch.Tensor  # [out_features, r], float32, CPU, contiguous, NOT yet scaled
     scale: float  # lora_alpha/r, or lora_alpha/sqrt(r) with use_rslora, per-module patterns applied
+    magnitude: torch.Tensor | None = None  # DoRA's m [out_features], float32; None for plain LoRA
 
 
 @dataclass(frozen=True, eq=False)
@@ -56,6 +61,25 @@ class ParsedAdapter:
     modules: dict[str, LoraModuleWeights]  # keyed by base module name
     config: dict[str, Any]  # the parsed adapter_config.json
     size_bytes: int  # size of the safetensors file
+    # modules_to_save: base module name -> its fully trained weight [vocab, dim], as saved (CPU, contiguous)
+    saved: dict[str, torch.Tensor] = field(default_factory=dict)
+    # trainable_token_indices: base module name -> the rows that replace the base's for those token ids
+    tokens: dict[str, TokenRows] = field(default_factory=dict)
+
+    @property
+    def dora(self) -> bool:
+        return any(m.magnitude is not None for m in self.modules.values())
+
+    @property
+    def saved_bytes(self) -> int:
+        """Bytes of the fully trained module copies as saved (what they take in the CPU tier)."""
+        return sum(t.nbytes for t in self.saved.values())
+
+    def kinds(self) -> tuple[str, ...]:
+        """What this adapter computes beyond plain LoRA on linear layers (for refusals and listings)."""
+        kinds = ["dora"] if self.dora else []
+        kinds += [f"saved:{name}" for name in sorted(self.saved)] + [f"tokens:{n}" for n in sorted(self.tokens)]
+        return tuple(kinds)
 
 
 def load_peft_adapter(folder: Path, layout: BaseLayout, max_rank: int) -> ParsedAdapter:
@@ -85,6 +109,10 @@ def parse_peft_adapter(config_bytes: bytes, weights: bytes | Path, layout: BaseL
     plans = plan_modules(config, layout)
     _check_rank_limit(plans, max_rank)
     pairs = _pair_tensors(_read_tensors(weights), layout)
+    saved = saved_modules(config, _take(pairs, "S"), layout)
+    tokens = trainable_tokens(config, _take(pairs, "T"), layout, saved)
+    check_base_copies(_take(pairs, "base"), layout)
+    _check_one_kind_per_module(plans, saved, tokens)
     _check_same_modules(plans, pairs)
     modules = {name: _module_weights(name, plans[name], pairs[name], layout) for name in sorted(plans)}
     return ParsedAdapter(
@@ -94,6 +122,8 @@ def parse_peft_adapter(config_bytes: bytes, weights: bytes | Path, layout: BaseL
         modules=modules,
         config=config,
         size_bytes=len(weights) if isinstance(weights, bytes) else _file_size(weights),
+        saved=saved,
+        tokens=tokens,
     )
 
 
@@ -155,24 +185,33 @@ def _read_tensors(weights: bytes | Path) -> dict[str, torch.Tensor]:
         ) from None
 
 
+# Tensor name endings PEFT writes (adapter name "default" stripped or not) -> what the tensor is:
+# A / B (a linear layer's or the input embedding's), M (DoRA magnitude), base (a copy of the base
+# weight PEFT saves beside embedding LoRA), T (trainable token rows), S (a modules_to_save copy).
+_SUFFIXES: tuple[tuple[str, str], ...] = tuple(
+    (suffix, kind) for kind, stems in (
+        ("A", (".lora_A.weight", ".lora_A.default.weight", ".lora_embedding_A", ".lora_embedding_A.default")),
+        ("B", (".lora_B.weight", ".lora_B.default.weight", ".lora_embedding_B", ".lora_embedding_B.default")),
+        ("M", (".lora_magnitude_vector", ".lora_magnitude_vector.weight", ".lora_magnitude_vector.default.weight")),
+        ("base", (".base_layer.weight",)),
+        ("T", (".token_adapter.trainable_tokens_delta", ".token_adapter.trainable_tokens_delta.default")),
+        ("S", (".weight",)),  # last: every other ending above also ends in `.weight`
+    ) for suffix in stems)
+
+
 def _split_key(key: str) -> tuple[str, str]:
-    """'base_model.model.<module>.lora_A[.default].weight' -> ('<module>', 'A')."""
-    if ".lora_embedding_A" in key or ".lora_embedding_B" in key:
-        raise AdapterFormatError(f"tensor {key!r}: LoRA on an embedding layer is not supported")
-    if ".lora_magnitude_vector" in key:
-        raise AdapterFormatError(f"tensor {key!r}: DoRA adapters are not supported")
-    if key.startswith(_KEY_PREFIX):
-        body = key[len(_KEY_PREFIX) :]
-        for which in ("A", "B"):
-            for suffix in (f".lora_{which}.weight", f".lora_{which}.default.weight"):
-                if body.endswith(suffix) and len(body) > len(suffix):
-                    return body[: -len(suffix)], which
+    """'base_model.model.<module>.lora_A[.default].weight' -> ('<module>', 'A'); see `_SUFFIXES`."""
     if ".lora_B" in key and key.endswith(".bias"):
         raise AdapterFormatError(f"tensor {key!r}: LoRA biases (lora_bias) are not supported")
-    raise AdapterFormatError(f"unexpected tensor {key[:200]!r} in {WEIGHTS_NAME} (not a LoRA A/B weight)")
+    if key.startswith(_KEY_PREFIX):
+        body = key[len(_KEY_PREFIX) :]
+        for suffix, kind in _SUFFIXES:
+            if body.endswith(suffix) and len(body) > len(suffix):
+                return body[: -len(suffix)], kind
+    raise AdapterFormatError(f"unexpected tensor {key[:200]!r} in {WEIGHTS_NAME} (not a LoRA weight)")
 
 
-_Pairs = dict[str, dict[str, tuple[str, torch.Tensor]]]  # module -> {"A"|"B": (key, tensor)}
+_Pairs = dict[str, dict[str, tuple[str, torch.Tensor]]]  # module -> {kind: (key, tensor)}
 
 
 def _pair_tensors(tensors: dict[str, torch.Tensor], layout: BaseLayout) -> _Pairs:
@@ -180,7 +219,8 @@ def _pair_tensors(tensors: dict[str, torch.Tensor], layout: BaseLayout) -> _Pair
     pairs: _Pairs = {}
     for key, tensor in tensors.items():
         module, which = _split_key(key)
-        reject_unless_linear(module, layout, f"tensor {key[:200]!r}")
+        if which in "ABM":
+            reject_unless_adaptable(module, layout, f"tensor {key[:200]!r}")
         slot = pairs.setdefault(module, {})
         if which in slot:
             raise AdapterFormatError(f"duplicate tensors for {module!r}: {slot[which][0]!r} and {key!r}")
@@ -188,8 +228,24 @@ def _pair_tensors(tensors: dict[str, torch.Tensor], layout: BaseLayout) -> _Pair
     return pairs
 
 
+def _check_one_kind_per_module(plans: dict[str, ModulePlan], saved: dict, tokens: dict) -> None:
+    """A module carries LoRA, a full copy or token rows, not two of them (PEFT refuses most mixes too)."""
+    for name in sorted(plans.keys() & (saved.keys() | tokens.keys()) | saved.keys() & tokens.keys()):
+        raise AdapterFormatError(f"{name} carries more than one of LoRA, a modules_to_save copy and trainable "
+                                 "tokens; this server serves one per module")
+
+
+def _take(pairs: _Pairs, kind: str) -> dict[str, tuple[str, torch.Tensor]]:
+    """Remove the tensors of one kind from `pairs`: module -> (key, tensor)."""
+    taken = {module: found.pop(kind) for module, found in pairs.items() if kind in found}
+    for module in [m for m, found in pairs.items() if not found]:
+        del pairs[module]
+    return taken
+
+
 def _check_same_modules(plans: dict[str, ModulePlan], pairs: _Pairs) -> None:
-    """The config's targets and the tensors must describe the same modules, both A and B."""
+    """The config's targets and the tensors must describe the same modules: A and B, and DoRA's
+    magnitude exactly where the config says use_dora."""
     extra = sorted(pairs.keys() - plans.keys())
     if extra:
         raise AdapterFormatError(
@@ -198,18 +254,29 @@ def _check_same_modules(plans: dict[str, ModulePlan], pairs: _Pairs) -> None:
     missing = [f"{m}.lora_{w}.weight" for m in sorted(plans) for w in "AB" if w not in pairs.get(m, {})]
     if missing:
         raise AdapterFormatError(f"missing tensors: {len(missing)} LoRA weight(s), e.g. {missing[0]!r}")
+    missing = [m for m in sorted(plans) if plans[m].dora and "M" not in pairs[m]]
+    if missing:
+        raise AdapterFormatError(f"adapter_config.json sets use_dora but {len(missing)} module(s) have no DoRA "
+                                 f"magnitude, e.g. '{missing[0]}.lora_magnitude_vector'")
+    stray = [key for m in sorted(plans) if not plans[m].dora and "M" in pairs[m] for key in [pairs[m]["M"][0]]]
+    if stray:
+        raise AdapterFormatError(f"tensor {stray[0]!r} is a DoRA magnitude but adapter_config.json does not "
+                                 "set use_dora")
 
 
 def _module_weights(
     name: str, plan: ModulePlan, pair: dict[str, tuple[str, torch.Tensor]], layout: BaseLayout
 ) -> LoraModuleWeights:
-    in_features, out_features = layout.linear[name]
+    in_features, out_features = layout.dims(name)
     a = _checked(*pair["A"], (plan.rank, in_features), plan.rank)
     b = _checked(*pair["B"], (out_features, plan.rank), plan.rank)
-    return LoraModuleWeights(a=a, b=b, scale=plan.scale)
+    magnitude = _checked(*pair["M"], (out_features,), plan.rank) if plan.dora else None
+    if magnitude is not None and not bool((magnitude > 0).all()):
+        raise AdapterFormatError(f"tensor {pair['M'][0]!r}: a DoRA magnitude must be positive")
+    return LoraModuleWeights(a=a, b=b, scale=plan.scale, magnitude=magnitude)
 
 
-def _checked(key: str, tensor: torch.Tensor, shape: tuple[int, int], rank: int) -> torch.Tensor:
+def _checked(key: str, tensor: torch.Tensor, shape: tuple[int, ...], rank: int) -> torch.Tensor:
     """The tensor as float32 (an owned, contiguous copy) after dtype, shape and value checks."""
     if tensor.dtype not in _FLOAT_DTYPES:
         raise AdapterFormatError(

@@ -65,6 +65,7 @@ class AdapterRecord:
     loads: int = 0
     load_seconds: float = 0.0
     contract: AdapterContract | None = None   # the folder's loraplex.json, if any
+    kinds: tuple[str, ...] = ()  # beyond plain LoRA: "dora", "saved:<module>", "tokens:<module>" (ParsedAdapter.kinds)
 
     @property
     def key(self) -> AdapterKey:
@@ -401,7 +402,7 @@ class AdapterRegistry:
                 version: int, contract: AdapterContract | None = None) -> AdapterRecord:
         record = AdapterRecord(name=name, version=version, generation=generation, sha256=sha, folder=folder,
                                rank=adapter.rank, alpha=adapter.alpha, target_modules=adapter.target_modules,
-                               size_bytes=adapter.size_bytes, contract=contract)
+                               size_bytes=adapter.size_bytes, contract=contract, kinds=adapter.kinds())
         with self._lock:
             previous = self._records.get(name)
             if previous is not None:

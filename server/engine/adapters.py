@@ -57,6 +57,18 @@ def _engine_errors() -> Iterator[None]:
         raise AdapterProtectedError(str(exc)) from exc
 
 
+def _not_composable(record: AdapterRecord) -> str:
+    """Why an adapter that is more than plain LoRA cannot be part of a composition."""
+    kind = record.kinds[0]
+    if kind == "dora":
+        why = ("it is a DoRA adapter: DoRA rescales the layer's whole output by its own magnitudes, so a "
+               "weighted sum of DoRA adapters is not a sum of their deltas")
+    else:
+        why = (f"it replaces weights of {kind.partition(':')[2]} (modules_to_save or trainable tokens), which "
+               "a weighted sum of LoRA deltas cannot express")
+    return f"adapter '{record.name}' cannot be part of a composition: {why}; request it on its own"
+
+
 class AdapterManager:
     def __init__(self, lora: LoraModel, layout: BaseLayout, settings: Settings, base_name: str) -> None:
         self.lora = lora
@@ -100,6 +112,8 @@ class AdapterManager:
                 raise InvalidRequestError(f"the base model '{self.base_name}' cannot be part of a composition: "
                                           "the base is always there; compose adapters only")
             record, _ = self._resolve_adapter(spec.name)
+            if record.kinds:
+                raise InvalidRequestError(_not_composable(record))
             parts.append((record, spec.weight))
         composed = ComposedRecord.of(model.strip(), parts)
         if composed.rank > self.max_rank:

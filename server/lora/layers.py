@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from server.lora.dora import DoraScales, dora_excess
 from server.lora.ops import Backend
 from server.lora.ranks import WeightRanks
 from server.lora.step import LoraStepMeta
@@ -98,7 +99,8 @@ class _ShrinkCache:
 class LoraLinear(nn.Module):
     """y = base(x) + b[slot] @ a[slot] @ x per token; member `index` of `group`.
 
-    `lora_b [S, out_features, R]` (the adapter's scale folded in), a view of `b_storage`.
+    `lora_b [S, out_features, R]` (the adapter's scale folded in), a view of `b_storage`. Rows of DoRA
+    adapters are then rescaled per output feature (`dora`, server/lora/dora.py; None until one is written).
     """
 
     def __init__(self, base: nn.Module, in_features: int, out_features: int, group: LoraGroup, index: int,
@@ -121,6 +123,7 @@ class LoraLinear(nn.Module):
         self._backend, self._op_b, self._a_rows = group.backend, self.lora_b, self.a_rows
         self._ranks, self._masks = group.ranks.members[index], group.ranks.masks
         self._alone = group.members == 1  # reads the whole shrink output: no column view needed
+        self.dora: DoraScales | None = None
 
     @property
     def group(self) -> LoraGroup:
@@ -138,8 +141,10 @@ class LoraLinear(nn.Module):
         return slice(self.index * rank, (self.index + 1) * rank)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
-        meta = self.state.meta
+        return self.add_lora(self.base(x), x, self.state.meta)
+
+    def add_lora(self, y: torch.Tensor, x: torch.Tensor, meta: LoraStepMeta | None) -> torch.Tensor:
+        """`y` (the base's output for `x`) plus each row's adapter delta, DoRA rows rescaled."""
         # No row of the step holds an adapter that targets this module: its delta is 0 everywhere.
         if meta is None or not meta.row_mask & self._masks[self.index]:
             return y
@@ -149,11 +154,21 @@ class LoraLinear(nn.Module):
             t = backend.columns(t, self._a_rows)
         y = y.contiguous()
         backend.expand_(y.view(-1, self.out_features), t, self._op_b, meta, 0, ranks=self._ranks)
+        if self.dora is not None and meta.row_mask & self.dora.mask:
+            self.dora.apply_(y.view(-1, self.out_features), getattr(self.base, "bias", None), meta)
         return y
 
+    def base_weight(self) -> torch.Tensor:
+        """The base weight as `[out, in]` (a view: GPT-2's Conv1D keeps it as [in, out])."""
+        weight = self.base.weight
+        return weight if tuple(weight.shape) == (self.out_features, self.in_features) else weight.t()
+
     @torch.no_grad()
-    def write_slot(self, row: int, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
-        """Copy one adapter's A [r, in] and B [out, r] into physical `row`, zero past rank r."""
+    def write_slot(self, row: int, a: torch.Tensor, b: torch.Tensor, scale: float,
+                   magnitude: torch.Tensor | None = None) -> None:
+        """Copy one adapter's A [r, in] and B [out, r] into physical `row`, zero past rank r; with DoRA's
+        `magnitude [out]`, its `g - 1` beside them (computed here, once)."""
+        self._write_dora(row, None if magnitude is None else dora_excess(self.base_weight(), a, b, scale, magnitude))
         r = a.shape[0]
         a_rows = self.group.lora_a[row, self.a_rows]
         a_rows[:r].copy_(a)
@@ -168,3 +183,10 @@ class LoraLinear(nn.Module):
         self.group.lora_a[row, self.a_rows].zero_()
         self.lora_b[row].zero_()
         self.group.ranks.set(self.index, row, 0)
+        self._write_dora(row, None)
+
+    def _write_dora(self, row: int, excess: torch.Tensor | None) -> None:
+        if excess is not None and self.dora is None:
+            self.dora = DoraScales(self.lora_b.shape[0], self.out_features, self.lora_b.device)
+        if self.dora is not None:
+            self.dora.set(row, excess)

@@ -71,13 +71,16 @@ class LoraModel:
         """Load `adapter` into `slot` of every layer (modules it does not target get zeros)."""
         if adapter.rank > self.max_rank:
             raise ValueError(f"adapter rank {adapter.rank} exceeds max_lora_rank {self.max_rank}")
+        unserved = sorted(adapter.modules.keys() - self.layers.keys()) + sorted(adapter.saved) + sorted(adapter.tokens)
+        if unserved:
+            raise ValueError(f"adapter parts not yet served: {unserved[0]}")
         row = self.row_of[slot]
         for name, layer in self.layers.items():
             weights = adapter.modules.get(name)
             if weights is None:
                 layer.clear_slot(row)
             else:
-                layer.write_slot(row, weights.a, weights.b, weights.scale)
+                layer.write_slot(row, weights.a, weights.b, weights.scale, weights.magnitude)
         self.row_ranks[row] = adapter.rank
         self.slot_writes += 1
 
@@ -121,6 +124,9 @@ class LoraModel:
             buf.index_copy_(0, dst, buf.index_select(0, from_))
         for group in self.groups:
             group.ranks.move_rows(dst, from_)
+        for layer in self.layers.values():
+            if layer.dora is not None:
+                layer.dora.move_rows(rows, [src[r] for r in rows])
         self.row_moves += len(pairs)
 
     # Steps ----------------------------------------------------------------------------------------

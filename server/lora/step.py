@@ -16,6 +16,9 @@ Fields (N packed tokens, S slots, G segments; every tensor on the model's device
 - `num_decode`: rows `[0, num_decode)` are decode rows, the rest prefill rows.
 - `row_mask`: bitmask of the slots any row uses (a layer whose weights hold nothing in them skips
   the op; server/lora/ranks.py).
+- `host_slots`: `token_slots` as python ints (per-slot work on a few rows: the output layer's and
+  the embedding's replaced weights); `excess_index [N]`: `token_slots + 1`, built on first use (DoRA's
+  per-slot vectors keep the base's zeros at index 0, server/lora/dora.py).
 
 The CPU fast path (`server/lora/cpu_ops.py`) reads a host plan built here too, so it never syncs:
 decode rows go through one padded batched matmul over slots `[0, pad_slots)` (`pad_width` rows
@@ -37,6 +40,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -88,6 +92,11 @@ class LoraStepMeta:
     max_rank: int = 0
     ranks: tuple[int, ...] = ()
     row_mask: int = 0
+    host_slots: tuple[int, ...] = ()
+
+    @cached_property
+    def excess_index(self) -> torch.Tensor:
+        return self.token_slots + 1
 
     @classmethod
     def build(cls, token_slots: list[int], slot_ranks: list[int], device: torch.device | str = "cpu",
@@ -118,7 +127,7 @@ class LoraStepMeta:
             pad_gather=None if rows_identity and index_identity else t(_gather(pad_rows, pad_index, pad_slots * width)),
             host_segments=host,
             slot_plan=_slot_plan(token_slots, num_decode, t), max_rank=max_rank, ranks=tuple(slot_ranks),
-            row_mask=sum(1 << s for s in set(token_slots) if s >= 0),
+            row_mask=sum(1 << s for s in set(token_slots) if s >= 0), host_slots=tuple(token_slots),
         )
 
 

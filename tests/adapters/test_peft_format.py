@@ -230,8 +230,10 @@ BAD_CONFIGS = [
     (dict(lora_bias=True), "lora_bias"),
     (dict(init_lora_weights="pissa_niter_4"), "base weights"),
     (dict(target_modules=["nonexistent_proj"]), "no module"),
-    (dict(target_modules=["embed_tokens", "q_proj"]), "embedding"),
-    (dict(target_modules=["lm_head", "q_proj"]), "lm_head"),
+    (dict(target_modules=["embed_tokens", "q_proj"], use_dora=True), "DoRA on the input embedding"),
+    (dict(modules_to_save=["norm"]), "only the output layer"),
+    (dict(trainable_token_indices=[3, 3]), "twice"),
+    (dict(trainable_token_indices=[100_000]), "outside the vocabulary"),
     (dict(target_modules=["mlp", "q_proj"]), "not a linear layer"),
     (dict(target_modules="(unclosed"), "regular expression"),
     (dict(rank_pattern={"q_proj[": 2}), "regular expression"),
@@ -265,14 +267,16 @@ def test_config_not_json_object(text: bytes, word: str, make_adapter: MakeAdapte
     rejected(folder, layout, word)
 
 
-def test_real_dora_adapter_refused(make_adapter: MakeAdapter, layout: BaseLayout) -> None:
+def test_real_dora_adapter_parsed(make_adapter: MakeAdapter, layout: BaseLayout) -> None:
     folder, _ = make_adapter(use_dora=True)
-    rejected(folder, layout, "DoRA")
+    adapter = load_peft_adapter(folder, layout, 64)
+    assert adapter.dora and all(m.magnitude is not None for m in adapter.modules.values())
 
 
-def test_real_embedding_adapter_refused(make_adapter: MakeAdapter, layout: BaseLayout) -> None:
-    folder, _ = make_adapter(target_modules=["embed_tokens", "q_proj"])
-    rejected(folder, layout, "embedding")
+def test_real_embedding_and_head_adapter_parsed(make_adapter: MakeAdapter, layout: BaseLayout) -> None:
+    folder, _ = make_adapter(target_modules=["embed_tokens", "lm_head", "q_proj"])
+    adapter = load_peft_adapter(folder, layout, 64)
+    assert {"model.embed_tokens", "lm_head"} <= set(adapter.modules)
 
 
 def test_rank_above_limit(make_adapter: MakeAdapter, layout: BaseLayout) -> None:
@@ -342,8 +346,8 @@ BAD_TENSORS = {
     "extra_key": "unexpected",
     "extra_module": "unexpected",
     "unknown_module": "no such module",
-    "lm_head": "output layer",
-    "embedding": "embedding",
+    "lm_head": "does not target",
+    "embedding": "does not target",
     "dora": "DoRA",
     "lora_bias": "lora_bias",
     "duplicate": "duplicate",
