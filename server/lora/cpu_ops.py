@@ -75,6 +75,15 @@ def shrink(x: torch.Tensor, a: torch.Tensor, meta: LoraStepMeta, *, ranks: RankT
     return CpuShrunk(padded, rows, a.shape[1])
 
 
+def from_dense(t: torch.Tensor, meta: LoraStepMeta) -> CpuShrunk:
+    """A dense `t [N, R]` computed another way (the embedding's gathered rows) in the layouts `expand_` reads."""
+    padded = None
+    if meta.pad_count:
+        picked = t[:meta.pad_count] if meta.pad_gather is None else t.index_select(0, meta.pad_gather)
+        padded = picked.view(meta.pad_slots, meta.pad_width, -1)
+    return CpuShrunk(padded, t if meta.host_segments else None, t.shape[1])
+
+
 def expand_(y: torch.Tensor, t: CpuShrunk, b: torch.Tensor, meta: LoraStepMeta, out_offset: int = 0, *,
             ranks: RankTable | None = None) -> None:
     """y[:, out_offset:out_offset+out] += b[slot] @ t per row; `b [S, out, R]` (fastest as a view of [S, R, out])."""

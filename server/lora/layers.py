@@ -25,6 +25,9 @@ class StepState:
 
     def __init__(self) -> None:
         self.meta: LoraStepMeta | None = None
+        # The rows the output layer runs on (each sequence's sampled rows), when that is not every row
+        # and some adapter of the step changes the output layer.
+        self.head_meta: LoraStepMeta | None = None
 
 
 class LoraGroup(nn.Module):

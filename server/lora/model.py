@@ -19,6 +19,7 @@ from torch import nn
 from server.adapters.layout import BaseLayout
 from server.adapters.peft_format import ParsedAdapter
 from server.lora.layers import LoraGroup, LoraLinear, StepState
+from server.lora.special import LoraEmbedding, LoraHead, replacement
 from server.lora.ops import Backend, backend_for
 from server.lora.step import LoraStepMeta
 
@@ -54,6 +55,8 @@ class LoraModel:
         self.row_of = list(range(max_loras))   # slot -> row
         self.slot_at = list(range(max_loras))  # row -> slot
         self.row_ranks = [0] * max_loras       # rank of the adapter in each row, 0 = empty
+        # The output layer and the input embedding, wrapped on first use (`_special`).
+        self.special: dict[str, LoraHead | LoraEmbedding] = {}
         for names in _group_names(layout):
             fan_in = layout.linear[names[0]][0]
             group = LoraGroup(len(names), fan_in, max_loras, max_rank, weight.device, self.weight_dtype, self.backend)
@@ -71,9 +74,6 @@ class LoraModel:
         """Load `adapter` into `slot` of every layer (modules it does not target get zeros)."""
         if adapter.rank > self.max_rank:
             raise ValueError(f"adapter rank {adapter.rank} exceeds max_lora_rank {self.max_rank}")
-        unserved = sorted(adapter.modules.keys() - self.layers.keys()) + sorted(adapter.saved) + sorted(adapter.tokens)
-        if unserved:
-            raise ValueError(f"adapter parts not yet served: {unserved[0]}")
         row = self.row_of[slot]
         for name, layer in self.layers.items():
             weights = adapter.modules.get(name)
@@ -81,13 +81,53 @@ class LoraModel:
                 layer.clear_slot(row)
             else:
                 layer.write_slot(row, weights.a, weights.b, weights.scale, weights.magnitude)
+        for name in set(self.special) | self._special_parts(adapter):
+            self._write_special(self._special(name), row, adapter, name)
         self.row_ranks[row] = adapter.rank
         self.slot_writes += 1
+
+    def _special_parts(self, adapter: ParsedAdapter) -> set[str]:
+        """The output-layer / input-embedding modules an adapter changes (LoRA, a trained copy, token rows)."""
+        return (adapter.modules.keys() - self.layers.keys()) | adapter.saved.keys() | adapter.tokens.keys()
+
+    def _write_special(self, layer: LoraHead | LoraEmbedding, row: int, adapter: ParsedAdapter, name: str) -> None:
+        weights = adapter.modules.get(name)
+        if weights is None:
+            layer.clear_slot(row)
+        else:
+            layer.write_slot(row, weights.a, weights.b, weights.scale, weights.magnitude)
+        saved, tokens = adapter.saved.get(name), adapter.tokens.get(name)
+        if saved is not None:
+            layer.replacements.set(row, replacement(saved, None, layer.weight))
+        elif tokens is not None:
+            layer.replacements.set(row, replacement(tokens.rows, tokens.indices, layer.weight))
+        else:
+            layer.replacements.set(row, None)
+
+    def _special(self, name: str) -> LoraHead | LoraEmbedding:
+        """The output layer's or the input embedding's slot layer, wrapped around it on first use."""
+        layer = self.special.get(name)
+        if layer is None:
+            base = self.model.get_submodule(name)
+            kind = LoraHead if name == self.layout.output_name else LoraEmbedding
+            layer = kind(base, self.max_loras, self.max_rank, self.weight_dtype, self.backend, self.state)
+            parent_name, _, child = name.rpartition(".")
+            setattr(self.model.get_submodule(parent_name) if parent_name else self.model, child, layer)
+            self.special[name] = layer
+        return layer
+
+    @property
+    def saved_bytes(self) -> int:
+        """Bytes the slots' replaced weights (trained copies, token rows) take on the device."""
+        return sum(layer.replacements.nbytes for layer in self.special.values())
 
     def clear_slot(self, slot: int) -> None:
         row = self.row_of[slot]
         for layer in self.layers.values():
             layer.clear_slot(row)
+        for layer in self.special.values():
+            layer.clear_slot(row)
+            layer.replacements.set(row, None)
         self.row_ranks[row] = 0
 
     def place(self, used: Iterable[int]) -> dict[int, int]:
@@ -120,13 +160,17 @@ class LoraModel:
         rows = [r for r in range(self.max_loras) if src[r] != r]
         dst = torch.tensor(rows, device=self.device)
         from_ = torch.tensor([src[r] for r in rows], device=self.device)
-        for buf in [g.a_storage for g in self.groups] + [layer.b_storage for layer in self.layers.values()]:
+        layers = [*self.layers.values(), *self.special.values()]
+        groups = self.groups + [layer.group for layer in self.special.values()]
+        for buf in [g.a_storage for g in groups] + [layer.b_storage for layer in layers]:
             buf.index_copy_(0, dst, buf.index_select(0, from_))
-        for group in self.groups:
+        for group in groups:
             group.ranks.move_rows(dst, from_)
-        for layer in self.layers.values():
+        for layer in layers:
             if layer.dora is not None:
                 layer.dora.move_rows(rows, [src[r] for r in rows])
+        for layer in self.special.values():
+            layer.replacements.move_rows(rows, [src[r] for r in rows])
         self.row_moves += len(pairs)
 
     # Steps ----------------------------------------------------------------------------------------
@@ -138,13 +182,23 @@ class LoraModel:
         return meta
 
     @contextmanager
-    def stepping(self, meta: LoraStepMeta | None) -> Iterator[None]:
-        """Run the layers with `meta` for one forward pass (None: base model only)."""
+    def stepping(self, meta: LoraStepMeta | None, head_rows: torch.Tensor | None = None) -> Iterator[None]:
+        """Run the layers with `meta` for one forward pass (None: base model only). `head_rows [n]`: the
+        packed rows the output layer runs on, when it runs on those only (the engine's sampled rows)."""
         self.state.meta = meta
+        self.state.head_meta = self.head_meta(meta, head_rows)
         try:
             yield
         finally:
-            self.state.meta = None
+            self.state.meta = self.state.head_meta = None
+
+    def head_meta(self, meta: LoraStepMeta | None, head_rows: torch.Tensor | None) -> LoraStepMeta | None:
+        """The step context of the output layer's rows, built only when an adapter of the step changes it."""
+        head = self.special.get(self.layout.output_name or "")
+        if meta is None or head_rows is None or head is None or not meta.row_mask & head.users():
+            return None
+        slots = [meta.host_slots[r] for r in head_rows.tolist()]
+        return LoraStepMeta.build(slots, self.row_ranks, self.device, len(slots), self.max_rank)
 
 
 def placement_slack(used: int) -> int:

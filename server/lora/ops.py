@@ -56,11 +56,16 @@ def dense_columns(t: torch.Tensor, cols: slice) -> torch.Tensor:
     return t[:, cols]
 
 
+def dense_as_is(t: torch.Tensor, meta: LoraStepMeta) -> torch.Tensor:
+    return t
+
+
 class Backend(NamedTuple):
     name: str
     shrink: ShrinkFn
     expand_: ExpandFn
     columns: Any = dense_columns  # (shrink output, slice of the stacked rank dim) -> that member's part
+    from_dense: Any = dense_as_is  # (dense t [N, R], meta) -> the form `expand_` takes (the embedding's gather)
     # Storage the backend reads fastest (the op's views `a [S, R, in]`, `b [S, out, R]` are taken of it):
     a_storage_in_major: bool = False  # A kept as [S, in, R] (else [S, R, in])
     b_storage_rank_major: bool = False  # B kept as [S, R, out] (else [S, out, R])
@@ -86,8 +91,8 @@ def expand_reference_(y: torch.Tensor, t: torch.Tensor, b: torch.Tensor, meta: L
 # Dispatch ------------------------------------------------------------------------------------------
 
 REFERENCE = Backend("reference", shrink_reference, expand_reference_)
-CPU = Backend("cpu", cpu_ops.shrink, cpu_ops.expand_, cpu_ops.CpuShrunk.columns, a_storage_in_major=True,
-              b_storage_rank_major=True)
+CPU = Backend("cpu", cpu_ops.shrink, cpu_ops.expand_, cpu_ops.CpuShrunk.columns, cpu_ops.from_dense,
+              a_storage_in_major=True, b_storage_rank_major=True)
 CPU_KERNELS = Backend("cpu-kernels", cpu_native.shrink, cpu_native.expand_, b_storage_rank_major=True)
 CPU_LORA_KERNELS = get_args(CpuLoraKernel)  # the `--cpu-lora-kernel` choices
 

@@ -22,13 +22,16 @@ def row_slots(lora: LoraModel, slots: list[int]) -> Iterator[None]:
         assert batch == len(rows)
         token_rows = [r for r in rows for _ in range(width)]
         lora.state.meta = lora.step_meta(token_rows, num_decode=batch if width == 1 else 0)
+        # `generate` runs the output layer on each row's last position only.
+        last = torch.arange(1, batch + 1) * width - 1
+        lora.state.head_meta = lora.head_meta(lora.state.meta, last)
 
     handle = lora.model.register_forward_pre_hook(plan, with_kwargs=True)
     try:
         yield
     finally:
         handle.remove()
-        lora.state.meta = None
+        lora.state.meta = lora.state.head_meta = None
 
 
 @torch.inference_mode()
