@@ -44,7 +44,7 @@ class ModelRunner:
         attention = StepAttention.build(slices, self.kv_cache.block_size, device, self.kv_cache.dtype,
                                         self.decode_kernel)
         meta = self.lora.step_meta(token_rows, num_decode) if rows else None
-        with self.lora.stepping(meta):
+        with self.lora.stepping(meta, head_rows=attention.last_rows):
             logits = forward_step(self.paged, self.kv_cache, attention,
                                   torch.tensor(tokens, dtype=torch.long, device=device))
         for item in plan:
