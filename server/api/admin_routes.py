@@ -216,6 +216,10 @@ async def unload_lora_adapter(body: UnloadLoraRequest, request: Request) -> Plai
     if name == engine.base_name:
         raise _counted(request, "unload", ApiError(400, "the base model cannot be unloaded", param="lora_name",
                                                    code="invalid_value"))
+    try:  # the same checks as load: a name no load could have registered is a 400, not a 404
+        validate_name(name, engine.base_name, param="lora_name")
+    except ApiError as exc:
+        raise _counted(request, "unload", exc) from None
     request.scope.setdefault("loraplex", {})["model"] = name
     try:
         await _engine_call(request, "unload", engine.unload_adapter, name)

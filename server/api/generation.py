@@ -33,6 +33,8 @@ class Choice:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    prompt_text: str | None = None           # echo: the prompt, as the first delta brought it
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
 
     @property
     def text(self) -> str:
@@ -50,19 +52,20 @@ class Generation:
         self._finished = False
         log_info["model"] = model
 
-    async def submit(self, prompts: list[str] | None, n: int, params: SamplingParams,
+    async def submit(self, prompts: list[str | list[int]] | None, n: int, params: SamplingParams,
                      messages: tuple[dict, ...] | None = None, apply_template: bool = True) -> None:
-        """One engine request per prompt (or one for `messages`); engine errors raise here.
+        """One engine request per prompt, text or token ids (or one for `messages`); engine errors raise here.
 
         Whatever was submitted before an error is aborted, so a refused request leaves nothing running.
         """
-        inputs: list[tuple[str | None, tuple[dict, ...] | None]] = (
+        inputs: list[tuple[str | list[int] | None, tuple[dict, ...] | None]] = (
             [(None, messages)] if messages is not None else [(p, None) for p in prompts or []])
         try:
             for p, (prompt, chat) in enumerate(inputs):
                 rid = self.request_id if len(inputs) == 1 else f"{self.request_id}-{p}"
-                request = GenerationRequest(rid, self.model, prompt=prompt, params=params, n=n, messages=chat,
-                                            apply_template=apply_template)
+                ids = tuple(prompt) if isinstance(prompt, list) else None
+                request = GenerationRequest(rid, self.model, prompt=None if ids else prompt, params=params, n=n,
+                                            messages=chat, apply_template=apply_template, prompt_ids=ids)
                 streams = await self.engine.submit(request)
                 for j, stream in enumerate(streams):
                     self.streams.append(stream)
@@ -124,6 +127,10 @@ class Generation:
             self.first_token_at = time.perf_counter()
             self.metrics.ttft.observe(self.first_token_at - self.started)
             self.info["ttft_ms"] = round((self.first_token_at - self.started) * 1000, 1)
+        if delta.prompt_text is not None:
+            choice.prompt_text = delta.prompt_text
+        if delta.prompt_logprobs is not None:
+            choice.prompt_logprobs = delta.prompt_logprobs
         choice.parts.append(delta.text)
         choice.logprobs.extend(delta.logprobs)
         choice.prompt_tokens = delta.prompt_tokens or choice.prompt_tokens

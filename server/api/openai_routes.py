@@ -17,7 +17,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from server.api.errors import ApiError
-from server.api.formatting import chat_logprobs, completion_logprobs
+from server.api.formatting import chat_logprobs, completion_logprobs, echoed_logprobs, prompt_logprobs
 from server.api.generation import Choice, Generation
 from server.api.schemas import (AssistantMessage, ChatChoice, ChatCompletionRequest,
                                 ChatCompletionResponse, CompletionChoice, CompletionRequest, CompletionResponse,
@@ -50,7 +50,11 @@ def check_prompt_chars(texts: list[str], limit: int, param: str) -> None:
                        code="context_length_exceeded", param=param)
 
 
-def sampling_params(body: SamplingFields, default_max_tokens: int, logprobs: int | None) -> SamplingParams:
+def sampling_params(body: SamplingFields, default_max_tokens: int, logprobs: int | None,
+                    prompt_logprobs: int | None = None, echo: bool = False) -> SamplingParams:
+    error = body.token_count_error()
+    if error is not None:
+        raise ApiError(400, error[1], code="invalid_value", param=error[0])
     max_tokens = body.requested_max_tokens()
     given = {f for f in CONTRACT_FIELDS if f in body.model_fields_set}
     if max_tokens is not None:
@@ -59,7 +63,9 @@ def sampling_params(body: SamplingFields, default_max_tokens: int, logprobs: int
                           temperature=body.temperature, top_p=body.top_p, top_k=max(0, body.top_k), seed=body.seed,
                           stop=body.stop_list(), presence_penalty=body.presence_penalty,
                           frequency_penalty=body.frequency_penalty, logprobs=logprobs, ignore_eos=body.ignore_eos,
-                          response_format=output_format(body.response_format), given=frozenset(given))
+                          response_format=output_format(body.response_format), given=frozenset(given),
+                          min_tokens=body.min_tokens, logit_bias=body.bias_pairs(), prompt_logprobs=prompt_logprobs,
+                          echo=echo)
 
 
 def _generation(request: Request, body: SamplingFields, prefix: str) -> tuple[Generation, dict, dict]:
@@ -101,22 +107,34 @@ def _client_closed() -> Response:
 async def create_completion(body: CompletionRequest, request: Request) -> Any:
     settings = request.app.state.settings
     prompts = body.prompts()
-    check_prompt_chars(prompts, settings.max_prompt_chars, "prompt")
+    check_prompt_chars([p for p in prompts if isinstance(p, str)], settings.max_prompt_chars, "prompt")
     gen, info, base = _generation(request, body, "cmpl")
-    await gen.submit(prompts, body.n, sampling_params(body, settings.max_tokens_default, body.logprobs),
-                     apply_template=body.apply_template)
+    params = sampling_params(body, settings.max_tokens_default, body.logprobs, body.engine_prompt_logprobs(),
+                             body.echo)
+    await gen.submit(prompts, body.n, params, apply_template=body.apply_template)
     base["object"] = "text_completion"
     if body.stream:
         deltas = await started_deltas(gen)
-        events = completion_events(gen, deltas, base, body.logprobs is not None, body.include_usage())
-        return EventStreamResponse(events, gen, info)
+        return EventStreamResponse(completion_events(gen, deltas, base, body, body.include_usage()), gen, info)
     choices = await _run_unless_disconnected(request, gen, info)
     if choices is None:
         return _client_closed()
-    return CompletionResponse(**base, usage=gen.usage(), choices=[
-        CompletionChoice(index=c.index, text=c.text, finish_reason=c.finish_reason,
-                         logprobs=completion_logprobs(c.logprobs) if body.logprobs is not None else None)
-        for c in choices])
+    return CompletionResponse(**base, usage=gen.usage(), choices=[completion_choice(c, body) for c in choices])
+
+
+def completion_choice(c: Choice, body: CompletionRequest) -> CompletionChoice:
+    """One finished choice: the echoed prompt first when asked for, with its logprobs."""
+    logprobs = None
+    if body.logprobs is not None:
+        logprobs = (echoed_logprobs(c.prompt_logprobs, c.prompt_text or "", c.logprobs, body.logprobs)
+                    if body.echo else completion_logprobs(c.logprobs))
+    text = (c.prompt_text or "") + c.text if body.echo else c.text
+    return CompletionChoice(index=c.index, text=text, finish_reason=c.finish_reason, logprobs=logprobs,
+                            prompt_logprobs=_prompt_logprobs(c, body))
+
+
+def _prompt_logprobs(c: Choice, body: SamplingFields):
+    return None if body.prompt_logprobs is None else prompt_logprobs(c.prompt_logprobs, body.prompt_logprobs)
 
 
 @router.post("/chat/completions", response_model=ChatCompletionResponse, summary="Chat completion",
@@ -126,7 +144,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     messages = tuple(m.as_template_message() for m in body.messages)
     check_prompt_chars([_text(m) for m in messages], settings.max_prompt_chars, "messages")
     gen, info, base = _generation(request, body, "chatcmpl")
-    params = sampling_params(body, settings.chat_max_tokens_default, body.logprobs_k())
+    params = sampling_params(body, settings.chat_max_tokens_default, body.logprobs_k(), body.prompt_logprobs)
     await gen.submit(None, body.n, params, messages=messages, apply_template=body.apply_template)
     if body.stream:
         base["object"] = "chat.completion.chunk"
@@ -135,10 +153,11 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     choices = await _run_unless_disconnected(request, gen, info)
     if choices is None:
         return _client_closed()
-    return ChatCompletionResponse(**base, usage=gen.usage(), choices=[
-        ChatChoice(index=c.index, message=AssistantMessage(content=c.text), finish_reason=c.finish_reason,
-                   logprobs=chat_logprobs(c.logprobs) if body.logprobs else None)
-        for c in choices])
+    return ChatCompletionResponse(**base, usage=gen.usage(), prompt_logprobs=_prompt_logprobs(choices[0], body),
+                                  choices=[ChatChoice(index=c.index, message=AssistantMessage(content=c.text),
+                                                      finish_reason=c.finish_reason,
+                                                      logprobs=chat_logprobs(c.logprobs) if body.logprobs else None)
+                                           for c in choices])
 
 
 def _text(message: dict) -> str:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 from server.adapters.contract import ResponseFormatSpec
 
 MAX_CHOICES = 16                 # n x prompts of one request
 MAX_STOP = 4
+MAX_PROMPT_LOGPROBS = 20         # vLLM's default ceiling
+MAX_LOGIT_BIAS = 100.0
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
@@ -30,8 +32,13 @@ class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(min_length=1, description="an adapter name or the base model's served name")
-    max_tokens: int | None = Field(None, ge=1, description="tokens to generate at most")
-    max_completion_tokens: int | None = Field(None, ge=1, description="same as max_tokens; wins when both are given")
+    max_tokens: int | None = Field(None, ge=0, description="tokens to generate at most (0 only to score the "
+                                   "prompt: with echo or prompt_logprobs)")
+    max_completion_tokens: int | None = Field(None, ge=0, description="same as max_tokens; wins when both are given")
+    min_tokens: int = Field(0, ge=0, description="vLLM extension: end-of-sequence is forbidden before this many "
+                            "tokens")
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_PROMPT_LOGPROBS, description="vLLM extension: each "
+                                        "prompt token's logprob, rank and decoded text, plus the top k")
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 = greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=-1, description="extension: keep the k most likely tokens; 0 or -1 = off")
@@ -44,7 +51,8 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256)
-    logit_bias: dict[str, float] | None = Field(None, description="not supported: only an empty map is accepted")
+    logit_bias: dict[str, float] | None = Field(None, description="token id -> bias in [-100, 100], added to "
+                                                "the token's logit before sampling")
     response_format: ResponseFormatSpec | None = Field(
         None, description='structured output: {"type": "json_object"} or {"type": "json_schema", "json_schema": '
         '{"name", "schema", "strict"}}, enforced while sampling; {"type": "text"} turns off an adapter\'s bound schema')
@@ -60,10 +68,29 @@ class SamplingFields(BaseModel):
 
     @field_validator("logit_bias")
     @classmethod
-    def _no_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        if value:
-            raise ValueError("logit_bias is not supported by this server")
+    def _logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (value or {}).items():
+            if not key.isdigit() or not key.isascii():
+                raise ValueError(f"logit_bias keys are token ids, got {key!r}")
+            if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise ValueError(f"logit_bias for token {key} is {bias}; it must lie in [-100, 100]")
         return value
+
+    def token_count_error(self) -> tuple[str, str] | None:
+        """(param, message) when max_tokens and min_tokens do not fit together; None when they do."""
+        max_tokens = self.requested_max_tokens()
+        if max_tokens == 0 and not self.scores_prompt():
+            return "max_tokens", "max_tokens may be 0 only to score the prompt (with echo or prompt_logprobs)"
+        if max_tokens is not None and self.min_tokens > max_tokens:
+            return "min_tokens", f"min_tokens ({self.min_tokens}) is larger than max_tokens ({max_tokens})"
+        return None
+
+    def scores_prompt(self) -> bool:
+        """Whether the response carries the prompt's logprobs (so max_tokens 0 makes sense)."""
+        return self.prompt_logprobs is not None
+
+    def bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        return tuple((int(k), v) for k, v in (self.logit_bias or {}).items())
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> SamplingFields:
@@ -84,24 +111,34 @@ class SamplingFields(BaseModel):
         return self.stream_options is not None and self.stream_options.include_usage
 
 
+PromptInput = str | list[int]
+
+
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] = Field(description="one prompt, or a list of prompts (choices are grouped per prompt)")
-    logprobs: int | None = Field(None, ge=0, le=5, description="log probabilities of the chosen and the top k tokens")
-    echo: bool = Field(False, description="not supported: only false is accepted")
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="a prompt or a list of prompts, each a string or a list of token ids (fed as is); choices are "
+        "grouped per prompt")
+    logprobs: int | None = Field(None, ge=0, le=5, description="log probabilities of the chosen token plus the "
+                                 "top k")
+    echo: bool = Field(False, description="the prompt is sent back before the completion (with logprobs: the "
+                       "prompt tokens' logprobs too, the first null)")
     suffix: str | None = Field(None, description="not supported: only null is accepted")
     best_of: int | None = Field(None, ge=1, description="only null or equal to n is accepted")
 
     @field_validator("prompt")
     @classmethod
-    def _prompts(cls, value: str | list[str]) -> str | list[str]:
+    def _prompts(cls, value: str | list) -> str | list:
         if isinstance(value, list) and not value:
             raise ValueError("at least one prompt is needed")
+        if isinstance(value, list) and any(isinstance(p, list) and not p for p in value):
+            raise ValueError("a prompt of token ids needs at least one token")
         return value
+
+    def scores_prompt(self) -> bool:
+        return self.prompt_logprobs is not None or self.echo
 
     @model_validator(mode="after")
     def _unsupported(self) -> CompletionRequest:
-        if self.echo:
-            raise ValueError("echo is not supported by this server")
         if self.suffix:
             raise ValueError("suffix is not supported by this server")
         if self.best_of is not None and self.best_of != self.n:
@@ -110,8 +147,17 @@ class CompletionRequest(SamplingFields):
             raise ValueError(f"prompts x n must be at most {MAX_CHOICES}")
         return self
 
-    def prompts(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+    def prompts(self) -> list[PromptInput]:
+        """Each prompt: a string, or a list of token ids."""
+        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
+            return [self.prompt]
+        return list(self.prompt)
+
+    def engine_prompt_logprobs(self) -> int | None:
+        """How many alternatives the engine computes per prompt token: for prompt_logprobs, and for echo with
+        logprobs (the larger of the two; each field is cut to its own size)."""
+        wanted = [k for k in (self.prompt_logprobs, self.logprobs if self.echo else None) if k is not None]
+        return max(wanted) if wanted else None
 
 
 class TextPart(BaseModel):
@@ -149,6 +195,8 @@ class ChatCompletionRequest(SamplingFields):
             raise ValueError("tools are not supported by this server")
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
+        if self.prompt_logprobs is not None and self.stream:
+            raise ValueError("prompt_logprobs is not available on streamed chat completions")
         return self
 
     def logprobs_k(self) -> int | None:
@@ -163,16 +211,40 @@ class Usage(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 
-class CompletionChoice(BaseModel):
+class PromptTokenLogprob(BaseModel):
+    """vLLM's entry of one token in `prompt_logprobs` (keyed by token id)."""
+
+    logprob: float
+    rank: int | None
+    decoded_token: str
+
+
+PromptLogprobs = list[dict[str, PromptTokenLogprob] | None]
+
+
+class WithPromptLogprobs(BaseModel):
+    """A body whose `prompt_logprobs` (vLLM's extension) is left out unless the request asked for it."""
+
+    @model_serializer(mode="wrap")
+    def _drop_unasked(self, handler):
+        data = handler(self)
+        if data.get("prompt_logprobs", 0) is None:
+            del data["prompt_logprobs"]
+        return data
+
+
+class CompletionChoice(WithPromptLogprobs):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None
+    prompt_logprobs: PromptLogprobs | None = Field(None, description="vLLM extension, with prompt_logprobs: one "
+                                                   "entry per prompt token (the first null)")
 
 
 class CompletionResponse(BaseModel):
@@ -211,13 +283,15 @@ class ChatChoice(BaseModel):
     finish_reason: Literal["stop", "length"]
 
 
-class ChatCompletionResponse(BaseModel):
+class ChatCompletionResponse(WithPromptLogprobs):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: PromptLogprobs | None = Field(None, description="vLLM extension, with prompt_logprobs: one "
+                                                   "entry per token of the rendered prompt (the first null)")
 
 
 class ModelObject(BaseModel):
@@ -225,6 +299,8 @@ class ModelObject(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "loraplex"
+    root: str | None = Field(None, description="where it was loaded from: the base model's folder (or name), "
+                             "an adapter's folder in the store")
     parent: str | None = None
     sha256: str | None = Field(None, description="SHA-256 identity of the adapter's current weights and config "
                                "(None for the base model); `model: \"name@<prefix>\"` pins it")
@@ -234,7 +310,8 @@ class ModelObject(BaseModel):
 
     @classmethod
     def from_card(cls, card: Any) -> ModelObject:
-        return cls(id=card.id, created=card.created, parent=card.parent, sha256=getattr(card, "sha256", None),
+        return cls(id=card.id, created=card.created, parent=card.parent, root=getattr(card, "root", None),
+                   sha256=getattr(card, "sha256", None),
                    version=getattr(card, "version", None), contract=getattr(card, "contract", None))
 
 

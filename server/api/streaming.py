@@ -18,8 +18,9 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from server.api.errors import engine_error_body, error_body
-from server.api.formatting import chat_logprobs, completion_logprobs
+from server.api.formatting import chat_logprobs, completion_logprobs, echoed_logprobs, prompt_logprobs
 from server.api.generation import Choice, Generation
+from server.api.schemas import CompletionRequest
 from server.engine.request import Delta, EngineError
 
 log = logging.getLogger(__name__)
@@ -95,18 +96,30 @@ async def _chain(first: tuple[Choice, Delta] | None, rest: Deltas) -> Deltas:
         await rest.aclose()
 
 
-async def completion_events(gen: Generation, deltas: Deltas, base: dict, want_logprobs: bool, include_usage: bool
-                            ) -> AsyncIterator[str]:
+def completion_chunk_choice(choice: Choice, delta: Delta, body: CompletionRequest) -> dict:
+    """A choice's piece of one chunk; its first carries the echoed prompt and the prompt logprobs."""
+    start = len(choice.text) - len(delta.text)
+    echoed = body.echo and delta.prompt_text is not None
+    logprobs = None
+    if body.logprobs is not None:
+        logprobs = (echoed_logprobs(delta.prompt_logprobs, delta.prompt_text, delta.logprobs, body.logprobs)
+                    if echoed else completion_logprobs(delta.logprobs, start + len(choice.prompt_text or "")
+                                                       if body.echo else start)).model_dump()
+    out = {"index": choice.index, "text": delta.prompt_text + delta.text if echoed else delta.text,
+           "logprobs": logprobs, "finish_reason": delta.finish_reason}
+    if body.prompt_logprobs is not None and delta.prompt_logprobs is not None:
+        out["prompt_logprobs"] = [e if e is None else {k: v.model_dump() for k, v in e.items()}
+                                  for e in prompt_logprobs(delta.prompt_logprobs, body.prompt_logprobs)]
+    return out
+
+
+async def completion_events(gen: Generation, deltas: Deltas, base: dict, body: CompletionRequest,
+                            include_usage: bool) -> AsyncIterator[str]:
     extra: dict[str, Any] = {"usage": None} if include_usage else {}
     try:
         async with aclosing(deltas):
             async for choice, delta in deltas:
-                logprobs = None
-                if want_logprobs:
-                    start = len(choice.text) - len(delta.text)
-                    logprobs = completion_logprobs(delta.logprobs, start).model_dump()
-                yield sse({**base, "choices": [{"index": choice.index, "text": delta.text, "logprobs": logprobs,
-                                                "finish_reason": delta.finish_reason}], **extra})
+                yield sse({**base, "choices": [completion_chunk_choice(choice, delta, body)], **extra})
         if include_usage:
             yield sse(_usage_chunk(base, gen))
     except Exception as exc:

@@ -46,7 +46,8 @@ class TokenizeResponse(BaseModel):
     tokens: list[int]
     count: int
     max_model_len: int
-    token_strs: list[str] | None = None
+    token_strs: list[str] | None = Field(None, description="each token as a string, with return_token_strs "
+                                        "(null otherwise, as vLLM sends it)")
 
 
 class DetokenizeRequest(BaseModel):
@@ -67,7 +68,7 @@ def _engine(request: Request) -> Any:
     return engine
 
 
-@router.post("/tokenize", response_model=TokenizeResponse, response_model_exclude_none=True,
+@router.post("/tokenize", response_model=TokenizeResponse,
              summary="Token ids of a prompt or of chat messages (vLLM's route)")
 async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     engine = _engine(request)

@@ -17,7 +17,7 @@ from collections import deque
 from server.engine.adapters import AdapterManager
 from server.engine.grammar import GrammarCompiler
 from server.engine.kv_cache import KVCache, OutOfBlocks
-from server.engine.output import finish_reason, make_delta
+from server.engine.output import finish_reason, make_delta, record_prompt_logprobs
 from server.engine.request import EngineError
 from server.engine.runner import ModelRunner
 from server.engine.sampler import Sampler
@@ -141,7 +141,11 @@ class EngineCore:
         self.prefill_tokens += sum(max(0, min(p.num_tokens, p.seq.prompt_len - p.seq.num_computed)) for p in plan)
         ordered, logits = self.runner.step(plan)
         self.scheduler.computed(ordered)
-        rows = [i for i, item in enumerate(ordered) if item.samples]
+        record_prompt_logprobs(self.tokenizer, ordered, logits[len(ordered):])
+        for item in ordered:
+            if item.samples and not item.seq.params.max_tokens:
+                self._end_scoring(item.seq)
+        rows = [i for i, item in enumerate(ordered) if item.samples and item.seq.params.max_tokens]
         if not rows:
             return True
         seqs = [ordered[i].seq for i in rows]
@@ -151,10 +155,23 @@ class EngineCore:
                 seqs += forked
                 rows += [rows[i]] * len(forked)
         outs = self.sampler.sample(logits[rows], [s.options for s in seqs], [s.generator for s in seqs],
-                                   [s.output_ids for s in seqs], self._allowed(seqs))
+                                   [s.output_ids for s in seqs], self._allowed(seqs), self._banned(seqs))
         for seq, out in zip(seqs, outs):
             self._append(seq, out)
         return True
+
+    def _end_scoring(self, seq: Sequence) -> None:
+        """A request with max_tokens 0 (prompt scoring) ends once its prompt is computed, it and its choices."""
+        for child in [*seq.children, seq]:  # the choices first: finishing `seq` would restart them
+            child.prompt_logprobs = seq.prompt_logprobs
+            self._finish(child)
+            child.stream.put(make_delta(self.tokenizer, child, "", None, "length"))
+
+    def _banned(self, seqs: list[Sequence]) -> list[tuple[int, ...]] | None:
+        """End-of-sequence tokens of the rows still short of their min_tokens."""
+        banned = [tuple(self.eos_ids) if len(s.output_ids) < s.params.min_tokens and not s.params.ignore_eos
+                  else () for s in seqs]
+        return banned if any(banned) else None
 
     def _allowed(self, seqs: list[Sequence]):
         """(rows, masks) of the step's constrained sequences, filled in one call; None when there are none."""
@@ -173,6 +190,7 @@ class EngineCore:
         allocator = self.kv_cache.allocator
         for child in children:
             child.record, child.adapter = parent.record, parent.adapter
+            child.prompt_logprobs = parent.prompt_logprobs
             if self.manager.admit(child) is not Admission.ADMITTED:  # cannot happen: the parent pins the slot
                 self.scheduler.add_front(child)
                 continue

@@ -41,6 +41,7 @@ class ModelCard:
     sha256: str | None = None    # None for the base model
     version: int | None = None   # None for the base model
     contract: dict | None = None  # the adapter's loraplex.json
+    root: str | None = None      # where it was loaded from: the base model's folder, an adapter's store folder
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,7 @@ class Engine:
                                self._max_context, settings.threads, self.grammars)
         self.adapters.post_evict = lambda key: self.core.post("evict", key)
         self.front = EngineFront(self.core, self.adapters, self.tokenizer, settings.max_queue, self._max_context,
-                                 self.kv_cache.num_slots, settings.background_niceness, self.grammars)
+                                 self.kv_cache.num_slots, settings.background_niceness, self.grammars, vocab_size)
 
     # Parts tests and tools look at ------------------------------------------------------------
 
@@ -185,10 +186,12 @@ class Engine:
 
     def models(self) -> list[ModelCard]:
         self.sync_store()
-        cards = [ModelCard(self.base_name, 0, None)]
+        cards = [ModelCard(self.base_name, 0, None, root=str(getattr(self.base.model, "name_or_path", "") or
+                                                             self.base_name))]
+        # Registration order, as vLLM lists them (an overwrite registers a new version: it moves last).
         cards += [ModelCard(r.name, int(r.created), self.base_name, r.sha256, r.version,
-                            r.contract.as_dict() if r.contract else None)
-                  for r in self.registry.records()]
+                            r.contract.as_dict() if r.contract else None, root=str(r.folder))
+                  for r in sorted(self.registry.records(), key=lambda r: r.generation)]
         return cards
 
     def stats(self) -> EngineStats:

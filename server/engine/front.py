@@ -21,7 +21,7 @@ from server.engine.contract import with_contract
 from server.engine.grammar import GrammarCompiler
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.request import (EngineNotReadyError, GenerationRequest, InvalidRequestError, PromptTooLongError,
-                                   QueueFullError, ShuttingDownError)
+                                   QueueFullError, ShuttingDownError, TokenLogprob)
 from server.engine.sampler import SamplingOptions, make_generator
 from server.engine.sequence import Sequence
 from server.engine.stream import RequestStream
@@ -34,8 +34,11 @@ _MAX_SEED = 2**63 - 1
 
 class EngineFront:
     def __init__(self, core: EngineCore, manager: AdapterManager, tokenizer, max_queue: int, max_context: int,
-                 kv_capacity: int, long_prompt_niceness: int = 10, grammars: GrammarCompiler | None = None) -> None:
+                 kv_capacity: int, long_prompt_niceness: int = 10, grammars: GrammarCompiler | None = None,
+                 vocab_size: int | None = None) -> None:
         self.core = core
+        # Token ids a request may name (prompt ids, logit_bias keys): the tokenizer's and the logits' alike.
+        self.vocab_size = min(len(tokenizer), vocab_size or len(tokenizer))
         self.grammars = grammars
         self.manager = manager
         self.tokenizer = tokenizer
@@ -64,17 +67,22 @@ class EngineFront:
         if fmt is not None and (request.params.ignore_eos or self.grammars is None):
             raise InvalidRequestError("response_format cannot be combined with ignore_eos" if self.grammars
                                       else "structured output is not available on this engine")
+        if fmt is not None and request.params.min_tokens:
+            raise InvalidRequestError("response_format cannot be combined with min_tokens (the grammar decides "
+                                      "where the output ends)")
         pool, tokenizer = self._long_lane if chars > LONG_PROMPT_CHARS else self._short_lane
         self._tokenizing += 1
         try:
-            prompt_ids, grammar = await asyncio.get_running_loop().run_in_executor(pool, self._prepare, tokenizer,
-                                                                                   request)
+            prompt_ids, grammar, echo = await asyncio.get_running_loop().run_in_executor(
+                pool, self._prepare, tokenizer, request)
         finally:
             self._tokenizing -= 1
         self._check_length(len(prompt_ids), request.params.max_tokens)
         if self.shutting_down:
             raise ShuttingDownError("the server is shutting down")
         seqs = [self._sequence(request, j, prompt_ids, record, prefix) for j in range(request.n)]
+        for seq in seqs:
+            seq.echo_text = echo
         for seq in seqs if grammar is not None else ():
             seq.constraint = self.grammars.constraint(grammar)
         if record is not None:
@@ -85,10 +93,15 @@ class EngineFront:
         return [s.stream for s in seqs]
 
     def _prepare(self, tokenizer, request: GenerationRequest):
-        """Token ids and the compiled grammar (None for free text); runs on a tokenizer lane's thread."""
+        """Token ids, the compiled grammar (None for free text) and the text to echo (None unless asked
+        for: the prompt as given, or the decoded ids); runs on a tokenizer lane's thread."""
         fmt = request.params.response_format
         grammar = None if fmt is None else self.grammars.compile(fmt)
-        return tokenize(tokenizer, request), grammar
+        ids = tokenize(tokenizer, request)
+        echo = None
+        if request.params.echo:
+            echo = request.prompt if request.prompt is not None else tokenizer.decode(ids)
+        return ids, grammar, echo
 
     async def tokenize(self, model: str, prompt: str | None, messages: tuple[dict, ...] | None,
                        add_special_tokens: bool, add_generation_prompt: bool, apply_template: bool) -> list[int]:
@@ -128,18 +141,28 @@ class EngineFront:
             raise EngineNotReadyError("the engine is not running yet")
         if not isinstance(request.n, int) or request.n < 1:
             raise InvalidRequestError(f"n must be a positive integer, got {request.n!r}")
-        if (request.prompt is None) == (request.messages is None):
-            raise InvalidRequestError("give exactly one of prompt and messages")
+        if sum(x is not None for x in (request.prompt, request.prompt_ids, request.messages)) != 1:
+            raise InvalidRequestError("give exactly one of prompt, prompt_ids and messages")
+        self._check_token_ids(request)
         resolved = self.manager.resolve(request.model)
         if self.core.num_waiting() + self._tokenizing + request.n > self.max_queue:
             raise QueueFullError(f"the queue is full ({self.max_queue} waiting sequences); retry later")
         chars = len(request.prompt) if request.prompt is not None else \
-            sum(len(str(m.get("content") or "")) for m in request.messages)
+            sum(len(str(m.get("content") or "")) for m in request.messages or ())
         limit = CHARS_PER_TOKEN_BOUND * self._token_limit()
         if chars > limit:
             raise PromptTooLongError(f"the prompt has {chars} characters, more than {limit} can fit in "
                                      f"{self._token_limit()} tokens")
         return resolved, chars
+
+    def _check_token_ids(self, request: GenerationRequest) -> None:
+        """Prompt ids and logit_bias keys must name tokens of the vocabulary."""
+        for ids, what in ((request.prompt_ids or (), "prompt"), ((t for t, _ in request.params.logit_bias),
+                                                                 "logit_bias")):
+            bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+            if bad is not None:
+                raise InvalidRequestError(f"{what}: token id {bad} is outside the vocabulary (0 to "
+                                          f"{self.vocab_size - 1})")
 
     def _token_limit(self) -> int:
         return min(self.max_context, self.kv_capacity)
@@ -163,17 +186,27 @@ class EngineFront:
         key = request.request_id if j == 0 else f"{request.request_id}#{j}"
         options = SamplingOptions(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
                                   presence_penalty=params.presence_penalty,
-                                  frequency_penalty=params.frequency_penalty, logprobs=params.logprobs, seed=seed)
+                                  frequency_penalty=params.frequency_penalty, logprobs=params.logprobs, seed=seed,
+                                  logit_bias=params.logit_bias)
         return Sequence(request_id=request.request_id, key=key, prompt_len=len(prompt_ids),
                         token_ids=list(prompt_ids), params=params, options=options, generator=make_generator(seed),
                         detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop),
                         stream=RequestStream(request.request_id, self.core.abort, index=j, abort_key=key),
                         record=record, sha_prefix=prefix,
-                        adapter=None if record is None else self.manager.cached(record))
+                        adapter=None if record is None else self.manager.cached(record),
+                        prompt_logprobs=self._prompt_logprobs(params, prompt_ids))
+
+    def _prompt_logprobs(self, params, prompt_ids: list[int]) -> list[TokenLogprob | None] | None:
+        if params.prompt_logprobs is None:
+            return None
+        first = TokenLogprob(self.tokenizer.decode(prompt_ids[:1]), None, token_id=prompt_ids[0])
+        return [first] + [None] * (len(prompt_ids) - 1)
 
 
 def tokenize(tokenizer, request: GenerationRequest, add_generation_prompt: bool = True) -> list[int]:
     """The prompt's token ids (the chat template rendered first); runs on a tokenizer lane's thread."""
+    if request.prompt_ids is not None:
+        return list(request.prompt_ids)
     if request.messages is None:
         return tokenizer(request.prompt, add_special_tokens=request.add_special_tokens)["input_ids"]
     try:

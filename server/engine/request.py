@@ -26,6 +26,10 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logprobs: int | None = None     # None = off; k = chosen token's logprob plus the top k
     ignore_eos: bool = False        # generate exactly max_tokens (benchmarks)
+    min_tokens: int = 0             # end-of-sequence tokens are forbidden before this many tokens
+    logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, bias) added to the logits before sampling
+    prompt_logprobs: int | None = None   # None = off; k = each prompt token's logprob plus the top k
+    echo: bool = False              # the first delta carries the prompt's text
     response_format: OutputFormat | None = None   # None = free text
     # Fields the client set itself: an adapter contract's defaults fill in the others.
     # None = every field counts as set (callers that know nothing of contracts).
@@ -42,13 +46,17 @@ class GenerationRequest:
     n: int = 1                      # choices of this prompt; choice j is seeded seed + j
     messages: tuple[dict, ...] | None = None   # chat messages: the engine renders the chat template
     apply_template: bool = True     # the adapter contract's prompt template / system prompt, if it has one
+    prompt_ids: tuple[int, ...] | None = None   # a prompt given as token ids, fed as is (instead of prompt)
 
 
 @dataclass(frozen=True)
 class TokenLogprob:
     token: str
-    logprob: float
-    top: tuple[tuple[str, float], ...] = ()
+    logprob: float | None           # None only for a prompt's first token: nothing predicts it
+    top: tuple[tuple[str, float], ...] = ()   # the most likely tokens, most likely first
+    token_id: int = -1
+    rank: int = 0                   # 1 = the most likely token (0: not computed)
+    top_ids: tuple[int, ...] = ()   # the token ids of `top`
 
 
 @dataclass(frozen=True)
@@ -60,6 +68,9 @@ class Delta:
     finish_reason: str | None = None     # "stop" or "length" on the last delta
     prompt_tokens: int = 0
     completion_tokens: int = 0           # generated so far
+    # First delta only, when asked for: the prompt's text (echo) and its tokens' logprobs (the first's None).
+    prompt_text: str | None = None
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass(frozen=True)

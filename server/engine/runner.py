@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from server.engine.attention import PagedModel, StepAttention, forward_step, pack
 from server.engine.kv_cache import KVCache
 from server.engine.scheduler import ScheduledSeq
+from server.engine.sequence import Sequence
 from server.lora.model import LoraModel
 
 
@@ -22,7 +25,8 @@ class ModelRunner:
     @torch.inference_mode()
     def step(self, plan: list[ScheduledSeq]) -> tuple[list[ScheduledSeq], torch.Tensor]:
         """Feed every planned sequence its tokens; returns the plan in packed order and the
-        last-token logits `[len(plan), vocab]` in that order.
+        last-token logits `[len(plan), vocab]` in that order, followed by the logits of the prompt
+        positions whose next token's logprob was asked for (`prompt_spans` of the returned plan, in order).
 
         The step context is built here, once: the attention plan (`StepAttention`) and the
         LoRA plan (`LoraStepMeta`), both passed explicitly to the forward. Sequences are packed
@@ -44,9 +48,37 @@ class ModelRunner:
         attention = StepAttention.build(slices, self.kv_cache.block_size, device, self.kv_cache.dtype,
                                         self.decode_kernel)
         meta = self.lora.step_meta(token_rows, num_decode) if rows else None
+        extra = _prompt_rows(plan, slices)
+        if extra is not None:  # the output head also runs on these rows, and on no other prompt row
+            attention = dataclasses.replace(attention, last_rows=torch.cat([attention.last_rows, extra.to(
+                attention.last_rows.device)]))
         with self.lora.stepping(meta, head_rows=attention.last_rows):
             logits = forward_step(self.paged, self.kv_cache, attention,
                                   torch.tensor(tokens, dtype=torch.long, device=device))
         for item in plan:
             item.seq.num_computed += item.num_tokens
         return plan, logits
+
+
+def prompt_spans(plan: list[ScheduledSeq], advanced: bool) -> list[tuple[Sequence, int, int]]:
+    """(sequence, first position, count) of each step's prompt positions whose logits give the logprob of
+    the next prompt token, for sequences that asked for prompt logprobs. `advanced`: the step already moved
+    `num_computed` past its tokens. A prompt's last position is left out: it is the sampling row."""
+    spans = []
+    for item in plan:
+        seq = item.seq
+        if seq.prompt_logprobs is None:
+            continue
+        start = seq.num_computed - (item.num_tokens if advanced else 0)
+        end = min(start + item.num_tokens, seq.prompt_len - 1)
+        if end > start:
+            spans.append((seq, start, end - start))
+    return spans
+
+
+def _prompt_rows(plan: list[ScheduledSeq], slices) -> torch.Tensor | None:
+    """Packed rows of `prompt_spans(plan)`, in that order; None when there are none."""
+    by_seq = {id(item.seq): s.query_start for item, s in zip(plan, slices)}
+    rows = [by_seq[id(seq)] + i for seq, start, count in prompt_spans(plan, advanced=False)
+            for i in range(count)]
+    return torch.tensor(rows, dtype=torch.long) if rows else None

@@ -1,7 +1,8 @@
 """Next-token selection for a whole batch in one vectorised pass over the last-token logits.
 
-Order of operations per row: OpenAI presence/frequency penalties -> structured-output mask (tokens
-the row's grammar forbids get -inf) -> (logprobs taken here) -> temperature -> top-k -> top-p ->
+Order of operations per row: OpenAI presence/frequency penalties -> logit bias -> banned tokens
+(end-of-sequence before min_tokens) -> structured-output mask (tokens the row's grammar forbids get
+-inf) -> (logprobs taken here) -> temperature -> top-k -> top-p ->
 inverse-CDF draw with one uniform from the row's own generator. Rows with temperature 0 take the
 argmax of the penalised, masked logits.
 
@@ -31,6 +32,7 @@ class SamplingOptions:
     frequency_penalty: float = 0.0
     logprobs: int | None = None  # None = off; k >= 0 = chosen token's logprob plus top-k alternatives
     seed: int | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, value added to its logit)
 
     @property
     def greedy(self) -> bool:
@@ -44,6 +46,7 @@ class SampleOutput:
     token: int
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None  # most likely first
+    rank: int = 0  # of the chosen token in the distribution its logprob comes from (1 = most likely)
 
 
 def make_generator(seed: int | None) -> torch.Generator:
@@ -58,7 +61,8 @@ class Sampler:
     def sample(self, logits: Tensor, options: Sequence[SamplingOptions],
                generators: Sequence[torch.Generator | None],
                output_ids: Sequence[Sequence[int]] | None = None,
-               allowed: tuple[Sequence[int], Tensor] | None = None) -> list[SampleOutput]:
+               allowed: tuple[Sequence[int], Tensor] | None = None,
+               banned: Sequence[Sequence[int]] | None = None) -> list[SampleOutput]:
         """Pick one token per row.
 
         logits: [B, V] last-token logits, any float dtype/device (computed in float32).
@@ -67,6 +71,7 @@ class Sampler:
         output_ids: length B, the tokens each sequence has generated so far (for the penalties).
         allowed: (rows, mask) for constrained rows: mask is bool [len(rows), V'] (V' <= V; tokens past V'
             are forbidden), True where the row's grammar allows the token. Other rows are free.
+        banned: length B, token ids each row may not pick this step (end-of-sequence before min_tokens).
 
         Logprobs are the log_softmax of the *penalised* logits before temperature/top-k/top-p, i.e.
         the model's distribution as adjusted by the request's penalties, independent of how
@@ -74,6 +79,7 @@ class Sampler:
         """
         x = logits.detach().to(torch.float32)
         x = apply_penalties(x, options, output_ids)
+        x = apply_bias(x, options, banned)
         if allowed is not None:
             x = apply_allowed(x, *allowed)
         tokens = x.argmax(dim=-1)
@@ -94,6 +100,20 @@ def apply_penalties(x: Tensor, options: Sequence[SamplingOptions],
     presence = x.new_tensor([o.presence_penalty for o in options]).unsqueeze(1)
     frequency = x.new_tensor([o.frequency_penalty for o in options]).unsqueeze(1)
     return x - presence * (counts > 0) - frequency * counts
+
+
+def apply_bias(x: Tensor, options: Sequence[SamplingOptions], banned: Sequence[Sequence[int]] | None) -> Tensor:
+    """x plus each row's logit bias, with -inf on its banned tokens: one sparse update over the whole batch."""
+    rows, cols, values = [], [], []
+    for b, o in enumerate(options):
+        for token, bias in o.logit_bias:
+            rows.append(b), cols.append(token), values.append(bias)
+        for token in banned[b] if banned is not None else ():
+            rows.append(b), cols.append(token), values.append(float("-inf"))
+    if not rows:
+        return x
+    index = (torch.tensor(rows, device=x.device), torch.tensor(cols, device=x.device))
+    return x.index_put(index, x.new_tensor(values), accumulate=True)
 
 
 def apply_allowed(x: Tensor, rows: Sequence[int], mask: Tensor) -> Tensor:
@@ -177,7 +197,9 @@ def attach_logprobs(x: Tensor, tokens: Tensor, options: Sequence[SamplingOptions
     if all(k is None for k in wanted):
         return [SampleOutput(t) for t in token_list]
     logprobs = x.log_softmax(dim=-1)
-    chosen = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
+    chosen_t = logprobs.gather(1, tokens.unsqueeze(1))
+    ranks = (logprobs > chosen_t).sum(dim=-1).add(1).tolist()
+    chosen = chosen_t.squeeze(1).tolist()
     max_k = min(max(k or 0 for k in wanted), x.shape[1])
     top_values, top_ids = logprobs.topk(max_k, dim=-1) if max_k else (logprobs[:, :0], tokens[:, None][:, :0])
     top_values, top_ids = top_values.tolist(), top_ids.tolist()
@@ -187,5 +209,13 @@ def attach_logprobs(x: Tensor, tokens: Tensor, options: Sequence[SamplingOptions
             outputs.append(SampleOutput(token))
         else:
             top = list(zip(top_ids[b][:k], top_values[b][:k]))
-            outputs.append(SampleOutput(token, chosen[b], top))
+            outputs.append(SampleOutput(token, chosen[b], top, ranks[b]))
     return outputs
+
+
+@torch.inference_mode()
+def token_logprobs(logits: Tensor, targets: Tensor, k: int) -> list[SampleOutput]:
+    """Logprob and rank of `targets [R]` under the model's own distribution `logits [R, V]` (no penalty,
+    bias or mask: what the model assigns to a given text), with the top k of each row."""
+    x = logits.detach().to(torch.float32)
+    return attach_logprobs(x, targets.to(x.device), [SamplingOptions(logprobs=k)] * len(targets))

@@ -120,7 +120,9 @@ class Scheduler:
                     seq.skips += 1
                     starving = starving or seq.skips >= self.max_skips
                 continue
-            cached = self.prefix_cache.match(seq)  # its KV is there already: prefill starts after it
+            # Its KV is there already: prefill starts after it. Not for prompt logprobs: a cached prefix
+            # has no logits, so such a sequence computes its whole prompt (and still publishes its blocks).
+            cached = self.prefix_cache.match(seq) if seq.prompt_logprobs is None else []
             seq.num_computed = len(cached) * self.block_size
             n = min(seq.num_pending, budget)
             try:

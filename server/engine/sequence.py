@@ -12,7 +12,7 @@ from server.adapters.peft_format import ParsedAdapter
 from server.adapters.registry import AdapterRecord
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.grammar import Constraint
-from server.engine.request import SamplingParams
+from server.engine.request import SamplingParams, TokenLogprob
 from server.engine.sampler import SamplingOptions
 from server.engine.stream import RequestStream
 
@@ -55,6 +55,10 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)  # ... the chain over its full blocks so far
     num_published: int = 0                # leading blocks that are in the prefix cache (published or hit)
     constraint: Constraint | None = None  # structured output: the grammar state (None = free text)
+    # Prompt logprobs, when asked for: one entry per prompt token, filled as prefill chunks run (the first,
+    # set at the start, has no logprob: nothing predicts it). Shared with the choices forked from this one.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    echo_text: str | None = None          # the prompt's text, sent back with the first delta (echo)
 
     @property
     def group_size(self) -> int:

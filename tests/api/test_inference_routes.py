@@ -79,7 +79,8 @@ def test_completion_logprobs_shape(client):
                                                 "logprobs": 2}).json()
     lp = body["choices"][0]["logprobs"]
     assert lp["tokens"] == fake_tokens(BASE, None, 2) and lp["token_logprobs"] == [-0.5, -0.5]
-    assert lp["top_logprobs"] == [{" alt0": -1.0, " alt1": -2.0}] * 2
+    # OpenAI's semantics: the top 2 alternatives plus the sampled token itself
+    assert lp["top_logprobs"] == [{" alt0": -1.0, " alt1": -2.0, t: -0.5} for t in lp["tokens"]]
     assert lp["text_offset"] == [0, len(lp["tokens"][0])]
 
 
@@ -165,7 +166,7 @@ def test_chat_template_failure_is_400(client):
     ({"max_tokens": -1}, "max_tokens"), ({"max_tokens": 0}, "max_tokens"), ({"temperature": 3}, "temperature"),
     ({"top_p": 0}, "top_p"), ({"n": 0}, "n"), ({"n": 99}, "n"), ({"frobnicate": 1}, "frobnicate"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"logprobs": 9}, "logprobs"), ({"prompt": []}, "prompt"),
-    ({"prompt": [1, 2]}, "prompt"), ({"presence_penalty": 2.5}, "presence_penalty"), ({"model": ""}, "model"),
+    ({"prompt": [[]]}, "prompt"), ({"presence_penalty": 2.5}, "presence_penalty"), ({"model": ""}, "model"),
 ])
 def test_invalid_completion_fields_are_400(client, engine, patch, param):
     response = client.post("/v1/completions", json={"model": BASE, "prompt": "x", **patch})
@@ -177,8 +178,9 @@ def test_invalid_completion_fields_are_400(client, engine, patch, param):
 
 
 @pytest.mark.parametrize("patch, words", [
-    ({"echo": True}, "echo"), ({"suffix": "x"}, "suffix"), ({"best_of": 3}, "best_of"),
-    ({"logit_bias": {"1": 2}}, "logit_bias"), ({"stream_options": {"include_usage": True}}, "stream_options"),
+    ({"suffix": "x"}, "suffix"), ({"best_of": 3}, "best_of"), ({"logit_bias": {"1": 101}}, "logit_bias"),
+    ({"logit_bias": {"x": 1}}, "logit_bias"), ({"stream_options": {"include_usage": True}}, "stream_options"),
+    ({"max_tokens": 0}, "max_tokens"), ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"),
 ])
 def test_unsupported_completion_options_are_refused_by_name(client, patch, words):
     response = client.post("/v1/completions", json={"model": BASE, "prompt": "x", **patch})
