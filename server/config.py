@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(None, description="bearer key required on inference routes; None = open")
     admin_token: SecretStr | None = Field(None, description="bearer token of the adapter admin routes; None = disabled")
     max_adapter_bytes: int = Field(256 * 2**20, ge=1024, description="largest adapter upload (bytes, also decompressed)")
+    max_saved_module_bytes: int = Field(2**30, ge=0, description="bytes of fully trained module copies "
+                                        "(modules_to_save: lm_head, embed_tokens) the device slots hold at once, "
+                                        "as saved; an adapter whose copies alone exceed it is refused at upload")
     allowed_adapter_root: Path | None = Field(None, description="folder that /v1/load_lora_adapter may read from")
     max_tokens_default: int = Field(16, ge=1, description="max_tokens of a completion that sets none (OpenAI: 16)")
     chat_max_tokens_default: int = Field(512, ge=1, description="max_tokens of a chat completion that sets none")

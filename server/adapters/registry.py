@@ -78,7 +78,7 @@ class AdapterRegistry:
 
     def __init__(self, store: AdapterStore, layout: BaseLayout, max_rank: int, max_cpu_loras: int,
                  reserved_names: frozenset[str] = frozenset(), max_bytes: int = 1 << 40,
-                 max_cpu_bytes: int = 1 << 62, protect_found: bool = False) -> None:
+                 max_cpu_bytes: int = 1 << 62, protect_found: bool = False, max_saved_bytes: int = 1 << 62) -> None:
         """`protect_found`: folders found in the store that the server did not write (the shipped adapters,
         when the store is the checkout's default `adapters/`) are never deleted or replaced."""
         self.store = store
@@ -89,6 +89,7 @@ class AdapterRegistry:
         self.max_cpu_bytes = max_cpu_bytes
         self.reserved_names = reserved_names
         self.max_bytes = max_bytes
+        self.max_saved_bytes = max_saved_bytes  # modules_to_save copies of one adapter, as saved
         self.state = RegistryState(store.root, shared=store.shared)
         self._records: dict[str, AdapterRecord] = {}
         self._cpu: OrderedDict[Hashable, ParsedAdapter] = OrderedDict()  # AdapterKey, or a derived key
@@ -116,7 +117,7 @@ class AdapterRegistry:
         self._check_free(name, overwrite)
         contract_bytes = _read_contract(folder)
         contract = None if contract_bytes is None else parse_contract(contract_bytes)
-        adapter = load_peft_adapter(folder, self.layout, self.max_rank)
+        adapter = self._within_budget(load_peft_adapter(folder, self.layout, self.max_rank))
         sha = file_sha256(_read(folder / CONFIG_FILE), folder / WEIGHTS_FILE, contract_bytes=contract_bytes)
         issued = self.state.known(name, sha) or self.state.issue(name, sha)
         return self._insert(name, folder, adapter, sha, issued.generation, issued.version, contract)
@@ -156,7 +157,7 @@ class AdapterRegistry:
             config, weights = _read(current.folder / CONFIG_FILE), current.folder / WEIGHTS_FILE
             contract_bytes = None if contract is None else contract.to_bytes()
             sha = file_sha256(config, weights, self.max_bytes, contract_bytes=contract_bytes)
-            adapter = self.cached(current) or parse_peft_adapter(config, weights, self.layout, self.max_rank)
+            adapter = self.cached(current) or self._within_budget(parse_peft_adapter(config, weights, self.layout, self.max_rank))
             issued = self.state.issue(name, sha, written=True)
             folder = self.store.write(name, config, weights, contract_bytes)
             return self._insert(name, folder, adapter, sha, issued.generation, issued.version, contract)
@@ -264,7 +265,7 @@ class AdapterRegistry:
         folder = self.store.folder(name)
         contract_bytes = _read_contract(folder)
         contract = None if contract_bytes is None else parse_contract(contract_bytes)
-        adapter = load_peft_adapter(folder, self.layout, self.max_rank)
+        adapter = self._within_budget(load_peft_adapter(folder, self.layout, self.max_rank))
         sha = file_sha256(_read(folder / CONFIG_FILE), folder / WEIGHTS_FILE, contract_bytes=contract_bytes)
         if sha != entry.get("sha256"):
             raise AdapterFormatError(f"the folder's sha256 {sha[:12]} is not the {str(entry.get('sha256'))[:12]} "
@@ -350,7 +351,7 @@ class AdapterRegistry:
 
     def _add(self, name: str, config: bytes, weights: bytes | Path, sha: str, overwrite: bool,
              contract_bytes: bytes | None = None, contract: AdapterContract | None = None) -> AdapterRecord:
-        adapter = parse_peft_adapter(config, weights, self.layout, self.max_rank)
+        adapter = self._within_budget(parse_peft_adapter(config, weights, self.layout, self.max_rank))
         # One writer per name (per store when shared); the registry lock is free meanwhile.
         with self.store.exclusive(), self._name_lock(name):
             if self.store.shared:
@@ -370,7 +371,7 @@ class AdapterRegistry:
                 if record.deleted:
                     raise _Superseded
                 raise AdapterFormatError("the stored files changed since registration (sha256 mismatch)")
-            adapter = parse_peft_adapter(config, weights, self.layout, self.max_rank)
+            adapter = self._within_budget(parse_peft_adapter(config, weights, self.layout, self.max_rank))
             if _file_id(weights) != hashed:  # an overwrite renamed another file in between
                 raise _Superseded
         except _Superseded:
@@ -389,6 +390,15 @@ class AdapterRegistry:
                 log.info("discarded a load of %s v%d: no longer current", record.name, record.version)
                 return
             self._cache(record, adapter)
+
+    def _within_budget(self, adapter: ParsedAdapter) -> ParsedAdapter:
+        """The adapter, unless its fully trained copies alone exceed what the device slots may hold."""
+        if adapter.saved_bytes > self.max_saved_bytes:
+            raise AdapterFormatError(
+                f"the adapter's fully trained module copies (modules_to_save: {', '.join(sorted(adapter.saved))}) "
+                f"take {adapter.saved_bytes} bytes, more than this server's --max-saved-module-bytes of "
+                f"{self.max_saved_bytes}; raise that limit, or save the adapter with LoRA on those modules instead")
+        return adapter
 
     def _check_free(self, name: str, overwrite: bool) -> None:
         if not overwrite and self.get(name) is not None:

@@ -79,8 +79,12 @@ class AdapterManager:
                                         settings.max_cpu_loras, reserved_names=frozenset({base_name}),
                                         max_bytes=settings.max_adapter_bytes,
                                         max_cpu_bytes=settings.max_cpu_lora_bytes,
-                                        protect_found=uses_default_store(settings))
+                                        protect_found=uses_default_store(settings),
+                                        max_saved_bytes=settings.max_saved_module_bytes)
         self.slots = SlotTable(settings.max_loras)
+        # Bytes of fully trained module copies (modules_to_save) of the adapter in each slot, as saved.
+        self.copies: dict[int, int] = {}
+        self.max_copy_bytes = settings.max_saved_module_bytes
         self.post_evict: Callable[[AdapterKey], None] = lambda key: None  # set by the engine: runs evict_if_idle
         self.registry.on_retired = lambda record: self.post_evict(record.key)
         # Set by the engine: raises InvalidRequestError for a contract whose response_format cannot be enforced.
@@ -285,11 +289,37 @@ class AdapterManager:
             seq.adapter = self._weights(seq.record)
             if seq.adapter is None:
                 return Admission.LOADING
+        if seq.adapter.saved and self.slots.slot_of(seq.record.key) is None:
+            if not self._room_for_copies(seq.adapter.saved_bytes):
+                return Admission.NO_SLOT  # running adapters hold the copy budget: wait for one to end
         try:
             seq.slot = self.slots.acquire(seq.record.key, lambda slot: self._load_slot(slot, seq))
         except NoFreeSlotError:
             return Admission.NO_SLOT
         return Admission.ADMITTED
+
+    def _room_for_copies(self, need: int) -> bool:
+        """Make `need` more bytes of trained copies fit the budget by freeing idle slots that hold copies
+        (least recently used first); False when the copies of running adapters leave too little."""
+        excess = sum(self.copies.values()) + need - self.max_copy_bytes
+        victims = []
+        for key in self.slots.keys():
+            slot = self.slots.slot_of(key)
+            if excess <= 0:
+                break
+            if self.copies.get(slot) and not self.slots.pinned(slot):
+                victims.append(key)
+                excess -= self.copies[slot]
+        if excess > 0:
+            return False
+        for key in victims:
+            self._clear(self.slots.forget(key))
+        return True
+
+    def _clear(self, slot: int | None) -> None:
+        if slot is not None:
+            self.lora.clear_slot(slot)
+            self.copies.pop(slot, None)
 
     def release(self, seq: Sequence) -> None:
         if seq.slot is not None and seq.slot >= 0:
@@ -302,9 +332,7 @@ class AdapterManager:
         """Free the slot of a deleted or superseded version once nothing runs on it."""
         keys = [key] + [k for k in self.slots.keys() if isinstance(k, CompositionKey) and k.involves(key)]
         for k in keys:  # a retired part takes the compositions built from it along
-            slot = self.slots.forget(k)
-            if slot is not None:
-                self.lora.clear_slot(slot)
+            self._clear(self.slots.forget(k))
 
     def _weights(self, record: AdapterRecord | ComposedRecord) -> ParsedAdapter | None:
         """The record's weights from the CPU tier, else None with their load from disk requested.
@@ -345,5 +373,6 @@ class AdapterManager:
     def _load_slot(self, slot: int, seq: Sequence) -> None:
         started = time.perf_counter()
         self.lora.write_slot(slot, seq.adapter)
+        self.copies[slot] = seq.adapter.saved_bytes
         seq.record.loads += 1
         seq.record.load_seconds = time.perf_counter() - started
