@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: serve test test-full test-all soak venv bench bench-scaling bench-step bench-lora-op bench-prefix-cache bench-structured clean test-container console-deps test-console console-screenshots vendor-swagger-ui test-cluster bench-cluster serve-cluster
+.PHONY: serve test test-full test-all soak venv eval bench bench-scaling bench-step bench-lora-op bench-prefix-cache bench-structured clean test-container console-deps test-console console-screenshots vendor-swagger-ui test-cluster bench-cluster serve-cluster
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,18 @@ test-full: $(STAMP)
 test-all: $(STAMP)
 	$(MAKE) test
 	$(MAKE) test-full
+
+# lm-evaluation-harness against a real `loraplex serve` on the store (ADAPTERS_DIR, default adapters/): the base
+# model and every adapter scored on eval/tasks, one accuracy table. ARGS passes options to eval/score.py, e.g.
+# ARGS='--url http://localhost:8000 --models my-adapter' for an adapter just uploaded to a running server.
+EVAL_STAMP := $(VENV)/.eval-installed
+ADAPTERS_DIR ?= adapters
+$(EVAL_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[eval]'
+	touch $(EVAL_STAMP)
+
+eval: $(EVAL_STAMP)
+	$(BIN)/python eval/score.py --adapters-dir $(ADAPTERS_DIR) $(ARGS)
 
 # The web console's browser tests (tests/console) need Chromium and Playwright's Python package; they skip,
 # saying why, without them. Chromium comes from the system (apt-get, only when /usr/bin/chromium is missing),
