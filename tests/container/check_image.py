@@ -31,6 +31,16 @@ BASE = "SmolLM2-135M-Instruct"
 SENTENCE = "Priya, 23, from Buenos Aires thinks the movie is poor."
 PROMPT = SENTENCE  # the shipped adapters' loraplex.json holds their prompt template
 READY_TIMEOUT = 180.0
+# Import names of what the CPU image leaves out (Dockerfile, `venv` stage): declared by dependencies, never
+# imported by the CPU server (triton: xgrammar's and torch's CUDA kernels), or used only by the build stages.
+NOT_IN_CPU_IMAGE = ("triton", "networkx", "fsspec", "hf_xet", "typer", "rich", "pygments", "markdown_it", "mdurl",
+                    "shellingham", "requests", "urllib3", "charset_normalizer", "httpx", "httpcore", "certifi",
+                    "psutil", "setuptools", "ninja", "gguf", "accelerate")
+# A response_format request: its output must parse and match this schema (checked field by field below).
+RATING_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["title", "stars", "verdict"],
+                 "properties": {"title": {"type": "string", "maxLength": 40},
+                                "stars": {"type": "integer", "minimum": 1, "maximum": 5},
+                                "verdict": {"enum": ["watch", "skip"]}}}
 
 
 def log(message: str) -> None:
@@ -239,6 +249,29 @@ def check_cpu_kernels(target: Target) -> None:
     assert "decode attention cpu-kernel" in logs, f"the container does not run the compiled decode attention:\n{logs}"
 
 
+def check_structured_output(target: Target) -> None:
+    """A chat request with a json_schema `response_format`: xgrammar's CPU path constrains the sampling."""
+    status, body = target.http.json("POST", "/v1/chat/completions", {
+        "model": BASE, "max_tokens": 64, "temperature": 0,
+        "messages": [{"role": "user", "content": "Rate the movie Up as JSON."}],
+        "response_format": {"type": "json_schema",
+                            "json_schema": {"name": "rating", "strict": True, "schema": RATING_SCHEMA}}})
+    assert status == 200, f"structured output: HTTP {status} {body}"
+    choice = body["choices"][0]
+    text = choice["message"]["content"]
+    log(f"structured output: {text!r} (finish_reason {choice['finish_reason']})")
+    assert choice["finish_reason"] == "stop", f"the grammar did not complete: {choice}"
+    value = json.loads(text)
+    assert list(value) == ["title", "stars", "verdict"], f"properties {list(value)}, not the schema's"
+    assert isinstance(value["title"], str) and len(value["title"]) <= 40, value
+    assert type(value["stars"]) is int and 1 <= value["stars"] <= 5, value
+    assert value["verdict"] in ("watch", "skip"), value
+    status, body = target.http.json("POST", "/v1/chat/completions", {
+        "model": BASE, "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "bad", "schema": {"type": "wrong"}}}})
+    assert status == 400, f"an invalid schema (jsonschema's check): HTTP {status} {body}"
+
+
 def check_upload(target: Target) -> str:
     """Upload a copy of the shipped `shout` adapter under a new name; returns its greedy output."""
     status, info = target.http.upload("shout-uploaded", ROOT / "adapters" / "shout")
@@ -303,7 +336,7 @@ def check_sigterm_during_stream(target: Target) -> None:
 
 
 def check_image_contents(image: str, build_ca: Path | None) -> None:
-    """No compiler, no pip, and nothing of the build's CA bundle in the runtime image."""
+    """No compiler, no pip, no package the CPU server never imports, and nothing of the build's CA bundle."""
     script = ("for c in gcc cc c++ g++ clang tcc make as ld; do command -v $c && exit 1; done; "
               "ls /usr/lib/gcc/*/*/cc1 2>/dev/null && exit 1; "
               "python3 -c 'import pip' 2>/dev/null && exit 2; "
@@ -311,6 +344,11 @@ def check_image_contents(image: str, build_ca: Path | None) -> None:
     proc = subprocess.run(["docker", "run", "--rm", "--network", "none", "--entrypoint", "/bin/sh", image, "-c", script],
                           capture_output=True, text=True)
     assert proc.returncode == 0, f"image holds a compiler, pip, or build files (code {proc.returncode}): {proc.stdout}"
+    present = sh("docker", "run", "--rm", "--network", "none", "--entrypoint", "python3", image, "-c",
+                 "import importlib.util, sys; print(' '.join(n for n in sys.argv[1:] if importlib.util.find_spec(n)))",
+                 *NOT_IN_CPU_IMAGE)
+    assert not present, f"the CPU image holds packages its server never imports: {present}"
+    log(f"not in the image: {' '.join(NOT_IN_CPU_IMAGE)}")
     if build_ca is None or not build_ca.is_file():
         log("no build CA bundle given: skipping the CA scan")
         return
@@ -326,9 +364,10 @@ def check_image_contents(image: str, build_ca: Path | None) -> None:
 
 
 def ca_fingerprints(image: str, build_ca: Path) -> list[str]:
-    """One base64 line from the middle of each certificate of the bundle that certifi does not ship."""
+    """One base64 line from the middle of each bundle certificate that the image's certifi (if any) lacks."""
     certifi = subprocess.run(["docker", "run", "--rm", "--network", "none", "--entrypoint", "python3", image, "-c",
-                              "import certifi,sys; sys.stdout.write(open(certifi.where()).read())"],
+                              "import sys\ntry: import certifi\nexcept ImportError: sys.exit()\n"
+                              "sys.stdout.write(open(certifi.where()).read())"],
                              capture_output=True, text=True, check=True).stdout
     lines = []
     for block in build_ca.read_text().split("-----END CERTIFICATE-----")[:-1]:
@@ -347,6 +386,7 @@ def run_checks(target: Target) -> float:
     log(f"{type(target).__name__}: ready {total:.1f} s after start")
     check_cpu_kernels(target)
     check_serving(target)
+    check_structured_output(target)
     check_healthy(target)
     check_non_root(target)
     expected = check_upload(target)

@@ -8,11 +8,13 @@
 # 2. lints the Dockerfile with hadolint and validates docker-compose.yml with `docker-compose config`;
 # 3. builds the CPU image (layers are cached: torch first, then the pinned dependencies, the model,
 #    the code); the torch CPU wheel is put into wheels/ first when pip can download it, and a proxy CA
-#    bundle (PIP_CERT) into docker/build-ca.pem for the builder stage only;
+#    bundle (PIP_CERT) into docker/build-ca.pem for the builder stage only; prints the image's size and
+#    what it is made of, and fails when it is over MAX_IMAGE_MB (2,000 MB, as `docker images` counts);
 # 4. runs tests/container/check_image.py with `docker run`, then with docker-compose.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 IMAGE=${IMAGE:-loraplex:test-cpu}
+MAX_IMAGE_MB=${MAX_IMAGE_MB:-2000}
 PYTHON=${PYTHON:-python3}
 say() { printf '[container-test] %s\n' "$*"; }
 
@@ -63,8 +65,16 @@ if ! docker build --network host -t "$IMAGE" . >"$build_log" 2>&1; then
     tail -40 "$build_log"; say "FAIL: docker build (full log: $build_log)"; exit 1
 fi
 grep -E '^(Step |Successfully)' "$build_log" | sed 's/^/[docker build] /'
-say "built $IMAGE in $(( $(date +%s) - start )) s; size: $(docker image inspect --format '{{.Size}}' "$IMAGE" | awk '{printf "%.2f GB", $1/1e9}')"
+say "built $IMAGE in $(( $(date +%s) - start )) s"
 rm -f "$build_log"
+size_mb=$(docker image inspect --format '{{.Size}}' "$IMAGE" | awk '{printf "%d", $1/1e6}')
+parts=$(docker run --rm --network none --entrypoint /bin/sh "$IMAGE" -c \
+    'for d in /opt/loraplex/models /opt/venv/lib/python3.11/site-packages/torch /opt/venv; do du -sb "$d"; done' \
+    | awk -v total="$size_mb" '{b[NR]=$1/1e6} END {printf "model %d MB, torch %d MB, other Python packages %d MB, Debian, Python and the rest %d MB", b[1], b[2], b[3]-b[2], total-b[1]-b[3]}')
+say "image size: $size_mb MB ($parts; limit $MAX_IMAGE_MB MB)"
+if [ "$size_mb" -gt "$MAX_IMAGE_MB" ]; then
+    say "FAIL: $IMAGE is $size_mb MB, over the $MAX_IMAGE_MB MB limit"; exit 1
+fi
 
 # --- 4. run it ------------------------------------------------------------------------------------
 "$PYTHON" tests/container/check_image.py run "$IMAGE" "$build_ca"
