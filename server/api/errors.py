@@ -22,7 +22,7 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "
 ENGINE_STATUS = {"model_not_found": 404, "context_length_exceeded": 400, "invalid_request": 400,
                  "adapter_unavailable": 409, "adapter_version_mismatch": 409, "queue_full": 429,
                  "engine_not_ready": 503, "shutting_down": 503, "invalid_adapter": 400, "adapter_exists": 409,
-                 "adapter_protected": 403}
+                 "adapter_protected": 403, "internal_error": 500}
 DEFAULT_RETRY_AFTER = 1
 
 

@@ -384,6 +384,10 @@ def _prefill_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: tor
 AttentionInterface.register(PAGED_ATTENTION, paged_attention_forward)
 
 
+class UnsupportedModelError(RuntimeError):
+    """The engine cannot serve this model exactly; the message names the architecture and why."""
+
+
 @dataclass(frozen=True)
 class PagedModel:
     """A causal LM switched to the paged attention function, and the attention modules of its layers
@@ -400,13 +404,21 @@ def use_paged_attention(model: nn.Module) -> PagedModel:
     (two `from_config` calls on one config) switches that model too. The attention modules are the
     modules with a `layer_idx` (the cache layer they read) whose class is an attention class.
     """
-    model.set_attn_implementation(PAGED_ATTENTION)
+    arch = type(model).__name__
+    try:
+        model.set_attn_implementation(PAGED_ATTENTION)
+    except (ValueError, NotImplementedError) as exc:
+        raise UnsupportedModelError(f"{arch} cannot be served: {exc}") from exc
     if model.config._attn_implementation != PAGED_ATTENTION:
-        raise ValueError(f"{type(model).__name__} does not route attention through AttentionInterface")
+        raise UnsupportedModelError(f"{arch} cannot be served: its attention does not go through transformers' "
+                                    "AttentionInterface")
     modules = tuple(m for m in model.modules()
                     if isinstance(getattr(m, "layer_idx", None), int) and "attention" in type(m).__name__.lower())
-    if not modules:
-        raise ValueError(f"{type(model).__name__} has no attention modules with a layer index")
+    layers = getattr(model.config.get_text_config(), "num_hidden_layers", None)
+    if not modules or (layers is not None and len(modules) != layers):
+        raise UnsupportedModelError(f"{arch} cannot be served: {len(modules)} of its {layers} layers are attention "
+                                    "layers; the others (recurrent or state-space) keep a state the paged KV cache "
+                                    "does not hold")
     return PagedModel(model, modules)
 
 

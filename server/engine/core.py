@@ -18,7 +18,7 @@ from server.engine.adapters import AdapterManager
 from server.engine.grammar import GrammarCompiler
 from server.engine.kv_cache import KVCache, OutOfBlocks
 from server.engine.output import finish_reason, make_delta, record_prompt_logprobs
-from server.engine.request import EngineError
+from server.engine.request import EngineError, EngineFaultError
 from server.engine.runner import ModelRunner
 from server.engine.sampler import Sampler
 from server.engine.scheduler import Admission, Scheduler
@@ -110,7 +110,7 @@ class EngineCore:
             except Exception:  # a bug must not kill the server: fail the batch, keep serving
                 log.exception("engine step failed")
                 for seq in list(self.scheduler.running):
-                    self._fail(seq, EngineError("internal error while generating; see the server log"))
+                    self._fail(seq, EngineFaultError("the server failed while generating; see its log"))
 
     def _drain_inbox(self) -> None:
         while self._inbox:

@@ -21,6 +21,7 @@ from server.engine.front import EngineFront
 from server.engine.grammar import GrammarCompiler
 from server.engine.kv_cache import KVCache
 from server.engine.prefix_cache import PrefixCache
+from server.engine.probe import probe_model
 from server.engine.request import AdapterInfo, GenerationRequest, GenerationResult, InvalidRequestError
 from server.engine.runner import ModelRunner
 from server.engine.scheduler import Scheduler
@@ -82,6 +83,7 @@ class Engine:
         paged = use_paged_attention(base.model)
         self.decode_kernel = decode_kernel_applies(weight.device, weight.dtype, settings.cpu_attention_kernel)
         self.kv_cache = _kv_cache(base, settings)
+        self.probe_difference = probe_model(paged, self.kv_cache, self.decode_kernel)  # refuses what we cannot serve
         self.adapters = AdapterManager(self.lora, layout, settings, base.name)
         self.prefix_cache = PrefixCache(self.kv_cache.allocator, self.kv_cache.block_size, settings.prefix_cache)
         self.scheduler = Scheduler(self.kv_cache.allocator, self.kv_cache.block_size, settings.max_batched_tokens,

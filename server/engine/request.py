@@ -113,6 +113,12 @@ class AdapterVersionMismatchError(EngineError):
     code = "adapter_version_mismatch"
 
 
+class EngineFaultError(EngineError):
+    """The engine failed while computing a step (a fault of the server, not of the request)."""
+
+    code = "internal_error"
+
+
 class QueueFullError(EngineError):
     code = "queue_full"
     retry_after = 1

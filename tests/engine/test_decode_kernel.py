@@ -9,8 +9,8 @@ import random
 import pytest
 import torch
 
-from server.engine.attention import (SeqSlice, StepAttention, _decode_attention, _decode_attention_kernel,
-                                     decode_kernel_applies)
+from server.engine.attention import (AttentionOptions, SeqSlice, StepAttention, _decode_attention,
+                                     _decode_attention_kernel, decode_kernel_applies)
 from server.engine.kv_cache import KVCache
 from server.native.loader import load_kernels
 
@@ -36,25 +36,34 @@ def paged_case(heads: int, kv_heads: int, dim: int, block: int, lengths: list[in
     return kv, seqs, query
 
 
-def softmax_attention(kv: KVCache, seqs: list[SeqSlice], query: torch.Tensor, scale: float) -> torch.Tensor:
-    """Each sequence alone: its keys/values slot by slot, repeated per query head; `[n, H, D]`."""
+def softmax_attention(kv: KVCache, seqs: list[SeqSlice], query: torch.Tensor, scale: float,
+                      options: AttentionOptions = AttentionOptions()) -> torch.Tensor:
+    """Each sequence alone: its keys/values slot by slot (the last `window` only), repeated per query head,
+    scores softcapped, a sink logit per head in the denominator; `[n, H, D]`, in float64."""
     heads, group = query.shape[1], query.shape[1] // kv.num_kv_heads
     out = []
     for i, s in enumerate(seqs):
+        first = max(0, s.context_len - options.window) if options.window else 0
         slots = torch.tensor([s.block_table[p // kv.block_size] * kv.block_size + p % kv.block_size
-                              for p in range(s.context_len)])
+                              for p in range(first, s.context_len)])
         k = kv.flat_keys(0)[:, slots].repeat_interleave(group, 0).double()  # [H, L, D]
         v = kv.flat_values(0)[:, slots].repeat_interleave(group, 0).double()
         q = query[0, :, i].double()  # [H, D]
-        probs = torch.softmax(torch.einsum("hd,hld->hl", q, k) * scale, -1)
+        scores = torch.einsum("hd,hld->hl", q, k) * scale
+        if options.softcap:
+            scores = options.softcap * torch.tanh(scores / options.softcap)
+        if options.sinks is not None:
+            scores = torch.cat([scores, options.sinks.double()[:, None]], dim=1)
+        probs = torch.softmax(scores, -1)[:, :k.shape[1]]
         out.append(torch.einsum("hl,hld->hd", probs, v).float())
     assert all(o.shape == (heads, query.shape[3]) for o in out)
     return torch.stack(out)
 
 
-def kernel(kv: KVCache, seqs: list[SeqSlice], query: torch.Tensor, scaling: float | None = None) -> torch.Tensor:
+def kernel(kv: KVCache, seqs: list[SeqSlice], query: torch.Tensor, scale: float | None = None,
+           options: AttentionOptions = AttentionOptions()) -> torch.Tensor:
     step = StepAttention.build(seqs, kv.block_size, "cpu", decode_kernel=True)
-    return _decode_attention_kernel(query, kv, 0, step, scaling)
+    return _decode_attention_kernel(query, kv, 0, step, scale or query.shape[3] ** -0.5, options)
 
 
 CASES = [  # heads, kv_heads, head_dim, block size, context lengths
@@ -71,13 +80,42 @@ def test_kernel_matches_softmax_attention(heads, kv_heads, dim, block, lengths):
     got = kernel(kv, seqs, query)
     torch.testing.assert_close(got, softmax_attention(kv, seqs, query, dim ** -0.5), atol=2e-6, rtol=1e-5)
     step = StepAttention.build(seqs, kv.block_size, "cpu")  # the torch path agrees too
-    torch.testing.assert_close(got, _decode_attention(query, kv, 0, step, None), atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(got, _decode_attention(query, kv, 0, step, dim ** -0.5, AttentionOptions()),
+                               atol=2e-6, rtol=1e-5)
+
+
+VARIANTS = {  # the attention variants of Mistral / Gemma 2 / gpt-oss layers, alone and together
+    "window": dict(window=7),
+    "window-of-one": dict(window=1),
+    "window-past-every-context": dict(window=4096),
+    "softcap": dict(softcap=2.0),
+    "sinks": dict(sinks=True),
+    "all": dict(window=17, softcap=5.0, sinks=True),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("heads,kv_heads,dim,block,lengths", CASES[:3])
+def test_variants_match_softmax_attention(variant, heads, kv_heads, dim, block, lengths):
+    kv, seqs, query = paged_case(heads, kv_heads, dim, block, lengths)
+    query *= 3  # large scores, so a softcap changes them
+    chosen = dict(VARIANTS[variant])
+    if chosen.pop("sinks", False):
+        chosen["sinks"] = torch.randn(heads, generator=torch.Generator().manual_seed(5)) * 2
+    options = AttentionOptions(**chosen)
+    expected = softmax_attention(kv, seqs, query, dim ** -0.5, options)
+    assert not torch.allclose(expected, softmax_attention(kv, seqs, query, dim ** -0.5), atol=1e-3) or \
+        variant == "window-past-every-context"  # the variant changes the answer, so the check can fail
+    torch.testing.assert_close(kernel(kv, seqs, query, None, options), expected, atol=2e-6, rtol=1e-5)
+    step = StepAttention.build(seqs, kv.block_size, "cpu")
+    torch.testing.assert_close(_decode_attention(query, kv, 0, step, dim ** -0.5, options), expected,
+                               atol=5e-6, rtol=1e-5)
 
 
 def test_scaling_and_large_scores():
     kv, seqs, query = paged_case(4, 2, 64, 16, [40, 7])
     query *= 30  # scores in the thousands: the max is subtracted before exp, so nothing overflows
-    got = kernel(kv, seqs, query, scaling=0.3)
+    got = kernel(kv, seqs, query, scale=0.3)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, softmax_attention(kv, seqs, query, 0.3), atol=1e-5, rtol=1e-4)
 
@@ -101,11 +139,15 @@ def test_bad_plans_raise_instead_of_reading_out_of_bounds():
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     op = torch.ops.loraplex.paged_decode_attention
     with pytest.raises(RuntimeError, match="block id"):
-        op(q, kv.keys[0], kv.values[0], torch.tensor([[0, kv.num_blocks]]), torch.tensor([20]), 0.125, out)
+        op(q, kv.keys[0], kv.values[0], torch.tensor([[0, kv.num_blocks]]), torch.tensor([20]), 0.125, 0, 0.0, None, out)
     with pytest.raises(RuntimeError, match="context length"):
-        op(q, kv.keys[0], kv.values[0], torch.tensor([[0, 1]]), torch.tensor([33]), 0.125, out)
+        op(q, kv.keys[0], kv.values[0], torch.tensor([[0, 1]]), torch.tensor([33]), 0.125, 0, 0.0, None, out)
     with pytest.raises(RuntimeError, match="float32"):
-        op(q.double(), kv.keys[0], kv.values[0], torch.tensor([[0, 1]]), torch.tensor([20]), 0.125, out)
+        op(q.double(), kv.keys[0], kv.values[0], torch.tensor([[0, 1]]), torch.tensor([20]), 0.125, 0, 0.0, None,
+           out)
+    with pytest.raises(RuntimeError, match="sinks"):
+        op(q, kv.keys[0], kv.values[0], torch.tensor([[0, 1]]), torch.tensor([20]), 0.125, 0, 0.0, torch.zeros(3),
+           out)
 
 
 def test_choice_of_decode_attention(monkeypatch):
