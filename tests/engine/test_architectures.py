@@ -33,6 +33,7 @@ ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 @dataclass(frozen=True)
 class Arch:
+    family: str                     # as the README's table of models names it
     config: str                     # the transformers config class
     features: str                   # what the row exercises (the README's table)
     overrides: dict = field(default_factory=dict)
@@ -42,33 +43,33 @@ class Arch:
 
 
 ARCHITECTURES: dict[str, Arch] = {
-    "llama": Arch("LlamaConfig", "grouped-query attention, rotary, gated MLP", full=False),
-    "mistral": Arch("MistralConfig", "sliding window on every layer", dict(sliding_window=WINDOW), full=False),
-    "qwen2": Arch("Qwen2Config", "q/k/v biases", second_targets=ATTENTION),
-    "qwen3": Arch("Qwen3Config", "q/k norms", dict(head_dim=16)),
-    "gemma2": Arch("Gemma2Config", "attention and final-logit softcapping, sliding and full layers alternating, "
+    "llama": Arch("Llama", "LlamaConfig", "grouped-query attention, rotary, gated MLP", full=False),
+    "mistral": Arch("Mistral", "MistralConfig", "sliding window on every layer", dict(sliding_window=WINDOW), full=False),
+    "qwen2": Arch("Qwen2", "Qwen2Config", "q/k/v biases", second_targets=ATTENTION),
+    "qwen3": Arch("Qwen3", "Qwen3Config", "q/k norms", dict(head_dim=16)),
+    "gemma2": Arch("Gemma 2", "Gemma2Config", "attention and final-logit softcapping, sliding and full layers alternating, "
                    "scaled embeddings", dict(sliding_window=WINDOW, head_dim=16, query_pre_attn_scalar=16,
                                              attn_logit_softcapping=5.0, final_logit_softcapping=3.0), full=False),
-    "gemma3_text": Arch("Gemma3TextConfig", "sliding and full layers mixed, q/k norms, local rotary base",
+    "gemma3_text": Arch("Gemma 3 (text)", "Gemma3TextConfig", "sliding and full layers mixed, q/k norms, local rotary base",
                         dict(sliding_window=WINDOW, head_dim=16, query_pre_attn_scalar=16,
                              layer_types=["sliding_attention", "full_attention"])),
-    "phi3": Arch("Phi3Config", "fused qkv_proj and gate_up_proj", dict(pad_token_id=0),
+    "phi3": Arch("Phi-3", "Phi3Config", "fused qkv_proj and gate_up_proj", dict(pad_token_id=0),
                  second_targets=["qkv_proj", "o_proj"]),
-    "olmo2": Arch("Olmo2Config", "q/k norms over all heads, post-norms"),
-    "granite": Arch("GraniteConfig", "embedding, attention, residual and logit multipliers",
+    "olmo2": Arch("OLMo 2", "Olmo2Config", "q/k norms over all heads, post-norms"),
+    "granite": Arch("Granite", "GraniteConfig", "embedding, attention, residual and logit multipliers",
                     dict(embedding_multiplier=2.0, attention_multiplier=0.2, residual_multiplier=0.5,
                          logits_scaling=2.0)),
-    "stablelm": Arch("StableLmConfig", "a decoder layer that does not pass keyword arguments to attention, "
+    "stablelm": Arch("StableLM", "StableLmConfig", "a decoder layer that does not pass keyword arguments to attention, "
                      "partial rotary, LayerNorm", full=False),
-    "gpt_neox": Arch("GPTNeoXConfig", "fused query_key_value, partial rotary, parallel residual",
+    "gpt_neox": Arch("GPT-NeoX", "GPTNeoXConfig", "fused query_key_value, partial rotary, parallel residual",
                      dict(rotary_pct=0.5, use_parallel_residual=True, num_key_value_heads=4),
                      second_targets=["query_key_value"]),
-    "qwen2_moe": Arch("Qwen2MoeConfig", "mixture of experts; LoRA on attention and the shared expert",
+    "qwen2_moe": Arch("Qwen2-MoE", "Qwen2MoeConfig", "mixture of experts; LoRA on attention and the shared expert",
                       dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                            shared_expert_intermediate_size=64),
                       first_targets=[*ATTENTION, "shared_expert.gate_proj", "shared_expert.up_proj",
                                      "shared_expert.down_proj"]),
-    "gpt_oss": Arch("GptOssConfig", "attention sinks, sliding and full layers, mixture of experts",
+    "gpt_oss": Arch("gpt-oss", "GptOssConfig", "attention sinks, sliding and full layers, mixture of experts",
                     dict(sliding_window=WINDOW, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
                          layer_types=["sliding_attention", "full_attention"]),
                     first_targets=ATTENTION, full=False),
@@ -152,3 +153,10 @@ def test_served_exactly_with_adapters(name, tmp_path, tokenizer_dir):
         assert outputs[("base", prompt)] != outputs[("first", prompt)]
         assert outputs[("base", prompt)] != outputs[("second", prompt)]
     assert len({tuple(outputs[("base", p)]) for p in PROMPTS}) > 1
+
+
+def test_readme_lists_every_tested_family():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    models = readme.split("## Models", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in models.splitlines() if line.startswith("| ") and "---" not in line]
+    assert all(any(arch.family in row.split("|")[1] for row in rows) for arch in ARCHITECTURES.values())
