@@ -23,6 +23,7 @@ from server.engine.stream import RequestStream
 
 INT64_MAX = 2**63 - 1
 BIG_WEIGHTS = 4 << 20
+VOCAB = 1000  # token ids a request may name; id i is the word "w<i>"
 
 
 class ShuttingDownError(EngineError):
@@ -97,6 +98,17 @@ def fake_tokens(model: str, seed: int | None, count: int) -> list[str]:
     return [f" {model}.{seed}.{i}" for i in range(count)]
 
 
+def fake_prompt_logprobs(prompt: str, k: int | None) -> tuple[TokenLogprob, ...] | None:
+    """Word i of the prompt (token id i) at logprob -0.25, rank 3, after alternatives alt0.. (ids 900..)."""
+    if k is None:
+        return None
+    words = prompt.split()
+    top = tuple((f"alt{j}", -0.1 - j / 100) for j in range(k))
+    return (TokenLogprob(words[0], None, token_id=0),) + tuple(
+        TokenLogprob(w, -0.25, top, token_id=i, rank=3, top_ids=tuple(900 + j for j in range(k)))
+        for i, w in enumerate(words[1:], start=1))
+
+
 class FakeEngine:
     base_name = BASE
 
@@ -154,9 +166,14 @@ class FakeEngine:
         if not self.ready:
             raise EngineNotReadyError("the engine is still loading")
         model = self._check_model(request.model)
-        if (request.prompt is None) == (request.messages is None):
-            raise EngineError("give exactly one of prompt and messages")
+        ids = getattr(request, "prompt_ids", None)
+        if sum(x is not None for x in (request.prompt, ids, request.messages)) != 1:
+            raise EngineError("give exactly one of prompt, prompt_ids and messages")
+        bad = next((t for t in ids or () if not 0 <= t < VOCAB), None)
+        if bad is not None:
+            raise EngineError(f"prompt: token id {bad} is outside the vocabulary (0 to {VOCAB - 1})")
         prompt = self.render(request.messages) if request.messages is not None else request.prompt
+        prompt = " ".join(f"w{t}" for t in ids) if ids is not None else prompt
         prompt_tokens = len(prompt.split())
         if prompt_tokens + request.params.max_tokens > self.context:
             raise PromptTooLongError(f"prompt ({prompt_tokens} tokens) plus max_tokens "
@@ -170,7 +187,7 @@ class FakeEngine:
             params = replace(request.params, seed=choice_seed(request.params.seed, j))
             stream = RequestStream(rid, self._abort)
             self.running.add(rid)
-            asyncio.get_running_loop().create_task(self._produce(rid, model, params, stream, prompt_tokens))
+            asyncio.get_running_loop().create_task(self._produce(rid, model, params, stream, prompt))
             streams.append(stream)
         return streams
 
@@ -180,8 +197,13 @@ class FakeEngine:
             self.aborted.append(request_id)
 
     async def _produce(self, rid: str, model: str, params: SamplingParams, stream: RequestStream,
-                       prompt_tokens: int) -> None:
+                       prompt: str) -> None:
+        prompt_tokens = len(prompt.split())
         tokens = fake_tokens(model, params.seed, params.max_tokens)
+        first = {"prompt_text": prompt if getattr(params, "echo", False) else None,
+                 "prompt_logprobs": fake_prompt_logprobs(prompt, getattr(params, "prompt_logprobs", None))}
+        if not tokens:  # max_tokens 0: the prompt scored, nothing generated
+            stream.put(Delta("", (), "length", prompt_tokens, 0, **first))
         for i, token in enumerate(tokens):
             if self.delay:
                 await asyncio.sleep(self.delay)
@@ -192,7 +214,8 @@ class FakeEngine:
                 top = tuple((f" alt{k}", -1.0 - k) for k in range(params.logprobs))
                 logprobs = (TokenLogprob(token, -0.5, top),)
             last = i == len(tokens) - 1
-            stream.put(Delta(token, logprobs, "length" if last else None, prompt_tokens, i + 1))
+            stream.put(Delta(token, logprobs, "length" if last else None, prompt_tokens, i + 1,
+                             **(first if i == 0 else {})))
         self.running.discard(rid)
         self.finished.append(rid)
 
