@@ -115,6 +115,11 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python bench/throughput.py $(ARGS)
 	$(BIN)/python bench/report.py
 
+# The 64x32 workload with a quarter of the adapters DoRA and a quarter with an lm_head copy, against all-plain
+# adapters and the base (runs alternated); memory of DoRA's vectors and the copies; DoRA's g for a 7B-shaped layer.
+bench-variants: $(BENCH_STAMP)
+	$(BIN)/python bench/variants.py $(ARGS)
+
 # 1, 10, 100, 1000 registered adapters (Zipf and uniform), hot-load latency, and upload to first token over HTTP.
 bench-scaling: $(BENCH_STAMP)
 	$(BIN)/python bench/scaling.py $(ARGS)
