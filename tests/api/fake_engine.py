@@ -191,6 +191,16 @@ class FakeEngine:
             streams.append(stream)
         return streams
 
+    async def tokenize(self, model: str, prompt: str | None = None, messages: tuple[dict, ...] | None = None,
+                       *args) -> list[int]:
+        """Word i of the text is token id i."""
+        self._check_model(model)
+        return list(range(len((prompt if prompt is not None else self.render(messages)).split())))
+
+    async def detokenize(self, model: str, tokens: list[int], as_strings: bool = False) -> str | list[str]:
+        words = [f"w{t}" for t in tokens]
+        return words if as_strings else " ".join(words)
+
     def _abort(self, request_id: str) -> None:
         if request_id in self.running:
             self.running.discard(request_id)
