@@ -213,9 +213,16 @@ def attach_logprobs(x: Tensor, tokens: Tensor, options: Sequence[SamplingOptions
     return outputs
 
 
+TOKEN_LOGPROB_ROWS = 256  # rows per pass: bounds the float32 copies of a long prompt's [rows, vocab] logits
+
+
 @torch.inference_mode()
 def token_logprobs(logits: Tensor, targets: Tensor, k: int) -> list[SampleOutput]:
     """Logprob and rank of `targets [R]` under the model's own distribution `logits [R, V]` (no penalty,
     bias or mask: what the model assigns to a given text), with the top k of each row."""
-    x = logits.detach().to(torch.float32)
-    return attach_logprobs(x, targets.to(x.device), [SamplingOptions(logprobs=k)] * len(targets))
+    outputs: list[SampleOutput] = []
+    for start in range(0, len(targets), TOKEN_LOGPROB_ROWS):
+        x = logits[start:start + TOKEN_LOGPROB_ROWS].detach().to(torch.float32)
+        rows = targets[start:start + TOKEN_LOGPROB_ROWS].to(x.device)
+        outputs += attach_logprobs(x, rows, [SamplingOptions(logprobs=k)] * len(rows))
+    return outputs
