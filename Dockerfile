@@ -126,18 +126,18 @@ from server.native.loader import PORTABLE, build_library; build_library(Path('/o
 
 # ---------------------------------------------------------------------------------------------------
 # The venv the runtime gets: never pip or torch's C++ headers. The CPU build also leaves out what only
-# the build stages use (setuptools and ninja: the kernels; gguf and accelerate: the model's conversion)
-# and the packages that dependencies declare but the server never imports: networkx and fsspec
-# (torch: torch.compile, distributed checkpoints), hf-xet, typer, rich, Pygments, markdown-it-py,
-# mdurl, shellingham (transformers' and huggingface_hub's CLIs and downloads), requests, urllib3,
-# charset-normalizer (gguf's), httpx, httpcore, certifi (the tests' HTTP client), psutil (accelerate's).
-# The container test imports and runs every feature without them.
+# the kernels' build uses (setuptools, ninja) and the packages that dependencies declare but the server
+# never imports: networkx and fsspec (torch: torch.compile, distributed checkpoints), hf-xet, typer,
+# rich, Pygments, markdown-it-py, mdurl, shellingham (transformers' and huggingface_hub's CLIs and
+# downloads), requests, urllib3, charset-normalizer (gguf's), httpx, httpcore, certifi (the tests'
+# HTTP client), psutil (accelerate's). gguf and accelerate stay: transformers reads GGUF files with
+# them. The container test imports and runs every feature without the others.
 FROM deps AS venv
 ARG TORCH_VARIANT=cpu
 RUN set -eu; site=/opt/venv/lib/python3.11/site-packages; \
     if [ "$TORCH_VARIANT" = cpu ]; then \
-      /opt/venv/bin/pip uninstall -y setuptools ninja gguf accelerate networkx fsspec hf-xet typer rich \
-        Pygments markdown-it-py mdurl shellingham requests urllib3 charset-normalizer httpx httpcore certifi psutil; \
+      /opt/venv/bin/pip uninstall -y setuptools ninja networkx fsspec hf-xet typer rich Pygments \
+        markdown-it-py mdurl shellingham requests urllib3 charset-normalizer httpx httpcore certifi psutil; \
     fi; \
     /opt/venv/bin/pip uninstall -y pip; \
     rm -rf "$site/torch/include"

@@ -32,10 +32,10 @@ SENTENCE = "Priya, 23, from Buenos Aires thinks the movie is poor."
 PROMPT = SENTENCE  # the shipped adapters' loraplex.json holds their prompt template
 READY_TIMEOUT = 180.0
 # Import names of what the CPU image leaves out (Dockerfile, `venv` stage): declared by dependencies, never
-# imported by the CPU server (triton: xgrammar's and torch's CUDA kernels), or used only by the build stages.
+# imported by the CPU server (triton: xgrammar's and torch's CUDA kernels), or used only by the kernels' build.
 NOT_IN_CPU_IMAGE = ("triton", "networkx", "fsspec", "hf_xet", "typer", "rich", "pygments", "markdown_it", "mdurl",
                     "shellingham", "requests", "urllib3", "charset_normalizer", "httpx", "httpcore", "certifi",
-                    "psutil", "setuptools", "ninja", "gguf", "accelerate")
+                    "psutil", "setuptools", "ninja")
 # A response_format request: its output must parse and match this schema (checked field by field below).
 RATING_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["title", "stars", "verdict"],
                  "properties": {"title": {"type": "string", "maxLength": 40},
