@@ -36,6 +36,10 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="weights and activations; auto = bfloat16 on CUDA, float32 on CPU")
+    gguf_blocks: Literal["auto", "keep", "dequantize"] = Field(
+        "auto", description="a GGUF base's linear layers: keep = in their quantized blocks (Q4_0, Q4_1, Q8_0; "
+        "CPU, float32 activations), dequantize = float32; auto keeps them for a --model FILE.gguf and "
+        "dequantizes the embedded default")
     lora_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="adapter weights in the slots; auto = the model's dtype. bfloat16 on a float32 CPU "
         "model halves the bytes the LoRA op reads per step (it computes in float32; float32-saved weights are "

@@ -1,6 +1,9 @@
-"""Base model resolution: the embedded default, or any local transformers causal-LM folder.
+"""Base model resolution: the embedded default, a local transformers causal-LM folder, or a GGUF file.
 
-Nothing is ever fetched from a model hub: every load is `local_files_only`.
+Nothing is ever fetched from a model hub: every load is `local_files_only`. A GGUF (the embedded model
+is one) is converted once to a safetensors folder in the cache (config, tokenizer, float32 weights);
+with `--gguf-blocks keep` its linear layers are then served from the file's quantized blocks
+(`server/quant/`).
 """
 
 from __future__ import annotations
@@ -38,6 +41,12 @@ class BaseModel:
     name: str
     device: torch.device
     dtype: torch.dtype
+
+
+def output_size(model: PreTrainedModel) -> int:
+    """Rows of the output head (the logits' width), without dequantizing a quantized head."""
+    head = model.get_output_embeddings()
+    return int(getattr(head, "out_features", 0) or head.weight.shape[0])
 
 
 def resolve_device(setting: str) -> torch.device:
@@ -81,11 +90,21 @@ def embedded_gguf_path() -> Path:
 
 def embedded_model_dir(cache_dir: Path) -> Path:
     """A safetensors copy of the embedded model, converted from GGUF once and cached."""
-    target = cache_dir / "models" / EMBEDDED_NAME
+    return converted_gguf_dir(embedded_gguf_path(), cache_dir / "models" / EMBEDDED_NAME)
+
+
+def gguf_cache_dir(gguf: Path, cache_dir: Path) -> Path:
+    """Where a GGUF file's safetensors copy is cached: keyed by its name, size and modification time."""
+    stat = gguf.stat()
+    return cache_dir / "models" / f"{gguf.stem}-{stat.st_size:x}-{int(stat.st_mtime):x}"
+
+
+def converted_gguf_dir(gguf: Path, target: Path) -> Path:
+    """`target`, holding `gguf` converted to safetensors (config, tokenizer, float32 weights), once."""
     if (target / "config.json").is_file():
         return target
-    gguf = embedded_gguf_path()
-    log.info("first start: converting %s to safetensors in %s (about 20 s, once)", gguf.name, target)
+    log.info("first start: converting %s to safetensors in %s (about 20 s per 100M weights, once)", gguf.name,
+             target)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The weights are dequantized already; drop the GGUF marker so the model saves as plain safetensors.
@@ -110,8 +129,16 @@ def load_base_model(settings: Settings) -> BaseModel:
     """Load the frozen base model named by the settings onto its device."""
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
+    gguf: Path | None = None
     if settings.model is None:
         folder, default_name = embedded_model_dir(settings.cache_dir), EMBEDDED_NAME
+        gguf = embedded_gguf_path() if settings.gguf_blocks == "keep" else None
+    elif settings.model.endswith(".gguf"):
+        gguf = Path(settings.model).expanduser()
+        if not gguf.is_file():
+            raise ModelLoadError(f"--model {gguf}: no such GGUF file")
+        folder, default_name = converted_gguf_dir(gguf, gguf_cache_dir(gguf, settings.cache_dir)), gguf.stem
+        gguf = None if settings.gguf_blocks == "dequantize" else gguf
     else:
         folder = Path(settings.model).expanduser()
         if not (folder / "config.json").is_file():
@@ -123,5 +150,23 @@ def load_base_model(settings: Settings) -> BaseModel:
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load model from {folder}: {exc}") from exc
     model.to(device).eval().requires_grad_(False)
+    if gguf is not None:
+        _keep_gguf_blocks(model, gguf, device, dtype)
     name = settings.served_model_name or default_name
     return BaseModel(model=model, tokenizer=tokenizer, name=name, device=device, dtype=dtype)
+
+
+def _keep_gguf_blocks(model: PreTrainedModel, gguf: Path, device: torch.device, dtype: torch.dtype) -> None:
+    """Serve the linear layers from the GGUF's quantized blocks (CPU, float32 activations only)."""
+    from server.native.loader import load_kernels
+    from server.quant.gguf_weights import quantize_from_gguf
+
+    if device.type != "cpu" or dtype != torch.float32:
+        raise ModelLoadError(f"--gguf-blocks keep computes on the CPU in float32, not {device.type} "
+                             f"{str(dtype).removeprefix('torch.')}: use --gguf-blocks dequantize")
+    if not load_kernels():
+        raise ModelLoadError("--gguf-blocks keep needs the compiled CPU kernels, which could not be built "
+                             "(see the log): use --gguf-blocks dequantize")
+    report = quantize_from_gguf(model, gguf)
+    log.info("%d layers kept in %s's blocks: %.1f MiB instead of %.1f MiB of float32", len(report.quantized),
+             gguf.name, report.block_bytes / 2**20, report.float_bytes / 2**20)

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers.pytorch_utils import Conv1D
 
+from server.quant.linear import QuantLinear
+
 
 @dataclass(frozen=True)
 class BaseLayout:
@@ -76,7 +78,7 @@ def _input_embedding(model: torch.nn.Module) -> torch.nn.Module | None:
 
 def _linear_dims(module: torch.nn.Module) -> tuple[int, int] | None:
     """(in_features, out_features) for the layer types PEFT's LoRA treats as linear."""
-    if isinstance(module, torch.nn.Linear):
+    if isinstance(module, (torch.nn.Linear, QuantLinear)):
         return module.in_features, module.out_features
     if isinstance(module, Conv1D):  # GPT-2 style: weight is [in, out]
         return int(module.weight.shape[0]), int(module.weight.shape[1])

@@ -28,7 +28,7 @@ from server.engine.scheduler import Scheduler
 from server.engine.stream import RequestStream
 from server.lora.model import LoraModel
 from server.lora.ops import backend_for
-from server.models import BaseModel, resolve_lora_dtype
+from server.models import BaseModel, output_size, resolve_lora_dtype
 from server.threads import run_in_fresh_thread
 
 
@@ -76,12 +76,12 @@ class Engine:
         self.settings = settings
         self.tokenizer = base.tokenizer
         layout = BaseLayout.from_model(base.model)
-        weight = next(base.model.parameters())
-        lora_dtype = resolve_lora_dtype(settings.lora_dtype, weight.dtype, weight.device)
-        backend = backend_for(weight.device, weight.dtype, settings.cpu_lora_kernel)
+        # The model's compute dtype, not its first parameter's: a quantized base keeps uint8 blocks.
+        lora_dtype = resolve_lora_dtype(settings.lora_dtype, base.dtype, base.device)
+        backend = backend_for(base.device, base.dtype, settings.cpu_lora_kernel)
         self.lora = LoraModel(base.model, layout, settings.max_loras, settings.max_lora_rank, backend, lora_dtype)
         paged = use_paged_attention(base.model)
-        self.decode_kernel = decode_kernel_applies(weight.device, weight.dtype, settings.cpu_attention_kernel)
+        self.decode_kernel = decode_kernel_applies(base.device, base.dtype, settings.cpu_attention_kernel)
         self.kv_cache = _kv_cache(base, settings)
         self.probe_difference = probe_model(paged, self.kv_cache, self.decode_kernel)  # refuses what we cannot serve
         self.adapters = AdapterManager(self.lora, layout, settings, base.name)
@@ -93,7 +93,7 @@ class Engine:
         gen_eos = base.model.generation_config.eos_token_id
         gen_eos = gen_eos if isinstance(gen_eos, list) else [gen_eos]
         eos_ids = frozenset(i for i in [self.tokenizer.eos_token_id, *gen_eos] if i is not None)
-        vocab_size = int(base.model.get_output_embeddings().weight.shape[0])
+        vocab_size = output_size(base.model)
         self.grammars = GrammarCompiler(self.tokenizer, vocab_size, eos_ids)
         self.adapters.check_contract = self._check_contract
         runner = ModelRunner(self.lora, paged, self.kv_cache, self.decode_kernel)

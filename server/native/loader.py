@@ -2,6 +2,7 @@
 
     lora_kernels.cpp       loraplex::shrink_slots / expand_slots  (the LoRA op, server/lora/cpu_native.py)
     attention_kernels.cpp  loraplex::paged_decode_attention        (decode attention, server/engine/attention.py)
+    quant_kernels.cpp      loraplex::quant_linear / quant_dequantize (quantized base linears, server/quant/)
 
 They are compiled on first use with torch's extension loader (a C++ compiler and ninja are needed;
 `-march=native`, so the build folder is keyed by this CPU's instruction-set flags) and cached in
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger(__name__)
-SOURCES = [Path(__file__).with_name(name) for name in ("lora_kernels.cpp", "attention_kernels.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("lora_kernels.cpp", "attention_kernels.cpp", "quant_kernels.cpp")]
 LIBRARY_NAME = "loraplex_cpu"
 PREBUILT_ENV = "LORAPLEX_CPU_KERNELS_LIBRARY"
 PREBUILT_NEEDS = {"avx2", "fma"}  # x86-64-v3's vector instructions, which the prebuilt library uses
