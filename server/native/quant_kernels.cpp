@@ -12,8 +12,8 @@
 //   Q8_0 (qtype 8): d, 32 int8; w = d * q
 // Nibbles: byte j holds weight j (low 4 bits) and weight j + 16 (high 4 bits).
 //
-// Decode rows (M <= DIRECT_ROWS) stream each weight row once and dequantize each block once for all
-// M rows, output rows split over torch's OpenMP team. Larger M (prefill chunks) dequantizes tiles of
+// Decode rows (M <= DIRECT_ROWS) stream each weight row once, dequantize each block into registers once
+// per 8 activation rows, output rows split over torch's OpenMP team. Larger M (prefill chunks) dequantizes tiles of
 // TILE_ROWS weight rows and multiplies them with at::mm: compute-bound, where a dense GEMM is fastest.
 
 #include <ATen/ATen.h>
@@ -33,7 +33,7 @@
 namespace {
 
 constexpr int64_t QK = 32;
-constexpr int64_t DIRECT_ROWS = 8;
+constexpr int64_t DIRECT_ROWS = 64;
 constexpr int64_t TILE_ROWS = 256;
 
 enum QType : int64_t { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8 };
@@ -173,6 +173,8 @@ void direct_fixed(const float* x, int64_t m_rows, int64_t x_stride, const uint8_
 void direct(const float* x, int64_t m_rows, int64_t x_stride, const uint8_t* blocks, int64_t row_bytes,
             int64_t qtype, int64_t n, int64_t k, float* out, int64_t out_stride) {
 #ifdef LORAPLEX_QUANT_AVX2
+  if (m_rows >= 8)
+    return direct_fixed<8>(x, m_rows, x_stride, blocks, row_bytes, qtype, n, k, out, out_stride);
   if (m_rows >= 4)
     return direct_fixed<4>(x, m_rows, x_stride, blocks, row_bytes, qtype, n, k, out, out_stride);
   return direct_fixed<1>(x, m_rows, x_stride, blocks, row_bytes, qtype, n, k, out, out_stride);
@@ -182,7 +184,7 @@ void direct(const float* x, int64_t m_rows, int64_t x_stride, const uint8_t* blo
     alignas(64) float w[QK];
     float acc[DIRECT_ROWS];
     for (int64_t r = r0; r < r1; ++r) {
-      std::fill_n(acc, m_rows, 0.f);
+      std::fill_n(acc, m_rows, 0.f);  // the portable path (no AVX2)
       const uint8_t* row = blocks + r * row_bytes;
       for (int64_t b = 0; b < nb; ++b) {
         dequantize_block(row + b * bb, qtype, w);

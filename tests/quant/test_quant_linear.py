@@ -29,7 +29,7 @@ def quantized(qtype, rows: int, cols: int, seed: int = 0) -> tuple[torch.Tensor,
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=[t.name for t in TYPES])
-@pytest.mark.parametrize("m", [1, 3, 4, 7, 8, 9, 300])
+@pytest.mark.parametrize("m", [1, 3, 4, 7, 8, 9, 17, 64, 65, 300])
 def test_linear_equals_the_dequantized_weight(qtype, m):
     blocks, weight = quantized(qtype, 72, 96)
     bias = torch.randn(72)
