@@ -5,6 +5,7 @@ and what computing DoRA's `g` costs for a 7B-shaped layer.
 
     python bench/variants.py           # 64 requests over 32 rank-16 all-linear adapters
     python bench/variants.py --quick   # 8 requests over 4 adapters, 8-24 tokens: a smoke run
+    python bench/variants.py --requests 16 --adapters 8 --max-len 64   # a smaller form of the same mix
 
 The three engine runs alternate (A B C C B A, `--repeats` times over, the fastest of each kept), so
 their ratios are measured in one run on the same machine state. Writes bench/results/variants.md
@@ -63,9 +64,10 @@ def run_engine(settings: Settings, work, models: list[str]) -> dict:
 
 def memory(lora) -> dict[str, int]:
     """Bytes the slots hold for DoRA's vectors, the lm_head/embedding LoRA buffers and replaced weights."""
-    dora = sum(layer.dora.excess.nbytes for layer in [*lora.layers.values(), *lora.special.values()] if layer.dora)
-    special = sum(layer.group.a_storage.nbytes + layer.b_storage.nbytes for layer in lora.special.values())
-    return {"dora_bytes": dora, "special_lora_bytes": special, "saved_bytes": lora.saved_bytes}
+    dora = sum(layer.dora.excess.nbytes for layer in lora.layers.values() if layer.dora is not None)
+    special = [layer.nbytes() for layer in lora.special.values()]
+    return {"dora_bytes": dora + sum(s[1] for s in special), "special_lora_bytes": sum(s[0] for s in special),
+            "saved_bytes": sum(s[2] for s in special)}
 
 
 def g_cost(repeats: int = 5) -> dict[str, float]:
@@ -88,11 +90,14 @@ def g_cost(repeats: int = 5) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--adapters", type=int, default=32, help="a multiple of 4")
+    parser.add_argument("--max-len", type=int, default=256, help="longest prompt and generation (tokens)")
     parser.add_argument("--repeats", type=int, default=1, help="A B C C B A rounds; the fastest of each kind counts")
     parser.add_argument("--cache-dir", type=Path, default=Settings().cache_dir)
     args = parser.parse_args()
-    n, count = (8, 4) if args.quick else (64, 32)
-    ranges = ((8, 24), (8, 24)) if args.quick else ((16, 256), (16, 256))
+    n, count = (8, 4) if args.quick else (args.requests, args.adapters)
+    ranges = ((8, 24), (8, 24)) if args.quick else ((16, args.max_len), (16, args.max_len))
     settings = Settings(cache_dir=args.cache_dir, device="cpu", max_loras=count, max_lora_rank=16,
                         max_running=n, max_cpu_loras=count)
     base = in_thread(load_base_model, settings)

@@ -91,18 +91,13 @@ class LoraModel:
         return (adapter.modules.keys() - self.layers.keys()) | adapter.saved.keys() | adapter.tokens.keys()
 
     def _write_special(self, layer: LoraHead | LoraEmbedding, row: int, adapter: ParsedAdapter, name: str) -> None:
-        weights = adapter.modules.get(name)
-        if weights is None:
-            layer.clear_slot(row)
-        else:
-            layer.write_slot(row, weights.a, weights.b, weights.scale, weights.magnitude)
         saved, tokens = adapter.saved.get(name), adapter.tokens.get(name)
+        replaced = None
         if saved is not None:
-            layer.replacements.set(row, replacement(saved, None, layer.weight))
+            replaced = replacement(saved, None, layer.weight)
         elif tokens is not None:
-            layer.replacements.set(row, replacement(tokens.rows, tokens.indices, layer.weight))
-        else:
-            layer.replacements.set(row, None)
+            replaced = replacement(tokens.rows, tokens.indices, layer.weight)
+        layer.write_slot(row, adapter.modules.get(name), replaced)
 
     def _special(self, name: str) -> LoraHead | LoraEmbedding:
         """The output layer's or the input embedding's slot layer, wrapped around it on first use."""
@@ -127,7 +122,6 @@ class LoraModel:
             layer.clear_slot(row)
         for layer in self.special.values():
             layer.clear_slot(row)
-            layer.replacements.set(row, None)
         self.row_ranks[row] = 0
 
     def place(self, used: Iterable[int]) -> dict[int, int]:
@@ -160,17 +154,16 @@ class LoraModel:
         rows = [r for r in range(self.max_loras) if src[r] != r]
         dst = torch.tensor(rows, device=self.device)
         from_ = torch.tensor([src[r] for r in rows], device=self.device)
-        layers = [*self.layers.values(), *self.special.values()]
-        groups = self.groups + [layer.group for layer in self.special.values()]
-        for buf in [g.a_storage for g in groups] + [layer.b_storage for layer in layers]:
+        for buf in [g.a_storage for g in self.groups] + [layer.b_storage for layer in self.layers.values()]:
             buf.index_copy_(0, dst, buf.index_select(0, from_))
-        for group in groups:
+        for group in self.groups:
             group.ranks.move_rows(dst, from_)
-        for layer in layers:
+        sources = [src[r] for r in rows]
+        for layer in self.layers.values():
             if layer.dora is not None:
-                layer.dora.move_rows(rows, [src[r] for r in rows])
-        for layer in self.special.values():
-            layer.replacements.move_rows(rows, [src[r] for r in rows])
+                layer.dora.move_rows(rows, sources)
+        for special in self.special.values():
+            special.move_rows(rows, sources, dst, from_)
         self.row_moves += len(pairs)
 
     # Steps ----------------------------------------------------------------------------------------

@@ -1,13 +1,14 @@
-"""LoRA layers for the two modules that are not plain linear layers of the decoder: the output layer
-(lm_head) and the input embedding. Both are wrapped on the first adapter that needs them, so a
-server whose adapters never touch them holds no buffers for them.
+"""Slot layers for the two modules that are not plain linear layers of the decoder: the output layer
+(lm_head) and the input embedding. Each is wrapped on the first adapter that changes it, and its LoRA
+buffers are allocated on the first adapter with LoRA there, so a server whose adapters only replace
+weights (or never touch these modules) holds no LoRA buffers for them.
 
-- `LoraHead`: a `LoraLinear` of its own group that runs on the rows the output layer sees, which
-  in the engine are only each sequence's sampled rows (`StepState.head_meta`), then applies the
-  adapters' replaced weights (a trained copy of the layer, or trainable token rows).
+- `LoraHead`: LoRA (and DoRA) as any linear layer, on the rows the output layer sees, which in the
+  engine are only each sequence's sampled rows (`StepState.head_meta`); then the adapters' replaced
+  weights (a trained copy of the layer, or trainable token rows).
 - `LoraEmbedding`: token `i` gets `s·B[slot]·A[slot][:, id_i]` added (PEFT's lora_embedding_A
-  [r, vocab] / lora_embedding_B [dim, r]): the shrink is a gather of A's column for each token,
-  the expand the op's own, through whichever backend runs the rest. Then replaced rows.
+  [r, vocab] / lora_embedding_B [dim, r]): the shrink is a gather of A's column for each token, the
+  expand the op's own, through whichever backend runs the rest. Then replaced rows.
 """
 
 from __future__ import annotations
@@ -47,70 +48,121 @@ class EmbeddingGroup(LoraGroup):
         return self.backend.from_dense(t, meta)
 
 
-class LoraHead(LoraLinear):
-    """The output layer with slots: LoRA (and DoRA) as any linear layer, then replaced weights."""
+class _SpecialLayer(nn.Module):
+    """A wrapped module with optional LoRA (`lora`, built on first use) and replaced weights per slot row."""
 
-    def __init__(self, base: nn.Linear, max_loras: int, max_rank: int, dtype: torch.dtype, backend: Backend,
+    def __init__(self, base: nn.Module, max_loras: int, max_rank: int, dtype: torch.dtype, backend: Backend,
                  state: StepState) -> None:
-        group = LoraGroup(1, base.in_features, max_loras, max_rank, base.weight.device, dtype, backend)
-        super().__init__(base, base.in_features, base.out_features, group, 0, state)
-        self.head_group = group  # a submodule here: the model's groups list holds the decoder's only
+        super().__init__()
+        self.base, self.state = base, state
+        self.max_loras, self.max_rank, self.dtype, self.backend = max_loras, max_rank, dtype, backend
+        self.lora: LoraLinear | None = None
         self.replacements = Replacements()
 
     @property
     def weight(self) -> torch.Tensor:
         return self.base.weight
 
+    def users(self) -> int:
+        """Bitmask of slot rows whose adapter changes this module."""
+        return (0 if self.lora is None else self.lora.group.ranks.masks[0]) | self.replacements.mask
+
+    @torch.no_grad()
+    def write_slot(self, row: int, weights: Any | None, replaced: Replacement | None) -> None:
+        """Slot `row` takes an adapter's LoRA here (`LoraModuleWeights` or None) and replaced weights."""
+        if weights is not None and self.lora is None:
+            self.lora = self._build_lora()
+        if weights is not None:
+            self.lora.write_slot(row, weights.a, weights.b, weights.scale * self._lora_factor(), weights.magnitude)
+        elif self.lora is not None:
+            self.lora.clear_slot(row)
+        self.replacements.set(row, replaced)
+
+    def clear_slot(self, row: int) -> None:
+        self.write_slot(row, None, None)
+
+    def move_rows(self, dst: list[int], src: list[int], dst_t: torch.Tensor, src_t: torch.Tensor) -> None:
+        """Rows `dst` take what rows `src` held (the model's row moves)."""
+        if self.lora is not None:
+            for buf in (self.lora.group.a_storage, self.lora.b_storage):
+                buf.index_copy_(0, dst_t, buf.index_select(0, src_t))
+            self.lora.group.ranks.move_rows(dst_t, src_t)
+            if self.lora.dora is not None:
+                self.lora.dora.move_rows(dst, src)
+        self.replacements.move_rows(dst, src)
+
+    def nbytes(self) -> tuple[int, int, int]:
+        """(LoRA buffers, DoRA vectors, replaced weights) held on the device."""
+        if self.lora is None:
+            return 0, 0, self.replacements.nbytes
+        lora = self.lora.group.a_storage.nbytes + self.lora.b_storage.nbytes
+        return lora, 0 if self.lora.dora is None else self.lora.dora.excess.nbytes, self.replacements.nbytes
+
+    def _build_lora(self) -> LoraLinear:
+        raise NotImplementedError
+
+    def _lora_factor(self) -> float:
+        return 1.0
+
+
+class LoraHead(_SpecialLayer):
+    """The output layer with slots: LoRA (and DoRA) as any linear layer, then replaced weights."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        state, rows = self.state, x.numel() // self.in_features
+        state, rows = self.state, x.numel() // self.base.in_features
         head = state.head_meta  # the engine runs the layer on the sampled rows only
         meta = head if head is not None and head.num_tokens == rows else state.meta
-        y = self.add_lora(self.base(x), x, meta)
+        y = self.base(x)
+        if self.lora is not None:
+            y = self.lora.add_lora(y, x, meta)
         if meta is not None and meta.row_mask & self.replacements.mask:
             y = y.contiguous()
-            self.replacements.linear_(y.view(-1, self.out_features), x.reshape(-1, self.in_features), meta)
+            self.replacements.linear_(y.view(-1, self.base.out_features), x.reshape(-1, self.base.in_features), meta)
         return y
 
-    def users(self) -> int:
-        """Bitmask of slot rows whose adapter changes this layer."""
-        return self._masks[0] | self.replacements.mask
+    def _build_lora(self) -> LoraLinear:
+        base = self.base
+        group = LoraGroup(1, base.in_features, self.max_loras, self.max_rank, base.weight.device, self.dtype,
+                          self.backend)
+        layer = LoraLinear(base, base.in_features, base.out_features, group, 0, self.state)
+        layer.head_group = group  # registered with the layer: the model's `groups` hold the decoder's only
+        return layer
 
 
-class LoraEmbedding(LoraLinear):
-    """The input embedding with slots; `in_features` is the vocabulary, `out_features` the width."""
+class LoraEmbedding(_SpecialLayer):
+    """The input embedding with slots; its LoRA's `in_features` is the vocabulary, `out_features` the width."""
 
-    def __init__(self, base: nn.Embedding, max_loras: int, max_rank: int, dtype: torch.dtype, backend: Backend,
-                 state: StepState) -> None:
-        group = EmbeddingGroup(base.num_embeddings, max_loras, max_rank, base.weight.device, dtype,
-                               base.weight.dtype, backend)
-        super().__init__(base, base.num_embeddings, base.embedding_dim, group, 0, state)
-        self.embedding_group = group
-        self.replacements = Replacements()
+    def __init__(self, base: nn.Embedding, *args: Any) -> None:
+        super().__init__(base, *args)
         scale = getattr(base, "embed_scale", None)  # Gemma-style embeddings scale their output
         self.output_scale = None if scale is None else torch.as_tensor(scale, device=base.weight.device)
 
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
-
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         meta = self.state.meta
-        y = self.add_lora(self.base(ids), ids, meta)
+        y = self.base(ids)
+        if self.lora is not None:
+            y = self.lora.add_lora(y, ids, meta)
         if meta is not None and meta.row_mask & self.replacements.mask:
             y = y.contiguous()
-            self.replacements.embed_(y.view(-1, self.out_features), ids.reshape(-1), meta, self.output_scale)
+            self.replacements.embed_(y.view(-1, self.base.embedding_dim), ids.reshape(-1), meta, self.output_scale)
         return y
 
-    @torch.no_grad()
-    def write_slot(self, row: int, a: torch.Tensor, b: torch.Tensor, scale: float,
-                   magnitude: torch.Tensor | None = None) -> None:
-        if magnitude is not None:
-            raise ValueError("DoRA on the input embedding is not served")  # refused at parse already
-        factor = 1.0 if self.output_scale is None else float(self.output_scale)
-        super().write_slot(row, a, b, scale * factor)
+    def write_slot(self, row: int, weights: Any | None, replaced: Replacement | None) -> None:
+        if weights is not None and weights.magnitude is not None:
+            raise ValueError("DoRA on the input embedding is not served")  # refused when parsed
+        super().write_slot(row, weights, replaced)
 
-    def users(self) -> int:
-        return self._masks[0] | self.replacements.mask
+    def _build_lora(self) -> LoraLinear:
+        base = self.base
+        group = EmbeddingGroup(base.num_embeddings, self.max_loras, self.max_rank, base.weight.device, self.dtype,
+                               base.weight.dtype, self.backend)
+        layer = LoraLinear(base, base.num_embeddings, base.embedding_dim, group, 0, self.state)
+        layer.embedding_group = group
+        return layer
+
+    def _lora_factor(self) -> float:
+        # The embedding's own output scale applies to the LoRA delta too (as PEFT applies it).
+        return 1.0 if self.output_scale is None else float(self.output_scale)
 
 
 def replacement(rows: torch.Tensor, indices: torch.Tensor | None, like: torch.Tensor) -> Replacement:

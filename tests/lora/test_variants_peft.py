@@ -121,7 +121,8 @@ def test_bfloat16_slots_hold_bfloat16_saved_variants_exactly(variants, tmp_path,
     base, paths, _ = variants
     bf16 = {name: bfloat16_copy(path, tmp_path / name) for name, path in paths.items()}
     lora, names, _ = build(base, bf16, backend, weight_dtype=torch.bfloat16)
-    assert all(layer.b_storage.dtype == torch.bfloat16 for layer in [*lora.layers.values(), *lora.special.values()])
+    specials = [layer.lora for layer in lora.special.values() if layer.lora is not None]
+    assert specials and all(layer.b_storage.dtype == torch.bfloat16 for layer in [*lora.layers.values(), *specials])
     rows, slots = mixed_rows(VOCAB, names)
     ours = forward_logits(lora, rows, slots, 0)
     greedy = generate_batch(lora, rows, slots, STEPS, [1], 0)
@@ -152,6 +153,16 @@ def test_plain_adapters_and_base_leave_the_special_layers_alone(variants):
     alone = forward_logits(lora_plain, rows, [0, -1], 0)
     mixed = forward_logits(lora_all, rows, [names.index("plain"), -1], 0)
     assert all(torch.equal(a, b) for a, b in zip(alone, mixed))
+
+
+def test_lora_buffers_of_lm_head_only_for_lora_there(variants):
+    """Adapters that only replace lm_head (a trained copy) wrap it without allocating its LoRA buffers."""
+    base, paths, _ = variants
+    lora, _, _ = build(base, {"saved-copies": paths["saved-copies"]}, CPU_KERNELS)
+    head = lora.special["lm_head"]
+    assert head.lora is None and 0 < head.nbytes()[2] < lora.saved_bytes  # the embedding's copy is the rest
+    lora.clear_slot(0)
+    assert lora.saved_bytes == 0
 
 
 def test_variant_configs_cover_every_kind():
