@@ -186,13 +186,17 @@ class Engine:
     def max_context(self) -> int:
         return self._max_context
 
+    def _base_root(self) -> str:
+        """The base model's folder as an absolute path (what a client such as lm-eval can load), else its name."""
+        folder = getattr(self.base.model, "name_or_path", "") or ""
+        return str(Path(folder).absolute()) if folder and Path(folder).is_dir() else self.base_name
+
     def models(self) -> list[ModelCard]:
         self.sync_store()
-        cards = [ModelCard(self.base_name, 0, None, root=str(getattr(self.base.model, "name_or_path", "") or
-                                                             self.base_name))]
+        cards = [ModelCard(self.base_name, 0, None, root=self._base_root())]
         # Registration order, as vLLM lists them (an overwrite registers a new version: it moves last).
         cards += [ModelCard(r.name, int(r.created), self.base_name, r.sha256, r.version,
-                            r.contract.as_dict() if r.contract else None, root=str(r.folder))
+                            r.contract.as_dict() if r.contract else None, root=str(r.folder.absolute()))
                   for r in sorted(self.registry.records(), key=lambda r: r.generation)]
         return cards
 

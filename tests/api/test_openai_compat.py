@@ -55,7 +55,7 @@ def world(tmp_path_factory):
         save_adapter(base.model, store / name, seed, **lora)
     del base
     flags = ["--adapters-dir", str(store), "--cache-dir", str(TEST_CACHE), "--device", "cpu"]
-    with running_server(*flags, env={"LORAPLEX_ADMIN_TOKEN": ADMIN}) as url:
+    with running_server(*flags, env={"LORAPLEX_ADMIN_TOKEN": ADMIN}, timeout=600) as url:
         yield url, store, Reference(store)
 
 

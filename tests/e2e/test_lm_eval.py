@@ -26,7 +26,7 @@ MODELS = ("SmolLM2-135M-Instruct", "sentiment", "template")  # adapters without 
 @pytest.fixture(scope="module")
 def url():
     with running_server("--adapters-dir", str(ROOT / "adapters"), "--cache-dir", str(TEST_CACHE),
-                        "--device", "cpu") as base_url:
+                        "--device", "cpu", timeout=600) as base_url:
         yield base_url
 
 
