@@ -151,6 +151,7 @@ def score_all(url: str, args: argparse.Namespace) -> str:
             rows[name + CHAT_SUFFIX] = api_scores(url, name, info.base_root, chat_tasks, args.limit, chat=True)
         if args.compare_hf:
             notes.update(_compare_hf(name, info, tasks, chat_tasks, args.limit, rows))
+        print(table(rows, tasks, notes if args.compare_hf else None).splitlines()[-1], file=sys.stderr, flush=True)
     return table(rows, tasks, notes if args.compare_hf else None)
 
 
