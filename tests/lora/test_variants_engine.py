@@ -62,6 +62,7 @@ def test_burst_of_every_kind_equals_peft(tiny_llama_dir, store, started):
     assert all(engine.slots.pinned(s) == 0 for s in range(engine.slots.num_slots))
 
 
+@pytest.mark.full
 def test_variants_differ_from_the_base_through_the_engine(tiny_llama_dir, store, started):
     engine = started(make_engine(tiny_llama_dir, store, max_loras=8, max_lora_rank=16))
     names = [*VARIANT_CONFIGS, engine.base_name]
