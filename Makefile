@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: serve test test-full test-all soak venv eval bench bench-scaling bench-step bench-lora-op bench-prefix-cache bench-structured clean test-container console-deps test-console console-screenshots vendor-swagger-ui test-cluster bench-cluster serve-cluster
+.PHONY: serve test test-full test-all soak venv eval bench bench-scaling bench-step bench-quantized bench-lora-op bench-prefix-cache bench-structured clean test-container console-deps test-console console-screenshots vendor-swagger-ui test-cluster bench-cluster serve-cluster
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -132,6 +132,10 @@ bench-structured: $(STAMP)
 	$(BIN)/python bench/structured.py $(ARGS)
 
 # One decode step in isolation (64 sequences, 32 adapters), base vs LoRA interleaved; --profile for a torch profile.
+# The embedded model served from its GGUF blocks beside the same weights in float32 (single stream, 64 requests).
+bench-quantized: $(STAMP)
+	$(BIN)/python bench/quantized.py $(ARGS)
+
 bench-step: $(STAMP)
 	$(BIN)/python bench/step.py $(ARGS)
 
