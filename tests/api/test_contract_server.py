@@ -86,6 +86,7 @@ def test_sentiment_needs_no_template_in_the_client(client):
     assert raw["choices"][0]["text"] == " positive" and raw["usage"] == out["usage"]
 
 
+@pytest.mark.full
 def test_defaults_apply_and_request_fields_win(client):
     contract = client.get("/v1/adapters/shout", headers=ADMIN_HEADERS).json()["contract"]
     assert contract["defaults"]["max_tokens"] == 64 and contract["prompt_template"] == "Input: {input}\nOutput:"
@@ -153,6 +154,7 @@ def _free_alone(client: httpx.Client) -> list[str]:
             for p in FREE_PROMPTS]
 
 
+@pytest.mark.full
 def test_constrained_and_free_requests_mixed_in_one_batch(client, url):
     asyncio.run(_sample_mixed(url, 4, _free_alone(client)))
 

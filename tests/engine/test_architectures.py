@@ -43,8 +43,8 @@ class Arch:
 
 
 ARCHITECTURES: dict[str, Arch] = {
-    "llama": Arch("Llama", "LlamaConfig", "grouped-query attention, rotary, gated MLP", full=False),
-    "mistral": Arch("Mistral", "MistralConfig", "sliding window on every layer", dict(sliding_window=WINDOW), full=False),
+    "llama": Arch("Llama", "LlamaConfig", "grouped-query attention, rotary, gated MLP"),
+    "mistral": Arch("Mistral", "MistralConfig", "sliding window on every layer", dict(sliding_window=WINDOW)),
     "qwen2": Arch("Qwen2", "Qwen2Config", "q/k/v biases", second_targets=ATTENTION),
     "qwen3": Arch("Qwen3", "Qwen3Config", "q/k norms", dict(head_dim=16)),
     "gemma2": Arch("Gemma 2", "Gemma2Config", "attention and final-logit softcapping, sliding and full layers alternating, "

@@ -57,6 +57,7 @@ def test_refused_at_load_with_the_reason(name, tmp_path, tokenizer_dir):
     assert arch.lower() in str(refusal.value).lower() and reason in str(refusal.value)
 
 
+@pytest.mark.full
 def test_server_exits_with_the_reason_and_never_reports_ready(tmp_path, tokenizer_dir):
     folder = save_model(tmp_path / "bloom", *REFUSED["bloom"][:2], tokenizer_dir)
     port, log = free_port(), tmp_path / "server.log"

@@ -172,6 +172,7 @@ def test_variant_configs_cover_every_kind():
     assert {"lm_head", "embed_tokens"} <= targets
 
 
+@pytest.mark.full  # seconds per forward in the interpreter
 def test_triton_kernels_serve_every_kind(variants):
     """The Triton kernels (run by Triton's interpreter on CPU tensors; compiled on a GPU) under the same
     mixed batch: one short row per adapter and a base row."""
