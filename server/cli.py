@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -77,16 +76,12 @@ def default_text(field) -> str:
 
 def settings_error(exc) -> str:
     """One line per invalid value: the flag, the value given, and what is allowed."""
-    from pydantic import SecretStr
-
-    from server.config import Settings
+    from server.config import SECRET_FIELDS
 
     lines = []
     for error in exc.errors():
         name = str(error["loc"][0]) if error["loc"] else ""
-        field = Settings.model_fields.get(name)
-        secret = field is not None and SecretStr in getattr(field.annotation, "__args__", (field.annotation,))
-        shown = "***" if secret else repr(error.get("input"))
+        shown = "***" if name in SECRET_FIELDS else repr(error.get("input"))
         lines.append(f"loraplex: {flag_of(name)} (LORAPLEX_{name.upper()}) = {shown}: {error['msg']}")
     return "\n".join(lines)
 
@@ -112,6 +107,7 @@ def serve(overrides: dict) -> int:
         return 2
     from server.api.app import create_app  # FastAPI and uvicorn: imported once the port is ours
     from server.api.serving import run
+    from server.bootstrap import build_engine
 
     return run(create_app(None, settings), settings, lambda: build_engine(settings), sock)
 
@@ -137,34 +133,6 @@ def serve_cluster(args: dict) -> int:
         print("loraplex: --replicas must be at least 1", file=sys.stderr)
         return 2
     return run_cluster(settings, args, replicas, cpus, gpus)
-
-
-def build_engine(settings):
-    """The model and the engine, started (runs in the loading thread while the server already listens)."""
-    from server.engine.engine import Engine
-    from server.models import load_base_model
-
-    engine = Engine(load_base_model(settings), settings)
-    engine.load_store()
-    engine.start()
-    logging.getLogger("server.cli").info(startup_summary(engine, settings))
-    return engine
-
-
-def startup_summary(engine, settings) -> str:
-    """One line that says what is being served and how (no secrets: only whether keys are set)."""
-    import torch
-
-    base, threads = engine.base, settings.threads or torch.get_num_threads()
-    on = {True: "on", False: "off"}
-    slot_dtype = str(engine.lora.weight_dtype).removeprefix("torch.")
-    return (f"serving {engine.base_name} on {base.device} ({str(base.dtype).removeprefix('torch.')}), "
-            f"{len(engine.list_adapters())} adapters in {settings.adapters_dir}, {settings.max_loras} device "
-            f"slots (rank <= {settings.max_lora_rank}, {slot_dtype} weights, LoRA op {engine.lora.backend.name}), "
-            f"decode attention {'cpu-kernel' if engine.decode_kernel else 'torch'}, "
-            f"KV cache {engine.kv_cache.num_slots} tokens ({engine.kv_cache.bytes / 2**30:.2f} GiB), {threads} "
-            f"threads, API key {on[bool(settings.api_key)]}, admin {on[bool(settings.admin_token)]}, "
-            f"http://{settings.host}:{settings.port}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -107,3 +107,10 @@ class Settings(BaseSettings):
         if value not in ("auto", "cpu") and not value.startswith("cuda"):
             raise ValueError("device must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
         return value
+
+
+# The settings that hold secrets: never logged, never shown back in an error, never passed through Ray's
+# control store (server/deploy/ travels them in the environment).
+SECRET_FIELDS: tuple[str, ...] = tuple(
+    name for name, field in Settings.model_fields.items()
+    if SecretStr in (getattr(field.annotation, "__args__", None) or (field.annotation,)))

@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from server.config import Settings
+from server.config import SECRET_FIELDS, Settings
 
 log = logging.getLogger(__name__)
 APP_NAME = "loraplex"
@@ -26,7 +26,7 @@ def replica_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
     secrets left out (they travel in the environment, not in Ray's control store)."""
     out = {}
     for name, value in overrides.items():
-        if name in ("api_key", "admin_token", "host", "port"):
+        if name in SECRET_FIELDS or name in ("host", "port"):
             continue
         if name in PATH_FIELDS and value is not None and (name != "model" or Path(value).exists()):
             value = str(Path(value).expanduser().resolve())
@@ -37,7 +37,7 @@ def replica_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
 
 def export_secrets(settings: Settings) -> None:
     """Keys given as flags reach the replicas through the environment the Ray processes inherit."""
-    for name in ("api_key", "admin_token"):
+    for name in SECRET_FIELDS:
         value = getattr(settings, name)
         if value is not None:
             os.environ[f"LORAPLEX_{name.upper()}"] = value.get_secret_value()

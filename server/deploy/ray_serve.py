@@ -30,7 +30,7 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
-from server.config import Settings
+from server.config import SECRET_FIELDS, Settings
 from server.deploy.forwarding import ForwardedRequest, ResponseStart, run_app
 from server.deploy.ingress import IngressApp
 from server.deploy.metrics_merge import merge_metrics
@@ -39,7 +39,6 @@ from server.threads import run_in_fresh_thread
 REPLICA_HEADER = b"x-loraplex-replica"
 REPORT_EVERY = 2.0   # seconds between a replica's metrics reports
 STALE_AFTER = 15.0   # a replica that has not reported for this long (it died) leaves the merged metrics
-SECRET_FIELDS = ("api_key", "admin_token")
 
 
 def cluster_settings(overrides: dict[str, Any]) -> Settings:
@@ -68,7 +67,7 @@ def replica_class(max_models: int) -> type:
     class EngineReplica:
         async def __init__(self, overrides: dict[str, Any], board: DeploymentHandle) -> None:
             from server.api.app import create_app
-            from server.cli import build_engine
+            from server.bootstrap import build_engine
 
             settings = cluster_settings(overrides)
             # The model loads in a thread that ends: only the engine's own thread keeps torch's workers.
