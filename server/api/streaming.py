@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing, suppress
 from typing import Any
 
@@ -113,13 +113,17 @@ def completion_chunk_choice(choice: Choice, delta: Delta, body: CompletionReques
     return out
 
 
-async def completion_events(gen: Generation, deltas: Deltas, base: dict, body: CompletionRequest,
-                            include_usage: bool) -> AsyncIterator[str]:
+async def _events(gen: Generation, deltas: Deltas, base: dict, include_usage: bool,
+                  choice_of: Callable[[Choice, Delta], dict], opening: list[dict] | None = None) -> AsyncIterator[str]:
+    """One chunk per delta (`choice_of` writes its choice), the usage chunk when asked for, then `[DONE]`; an
+    error after the first event is sent as an error event before `[DONE]`."""
     extra: dict[str, Any] = {"usage": None} if include_usage else {}
     try:
+        for choice in opening or ():
+            yield sse({**base, "choices": [choice], **extra})
         async with aclosing(deltas):
             async for choice, delta in deltas:
-                yield sse({**base, "choices": [completion_chunk_choice(choice, delta, body)], **extra})
+                yield sse({**base, "choices": [choice_of(choice, delta)], **extra})
         if include_usage:
             yield sse(_usage_chunk(base, gen))
     except Exception as exc:
@@ -127,21 +131,19 @@ async def completion_events(gen: Generation, deltas: Deltas, base: dict, body: C
     yield sse("[DONE]")
 
 
-async def chat_events(gen: Generation, deltas: Deltas, base: dict, want_logprobs: bool, include_usage: bool
-                      ) -> AsyncIterator[str]:
-    extra: dict[str, Any] = {"usage": None} if include_usage else {}
-    try:
-        for choice in gen.choices:  # OpenAI opens every choice with the role
-            yield sse({**base, "choices": [{"index": choice.index, "delta": {"role": "assistant", "content": ""},
-                                            "logprobs": None, "finish_reason": None}], **extra})
-        async with aclosing(deltas):
-            async for choice, delta in deltas:
-                logprobs = chat_logprobs(delta.logprobs).model_dump() if want_logprobs else None
-                content = {"content": delta.text} if delta.text or delta.finish_reason is None else {}
-                yield sse({**base, "choices": [{"index": choice.index, "delta": content, "logprobs": logprobs,
-                                                "finish_reason": delta.finish_reason}], **extra})
-        if include_usage:
-            yield sse(_usage_chunk(base, gen))
-    except Exception as exc:
-        yield _error_event(exc)
-    yield sse("[DONE]")
+def completion_events(gen: Generation, deltas: Deltas, base: dict, body: CompletionRequest,
+                      include_usage: bool) -> AsyncIterator[str]:
+    return _events(gen, deltas, base, include_usage, lambda choice, delta: completion_chunk_choice(choice, delta, body))
+
+
+def chat_events(gen: Generation, deltas: Deltas, base: dict, want_logprobs: bool, include_usage: bool
+                ) -> AsyncIterator[str]:
+    def chunk_choice(choice: Choice, delta: Delta) -> dict:
+        logprobs = chat_logprobs(delta.logprobs).model_dump() if want_logprobs else None
+        content = {"content": delta.text} if delta.text or delta.finish_reason is None else {}
+        return {"index": choice.index, "delta": content, "logprobs": logprobs, "finish_reason": delta.finish_reason}
+
+    # OpenAI opens every choice with the role.
+    opening = [{"index": choice.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                "finish_reason": None} for choice in gen.choices]
+    return _events(gen, deltas, base, include_usage, chunk_choice, opening)
