@@ -58,11 +58,11 @@ def wait_until_healthy(url: str, proc: subprocess.Popen, timeout: float, log: Pa
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text(errors='replace')[-3000:]}")
         try:
             if httpx.get(f"{url}/ready", timeout=1.0).status_code == 200:
                 return
         except httpx.TransportError:
             pass
         time.sleep(0.3)
-    raise TimeoutError(f"server not healthy after {timeout} s:\n{log.read_text()[-3000:]}")
+    raise TimeoutError(f"server not healthy after {timeout} s:\n{log.read_text(errors='replace')[-3000:]}")

@@ -14,9 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
-
-from tests.e2e.server_process import free_port
+from tests.e2e.server_process import free_port, stop_process, wait_until_healthy
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = REPO / ".cache" / "loraplex"
@@ -61,21 +59,8 @@ class ServerProcess:
             self.proc = subprocess.Popen(self.command(), stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
                                          env=self.environment())
         self.starts += 1
-        self._wait_ready(timeout)
+        wait_until_healthy(self.url, self.proc, timeout, self.log)
         return time.monotonic() - started
-
-    def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=2.0).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"server not ready after {timeout} s:\n{self.log_text()[-3000:]}")
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -87,13 +72,8 @@ class ServerProcess:
             self.proc.wait(timeout=30)
 
     def stop(self) -> None:
-        if not self.alive():
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.kill9()
+        if self.proc is not None:
+            stop_process(self.proc, grace=30)
 
     def restart(self, kill: bool = False) -> float:
         self.kill9() if kill else self.stop()
