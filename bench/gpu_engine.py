@@ -35,34 +35,18 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.gpu_common import DEFAULT, LLAMA7B, TINY, Shape, copy_bandwidth  # noqa: E402
 from server.config import Settings  # noqa: E402
 from server.engine.engine import Engine  # noqa: E402
 from server.engine.request import GenerationRequest, SamplingParams  # noqa: E402
 from server.models import load_base_model  # noqa: E402
 
-
-@dataclass(frozen=True)
-class Shape:
-    name: str
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    inter: int
-    vocab: int
-    tied: bool
-
-
-DEFAULT = Shape("default (SmolLM2-135M shape)", 576, 30, 9, 3, 1536, 49152, True)
-LLAMA7B = Shape("7B-like (Llama-2-7B shape)", 4096, 32, 32, 32, 11008, 32000, False)
-TINY = Shape("tiny", 64, 2, 4, 2, 96, 512, True)
 
 CORRECTNESS_ADAPTERS = {
     "c-all-r8": dict(r=8, lora_alpha=16, target_modules="all-linear"),
@@ -241,24 +225,6 @@ def correctness(shape: Shape, tmp: Path, device: str, new: int, report: dict) ->
 
 
 # (2) Throughput and the bandwidth floor -------------------------------------------------------------------
-
-def copy_bandwidth(device: str) -> float:
-    """Device-to-device copy bandwidth in bytes/s (read + write counted), median of 20 copies of 1 GiB."""
-    if not device.startswith("cuda"):
-        return float("nan")
-    x = torch.empty(2**29, dtype=torch.float16, device=device)
-    y = torch.empty_like(x)
-    times = []
-    for _ in range(22):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        y.copy_(x)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1000)
-    del x, y
-    return 2 * 2**30 / sorted(times[2:])[len(times[2:]) // 2]
-
 
 def base_step_bytes(model: torch.nn.Module) -> int:
     """Bytes of base weights one decode step reads: every matrix once; the input embedding only as rows (0)

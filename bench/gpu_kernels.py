@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import time
@@ -26,22 +25,12 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.gpu_common import DEFAULT, LLAMA7B, Shape, copy_bandwidth  # noqa: E402
 from server.lora import triton_ops  # noqa: E402
 from server.lora.step import LoraStepMeta  # noqa: E402
 
 
-@dataclass(frozen=True)
-class Shape:
-    name: str
-    hidden: int
-    q: int
-    kv: int
-    inter: int
-    layers: int
-
-
-SHAPES = [Shape("default model (SmolLM2-135M shape)", 576, 576, 192, 1536, 30),
-          Shape("7B-like (Llama-2-7B shape)", 4096, 4096, 4096, 11008, 32)]
+SHAPES = [DEFAULT, LLAMA7B]
 
 
 DEVICE = "cuda"
@@ -146,14 +135,6 @@ def time_eager(fn, reps: int = 20) -> float:
     return statistics.median(times)
 
 
-def copy_bandwidth() -> float:
-    """GB/s of a 1 GiB device-to-device copy, bytes read + written."""
-    src = torch.randn(256 * 1024 * 1024 if DEVICE == "cuda" else 1024, device=DEVICE)
-    dst = torch.empty_like(src)
-    us = time_eager(lambda: dst.copy_(src), reps=20)
-    return 2 * src.numel() * 4 / us / 1e3
-
-
 def bench_shape(shape: Shape, batch: int, adapters: int, rank: int, dtype, copy_gbs: float,
                 slots: list[int], label: str, path: str) -> str:
     torch.manual_seed(0)
@@ -223,7 +204,7 @@ def main() -> None:
     dtype = torch.bfloat16
     if args.smoke:
         DEVICE = "cpu"
-        SHAPES = [Shape("smoke", 32, 32, 16, 48, 2)]
+        SHAPES = [Shape("smoke", 32, 2, 4, 2, 48, 512, True)]
         args.batch, args.adapters = 6, 4
         name = "CPU (Triton interpreter, smoke run: timings meaningless)"
     else:
@@ -231,7 +212,7 @@ def main() -> None:
         name = f"{props.name}, {props.multi_processor_count} SMs"
 
     lines = [f"GPU: {name}; torch {torch.__version__}, triton {triton.__version__}; bfloat16", ""]
-    copy_gbs = copy_bandwidth()
+    copy_gbs = copy_bandwidth(DEVICE) / 1e9
     lines += [f"Device-to-device copy (1 GiB, read + write): {copy_gbs:.0f} GB/s", ""]
     lines += ["Decode step, every layer's LoRA work (4 shrinks + 7 expands per layer), CUDA graph replay, "
               "microseconds (median of 50):", "",
