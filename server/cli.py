@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+
 def build_parser() -> argparse.ArgumentParser:
     from server import __version__
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import load as load_safetensors  # safetensors only: never torch.load or pickle
 from safetensors.torch import load_file as load_safetensors_file
-import torch
 
 from .layout import BaseLayout
 from .names import CONFIG_FILE, WEIGHTS_FILE

@@ -16,8 +16,8 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from server.adapters.contract import AdapterContract, ContractError, parse_contract

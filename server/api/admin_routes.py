@@ -20,9 +20,15 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse
 
-from server.api.admin_schemas import (UPLOAD_OPENAPI, AdapterDeleted, AdapterList, AdapterObject, LoadLoraRequest,
-                                      UnloadLoraRequest)
 from server.adapters.names import WEIGHTS_FILE
+from server.api.admin_schemas import (
+    UPLOAD_OPENAPI,
+    AdapterDeleted,
+    AdapterList,
+    AdapterObject,
+    LoadLoraRequest,
+    UnloadLoraRequest,
+)
 from server.api.errors import ApiError, engine_status
 from server.api.folders import copy_adapter_folder, read_contract, resolve_under_root
 from server.api.uploads import Upload, check_safetensors, read_upload, validate_name

@@ -9,8 +9,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from server.api.schemas import (ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, PromptLogprobs,
-                                PromptTokenLogprob, TopLogprob)
+from server.api.schemas import (
+    ChatLogprobs,
+    ChatTokenLogprob,
+    CompletionLogprobs,
+    PromptLogprobs,
+    PromptTokenLogprob,
+    TopLogprob,
+)
 from server.engine.request import TokenLogprob
 
 

@@ -19,9 +19,18 @@ from fastapi.responses import Response
 from server.api.errors import ApiError
 from server.api.formatting import chat_logprobs, completion_logprobs, echoed_logprobs, prompt_logprobs
 from server.api.generation import Choice, Generation
-from server.api.schemas import (AssistantMessage, ChatChoice, ChatCompletionRequest,
-                                ChatCompletionResponse, CompletionChoice, CompletionRequest, CompletionResponse,
-                                ModelList, ModelObject, SamplingFields)
+from server.api.schemas import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    ModelList,
+    ModelObject,
+    SamplingFields,
+)
 from server.api.streaming import EventStreamResponse, chat_events, completion_events, started_deltas
 from server.engine.contract import output_format
 from server.engine.request import SamplingParams

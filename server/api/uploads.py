@@ -273,9 +273,9 @@ async def _parse(request: Request, pool: BackgroundPool, reader: MultipartReader
             raise invalid("malformed multipart body: it ends before its closing boundary")
     except FormParserError as exc:
         raise invalid(f"malformed multipart body: {exc}") from exc
-    except BodyReadTimeout:
+    except BodyReadTimeout as exc:
         raise ApiError(408, f"the client sent nothing for {read_timeout:g} s during the upload "
-                            "(--upload-read-timeout)", code="request_timeout", headers={"Connection": "close"})
+                            "(--upload-read-timeout)", code="request_timeout", headers={"Connection": "close"}) from exc
     except ClientDisconnect as exc:
         raise ApiError(400, "the client went away during the upload", code="client_disconnected") from exc
     except ApiError:

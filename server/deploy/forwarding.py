@@ -77,5 +77,5 @@ async def run_app(app: ASGIApp, request: ForwardedRequest,
         if not task.done():
             try:
                 await asyncio.wait_for(asyncio.shield(task), CANCEL_WAIT)
-            except (asyncio.TimeoutError, Exception):  # noqa: BLE001 - the client is gone either way
+            except (TimeoutError, Exception):  # noqa: BLE001 - the client is gone either way
                 task.cancel()

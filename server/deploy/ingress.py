@@ -125,7 +125,7 @@ async def read_body(scope: Scope, receive: Receive, limit: int, timeout: float) 
     while True:
         try:
             message: Message = await asyncio.wait_for(receive(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise BodyRefused(408, f"the client sent nothing for {timeout:g} s while sending its body",
                               "request_timeout") from None
         if message["type"] == "http.disconnect":

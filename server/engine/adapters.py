@@ -16,8 +16,14 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from server.adapters.composition import (ComposedRecord, CompositionError, CompositionKey, compose,
-                                        is_composition, parse_expression)
+from server.adapters.composition import (
+    ComposedRecord,
+    CompositionError,
+    CompositionKey,
+    compose,
+    is_composition,
+    parse_expression,
+)
 from server.adapters.contract import AdapterContract, ContractError, parse_contract, patched
 from server.adapters.identity import AdapterKey
 from server.adapters.layout import BaseLayout
@@ -28,9 +34,17 @@ from server.adapters.shared import SharedAdapterStore, StoreSync
 from server.adapters.slots import NoFreeSlotError, SlotTable
 from server.adapters.store import AdapterStore
 from server.config import Settings
-from server.engine.request import (AdapterExistsError, AdapterInfo, AdapterProtectedError, AdapterRejectedError,
-                                   AdapterUnavailableError, AdapterVersionMismatchError, EngineError,
-                                   InvalidRequestError, UnknownModelError)
+from server.engine.request import (
+    AdapterExistsError,
+    AdapterInfo,
+    AdapterProtectedError,
+    AdapterRejectedError,
+    AdapterUnavailableError,
+    AdapterVersionMismatchError,
+    EngineError,
+    InvalidRequestError,
+    UnknownModelError,
+)
 from server.engine.scheduler import Admission
 from server.engine.sequence import Sequence
 from server.lora.model import LoraModel

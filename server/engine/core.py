@@ -22,7 +22,7 @@ from server.engine.request import EngineError, EngineFaultError
 from server.engine.runner import ModelRunner
 from server.engine.sampler import Sampler
 from server.engine.scheduler import Admission, Scheduler
-from server.engine.sequence import Sequence, SeqStatus
+from server.engine.sequence import SeqStatus, Sequence
 from server.threads import use_torch_threads
 
 log = logging.getLogger(__name__)

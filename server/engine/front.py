@@ -15,13 +15,20 @@ import asyncio
 import copy
 from concurrent.futures import ThreadPoolExecutor
 
-from server.engine.core import EngineCore
 from server.engine.adapters import AdapterManager
 from server.engine.contract import with_contract
-from server.engine.grammar import GrammarCompiler
+from server.engine.core import EngineCore
 from server.engine.detokenizer import IncrementalDetokenizer
-from server.engine.request import (EngineNotReadyError, GenerationRequest, InvalidRequestError, PromptTooLongError,
-                                   QueueFullError, ShuttingDownError, TokenLogprob)
+from server.engine.grammar import GrammarCompiler
+from server.engine.request import (
+    EngineNotReadyError,
+    GenerationRequest,
+    InvalidRequestError,
+    PromptTooLongError,
+    QueueFullError,
+    ShuttingDownError,
+    TokenLogprob,
+)
 from server.engine.sampler import SamplingOptions, make_generator
 from server.engine.sequence import Sequence
 from server.engine.stream import RequestStream

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from server.engine.kv_cache import BlockAllocator, OutOfBlocks
 from server.engine.prefix_cache import PrefixCache
-from server.engine.sequence import Sequence, SeqStatus
+from server.engine.sequence import SeqStatus, Sequence
 
 log = logging.getLogger(__name__)
 

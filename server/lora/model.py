@@ -19,8 +19,8 @@ from torch import nn
 from server.adapters.layout import BaseLayout
 from server.adapters.peft_format import ParsedAdapter
 from server.lora.layers import LoraGroup, LoraLinear, StepState
-from server.lora.special import LoraEmbedding, LoraHead, replacement
 from server.lora.ops import Backend, backend_for
+from server.lora.special import LoraEmbedding, LoraHead, replacement
 from server.lora.step import LoraStepMeta
 
 # Sibling projections that read the same input and so share one stacked shrink.

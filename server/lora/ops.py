@@ -37,9 +37,9 @@ import torch
 
 from server.config import CpuLoraKernel
 from server.lora import cpu_native, cpu_ops
-from server.native.loader import load_kernels
 from server.lora.ranks import RankTable
 from server.lora.step import LoraStepMeta
+from server.native.loader import load_kernels
 
 
 class ShrinkFn(Protocol):

@@ -14,7 +14,13 @@ from server.train.data import IGNORE_INDEX, DataError, Encoded, encode_all, load
 from server.train.evaluate import EvalReport, evaluate
 from server.train.options import add_train_arguments, config_from_args  # noqa: F401 - the command's API
 from server.train.trainer import (
-    TrainConfig, TrainStats, default_threads, save_adapter, seed_everything, train, wrap_with_lora,
+    TrainConfig,
+    TrainStats,
+    default_threads,
+    save_adapter,
+    seed_everything,
+    train,
+    wrap_with_lora,
 )
 
 MIN_SPLIT = 20  # without --eval, data sets at least this large give a tenth to early stopping

@@ -19,14 +19,20 @@ from pathlib import Path
 import torch
 
 from server.adapters.names import CONTRACT_FILE
-
 from server.config import Settings
 from server.models import BaseModel, load_base_model
 from server.train.data import Example, encode_all, pad_id_of, record_to_example
 from server.train.evaluate import exact_match, generate_greedy, max_new_tokens_for, mean_loss
 from server.train.tasks import PROMPT_TEMPLATE, TASKS, Task, sentences
 from server.train.trainer import (
-    TrainConfig, TrainStats, default_threads, parse_targets, save_adapter, seed_everything, train, wrap_with_lora,
+    TrainConfig,
+    TrainStats,
+    default_threads,
+    parse_targets,
+    save_adapter,
+    seed_everything,
+    train,
+    wrap_with_lora,
 )
 
 TRAIN_SEED, HELDOUT_SEED = 1234, 4321

@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 PROMPT_TEMPLATE = "Input: {text}\nOutput:"
 
