@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: serve test test-full test-all soak venv eval bench bench-scaling bench-step bench-quantized bench-lora-op bench-prefix-cache bench-structured clean test-container console-deps test-console console-screenshots vendor-swagger-ui test-cluster bench-cluster serve-cluster
+.PHONY: serve test test-full test-all lint soak venv eval bench bench-scaling bench-step bench-quantized bench-lora-op bench-prefix-cache bench-structured clean test-container console-deps test-console console-screenshots vendor-swagger-ui test-cluster bench-cluster serve-cluster
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,16 @@ serve: $(STAMP)
 # One line per test file as it runs (its tests' results as dots), skipped tests with their reasons at the end.
 test: $(STAMP)
 	$(BIN)/python -m pytest -rs --durations=15 $(ARGS)
+
+# ruff (style, import order, likely bugs) and mypy (types) over server/, as configured in pyproject.toml.
+LINT_STAMP := $(VENV)/.lint-installed
+$(LINT_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[lint]'
+	touch $(LINT_STAMP)
+
+lint: $(LINT_STAMP)
+	$(BIN)/ruff check server
+	$(BIN)/mypy
 
 # Everything `make test` leaves out: the long checks (marker `full`) and the reliability suites' full
 # forms (marker `soak`), and the README's `loraplex train` example; 20-30 minutes on 2 CPU cores.
