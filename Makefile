@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: serve test test-full test-all lint soak venv eval bench bench-scaling bench-step bench-quantized bench-lora-op bench-prefix-cache bench-structured clean test-container console-deps test-console console-screenshots vendor-swagger-ui test-cluster bench-cluster serve-cluster
+.PHONY: serve test test-full test-all lint docs soak venv eval bench bench-scaling bench-step bench-quantized bench-lora-op bench-prefix-cache bench-structured clean test-container console-deps test-console console-screenshots vendor-swagger-ui test-cluster bench-cluster serve-cluster
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,8 +34,12 @@ lint: $(LINT_STAMP)
 	$(BIN)/ruff check server
 	$(BIN)/mypy
 
+# docs/configuration.md's table of flags, rewritten from `Settings` (tests/docs checks it is in sync).
+docs: $(STAMP)
+	$(BIN)/python -m tests.docs.configuration --write
+
 # Everything `make test` leaves out: the long checks (marker `full`) and the reliability suites' full
-# forms (marker `soak`), and the README's `loraplex train` example; 20-30 minutes on 2 CPU cores.
+# forms (marker `soak`), and docs/adapters.md's `loraplex train` example; 20-30 minutes on 2 CPU cores.
 test-full: $(STAMP)
 	$(BIN)/python -m pytest -v -s -m 'full or soak' --durations=15 $(ARGS)
 
@@ -72,7 +76,7 @@ console-deps: $(CONSOLE_STAMP)
 test-console: console-deps
 	$(BIN)/python -m pytest -q -s -m 'full or not full' tests/console $(ARGS)
 
-# docs/console-*.png, the README's screenshots of the console (a real server and Chromium).
+# docs/console-*.png, docs/console.md's screenshots of the console (a real server and Chromium).
 console-screenshots: console-deps
 	$(BIN)/python -m tests.console.screenshots
 

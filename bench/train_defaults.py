@@ -1,4 +1,4 @@
-"""Measure `loraplex train` settings on the shipped tasks with small data sets (the README's train defaults).
+"""Measure `loraplex train` settings on the shipped tasks with small data sets (docs/adapters.md's train defaults).
 
     python bench/train_defaults.py --tasks template sentiment --sizes 30 100 --lrs 1e-3 2e-3 4e-3
 

@@ -1,6 +1,6 @@
 """Structured output: OpenAI's `response_format` compiled to a grammar, one matcher per sequence.
 
-xgrammar (see README, "Dependencies, and why each") compiles a JSON schema against the
+xgrammar (see docs/dependencies.md) compiles a JSON schema against the
 tokenizer's vocabulary once per distinct schema (cached); each constrained sequence holds a
 matcher that tracks what it has generated. Every step the core asks `fill_masks` for the
 allowed-token masks of all of the step's constrained sequences in one call (xgrammar fills

@@ -9,7 +9,7 @@ from pathlib import Path
 
 @dataclass
 class TrainConfig:
-    """Defaults measured on the shipped tasks at 30 and 100 examples (see the README's `loraplex train`)."""
+    """Defaults measured on the shipped tasks at 30 and 100 examples (see docs/adapters.md, `loraplex train`)."""
 
     rank: int = 8
     alpha: float = 16.0

@@ -1,4 +1,4 @@
-"""README's vLLM and OpenAI compatibility table, kept true: one check per row, on the real app with the fake
+"""docs/api.md's vLLM and OpenAI compatibility table, kept true: one check per row, on the real app with the fake
 engine (the logprob values row on the real sampler), and the table and the checks name the same features."""
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ from server.engine.sampler import Sampler, SamplingOptions
 from tests.api.conftest import ADMIN_HEADERS
 from tests.api.fake_engine import BASE
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+API_DOC = Path(__file__).resolve().parents[2] / "docs" / "api.md"
 CHAT = {"model": BASE, "messages": [{"role": "user", "content": "hi there"}]}
 
 
 def table_features() -> list[str]:
-    text = README.read_text()
+    text = API_DOC.read_text()
     table = text[text.index("<!-- compat-table -->"):text.index("<!-- /compat-table -->")]
     rows = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")]
     return rows[2:]  # after the header and its rule

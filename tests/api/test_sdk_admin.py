@@ -1,4 +1,4 @@
-"""The README's admin examples: the `openai` SDK's generic get/post/delete reach the admin routes."""
+"""docs/api.md's admin examples: the `openai` SDK's generic get/post/delete reach the admin routes."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Screenshots of the web console's views for the README: `make console-screenshots` (writes docs/console-*.png).
+"""Screenshots of the web console's views for docs/console.md: `make console-screenshots` (writes docs/console-*.png).
 
 Starts a real server on a copy of the shipped adapters, runs the playground over the base model and the
 four shipped adapters, uploads a copy of one adapter through the page, and shoots each view.

@@ -1,4 +1,4 @@
-"""The README's runnable code blocks, and the markers that exempt some of them.
+"""The runnable code blocks of README.md and docs/*.md, and the markers that exempt some of them.
 
 A fenced block tagged `bash`, `sh`, `shell` or `python` is runnable. A block runs in the doc test
 unless the line before it (blank lines aside) is a marker:
@@ -27,18 +27,26 @@ class Block:
     code: str
     mode: str  # "run", "full" or "skip"
     reason: str = ""
+    source: str = "README.md"  # the file, relative to the checkout
+
+    @property
+    def where(self) -> str:
+        return f"{self.source}:{self.line}"
 
     @property
     def id(self) -> str:
         first = next((l.strip() for l in self.code.splitlines() if l.strip() and not l.startswith("#")), "")
-        return f"L{self.line}-{self.language}-{re.sub(r'[^A-Za-z0-9]+', '-', first)[:40].strip('-')}"
+        stem = Path(self.source).stem
+        return f"{stem}-L{self.line}-{self.language}-{re.sub(r'[^A-Za-z0-9]+', '-', first)[:40].strip('-')}"
 
 
 class MarkerError(ValueError):
     """A doctest marker that is malformed or marks nothing runnable."""
 
 
-def readme_blocks(path: Path) -> list[Block]:
+def readme_blocks(path: Path, source: str | None = None) -> list[Block]:
+    """The runnable blocks of the Markdown file `path`, each marked with `source` (default: its file name)."""
+    source = source or path.name
     lines = path.read_text(encoding="utf-8").splitlines()
     blocks: list[Block] = []
     pending: tuple[int, str, str] | None = None  # (line, mode, reason) of a marker waiting for its block
@@ -48,7 +56,7 @@ def readme_blocks(path: Path) -> list[Block]:
         if text.lstrip().startswith("<!--") and "doctest" in text:
             match = MARKER.match(text.strip())
             if not match:
-                raise MarkerError(f"{path.name}:{i + 1}: malformed marker {text.strip()!r}; "
+                raise MarkerError(f"{source}:{i + 1}: malformed marker {text.strip()!r}; "
                                   "write <!-- doctest: skip (reason) --> or <!-- doctest: full (reason) -->")
             pending = (i + 1, match.group(1), match.group(2).strip())
             i += 1
@@ -56,7 +64,7 @@ def readme_blocks(path: Path) -> list[Block]:
         fence = FENCE.match(text)
         if not fence:
             if text.strip() and pending is not None:
-                raise MarkerError(f"{path.name}:{pending[0]}: the marker is not followed by a code block")
+                raise MarkerError(f"{source}:{pending[0]}: the marker is not followed by a code block")
             i += 1
             continue
         start, language = i + 1, fence.group(1).lower()
@@ -68,9 +76,9 @@ def readme_blocks(path: Path) -> list[Block]:
         i += 1  # the closing fence
         if language in RUNNABLE:
             mode, reason = ("run", "") if pending is None else pending[1:]
-            blocks.append(Block(start, RUNNABLE[language], "\n".join(body) + "\n", mode, reason))
+            blocks.append(Block(start, RUNNABLE[language], "\n".join(body) + "\n", mode, reason, source))
         elif pending is not None:
-            raise MarkerError(f"{path.name}:{pending[0]}: the marker precedes a {language or 'plain'} block, "
+            raise MarkerError(f"{source}:{pending[0]}: the marker precedes a {language or 'plain'} block, "
                               "which is never run anyway")
         pending = None
     return blocks

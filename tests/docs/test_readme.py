@@ -1,9 +1,9 @@
-"""README.md as a doc test: every shell and Python block runs as pasted against a real server started as
-`make serve` starts it (the default `adapters/` store, relative to the working folder; here a copy of the
-checkout's, in a temporary folder), on a free port instead of 8000.
+"""README.md and docs/*.md as a doc test: every shell and Python block runs as pasted against a real server
+started as `make serve` starts it (the default `adapters/` store, relative to the working folder; here a copy
+of the checkout's, in a temporary folder), on a free port instead of 8000.
 
-Blocks run in README order in one simulated terminal session: variables a bash block exports are seen
-by the blocks after it. Each must exit 0 and print no error body. Blocks marked
+Blocks run in one simulated terminal session, README.md's first, then each file of docs/ in name order, each
+file's in its order: variables a bash block exports are seen by the blocks after it. Each must exit 0 and print no error body. Blocks marked
 `<!-- doctest: skip (reason) -->` are reported as skipped with their reason; blocks marked
 `<!-- doctest: full (reason) -->` run only in `test_readme_with_training` (`make test-full`).
 """
@@ -29,16 +29,16 @@ from tests.docs.readme_blocks import Block, MarkerError, readme_blocks
 from tests.e2e.server_process import free_port, stop_process, wait_until_healthy
 
 ROOT = Path(__file__).resolve().parents[2]
-README = ROOT / "README.md"
-ADMIN_TOKEN = "change-me"  # the README starts the server with LORAPLEX_ADMIN_TOKEN=change-me
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+ADMIN_TOKEN = "change-me"  # the docs start the server with LORAPLEX_ADMIN_TOKEN=change-me
 ERROR_BODY = re.compile(r'\{\s*"error"\s*:')
 BLOCK_TIMEOUT, FULL_TIMEOUT = 120, 1800
-BLOCKS = readme_blocks(README)
+BLOCKS = [block for doc in DOCS for block in readme_blocks(doc, doc.relative_to(ROOT).as_posix())]
 
 
 @dataclass
 class Session:
-    """A server like `make serve`'s and the terminal the README's blocks are pasted into."""
+    """A server like `make serve`'s and the terminal the docs' blocks are pasted into."""
 
     workdir: Path
     url: str
@@ -49,7 +49,7 @@ class Session:
     def run(self, block: Block, timeout: float) -> subprocess.CompletedProcess:
         code = block.code.replace("localhost:8000", f"127.0.0.1:{self.port}")
         code = code.replace("127.0.0.1:8000", f"127.0.0.1:{self.port}")
-        script = self.workdir / f".block-{block.line}"
+        script = self.workdir / f".block-{block.id}"
         if block.language == "python":
             script.write_text(code)
             shell = f'set -a; . "{self.env_file}"; set +a; exec python3 "{script}"'
@@ -62,7 +62,7 @@ class Session:
 
     def check(self, block: Block, timeout: float = BLOCK_TIMEOUT) -> str:
         done = self.run(block, timeout)
-        where = f"README.md:{block.line} ({block.language})"
+        where = f"{block.where} ({block.language})"
         assert done.returncode == 0, (f"{where} exited {done.returncode}\n--- stdout\n{done.stdout[-3000:]}\n"
                                       f"--- stderr\n{done.stderr[-3000:]}\n--- server log\n{self.tail()}")
         assert not ERROR_BODY.search(done.stdout), f"{where} printed an error body:\n{done.stdout[-3000:]}"
@@ -81,7 +81,7 @@ def client_env(workdir: Path) -> dict[str, str]:
 
 
 def make_workdir(workdir: Path) -> None:
-    """A checkout as the README's commands see it: adapters/ (a copy: uploads land there), examples/, .venv/bin."""
+    """A checkout as the docs' commands see it: adapters/ (a copy: uploads land there), examples/, .venv/bin."""
     shutil.copytree(ROOT / "adapters", workdir / "adapters",
                     ignore=shutil.ignore_patterns(".loraplex-registry.json", ".tmp-*", ".old-*"))
     shutil.copytree(ROOT / "examples", workdir / "examples")
@@ -126,7 +126,8 @@ def session(tmp_path_factory) -> Iterator[Session]:
 
 def test_markers_are_well_formed(tmp_path: Path):
     """Every marker precedes a runnable block and gives a reason (a stray marker is an error, not a skip)."""
-    assert BLOCKS, "README.md has no runnable blocks"
+    assert {b.source for b in BLOCKS} >= {"README.md", "docs/api.md", "docs/adapters.md"}, "runnable blocks missing"
+    assert len({b.id for b in BLOCKS}) == len(BLOCKS)
     assert all(b.reason for b in BLOCKS if b.mode != "run")
     for bad in ("<!-- doctest: skip -->\n```bash\ntrue\n```\n",  # no reason
                 "<!-- doctest: skip (why) -->\nsome prose\n```bash\ntrue\n```\n",  # not before the block
@@ -143,9 +144,9 @@ def test_markers_are_well_formed(tmp_path: Path):
 @pytest.mark.parametrize("block", BLOCKS, ids=[b.id for b in BLOCKS])
 def test_readme_block(block: Block, session: Session):
     if block.mode == "skip":
-        pytest.skip(f"README.md:{block.line}: {block.reason}")
+        pytest.skip(f"{block.where}: {block.reason}")
     if block.mode == "full":
-        pytest.skip(f"README.md:{block.line}: full ({block.reason}); make test-full runs it")
+        pytest.skip(f"{block.where}: full ({block.reason}); make test-full runs it")
     session.check(block)
 
 
@@ -181,5 +182,5 @@ def test_readme_with_training(tmp_path: Path):
             "model": "city", "prompt": r["prompt"], "max_tokens": 8, "temperature": 0}).json()["choices"][0]["text"]
             for r in held_out[:10]]
         right = sum(a.strip() == r["completion"].strip() for a, r in zip(answers, held_out))
-        assert answers[0].strip() == held_out[0]["completion"].strip()  # the README's own question
+        assert answers[0].strip() == held_out[0]["completion"].strip()  # docs/adapters.md's own question
         assert right >= 9, list(zip(answers, [r["completion"] for r in held_out]))

@@ -1,6 +1,6 @@
 """Each suite's figures: printed (pytest -s shows them) and written to results/<suite>.json.
 
-The README's Reliability section quotes these files from the last full run.
+docs/reliability.md quotes these files from the last full run.
 """
 
 from __future__ import annotations
