@@ -120,6 +120,15 @@ class EngineCollector(Collector):
                                   "prefix cache", value=hits)
         yield CounterMetricFamily("loraplex_preemptions", "Sequences preempted (to be recomputed) for want of KV "
                                   "cache blocks", value=getattr(stats, "preemptions", 0))
+        use = getattr(stats, "memory", None)
+        if use is not None:
+            memory = GaugeMetricFamily("loraplex_memory_bytes", "Bytes held by the engine, by owner: the base model's "
+                                       "weights, the KV cache, adapters on the device and in the CPU tier",
+                                       labels=["owner"])
+            for owner, value in (("model", use.model_bytes), ("kv_cache", use.kv_cache_bytes),
+                                 ("adapters_device", use.adapter_device_bytes), ("adapters_cpu", use.adapter_cpu_bytes)):
+                memory.add_metric([owner], value)
+            yield memory
         resident = GaugeMetricFamily("loraplex_adapters_resident", "Adapters held per tier", labels=["tier"])
         resident.add_metric(["device"], stats.adapters_on_device)
         resident.add_metric(["cpu"], stats.adapters_on_cpu)

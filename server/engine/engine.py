@@ -20,6 +20,7 @@ from server.engine.core import EngineCore
 from server.engine.front import EngineFront
 from server.engine.grammar import GrammarCompiler
 from server.engine.kv_cache import KVCache
+from server.engine.memory import MemoryUse, adapter_device_bytes, module_bytes
 from server.engine.prefix_cache import PrefixCache
 from server.engine.probe import probe_model
 from server.engine.request import AdapterInfo, GenerationRequest, GenerationResult, InvalidRequestError
@@ -58,6 +59,7 @@ class EngineStats:
     prefix_cache_queried_tokens: int = 0
     prefix_cache_hit_tokens: int = 0
     preemptions: int = 0               # sequences recomputed for want of KV blocks
+    memory: MemoryUse | None = None
 
 
 def _kv_cache(base: BaseModel, settings: Settings) -> KVCache:
@@ -76,6 +78,7 @@ class Engine:
         self.settings = settings
         self.tokenizer = base.tokenizer
         layout = BaseLayout.from_model(base.model)
+        self.model_bytes = module_bytes(base.model)  # before LoRA wraps it
         # The model's compute dtype, not its first parameter's: a quantized base keeps uint8 blocks.
         lora_dtype = resolve_lora_dtype(settings.lora_dtype, base.dtype, base.device)
         backend = backend_for(base.device, base.dtype, settings.cpu_lora_kernel)
@@ -210,7 +213,12 @@ class Engine:
                            kv_blocks_cached=allocator.num_cached,
                            prefix_cache_queried_tokens=self.prefix_cache.queried_tokens,
                            prefix_cache_hit_tokens=self.prefix_cache.hit_tokens,
-                           preemptions=self.scheduler.preemptions)
+                           preemptions=self.scheduler.preemptions, memory=self.memory())
+
+    def memory(self) -> MemoryUse:
+        return MemoryUse(model_bytes=self.model_bytes, kv_cache_bytes=self.kv_cache.bytes,
+                         adapter_device_bytes=adapter_device_bytes(self.lora, self.model_bytes),
+                         adapter_cpu_bytes=self.registry.cpu_bytes())
 
     # Adapter admin (sync: the API calls these with asyncio.to_thread) ---------------------------
 

@@ -393,3 +393,13 @@ def test_disconnect_frees_the_request_and_metrics_show_it(world):
     assert 'loraplex_requests_aborted_total{model="beta"}' in text
     assert 'loraplex_adapter_info{adapter="alpha"' in text and "loraplex_time_to_first_token_seconds_bucket" in text
     assert 'loraplex_adapter_tokens_total{adapter="beta"}' in text
+
+
+def test_metrics_report_the_bytes_of_model_kv_cache_and_adapters(world):
+    httpx.post(f"{world.url}/v1/completions", headers=KEY_HEADERS, timeout=120,
+               json={"model": "alpha", "prompt": PROMPT, "max_tokens": 1}).raise_for_status()
+    text = httpx.get(f"{world.url}/metrics").text
+    owned = {line.split('"')[1]: float(line.split()[-1]) for line in text.splitlines()
+             if line.startswith("loraplex_memory_bytes{")}
+    assert 500e6 < owned["model"] < 560e6  # SmolLM2-135M in float32, the tied head counted once
+    assert owned["kv_cache"] > 0 and owned["adapters_device"] > 0 and owned["adapters_cpu"] > 0

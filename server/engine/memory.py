@@ -1,0 +1,44 @@
+"""What the engine holds in memory, by owner: the base model's weights, the KV cache, the adapters.
+
+Counted from the tensors themselves (each storage once, so tied and shared weights count once),
+not from the process's resident size, which also holds the Python runtime and libraries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind `tensors`."""
+    storages = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        storages[(t.device, storage.data_ptr())] = storage.nbytes()
+    return sum(storages.values())
+
+
+def module_bytes(model: nn.Module) -> int:
+    """Parameters and buffers of `model`, each storage once."""
+    return tensor_bytes([*model.parameters(), *model.buffers()])
+
+
+@dataclass(frozen=True)
+class MemoryUse:
+    model_bytes: int          # the base model's weights (quantized blocks as stored)
+    kv_cache_bytes: int       # keys and values of every layer, allocated up front
+    adapter_device_bytes: int  # LoRA slots, DoRA vectors and trained copies beside the model
+    adapter_cpu_bytes: int    # adapter files held in the CPU tier, ready to be written into slots
+
+
+def adapter_device_bytes(lora, model_bytes: int) -> int:
+    """What wrapping the model for LoRA added to it (`lora`: the engine's LoraModel): the slot buffers or
+    the adapter pool's pages in use, plus DoRA vectors and trained copies, which are plain tensors beside
+    the modules."""
+    dora = sum(layer.dora.excess.nbytes for layer in lora.layers.values() if layer.dora is not None)
+    pool = 0 if lora.pool is None else lora.pool.used_pages * lora.pool.page_bytes  # committed as written
+    return module_bytes(lora.model) - model_bytes + dora + lora.saved_bytes + pool
