@@ -40,5 +40,6 @@ def adapter_device_bytes(lora, model_bytes: int) -> int:
     the adapter pool's pages in use, plus DoRA vectors and trained copies, which are plain tensors beside
     the modules."""
     dora = sum(layer.dora.excess.nbytes for layer in lora.layers.values() if layer.dora is not None)
-    pool = 0 if lora.pool is None else lora.pool.used_pages * lora.pool.page_bytes  # committed as written
+    pool = getattr(lora, "pool", None)  # the pool, when the op reads one, is a tensor beside the modules
+    pool = 0 if pool is None else pool.used_pages * pool.page_bytes
     return module_bytes(lora.model) - model_bytes + dora + lora.saved_bytes + pool
