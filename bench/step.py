@@ -73,7 +73,8 @@ class DecodeRig:
         for i in range(seqs):
             blocks = self.kv.allocator.allocate(self.kv.blocks_for(context))
             self.seqs.append(SimpleNamespace(token_ids=[(7 * i + j) % 1000 + 10 for j in range(context)],
-                                             num_computed=context - 1, blocks=blocks, slot=-1))
+                                             num_computed=context - 1, blocks=blocks, slot=-1,
+                                             prompt_logprobs=None))
         self.set_adapters(adapters)
 
     def set_adapters(self, count: int) -> None:
