@@ -1,20 +1,36 @@
 // Linear layers over weights kept in GGUF's quantized blocks, on the CPU, float32 activations.
 //
 // Registered as torch ops (built with the other kernels by server/native/loader.py):
-//   loraplex::quant_linear(x [M, K] f32, blocks [N, K / 32 * block_bytes] uint8, qtype, out [M, N] f32)
-//       out = x @ W^T, W the dequantized weight [N, K]; exact up to summation order (the weights are
-//       dequantized in registers, activations stay float32).
-//   loraplex::quant_dequantize(blocks, qtype, K) -> W [N, K] f32    (the reference, and prefill's tiles)
+//   loraplex::quant_linear(x [M, K] f32, blocks [N, K / block_weights * block_bytes] uint8, qtype, out [M, N] f32,
+//                          int8=False)
+//       out = x @ W^T, W the dequantized weight [N, K].
+//       int8=False (exact): each block is dequantized in registers and multiplied with the float32 activations,
+//         equal to float32 matmul over the dequantized weight up to summation order.
+//       int8=True: decode rows (M <= DIRECT_ROWS) quantize each 32 activations to int8 with one float scale and
+//         take integer dot products with the blocks' quants (AVX2 only; elsewhere, and for larger M, exact).
+//   loraplex::quant_dequantize(blocks, qtype, K, reference=False) -> W [N, K] f32
+//       reference=True: the scalar decoder (the portable path), else the vector one the kernels use.
 //
-// Block types (32 weights each, `d` and `m` stored as float16), as ggml lays them out:
-//   Q4_0 (qtype 2): d, 16 bytes of nibbles; w = d * (q - 8)
-//   Q4_1 (qtype 3): d, m, 16 bytes of nibbles; w = d * q + m
-//   Q8_0 (qtype 8): d, 32 int8; w = d * q
-// Nibbles: byte j holds weight j (low 4 bits) and weight j + 16 (high 4 bits).
+// Every type is read as chunks of 32 weights: w[j] = a * q[j] + b, q[j] one byte (0..63, or int8 for Q8_0),
+// (a, b) per half-chunk of 16 weights (both halves share them except in Q2_K, Q3_K, Q6_K, whose sub-blocks
+// are 16 long). Layouts, as ggml stores them (d, dmin, m float16; "bit j of qh" is weight j's fifth bit):
+//   Q4_0 (2)  32 weights: d, qs[16]                    q = nibble            a = d          b = -8d
+//   Q4_1 (3)  32 weights: d, m, qs[16]                 q = nibble            a = d          b = m
+//   Q5_0 (6)  32 weights: d, qh u32, qs[16]            q = nibble | bit<<4   a = d          b = -16d
+//   Q5_1 (7)  32 weights: d, m, qh u32, qs[16]         q = nibble | bit<<4   a = d          b = m
+//   Q8_0 (8)  32 weights: d, qs int8[32]               q = qs                a = d          b = 0
+//   (nibbles: byte j holds weight j in its low 4 bits and weight j + 16 in its high 4 bits)
+//   Q2_K (10) 256: scales[16], qs[64], d, dmin         16 x 16; scale byte: low 4 bits scale, high 4 bits min
+//   Q3_K (11) 256: hmask[32], qs[64], scales[12], d    16 x 16; 6-bit scales - 32; q = 2 bits | hmask bit << 2, -4
+//   Q4_K (12) 256: d, dmin, scales[12], qs[128]        8 x 32; 6-bit scale and min each
+//   Q5_K (13) 256: d, dmin, scales[12], qh[32], qs[128]  as Q4_K, fifth bit of chunk c = bit c of qh[l]
+//   Q6_K (14) 256: ql[128], qh[64], scales int8[16], d 16 x 16; q = 4 bits | 2 bits << 4, -32
+// The per-type decoders below (unpack_ref, and visit for AVX2) spell out where each chunk's bits lie.
 //
-// Decode rows (M <= DIRECT_ROWS) stream each weight row once, dequantize each block into registers once
-// per 8 activation rows, output rows split over torch's OpenMP team. Larger M (prefill chunks) dequantizes tiles of
-// TILE_ROWS weight rows and multiplies them with at::mm: compute-bound, where a dense GEMM is fastest.
+// Decode rows (M <= DIRECT_ROWS) stream each weight row once per group of up to 8 activation rows (tiles of
+// ROW_TILE weight rows, so a group's re-reads come from cache), output rows split over torch's OpenMP team.
+// Larger M (prefill chunks) dequantizes tiles of TILE_ROWS weight rows and multiplies them with at::mm:
+// compute-bound, where a dense GEMM is fastest.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -22,6 +38,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -32,20 +49,30 @@
 
 namespace {
 
-constexpr int64_t QK = 32;
+constexpr int64_t CHUNK = 32;
 constexpr int64_t DIRECT_ROWS = 64;
 constexpr int64_t TILE_ROWS = 256;
+constexpr int64_t ROW_TILE = 16;
 
-enum QType : int64_t { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8 };
+enum QType : int64_t { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q2_K = 10, Q3_K = 11, Q4_K = 12, Q5_K = 13,
+                       Q6_K = 14 };
 
-int64_t block_bytes(int64_t qtype) {
-  switch (qtype) {
-    case Q4_0: return 2 + QK / 2;
-    case Q4_1: return 4 + QK / 2;
-    case Q8_0: return 2 + QK;
-    default: TORCH_CHECK(false, "unsupported quantized type ", qtype);
+constexpr int64_t block_weights(int64_t t) { return t >= Q2_K ? 256 : 32; }
+
+constexpr int64_t block_bytes(int64_t t) {
+  switch (t) {
+    case Q4_0: return 2 + 16;
+    case Q4_1: return 4 + 16;
+    case Q5_0: return 2 + 4 + 16;
+    case Q5_1: return 4 + 4 + 16;
+    case Q8_0: return 2 + 32;
+    case Q2_K: return 16 + 64 + 4;
+    case Q3_K: return 32 + 64 + 12 + 2;
+    case Q4_K: return 4 + 12 + 128;
+    case Q5_K: return 4 + 12 + 32 + 128;
+    case Q6_K: return 128 + 64 + 16 + 2;
+    default: return 0;
   }
-  return 0;
 }
 
 inline float half_at(const uint8_t* p) {
@@ -54,71 +81,292 @@ inline float half_at(const uint8_t* p) {
   return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
 }
 
-// The 32 weights of one block, into w.
-inline void dequantize_block(const uint8_t* b, int64_t qtype, float* w) {
-  if (qtype == Q8_0) {
-    const float d = half_at(b);
-    const int8_t* q = reinterpret_cast<const int8_t*>(b + 2);
-#pragma omp simd
-    for (int64_t j = 0; j < QK; ++j) w[j] = d * static_cast<float>(q[j]);
-    return;
-  }
-  const float d = half_at(b);
-  const float m = qtype == Q4_1 ? half_at(b + 2) : -8.f * d;
-  const uint8_t* q = b + (qtype == Q4_1 ? 4 : 2);
-#pragma omp simd
-  for (int64_t j = 0; j < QK / 2; ++j) {
-    w[j] = d * static_cast<float>(q[j] & 0x0F) + m;
-    w[j + QK / 2] = d * static_cast<float>(q[j] >> 4) + m;
+inline uint32_t u32_at(const uint8_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// Q4_K / Q5_K: 8 scales and 8 mins of 6 bits in 12 bytes. Bytes 0-3 hold scales 0-3 (low 6 bits), bytes 4-7
+// mins 0-3; scales and mins 4-7 take their low 4 bits from bytes 8-11 (low / high nibble) and their top 2 bits
+// from the spare top bits of bytes 0-3 / 4-7.
+inline void k_scales_mins(const uint8_t* s, int sc[8], int mn[8]) {
+  for (int j = 0; j < 4; ++j) {
+    sc[j] = s[j] & 63;
+    mn[j] = s[j + 4] & 63;
+    sc[j + 4] = (s[j + 8] & 15) | ((s[j] >> 6) << 4);
+    mn[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4);
   }
 }
 
-void dequantize_rows(const uint8_t* blocks, int64_t row_bytes, int64_t qtype, int64_t k, int64_t n0, int64_t n1,
-                     float* w) {
-  const int64_t nb = k / QK, bb = block_bytes(qtype);
+// Q3_K: 16 scales of 6 bits in 12 bytes: low 4 bits in the nibbles of bytes 0-7 (scales 0-7 low, 8-15 high),
+// top 2 bits in bytes 8-11 (scale i: byte 8 + i % 4, bits 2 * (i / 4)); stored + 32.
+inline void q3_scales(const uint8_t* s, int sc[16]) {
+  for (int i = 0; i < 16; ++i) {
+    const int low = i < 8 ? s[i] & 15 : s[i - 8] >> 4;
+    const int high = (s[8 + i % 4] >> (2 * (i / 4))) & 3;
+    sc[i] = (low | (high << 4)) - 32;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Portable decoder: one block into its chunks.
+
+struct ChunkRef {
+  int8_t q[CHUNK];
+  float a[2], b[2];  // for weights 0-15 and 16-31
+};
+
+inline void set_affine(ChunkRef& c, float a0, float b0, float a1, float b1) {
+  c.a[0] = a0, c.b[0] = b0, c.a[1] = a1, c.b[1] = b1;
+}
+
+inline void nibbles_ref(const uint8_t* qs, int8_t* q) {
+  for (int j = 0; j < 16; ++j) {
+    q[j] = static_cast<int8_t>(qs[j] & 15);
+    q[j + 16] = static_cast<int8_t>(qs[j] >> 4);
+  }
+}
+
+inline void fifth_bits_ref(uint32_t qh, int8_t* q) {
+  for (int j = 0; j < 32; ++j) q[j] = static_cast<int8_t>(q[j] | (((qh >> j) & 1) << 4));
+}
+
+// The chunks of the block at `b` (1 for the 32-weight types, 8 for the k-quants).
+void unpack_ref(int64_t t, const uint8_t* b, ChunkRef* out) {
+  switch (t) {
+    case Q4_0: case Q4_1: case Q5_0: case Q5_1: {
+      const float d = half_at(b);
+      const bool has_m = t == Q4_1 || t == Q5_1, five = t == Q5_0 || t == Q5_1;
+      const uint8_t* qs = b + (has_m ? 4 : 2) + (five ? 4 : 0);
+      nibbles_ref(qs, out->q);
+      if (five) fifth_bits_ref(u32_at(b + (has_m ? 4 : 2)), out->q);
+      const float off = has_m ? half_at(b + 2) : (five ? -16.f : -8.f) * d;
+      set_affine(*out, d, off, d, off);
+      return;
+    }
+    case Q8_0: {
+      const float d = half_at(b);
+      std::memcpy(out->q, b + 2, CHUNK);
+      set_affine(*out, d, 0.f, d, 0.f);
+      return;
+    }
+    case Q2_K: {
+      const uint8_t *sc = b, *qs = b + 16;
+      const float d = half_at(b + 80), dmin = half_at(b + 82);
+      for (int c = 0; c < 8; ++c) {  // chunk c = 4h + s: bits 2s of qs[32h + l]
+        const int h = c / 4, s = c % 4;
+        for (int l = 0; l < 32; ++l) out[c].q[l] = static_cast<int8_t>((qs[32 * h + l] >> (2 * s)) & 3);
+        set_affine(out[c], d * (sc[2 * c] & 15), -(dmin * (sc[2 * c] >> 4)), d * (sc[2 * c + 1] & 15),
+                   -(dmin * (sc[2 * c + 1] >> 4)));
+      }
+      return;
+    }
+    case Q3_K: {
+      const uint8_t *hmask = b, *qs = b + 32;
+      const float d = half_at(b + 108);
+      int sc[16];
+      q3_scales(b + 96, sc);
+      for (int c = 0; c < 8; ++c) {  // chunk c = 4h + s: bits 2s of qs[32h + l], bit c of hmask[l]
+        const int h = c / 4, s = c % 4;
+        for (int l = 0; l < 32; ++l)
+          out[c].q[l] = static_cast<int8_t>(((qs[32 * h + l] >> (2 * s)) & 3) | (((hmask[l] >> c) & 1) << 2));
+        const float a0 = d * static_cast<float>(sc[2 * c]), a1 = d * static_cast<float>(sc[2 * c + 1]);
+        set_affine(out[c], a0, -4.f * a0, a1, -4.f * a1);
+      }
+      return;
+    }
+    case Q4_K: case Q5_K: {
+      const float d = half_at(b), dmin = half_at(b + 2);
+      int sc[8], mn[8];
+      k_scales_mins(b + 4, sc, mn);
+      const uint8_t* qh = b + 16;
+      const uint8_t* qs = b + (t == Q5_K ? 48 : 16);
+      for (int c = 0; c < 8; ++c) {  // chunk c: nibble c % 2 of qs[32 (c / 2) + l]; Q5_K: bit c of qh[l]
+        const uint8_t* src = qs + 32 * (c / 2);
+        for (int l = 0; l < 32; ++l) {
+          int q = c % 2 ? src[l] >> 4 : src[l] & 15;
+          if (t == Q5_K) q |= ((qh[l] >> c) & 1) << 4;
+          out[c].q[l] = static_cast<int8_t>(q);
+        }
+        const float a = d * static_cast<float>(sc[c]), off = -(dmin * static_cast<float>(mn[c]));
+        set_affine(out[c], a, off, a, off);
+      }
+      return;
+    }
+    case Q6_K: {
+      const uint8_t *ql = b, *qh = b + 128;
+      const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+      const float d = half_at(b + 208);
+      for (int c = 0; c < 8; ++c) {  // chunk c = 4h + s: nibble s / 2 of ql[64h + 32 (s % 2) + l], bits 2s of qh[32h + l]
+        const int h = c / 4, s = c % 4;
+        const uint8_t* lo = ql + 64 * h + 32 * (s % 2);
+        for (int l = 0; l < 32; ++l) {
+          const int low = s / 2 ? lo[l] >> 4 : lo[l] & 15;
+          out[c].q[l] = static_cast<int8_t>(low | (((qh[32 * h + l] >> (2 * s)) & 3) << 4));
+        }
+        const float a0 = d * static_cast<float>(sc[8 * h + 2 * s]), a1 = d * static_cast<float>(sc[8 * h + 2 * s + 1]);
+        set_affine(out[c], a0, -32.f * a0, a1, -32.f * a1);
+      }
+      return;
+    }
+    default: TORCH_CHECK(false, "unsupported quantized type ", t);
+  }
+}
+
+// The block's weights into w (block_weights(t) floats); w = fma(a, q, b), as the vector decoder computes it.
+void dequantize_block_ref(int64_t t, const uint8_t* b, float* w) {
+  ChunkRef chunks[8];
+  unpack_ref(t, b, chunks);
+  for (int64_t c = 0; c < block_weights(t) / CHUNK; ++c)
+    for (int j = 0; j < CHUNK; ++j)
+      w[c * CHUNK + j] = std::fma(chunks[c].a[j / 16], static_cast<float>(chunks[c].q[j]), chunks[c].b[j / 16]);
+}
+
+void dequantize_rows_ref(const uint8_t* blocks, int64_t row_bytes, int64_t t, int64_t k, int64_t n0, int64_t n1,
+                         float* w) {
+  const int64_t nb = k / block_weights(t), bb = block_bytes(t), bw = block_weights(t);
   at::parallel_for(n0, n1, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r)
-      for (int64_t b = 0; b < nb; ++b)
-        dequantize_block(blocks + r * row_bytes + b * bb, qtype, w + (r - n0) * k + b * QK);
+      for (int64_t b = 0; b < nb; ++b) dequantize_block_ref(t, blocks + r * row_bytes + b * bb, w + (r - n0) * k + b * bw);
   });
 }
 
-void check(const at::Tensor& blocks, int64_t qtype, int64_t k) {
-  TORCH_CHECK(blocks.scalar_type() == at::kByte && blocks.dim() == 2 && blocks.is_contiguous(),
-              "blocks must be a contiguous uint8 [N, bytes per row]");
-  TORCH_CHECK(k > 0 && k % QK == 0, "in_features must be a positive multiple of 32");
-  TORCH_CHECK(blocks.size(1) == k / QK * block_bytes(qtype), "blocks per row disagree with in_features");
+// The portable decode path: each block dequantized into a buffer once, dotted with every activation row.
+void direct_ref(const float* x, int64_t m_rows, int64_t x_stride, const uint8_t* blocks, int64_t row_bytes, int64_t t,
+                int64_t n, int64_t k, float* out, int64_t out_stride) {
+  const int64_t nb = k / block_weights(t), bb = block_bytes(t), bw = block_weights(t);
+  at::parallel_for(0, n, 8, [&](int64_t r0, int64_t r1) {
+    float w[256];
+    float acc[DIRECT_ROWS];
+    for (int64_t r = r0; r < r1; ++r) {
+      std::fill_n(acc, m_rows, 0.f);
+      for (int64_t b = 0; b < nb; ++b) {
+        dequantize_block_ref(t, blocks + r * row_bytes + b * bb, w);
+        for (int64_t i = 0; i < m_rows; ++i) {
+          const float* xi = x + i * x_stride + b * bw;
+          float s = 0.f;
+#pragma omp simd reduction(+ : s)
+          for (int64_t j = 0; j < bw; ++j) s += w[j] * xi[j];
+          acc[i] += s;
+        }
+      }
+      for (int64_t i = 0; i < m_rows; ++i) out[i * out_stride + r] = acc[i];
+    }
+  });
 }
 
-at::Tensor quant_dequantize(const at::Tensor& blocks, int64_t qtype, int64_t k) {
-  check(blocks, qtype, k);
-  auto w = at::empty({blocks.size(0), k}, blocks.options().dtype(at::kFloat));
-  dequantize_rows(blocks.data_ptr<uint8_t>(), blocks.size(1), qtype, k, 0, blocks.size(0), w.data_ptr<float>());
-  return w;
-}
+// ---------------------------------------------------------------------------------------------------------------
+// AVX2 decoder and kernels.
 
 #ifdef LORAPLEX_QUANT_AVX2
-// One block's 32 weights as four vectors of 8 floats, dequantized in registers (w = d * q + m).
-inline void block_vectors(const uint8_t* b, int64_t qtype, __m256 w[4]) {
-  const __m256 d = _mm256_set1_ps(_cvtsh_ss(*reinterpret_cast<const uint16_t*>(b)));
-  if (qtype == Q8_0) {
-    const uint8_t* q = b + 2;
-    for (int i = 0; i < 4; ++i) {
-      const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8 * i));
-      w[i] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw)));
-    }
-    return;
-  }
-  const float mf = qtype == Q4_1 ? _cvtsh_ss(*reinterpret_cast<const uint16_t*>(b + 2))
-                                 : -8.f * _cvtsh_ss(*reinterpret_cast<const uint16_t*>(b));
-  const __m256 m = _mm256_set1_ps(mf);
-  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + (qtype == Q4_1 ? 4 : 2)));
+struct Chunk {
+  __m256i q;  // 32 bytes, weight order
+  float a0, b0, a1, b1;
+};
+
+inline __m256i load32(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+
+inline __m256i low_bits(__m256i v, int shift, int mask) {
+  return _mm256_and_si256(_mm256_srli_epi16(v, shift), _mm256_set1_epi8(static_cast<char>(mask)));
+}
+
+// 16 bytes of nibbles -> 32 bytes in weight order (low nibbles first).
+inline __m256i nibbles(const uint8_t* qs) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
   const __m128i mask = _mm_set1_epi8(0x0F);
-  const __m128i lo = _mm_and_si128(raw, mask), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
-  w[0] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), m);
-  w[1] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), m);
-  w[2] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), m);
-  w[3] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), m);
+  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), mask), _mm_and_si128(raw, mask));
+}
+
+// 32 bits -> 32 bytes, 0x10 where the bit is set.
+inline __m256i fifth_bits(uint32_t bits) {
+  const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(bits)),
+                                             _mm256_setr_epi64x(0, 0x0101010101010101LL, 0x0202020202020202LL,
+                                                                0x0303030303030303LL));
+  const __m256i select = _mm256_set1_epi64x(static_cast<long long>(0x8040201008040201ULL));
+  const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, select), select);
+  return _mm256_and_si256(set, _mm256_set1_epi8(0x10));
+}
+
+// Calls f(chunk index, Chunk) for each chunk of the block at b, decoded in registers.
+template <int64_t T, class F>
+inline __attribute__((always_inline)) void visit(const uint8_t* b, F&& f) {
+  if constexpr (T == Q4_0 || T == Q4_1 || T == Q5_0 || T == Q5_1) {
+    constexpr bool has_m = T == Q4_1 || T == Q5_1, five = T == Q5_0 || T == Q5_1;
+    const float d = _cvtsh_ss(*reinterpret_cast<const uint16_t*>(b));
+    __m256i q = nibbles(b + (has_m ? 4 : 2) + (five ? 4 : 0));
+    if constexpr (five) q = _mm256_or_si256(q, fifth_bits(u32_at(b + (has_m ? 4 : 2))));
+    const float off = has_m ? _cvtsh_ss(*reinterpret_cast<const uint16_t*>(b + 2)) : (five ? -16.f : -8.f) * d;
+    f(0, Chunk{q, d, off, d, off});
+  } else if constexpr (T == Q8_0) {
+    const float d = _cvtsh_ss(*reinterpret_cast<const uint16_t*>(b));
+    f(0, Chunk{load32(b + 2), d, 0.f, d, 0.f});
+  } else if constexpr (T == Q2_K) {
+    const float d = half_at(b + 80), dmin = half_at(b + 82);
+    for (int h = 0; h < 2; ++h) {
+      const __m256i raw = load32(b + 16 + 32 * h);
+      for (int s = 0; s < 4; ++s) {
+        const int c = 4 * h + s;
+        const uint8_t s0 = b[2 * c], s1 = b[2 * c + 1];
+        f(c, Chunk{low_bits(raw, 2 * s, 3), d * (s0 & 15), -(dmin * (s0 >> 4)), d * (s1 & 15), -(dmin * (s1 >> 4))});
+      }
+    }
+  } else if constexpr (T == Q3_K) {
+    const float d = half_at(b + 108);
+    int sc[16];
+    q3_scales(b + 96, sc);
+    const __m256i hmask = load32(b);
+    for (int h = 0; h < 2; ++h) {
+      const __m256i raw = load32(b + 32 + 32 * h);
+      for (int s = 0; s < 4; ++s) {
+        const int c = 4 * h + s;
+        const __m256i q = _mm256_or_si256(low_bits(raw, 2 * s, 3), _mm256_slli_epi16(low_bits(hmask, c, 1), 2));
+        const float a0 = d * static_cast<float>(sc[2 * c]), a1 = d * static_cast<float>(sc[2 * c + 1]);
+        f(c, Chunk{q, a0, -4.f * a0, a1, -4.f * a1});
+      }
+    }
+  } else if constexpr (T == Q4_K || T == Q5_K) {
+    const float d = half_at(b), dmin = half_at(b + 2);
+    int sc[8], mn[8];
+    k_scales_mins(b + 4, sc, mn);
+    const uint8_t* qs = b + (T == Q5_K ? 48 : 16);
+    __m256i qh = _mm256_setzero_si256();
+    if constexpr (T == Q5_K) qh = load32(b + 16);
+    for (int p = 0; p < 4; ++p) {
+      const __m256i raw = load32(qs + 32 * p);
+      for (int half = 0; half < 2; ++half) {
+        const int c = 2 * p + half;
+        __m256i q = low_bits(raw, 4 * half, 15);
+        if constexpr (T == Q5_K) q = _mm256_or_si256(q, _mm256_slli_epi16(low_bits(qh, c, 1), 4));
+        const float a = d * static_cast<float>(sc[c]), off = -(dmin * static_cast<float>(mn[c]));
+        f(c, Chunk{q, a, off, a, off});
+      }
+    }
+  } else if constexpr (T == Q6_K) {
+    const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+    const float d = half_at(b + 208);
+    for (int h = 0; h < 2; ++h) {
+      const __m256i lo0 = load32(b + 64 * h), lo1 = load32(b + 64 * h + 32), qh = load32(b + 128 + 32 * h);
+      for (int s = 0; s < 4; ++s) {
+        const int c = 4 * h + s;
+        const __m256i low = low_bits(s % 2 ? lo1 : lo0, 4 * (s / 2), 15);
+        const __m256i q = _mm256_or_si256(low, _mm256_slli_epi16(low_bits(qh, 2 * s, 3), 4));
+        const float a0 = d * static_cast<float>(sc[8 * h + 2 * s]), a1 = d * static_cast<float>(sc[8 * h + 2 * s + 1]);
+        f(c, Chunk{q, a0, -32.f * a0, a1, -32.f * a1});
+      }
+    }
+  }
+}
+
+// A chunk's 32 weights as four vectors of 8 floats.
+inline void chunk_floats(const Chunk& c, __m256 w[4]) {
+  const __m128i lo = _mm256_castsi256_si128(c.q), hi = _mm256_extracti128_si256(c.q, 1);
+  const __m256 a0 = _mm256_set1_ps(c.a0), b0 = _mm256_set1_ps(c.b0), a1 = _mm256_set1_ps(c.a1),
+               b1 = _mm256_set1_ps(c.b1);
+  w[0] = _mm256_fmadd_ps(a0, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), b0);
+  w[1] = _mm256_fmadd_ps(a0, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))), b0);
+  w[2] = _mm256_fmadd_ps(a1, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), b1);
+  w[3] = _mm256_fmadd_ps(a1, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))), b1);
 }
 
 inline float horizontal_sum(__m256 v) {
@@ -127,82 +375,254 @@ inline float horizontal_sum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
 }
 
-// Rows r0..r1 of out for `R` activation rows: each block dequantized once into registers, then four
-// FMAs per activation row into that row's vector accumulator.
-template <int R>
-void direct_rows(const float* x, int64_t x_stride, const uint8_t* blocks, int64_t row_bytes, int64_t qtype,
-                 int64_t k, int64_t r0, int64_t r1, float* out, int64_t out_stride) {
-  const int64_t nb = k / QK, bb = block_bytes(qtype);
+template <int64_t T>
+void dequantize_rows_avx(const uint8_t* blocks, int64_t row_bytes, int64_t k, int64_t n0, int64_t n1, float* w) {
+  constexpr int64_t bw = block_weights(T), bb = block_bytes(T);
+  const int64_t nb = k / bw;
+  at::parallel_for(n0, n1, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t b = 0; b < nb; ++b) {
+        float* dst = w + (r - n0) * k + b * bw;
+        visit<T>(blocks + r * row_bytes + b * bb, [&](int c, const Chunk& ch) {
+          __m256 v[4];
+          chunk_floats(ch, v);
+          for (int i = 0; i < 4; ++i) _mm256_storeu_ps(dst + c * CHUNK + 8 * i, v[i]);
+        });
+      }
+  });
+}
+
+// Exact: out[i, r] for R activation rows and weight rows r0..r1; each chunk dequantized once into registers,
+// then four FMAs per activation row. A accumulators per row keep enough FMA chains in flight when R is small.
+template <int64_t T, int R>
+void exact_rows(const float* x, int64_t x_stride, const uint8_t* blocks, int64_t row_bytes, int64_t k, int64_t r0,
+                int64_t r1, float* out, int64_t out_stride) {
+  constexpr int A = R >= 8 ? 1 : (8 / R > 4 ? 4 : 8 / R);
+  constexpr int64_t bw = block_weights(T), bb = block_bytes(T);
+  const int64_t nb = k / bw;
   for (int64_t r = r0; r < r1; ++r) {
-    __m256 acc[R];
-    for (int i = 0; i < R; ++i) acc[i] = _mm256_setzero_ps();
+    __m256 acc[R][A];
+    for (int i = 0; i < R; ++i)
+      for (int j = 0; j < A; ++j) acc[i][j] = _mm256_setzero_ps();
     const uint8_t* row = blocks + r * row_bytes;
     for (int64_t b = 0; b < nb; ++b) {
-      __m256 w[4];
-      block_vectors(row + b * bb, qtype, w);
-      for (int i = 0; i < R; ++i) {
-        const float* xi = x + i * x_stride + b * QK;
-        acc[i] = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(xi), acc[i]);
-        acc[i] = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xi + 8), acc[i]);
-        acc[i] = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xi + 16), acc[i]);
-        acc[i] = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xi + 24), acc[i]);
-      }
+      visit<T>(row + b * bb, [&](int c, const Chunk& ch) {
+        __m256 w[4];
+        chunk_floats(ch, w);
+        const float* xb = x + b * bw + c * CHUNK;
+        for (int i = 0; i < R; ++i)
+          for (int v = 0; v < 4; ++v)
+            acc[i][v % A] = _mm256_fmadd_ps(w[v], _mm256_loadu_ps(xb + i * x_stride + 8 * v), acc[i][v % A]);
+      });
     }
-    for (int i = 0; i < R; ++i) out[i * out_stride + r] = horizontal_sum(acc[i]);
+    for (int i = 0; i < R; ++i) {
+      for (int j = 1; j < A; ++j) acc[i][0] = _mm256_add_ps(acc[i][0], acc[i][j]);
+      out[i * out_stride + r] = horizontal_sum(acc[i][0]);
+    }
   }
 }
 
-template <int R>
-void direct_fixed(const float* x, int64_t m_rows, int64_t x_stride, const uint8_t* blocks, int64_t row_bytes,
-                  int64_t qtype, int64_t n, int64_t k, float* out, int64_t out_stride) {
-  at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t i0 = 0; i0 < m_rows; i0 += R) {  // R activation rows at a time (the rest: one by one)
-      if (m_rows - i0 >= R)
-        direct_rows<R>(x + i0 * x_stride, x_stride, blocks, row_bytes, qtype, k, r0, r1, out + i0 * out_stride,
-                       out_stride);
-      else
-        for (int64_t i = i0; i < m_rows; ++i)
-          direct_rows<1>(x + i * x_stride, x_stride, blocks, row_bytes, qtype, k, r0, r1, out + i * out_stride,
-                         out_stride);
-    }
-  });
-}
-#endif
+// Activations quantized for the int8 mode, per row and chunk of 32: q (int8, x ~ d * q), d, and
+// sums [s0 / 4 x 4, s1 / 4 x 4] of the float activations over each half (the chunk's offset b times them, summed
+// over the vector's 8 lanes, is the offset's exact contribution).
+struct Int8Rows {
+  const int8_t* q;
+  const float* d;
+  const float* sums;
+  int64_t k;
+};
 
-// out[m, n] for M <= DIRECT_ROWS: each weight block dequantized once, dotted with every row.
-void direct(const float* x, int64_t m_rows, int64_t x_stride, const uint8_t* blocks, int64_t row_bytes,
-            int64_t qtype, int64_t n, int64_t k, float* out, int64_t out_stride) {
-#ifdef LORAPLEX_QUANT_AVX2
-  if (m_rows >= 8)
-    return direct_fixed<8>(x, m_rows, x_stride, blocks, row_bytes, qtype, n, k, out, out_stride);
-  if (m_rows >= 4)
-    return direct_fixed<4>(x, m_rows, x_stride, blocks, row_bytes, qtype, n, k, out, out_stride);
-  return direct_fixed<1>(x, m_rows, x_stride, blocks, row_bytes, qtype, n, k, out, out_stride);
+void quantize_activations(const float* x, int64_t m_rows, int64_t x_stride, int64_t k, int8_t* q, float* d,
+                          float* sums) {
+  const int64_t nc = k / CHUNK;
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  for (int64_t i = 0; i < m_rows; ++i)
+    for (int64_t c = 0; c < nc; ++c) {
+      const float* src = x + i * x_stride + c * CHUNK;
+      __m256 v[4];
+      for (int j = 0; j < 4; ++j) v[j] = _mm256_loadu_ps(src + 8 * j);
+      const __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
+                                      _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3])));
+      __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+      m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+      const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+      const int64_t at = i * nc + c;
+      d[at] = amax / 127.f;
+      const __m256 inv = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+      __m256i n[4];
+      for (int j = 0; j < 4; ++j) n[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], inv));  // nearest
+      const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(n[0], n[1]), _mm256_packs_epi32(n[2], n[3]));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + i * k + c * CHUNK),
+                          _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+      const float s0 = horizontal_sum(_mm256_add_ps(v[0], v[1])) / 4.f;
+      const float s1 = horizontal_sum(_mm256_add_ps(v[2], v[3])) / 4.f;
+      _mm256_storeu_ps(sums + at * 8, _mm256_set_m128(_mm_set1_ps(s1), _mm_set1_ps(s0)));
+    }
+}
+
+// Sums of q[j] * x[j] over each group of 4 bytes: lanes 0-3 cover weights 0-15, lanes 4-7 weights 16-31.
+template <bool Signed>
+inline __m256i dot_groups(__m256i q, __m256i x) {
+  __m256i u = q;
+  if constexpr (Signed) {  // the unsigned operand must be q's magnitude; its sign moves onto x
+    u = _mm256_sign_epi8(q, q);
+    x = _mm256_sign_epi8(x, q);
+  }
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, x);
 #else
-  const int64_t nb = k / QK, bb = block_bytes(qtype);
-  at::parallel_for(0, n, 8, [&](int64_t r0, int64_t r1) {
-    alignas(64) float w[QK];
-    float acc[DIRECT_ROWS];
-    for (int64_t r = r0; r < r1; ++r) {
-      std::fill_n(acc, m_rows, 0.f);  // the portable path (no AVX2)
-      const uint8_t* row = blocks + r * row_bytes;
-      for (int64_t b = 0; b < nb; ++b) {
-        dequantize_block(row + b * bb, qtype, w);
-        for (int64_t i = 0; i < m_rows; ++i) {
-          const float* xi = x + i * x_stride + b * QK;
-          float s = 0.f;
-#pragma omp simd reduction(+ : s)
-          for (int64_t j = 0; j < QK; ++j) s += w[j] * xi[j];
-          acc[i] += s;
-        }
-      }
-      for (int64_t i = 0; i < m_rows; ++i) out[i * out_stride + r] = acc[i];
-    }
-  });
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), _mm256_set1_epi16(1));
 #endif
 }
 
-void quant_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t qtype, const at::Tensor& out) {
+// int8: out[i, r] = sum over chunks of a * d_x * (q . q_x) + b * sum(x), per half-chunk.
+template <int64_t T, int R>
+void int8_rows(const Int8Rows& xr, const uint8_t* blocks, int64_t row_bytes, int64_t k, int64_t r0, int64_t r1,
+               float* out, int64_t out_stride) {
+  constexpr int A = R >= 4 ? 1 : 2;
+  constexpr int64_t bw = block_weights(T), bb = block_bytes(T);
+  constexpr int64_t cpb = bw / CHUNK;
+  const int64_t nb = k / bw, nc = k / CHUNK;
+  for (int64_t r = r0; r < r1; ++r) {
+    __m256 acc[R][A];
+    for (int i = 0; i < R; ++i)
+      for (int j = 0; j < A; ++j) acc[i][j] = _mm256_setzero_ps();
+    const uint8_t* row = blocks + r * row_bytes;
+    for (int64_t b = 0; b < nb; ++b) {
+      visit<T>(row + b * bb, [&](int c, const Chunk& ch) {
+        const __m256 a = _mm256_set_m128(_mm_set1_ps(ch.a1), _mm_set1_ps(ch.a0));
+        const __m256 off = _mm256_set_m128(_mm_set1_ps(ch.b1), _mm_set1_ps(ch.b0));
+        const int64_t at = b * cpb + c;
+        for (int i = 0; i < R; ++i) {
+          const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr.q + i * xr.k + at * CHUNK));
+          const __m256 dots = _mm256_cvtepi32_ps(dot_groups<T == Q8_0>(ch.q, xq));
+          const __m256 scale = _mm256_mul_ps(a, _mm256_broadcast_ss(xr.d + i * nc + at));
+          acc[i][0] = _mm256_fmadd_ps(scale, dots, acc[i][0]);
+          if constexpr (T != Q8_0)
+            acc[i][A - 1] = _mm256_fmadd_ps(off, _mm256_loadu_ps(xr.sums + (i * nc + at) * 8), acc[i][A - 1]);
+        }
+      });
+    }
+    for (int i = 0; i < R; ++i) {
+      if constexpr (A > 1) acc[i][0] = _mm256_add_ps(acc[i][0], acc[i][1]);
+      out[i * out_stride + r] = horizontal_sum(acc[i][0]);
+    }
+  }
+}
+
+// Decode rows: weight rows split over the team; in each tile of ROW_TILE weight rows, activation rows in groups
+// of 8, 4, 2, 1. `run.rows<R>(i0, t0, t1)` computes activation rows i0..i0+R over weight rows t0..t1.
+template <class Run>
+void over_tiles(int64_t m_rows, int64_t n, const Run& run) {
+  at::parallel_for(0, n, ROW_TILE, [&](int64_t r0, int64_t r1) {
+    for (int64_t t0 = r0; t0 < r1; t0 += ROW_TILE) {
+      const int64_t t1 = std::min(r1, t0 + ROW_TILE);
+      int64_t i0 = 0;
+      for (; m_rows - i0 >= 8; i0 += 8) run.template rows<8>(i0, t0, t1);
+      if (m_rows - i0 >= 4) run.template rows<4>(i0, t0, t1), i0 += 4;
+      if (m_rows - i0 >= 2) run.template rows<2>(i0, t0, t1), i0 += 2;
+      if (m_rows - i0 >= 1) run.template rows<1>(i0, t0, t1);
+    }
+  });
+}
+
+template <int64_t T>
+struct ExactRun {
+  const float* x;
+  int64_t x_stride;
+  const uint8_t* blocks;
+  int64_t row_bytes, k;
+  float* out;
+  int64_t out_stride;
+
+  template <int R>
+  void rows(int64_t i0, int64_t t0, int64_t t1) const {
+    exact_rows<T, R>(x + i0 * x_stride, x_stride, blocks, row_bytes, k, t0, t1, out + i0 * out_stride, out_stride);
+  }
+};
+
+template <int64_t T>
+struct Int8Run {
+  Int8Rows x;
+  const uint8_t* blocks;
+  int64_t row_bytes;
+  float* out;
+  int64_t out_stride;
+
+  template <int R>
+  void rows(int64_t i0, int64_t t0, int64_t t1) const {
+    const int64_t nc = x.k / CHUNK;
+    const Int8Rows xr{x.q + i0 * x.k, x.d + i0 * nc, x.sums + i0 * nc * 8, x.k};
+    int8_rows<T, R>(xr, blocks, row_bytes, x.k, t0, t1, out + i0 * out_stride, out_stride);
+  }
+};
+
+template <int64_t T>
+void direct_avx(const float* x, int64_t m_rows, int64_t x_stride, const uint8_t* blocks, int64_t row_bytes, int64_t n,
+                int64_t k, float* out, int64_t out_stride, bool int8) {
+  if (!int8) return over_tiles(m_rows, n, ExactRun<T>{x, x_stride, blocks, row_bytes, k, out, out_stride});
+  const int64_t nc = k / CHUNK;
+  auto q = at::empty({m_rows * k}, at::kChar);
+  auto scales = at::empty({m_rows * nc * 9}, at::kFloat);  // d, then 8 sums per chunk
+  float* d = scales.data_ptr<float>();
+  float* sums = d + m_rows * nc;
+  quantize_activations(x, m_rows, x_stride, k, q.data_ptr<int8_t>(), d, sums);
+  over_tiles(m_rows, n, Int8Run<T>{Int8Rows{q.data_ptr<int8_t>(), d, sums, k}, blocks, row_bytes, out, out_stride});
+}
+
+#define LORAPLEX_FOR_EACH_TYPE(CASE) \
+  CASE(Q4_0) CASE(Q4_1) CASE(Q5_0) CASE(Q5_1) CASE(Q8_0) CASE(Q2_K) CASE(Q3_K) CASE(Q4_K) CASE(Q5_K) CASE(Q6_K)
+#endif
+
+// ---------------------------------------------------------------------------------------------------------------
+// Entry points.
+
+void dequantize_rows(const uint8_t* blocks, int64_t row_bytes, int64_t t, int64_t k, int64_t n0, int64_t n1, float* w,
+                     bool reference) {
+#ifdef LORAPLEX_QUANT_AVX2
+  if (!reference) {
+    switch (t) {
+#define LORAPLEX_CASE(T) \
+  case T: return dequantize_rows_avx<T>(blocks, row_bytes, k, n0, n1, w);
+      LORAPLEX_FOR_EACH_TYPE(LORAPLEX_CASE)
+#undef LORAPLEX_CASE
+    }
+  }
+#endif
+  dequantize_rows_ref(blocks, row_bytes, t, k, n0, n1, w);
+}
+
+void direct(const float* x, int64_t m_rows, int64_t x_stride, const uint8_t* blocks, int64_t row_bytes, int64_t t,
+            int64_t n, int64_t k, float* out, int64_t out_stride, bool int8) {
+#ifdef LORAPLEX_QUANT_AVX2
+  switch (t) {
+#define LORAPLEX_CASE(T) \
+  case T: return direct_avx<T>(x, m_rows, x_stride, blocks, row_bytes, n, k, out, out_stride, int8);
+    LORAPLEX_FOR_EACH_TYPE(LORAPLEX_CASE)
+#undef LORAPLEX_CASE
+  }
+#endif
+  (void)int8;  // no integer dot products without AVX2: the exact path
+  direct_ref(x, m_rows, x_stride, blocks, row_bytes, t, n, k, out, out_stride);
+}
+
+void check(const at::Tensor& blocks, int64_t t, int64_t k) {
+  TORCH_CHECK(block_bytes(t) > 0, "unsupported quantized type ", t);
+  TORCH_CHECK(blocks.scalar_type() == at::kByte && blocks.dim() == 2 && blocks.is_contiguous(),
+              "blocks must be a contiguous uint8 [N, bytes per row]");
+  TORCH_CHECK(k > 0 && k % block_weights(t) == 0, "in_features must be a positive multiple of ", block_weights(t));
+  TORCH_CHECK(blocks.size(1) == k / block_weights(t) * block_bytes(t), "blocks per row disagree with in_features");
+}
+
+at::Tensor quant_dequantize(const at::Tensor& blocks, int64_t qtype, int64_t k, bool reference) {
+  check(blocks, qtype, k);
+  auto w = at::empty({blocks.size(0), k}, blocks.options().dtype(at::kFloat));
+  dequantize_rows(blocks.data_ptr<uint8_t>(), blocks.size(1), qtype, k, 0, blocks.size(0), w.data_ptr<float>(),
+                  reference);
+  return w;
+}
+
+void quant_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t qtype, const at::Tensor& out, bool int8) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat, "quant_linear is float32 only");
   TORCH_CHECK(x.dim() == 2 && out.dim() == 2 && x.stride(1) == 1 && out.stride(1) == 1,
               "expected x [M, K] and out [M, N], contiguous rows");
@@ -211,14 +631,15 @@ void quant_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t qtype, 
   TORCH_CHECK(out.size(0) == m && out.size(1) == n, "out must be [M, N]");
   const uint8_t* B = blocks.data_ptr<uint8_t>();
   const int64_t row_bytes = blocks.size(1);
+  if (m == 0) return;
   if (m <= DIRECT_ROWS) {
-    direct(x.data_ptr<float>(), m, x.stride(0), B, row_bytes, qtype, n, k, out.data_ptr<float>(), out.stride(0));
+    direct(x.data_ptr<float>(), m, x.stride(0), B, row_bytes, qtype, n, k, out.data_ptr<float>(), out.stride(0), int8);
     return;
   }
   auto tile = at::empty({std::min(n, TILE_ROWS), k}, x.options());
   for (int64_t n0 = 0; n0 < n; n0 += TILE_ROWS) {
     const int64_t rows = std::min(TILE_ROWS, n - n0);
-    dequantize_rows(B, row_bytes, qtype, k, n0, n0 + rows, tile.data_ptr<float>());
+    dequantize_rows(B, row_bytes, qtype, k, n0, n0 + rows, tile.data_ptr<float>(), false);
     out.narrow(1, n0, rows).copy_(at::mm(x, tile.narrow(0, 0, rows).t()));
   }
 }
@@ -226,8 +647,8 @@ void quant_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t qtype, 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(loraplex, m) {
-  m.def("quant_linear(Tensor x, Tensor blocks, int qtype, Tensor(a!) out) -> ()");
-  m.def("quant_dequantize(Tensor blocks, int qtype, int in_features) -> Tensor");
+  m.def("quant_linear(Tensor x, Tensor blocks, int qtype, Tensor(a!) out, bool int8=False) -> ()");
+  m.def("quant_dequantize(Tensor blocks, int qtype, int in_features, bool reference=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(loraplex, CPU, m) {

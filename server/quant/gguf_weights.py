@@ -3,17 +3,19 @@ blocks of the GGUF it came from.
 
 The model is first loaded as transformers loads a GGUF (dequantized to float32: config, tokenizer and
 every weight); then each linear layer whose GGUF tensor is of a type the kernels compute (Q4_0, Q4_1,
-Q8_0) is replaced by a `QuantLinear` of the file's blocks, the token embedding by a `QuantEmbedding`
+Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) is replaced by a `QuantLinear` of the file's blocks, the token embedding by a `QuantEmbedding`
 and the output head (the embedding's blocks when the two are tied) by a `QuantLinear`, and the float32
 weights are dropped. A module is swapped only if
 its dequantized blocks equal the float32 weight transformers made of them (the check that the tensor
 names and row order map exactly, including the rotary row permutation llama.cpp's converter applies to
-Llama and Mistral q/k projections); others stay float32, and the log says which and why.
+Llama and Mistral q/k projections); others (F16, BF16, the IQ types, ...) stay as transformers dequantized
+them, float32, and one log line says how many, which types and why.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from server.quant.linear import BLOCK_BYTES, TYPE_NAMES, QuantEmbedding, QuantLinear
+from server.quant.linear import BLOCKS, TYPE_NAMES, QuantEmbedding, QuantLinear, row_bytes
 
 log = logging.getLogger(__name__)
 PERMUTED_ARCHS = ("llama", "mistral")  # llama.cpp's converter permutes their q/k rows for its rotary layout
@@ -37,8 +39,9 @@ class QuantReport:
     float_bytes: int = 0
 
 
-def quantize_from_gguf(model: nn.Module, gguf_path: Path) -> QuantReport:
-    """Replace `model`'s linear layers, token embedding and output head by their GGUF blocks."""
+def quantize_from_gguf(model: nn.Module, gguf_path: Path, int8: bool = False) -> QuantReport:
+    """Replace `model`'s linear layers, token embedding and output head by their GGUF blocks (`int8`: the
+    linear layers' decode rows in the int8-activation mode)."""
     import gguf
 
     reader = gguf.GGUFReader(str(gguf_path))
@@ -56,17 +59,17 @@ def quantize_from_gguf(model: nn.Module, gguf_path: Path) -> QuantReport:
             report.kept[name] = why
             continue
         layer = QuantLinear(_blocks_in_row_order(tensor, name, arch, model.config), int(tensor.tensor_type),
-                            module.in_features, module.out_features, module.bias)
+                            module.in_features, module.out_features, module.bias, int8)
         _swap(model, name, layer, module.weight, report)
-    _swap_embedding_and_head(model, tensors, report)
+    _swap_embedding_and_head(model, tensors, report, int8)
     _own_memory(model)
     if report.kept:
-        log.info("%d layers stay float32: %s", len(report.kept),
-                 "; ".join(f"{n}: {w}" for n, w in list(report.kept.items())[:4]))
+        log.info("%d layers dequantized to float32 at load, not kept in blocks: %s", len(report.kept),
+                 "; ".join(f"{count} x {why}" for why, count in Counter(report.kept.values()).most_common()))
     return report
 
 
-def _swap_embedding_and_head(model: nn.Module, tensors: dict, report: QuantReport) -> None:
+def _swap_embedding_and_head(model: nn.Module, tensors: dict, report: QuantReport, int8: bool) -> None:
     """The token embedding from `token_embd`, the output head from `output` (or `token_embd`, tied)."""
     embedding, output = model.get_input_embeddings(), model.get_output_embeddings()
     table = tensors.get("token_embd.weight")
@@ -78,7 +81,7 @@ def _swap_embedding_and_head(model: nn.Module, tensors: dict, report: QuantRepor
     head = tensors.get("output.weight", table if tied else None)
     if isinstance(output, nn.Linear) and output.bias is None and _why_kept(head) is None:
         blocks = table_blocks if head is table else _blocks_in_row_order(head, "", "", None)  # tied: one copy
-        layer = QuantLinear(blocks, int(head.tensor_type), output.in_features, output.out_features)
+        layer = QuantLinear(blocks, int(head.tensor_type), output.in_features, output.out_features, int8=int8)
         weight = output.weight
         if _swap(model, _name_of(model, output), layer, weight, report) and head is table:
             report.block_bytes -= blocks.numel()  # one table, counted with the embedding
@@ -119,8 +122,10 @@ def _field_text(reader, key: str) -> str:
 def _why_kept(tensor) -> str | None:
     if tensor is None:
         return "no tensor of that name in the GGUF"
-    if int(tensor.tensor_type) not in BLOCK_BYTES:
-        return f"{tensor.tensor_type.name} blocks (the kernels compute {', '.join(TYPE_NAMES.values())})"
+    if int(tensor.tensor_type) not in BLOCKS:
+        return f"{tensor.tensor_type.name} (the kernels compute {', '.join(TYPE_NAMES.values())})"
+    if row_bytes(int(tensor.tensor_type), int(tensor.shape[0])) is None:
+        return f"{tensor.tensor_type.name} rows of {int(tensor.shape[0])} weights (not whole blocks)"
     return None
 
 

@@ -3,8 +3,10 @@
     layer = QuantLinear(blocks, qtype, in_features, out_features, bias)
     y = layer(x)          # x [..., in_features] float32 -> [..., out_features]
 
-`blocks [out_features, in_features / 32 * block_bytes]` uint8 are GGUF's blocks of each weight row, as
-the file stores them (row i of the weight is row i of the blocks). The LoRA layers wrap it as they
+`blocks [out_features, in_features / block_weights * block_bytes]` uint8 are GGUF's blocks of each weight
+row, as the file stores them (row i of the weight is row i of the blocks). `int8=True` computes decode
+rows with activations quantized to int8 per 32 (integer dot products; a bounded deviation from the exact
+result, see `quant_linear` in server/native/quant_kernels.cpp). The LoRA layers wrap it as they
 wrap `nn.Linear` (`in_features`, `out_features`, and `weight`, which dequantizes on demand: DoRA's
 norms read it once per adapter written to a slot).
 """
@@ -14,23 +16,31 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-QK = 32  # weights per block
-BLOCK_BYTES = {2: 2 + QK // 2, 3: 4 + QK // 2, 8: 2 + QK}  # ggml type id -> bytes per block
-TYPE_NAMES = {2: "Q4_0", 3: "Q4_1", 8: "Q8_0"}
+# ggml type id -> (weights per block, bytes per block), for the types the kernels compute in their blocks
+BLOCKS = {2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34),
+          10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176), 14: (256, 210)}
+TYPE_NAMES = {2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0",
+              10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K"}
+
+
+def row_bytes(qtype: int, features: int) -> int | None:
+    """Bytes of one row of `features` weights in `qtype`'s blocks; None if they do not fill whole blocks."""
+    weights, nbytes = BLOCKS[qtype]
+    return None if features % weights else features // weights * nbytes
 
 
 class QuantLinear(nn.Module):
     """`y = x @ W^T + bias` with `W` dequantized block by block as the kernel reads it (float32 sums)."""
 
     def __init__(self, blocks: torch.Tensor, qtype: int, in_features: int, out_features: int,
-                 bias: torch.Tensor | None = None) -> None:
+                 bias: torch.Tensor | None = None, int8: bool = False) -> None:
         super().__init__()
-        if qtype not in BLOCK_BYTES:
+        if qtype not in BLOCKS:
             raise ValueError(f"unsupported quantized type {qtype}")
-        if tuple(blocks.shape) != (out_features, in_features // QK * BLOCK_BYTES[qtype]) or in_features % QK:
+        if row_bytes(qtype, in_features) is None or tuple(blocks.shape) != (out_features, row_bytes(qtype, in_features)):
             raise ValueError(f"blocks {tuple(blocks.shape)} do not hold a [{out_features}, {in_features}] "
                              f"{TYPE_NAMES[qtype]} weight")
-        self.in_features, self.out_features, self.qtype = in_features, out_features, qtype
+        self.in_features, self.out_features, self.qtype, self.int8 = in_features, out_features, qtype, int8
         # A parameter (never trained) so that the module's device is where its bytes are.
         self.blocks = nn.Parameter(blocks.contiguous(), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
@@ -49,13 +59,14 @@ class QuantLinear(nn.Module):
         if rows.dtype != torch.float32 or rows.stride(-1) != 1:
             rows = rows.float().contiguous()
         out = torch.empty(rows.shape[0], self.out_features, dtype=torch.float32, device=x.device)
-        torch.ops.loraplex.quant_linear(rows, self.blocks, self.qtype, out)
+        torch.ops.loraplex.quant_linear(rows, self.blocks, self.qtype, out, self.int8)
         if self.bias is not None:
             out += self.bias
         return out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, {TYPE_NAMES[self.qtype]}"
+        mode = ", int8 activations" if self.int8 else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, {TYPE_NAMES[self.qtype]}{mode}"
 
 
 class QuantEmbedding(nn.Module):

@@ -1,18 +1,16 @@
 """The quantized linear kernels against the dequantized weight, for every block type and row count the
-engine makes (decode rows one by one and in fours, prefill tiles), with gguf-py's own quantizer making
-the blocks."""
+engine makes (decode rows in groups of 8, 4, 2, 1, prefill tiles), gguf-py's dequantizers being the
+oracle of each type's layout (tests/quant/blocks.py makes the blocks)."""
 
 from __future__ import annotations
 
 import gguf
-import numpy as np
 import pytest
 import torch
 
 from server.native.loader import load_kernels
 from server.quant.linear import QuantEmbedding, QuantLinear
-
-TYPES = [gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q8_0]
+from tests.quant.blocks import K_QUANTS, QUANT_BYTES, TYPES, Q, quantized
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -20,41 +18,107 @@ def built():
     assert load_kernels(), "the compiled CPU kernels must build here (a C++ compiler and ninja are installed)"
 
 
-def quantized(qtype, rows: int, cols: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(blocks, the weight gguf-py dequantizes them to)."""
-    weight = np.random.default_rng(seed).standard_normal((rows, cols)).astype(np.float32)
-    blocks = gguf.quants.quantize(weight, qtype)
-    dequantized = gguf.quants.dequantize(blocks, qtype).reshape(rows, cols)
-    return torch.from_numpy(blocks.view(np.uint8).reshape(rows, -1).copy()), torch.from_numpy(dequantized)
+def width(qtype) -> int:
+    return 512 if qtype in K_QUANTS else 96  # two super-blocks, three blocks
+
+
+def offsets(qtype, blocks: torch.Tensor) -> torch.Tensor:
+    """b of every weight: the blocks dequantized with their quants zeroed."""
+    _, nbytes = gguf.GGML_QUANT_SIZES[qtype]
+    zeroed = blocks.numpy().reshape(blocks.shape[0], -1, nbytes).copy()
+    zeroed[..., slice(*QUANT_BYTES[qtype])] = 0
+    return torch.from_numpy(gguf.quants.dequantize(zeroed.reshape(blocks.shape[0], -1), qtype)).reshape(
+        blocks.shape[0], -1)
+
+
+def matmul_tolerance(x: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
+    """float32 summation-order slack of x @ W^T: a few units of rounding of the sum of |x| |W|."""
+    return 1e-5 * (x.abs() @ sum(w.abs() for w in weights).T) + 1e-6
+
+
+def assert_matmul_close(actual: torch.Tensor, expected: torch.Tensor, tolerance: torch.Tensor) -> None:
+    error = (actual - expected).abs()
+    assert bool((error <= tolerance).all()), f"worst error {float((error / tolerance).max()):.3g} x the tolerance"
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=[t.name for t in TYPES])
-@pytest.mark.parametrize("m", [1, 3, 4, 7, 8, 9, 17, 64, 65, 300])
+@pytest.mark.parametrize("reference", [False, True], ids=["vector", "portable"])
+def test_dequantize_equals_gguf(qtype, reference):
+    blocks, weight = quantized(qtype, 40, width(qtype))
+    ours = torch.ops.loraplex.quant_dequantize(blocks, int(qtype), width(qtype), reference)
+    # one fused multiply-add against gguf-py's multiply then add: equal to the rounding of one product
+    torch.testing.assert_close(ours, weight, atol=1e-6 * float(weight.abs().max()), rtol=1e-6)
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=[t.name for t in TYPES])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 7, 8, 9, 17, 64, 65, 300])
 def test_linear_equals_the_dequantized_weight(qtype, m):
-    blocks, weight = quantized(qtype, 72, 96)
+    k = width(qtype)
+    blocks, weight = quantized(qtype, 72, k)
     bias = torch.randn(72)
-    layer = QuantLinear(blocks, int(qtype), 96, 72, bias)
-    torch.testing.assert_close(layer.weight, weight, atol=0, rtol=1e-6)  # the kernel's dequantization is gguf's
-    x = torch.randn(2, m, 96)
-    torch.testing.assert_close(layer(x), x @ weight.T + bias, atol=2e-5, rtol=1e-5)
-    strided = torch.randn(m, 192)[:, ::2]  # a non-contiguous input
-    torch.testing.assert_close(layer(strided), strided @ weight.T + bias, atol=2e-5, rtol=1e-5)
+    layer = QuantLinear(blocks, int(qtype), k, 72, bias)
+    x = torch.randn(2, m, k)
+    assert_matmul_close(layer(x), x @ weight.T + bias, matmul_tolerance(x, weight))
+    strided = torch.randn(m, 2 * k)[:, ::2]  # a non-contiguous input
+    assert_matmul_close(layer(strided), strided @ weight.T + bias, matmul_tolerance(strided, weight))
+
+
+def int8_activations(x: torch.Tensor) -> torch.Tensor:
+    """x as the int8 mode reads it: each 32 rounded to the nearest multiple of max |x| / 127."""
+    chunks = x.reshape(x.shape[0], -1, 32)
+    amax = chunks.abs().amax(-1, keepdim=True)
+    q = torch.round(chunks * torch.where(amax > 0, 127 / amax, 0))
+    return (q * (amax / 127)).reshape(x.shape)
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=[t.name for t in TYPES])
+@pytest.mark.parametrize("m", [1, 3, 8, 13, 64])
+def test_int8_mode_rounds_only_the_activations_that_meet_the_quants(qtype, m):
+    """out = (a q) . x_int8 + b . x: the quants meet the rounded activations, the offsets the exact ones; so
+    the deviation from exact is at most half a rounding step per activation times |a q|."""
+    k = width(qtype)
+    blocks, weight = quantized(qtype, 72, k, seed=2)
+    b = offsets(qtype, blocks)
+    layer = QuantLinear(blocks, int(qtype), k, 72, int8=True)
+    x = torch.randn(m, k)
+    x[0, :32] = 0  # an all-zero block (no scale to divide by)
+    out = layer(x)
+    rounded = int8_activations(x)
+    assert_matmul_close(out, rounded @ (weight - b).T + x @ b.T, matmul_tolerance(x, weight, b))
+    steps = x.reshape(m, -1, 32).abs().amax(-1, keepdim=True).expand(-1, -1, 32).reshape(m, k) / 127
+    bound = (steps / 2) @ (weight - b).abs().T + matmul_tolerance(x, weight, b)
+    assert bool(((out - x @ weight.T).abs() <= bound).all())
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q8_0], ids=["Q4_K", "Q8_0"])
+def test_int8_mode_leaves_prefill_chunks_exact(qtype):
+    k = width(qtype)
+    blocks, _ = quantized(qtype, 40, k)
+    layer = QuantLinear(blocks, int(qtype), k, 40, int8=True)
+    x = torch.randn(65, k)
+    assert_matmul_close(layer(x), x @ layer.weight.T, matmul_tolerance(x, layer.weight))
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=[t.name for t in TYPES])
 def test_embedding_rows(qtype):
-    blocks, table = quantized(qtype, 50, 64, seed=1)
-    embedding = QuantEmbedding(blocks, int(qtype), 64)
+    blocks, table = quantized(qtype, 50, width(qtype), seed=1)
+    embedding = QuantEmbedding(blocks, int(qtype), width(qtype))
     ids = torch.tensor([[3, 0, 49], [7, 7, 12]])
-    torch.testing.assert_close(embedding(ids), table[ids], atol=0, rtol=1e-6)
+    torch.testing.assert_close(embedding(ids), table[ids], atol=1e-6 * float(table.abs().max()), rtol=1e-6)
 
 
 def test_bad_blocks_are_refused():
-    blocks, _ = quantized(gguf.GGMLQuantizationType.Q4_1, 8, 64)
+    blocks, _ = quantized(Q.Q4_1, 8, 64)
     with pytest.raises(ValueError, match="do not hold"):
-        QuantLinear(blocks, int(gguf.GGMLQuantizationType.Q4_1), 96, 8)
+        QuantLinear(blocks, int(Q.Q4_1), 96, 8)
     with pytest.raises(ValueError, match="unsupported"):
-        QuantLinear(blocks, int(gguf.GGMLQuantizationType.Q6_K), 64, 8)
+        QuantLinear(blocks, int(Q.IQ4_NL), 64, 8)
+    k_blocks, _ = quantized(Q.Q4_K, 8, 512)
+    with pytest.raises(ValueError, match="do not hold"):  # 288 weights: not whole super-blocks
+        QuantLinear(k_blocks[:, :144], int(Q.Q4_K), 288, 8)
     with pytest.raises(RuntimeError, match="blocks per row"):
-        torch.ops.loraplex.quant_linear(torch.randn(1, 32), blocks, int(gguf.GGMLQuantizationType.Q4_1),
-                                        torch.empty(1, 8))
+        torch.ops.loraplex.quant_linear(torch.randn(1, 32), blocks, int(Q.Q4_1), torch.empty(1, 8))
+    with pytest.raises(RuntimeError, match="multiple of 256"):
+        torch.ops.loraplex.quant_linear(torch.randn(1, 288), k_blocks[:, :144].contiguous(), int(Q.Q4_K), torch.empty(1, 8))
+    with pytest.raises(RuntimeError, match="unsupported"):
+        torch.ops.loraplex.quant_dequantize(blocks, int(Q.IQ4_NL), 64)
