@@ -14,6 +14,10 @@ weights once per step and does almost no arithmetic, so it is bound by memory tr
 batched matmul over the padded slots reached about half the machine's read bandwidth on these
 shapes and read the rank padding too (a batch of rank 8-64 adapters all at rank 64).
 
+The weights are either per-slot buffers padded to the max rank (`a [S, R', in]`, `b [S, out, R]`) or
+blocks in the adapter pool (`PooledWeight`, server/lora/pool.py: each adapter's weights at their own
+rank, found at per-slot offsets), which the engine uses; the two compute the same.
+
 server/native/loader.py builds and loads them (`load_kernels`); when it cannot, the caller uses the
 batched-matmul backend (server/lora/cpu_ops.py).
 """
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import torch
 
+from server.lora.pool import PooledWeight
 from server.lora.ranks import RankTable
 from server.lora.step import LoraStepMeta
 
@@ -41,8 +46,11 @@ def _segment_rank(meta: LoraStepMeta, ranks: RankTable | None, member: int, slot
     return meta.ranks[slot] if meta.max_rank == width and meta.ranks else width
 
 
-def shrink(x: torch.Tensor, a: torch.Tensor, meta: LoraStepMeta, *, ranks: RankTable | None = None) -> torch.Tensor:
+def shrink(x: torch.Tensor, a: torch.Tensor | PooledWeight, meta: LoraStepMeta, *,
+           ranks: RankTable | None = None) -> torch.Tensor:
     """t [N, R'] = a[slot] @ x per row (0 on base rows); `x [N, in]`, `a [S, R', in]` contiguous in `in`."""
+    if isinstance(a, PooledWeight):
+        return _shrink_pooled(x, a, meta, ranks)
     t = x.new_zeros(x.shape[0], a.shape[1])
     plan = meta.slot_plan
     stacked = meta.max_rank and a.shape[1] % meta.max_rank == 0  # members of max_rank columns each
@@ -65,9 +73,12 @@ def shrink(x: torch.Tensor, a: torch.Tensor, meta: LoraStepMeta, *, ranks: RankT
     return t
 
 
-def expand_(y: torch.Tensor, t: torch.Tensor, b: torch.Tensor, meta: LoraStepMeta, out_offset: int = 0, *,
-            ranks: RankTable | None = None) -> None:
+def expand_(y: torch.Tensor, t: torch.Tensor, b: torch.Tensor | PooledWeight, meta: LoraStepMeta,
+            out_offset: int = 0, *, ranks: RankTable | None = None) -> None:
     """y[:, out_offset:out_offset+out] += b[slot] @ t per row; `b [S, out, R]` with `out` contiguous."""
+    if isinstance(b, PooledWeight):
+        _expand_pooled(y[:, out_offset:out_offset + b.row], t, b, meta, ranks)
+        return
     out = y[:, out_offset:out_offset + b.shape[1]]
     plan = meta.slot_plan
     width = b.shape[2]
@@ -79,3 +90,41 @@ def expand_(y: torch.Tensor, t: torch.Tensor, b: torch.Tensor, meta: LoraStepMet
         rank = _segment_rank(meta, ranks, 0, slot, width)
         if rank:
             out[start:start + length].addmm_(t[start:start + length, :rank], b[slot, :, :rank].to(y.dtype).t())
+
+
+def _pool_ranks(ranks: RankTable | None) -> RankTable:
+    """A pooled weight's blocks hold exactly each slot's rank: the op needs the per-member table."""
+    if ranks is None:
+        raise ValueError("the pooled LoRA op needs each member's ranks (the layers' RankTable)")
+    return ranks
+
+
+def _shrink_pooled(x: torch.Tensor, a: PooledWeight, meta: LoraStepMeta, ranks: RankTable | None) -> torch.Tensor:
+    ranks = _pool_ranks(ranks)
+    width = a.width
+    t = x.new_zeros(x.shape[0], a.members * width)
+    plan = meta.slot_plan
+    if plan.ptr is not None:
+        torch.ops.loraplex.shrink_pool(x, a.pool.data, a.pool.base, a.rel, plan.ptr, plan.rows, ranks.table,
+                                       a.members, width, t)
+    for start, length, slot in plan.segments:
+        rows = x[start:start + length]
+        for g in range(a.members):
+            rank = ranks.host[g][slot]
+            if rank:
+                cols = slice(g * width, g * width + rank)
+                t[start:start + length, cols] = rows @ a.block(g, slot, rank).to(x.dtype).t()
+    return t
+
+
+def _expand_pooled(out: torch.Tensor, t: torch.Tensor, b: PooledWeight, meta: LoraStepMeta,
+                   ranks: RankTable | None) -> None:
+    ranks = _pool_ranks(ranks)
+    plan = meta.slot_plan
+    if plan.ptr is not None:
+        torch.ops.loraplex.expand_pool(out, t, b.pool.data, b.pool.base, b.rel, plan.ptr, plan.rows, ranks.table,
+                                       b.width)
+    for start, length, slot in plan.segments:
+        rank = ranks.host[0][slot]
+        if rank:
+            out[start:start + length].addmm_(t[start:start + length, :rank], b.block(0, slot, rank).to(out.dtype))

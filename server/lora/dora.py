@@ -37,31 +37,54 @@ def dora_excess(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: f
 
 
 class DoraScales:
-    """`excess [S + 1, out]` float32: `g - 1` of the adapter in each slot row, at index row + 1; index 0
-    (the base's rows, slot -1) and rows of plain adapters hold zeros. Allocated on the first DoRA write."""
+    """`g - 1` of the DoRA adapters of one module: `excess [E, out]` float32, one row per slot row that
+    holds a DoRA adapter here (row 0: zeros, for the base's rows and plain adapters), found through
+    `index [S + 1]` (slot row + 1 -> excess row). Rows grow with the DoRA adapters resident, not with
+    the slot count (the adapter pool names many slots). Allocated on the first DoRA write."""
 
     def __init__(self, rows: int, out_features: int, device: torch.device) -> None:
-        self.excess = torch.zeros(rows + 1, out_features, device=device, dtype=torch.float32)
+        self.index = torch.zeros(rows + 1, device=device, dtype=torch.int64)
+        self.excess = torch.zeros(2, out_features, device=device, dtype=torch.float32)
+        self.row_of: dict[int, int] = {}  # slot row -> its excess row
+        self.spare = [1]
         self.mask = 0  # bitmask of slot rows holding a DoRA adapter in this module
 
     def set(self, row: int, excess: torch.Tensor | None) -> None:
         if excess is None:
-            self.excess[row + 1].zero_()
-            self.mask &= ~(1 << row)
-        else:
-            self.excess[row + 1].copy_(excess)
-            self.mask |= 1 << row
+            spare = self.row_of.pop(row, None)
+            if spare is not None:
+                self.spare.append(spare)
+            self._point(row, 0)
+            return
+        at = self.row_of.get(row) or self._take()
+        self.row_of[row] = at
+        self.excess[at].copy_(excess)
+        self._point(row, at)
 
     def move_rows(self, dst: list[int], src: list[int]) -> None:
         """Row `dst[i]` takes what row `src[i]` held (a row move of the slot buffers)."""
-        index = torch.tensor(src, device=self.excess.device) + 1
-        self.excess.index_copy_(0, torch.tensor(dst, device=self.excess.device) + 1,
-                                self.excess.index_select(0, index))
-        flags = {d: bool(self.mask >> s & 1) for d, s in zip(dst, src)}
-        for d, on in flags.items():
-            self.mask = self.mask | (1 << d) if on else self.mask & ~(1 << d)
+        moved = [self.row_of.get(s) for s in src]
+        for d in dst:
+            self.row_of.pop(d, None)
+        for d, at in zip(dst, moved):
+            if at is not None:
+                self.row_of[d] = at
+            self._point(d, at or 0)
 
     def apply_(self, y: torch.Tensor, bias: torch.Tensor | None, meta: LoraStepMeta) -> None:
         """`y [N, out]` (base plus LoRA) += (g - 1) * (y - bias) for every row (zeros where not DoRA)."""
-        excess = self.excess.index_select(0, meta.excess_index).to(y.dtype)
+        excess = self.excess.index_select(0, self.index.index_select(0, meta.excess_index)).to(y.dtype)
         y.addcmul_(excess, y if bias is None else y - bias)
+
+    def _point(self, row: int, at: int) -> None:
+        self.index[row + 1] = at
+        self.mask = self.mask | (1 << row) if at else self.mask & ~(1 << row)
+
+    def _take(self) -> int:
+        if not self.spare:  # double the rows
+            size = self.excess.shape[0]
+            grown = self.excess.new_zeros(2 * size, self.excess.shape[1])
+            grown[:size] = self.excess
+            self.excess = grown
+            self.spare = list(range(2 * size - 1, size - 1, -1))
+        return self.spare.pop()

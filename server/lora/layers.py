@@ -15,6 +15,7 @@ from torch import nn
 
 from server.lora.dora import DoraScales, dora_excess
 from server.lora.ops import Backend
+from server.lora.pool import AdapterPool, PooledWeight
 from server.lora.ranks import WeightRanks
 from server.lora.step import LoraStepMeta
 
@@ -40,26 +41,49 @@ class LoraGroup(nn.Module):
     transposed view, measured), `[S, members * R, in]` for the compiled kernels (a rank row is
     contiguous, so a slot's rows past its rank are never read). `ranks` holds each row's rank per
     member (0 where its adapter does not target the member), which the op may skip.
+
+    With `pool` (the compiled CPU kernels), there is no padded buffer: `op_a` is a `PooledWeight`, each
+    adapter's member block `[rank, in]` in its extent of the adapter pool (server/lora/pool.py).
     """
 
     def __init__(self, members: int, in_features: int, max_loras: int, max_rank: int,
-                 device: torch.device, dtype: torch.dtype, backend: Backend) -> None:
+                 device: torch.device, dtype: torch.dtype, backend: Backend, pool: AdapterPool | None = None) -> None:
         super().__init__()
         self.members, self.max_rank, self.backend = members, max_rank, backend
+        self.in_features, self.pool = in_features, pool
         self.a_transposed = backend.a_storage_in_major
+        self.ranks = WeightRanks(members, max_loras, device)
+        self._cache = _ShrinkCache()
+        if pool is not None:  # A lives in the adapter pool, each adapter's block at its own rank
+            self.op_a: torch.Tensor | PooledWeight = PooledWeight(pool, members, in_features, max_rank)
+            return
         rows = members * max_rank
         shape = (max_loras, in_features, rows) if self.a_transposed else (max_loras, rows, in_features)
         self.register_buffer("a_storage", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         # The op's view of A, taken once (buffers are never replaced: the model is on its device
         # before its layers are wrapped); a plain attribute, as module buffer lookups are slow.
         self.op_a = self.lora_a
-        self.ranks = WeightRanks(members, max_loras, device)
-        self._cache = _ShrinkCache()
 
     @property
     def lora_a(self) -> torch.Tensor:
-        """A as the op takes it, `[S, members * R, in]`."""
+        """A as the op takes it, `[S, members * R, in]` (per-slot buffers only)."""
         return self.a_storage.transpose(1, 2) if self.a_transposed else self.a_storage
+
+    def write_a(self, row: int, member: int, a: torch.Tensor, rel: int | None) -> None:
+        """Member `member`'s A `[r, in]` for slot `row`: into the pool at `rel` within the slot's extent,
+        or into the padded buffer (zeros past r)."""
+        r = a.shape[0]
+        if self.pool is not None:
+            self.op_a.place(member, row, rel)
+            self.op_a.block(member, row, r).copy_(a)
+            return
+        a_rows = self.lora_a[row, member * self.max_rank:(member + 1) * self.max_rank]
+        a_rows[:r].copy_(a)
+        a_rows[r:].zero_()
+
+    def clear_a(self, row: int, member: int) -> None:
+        if self.pool is None:
+            self.lora_a[row, member * self.max_rank:(member + 1) * self.max_rank].zero_()
 
     @property
     def shrinks(self) -> int:
@@ -114,16 +138,20 @@ class LoraLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.index, self.state = index, state
         self._group = [group]  # a list: the group is not a submodule of every member
-        slots, rank = group.lora_a.shape[0], group.max_rank
-        kw = {"device": weight.device, "dtype": group.a_storage.dtype}
+        slots, rank = group.ranks.group.table.shape[1], group.max_rank
         # The CPU backends stream B fastest as [S, R, out] (a contiguous [R, out] matrix per slot, 2x
         # faster than [S, out, R] for batched matmuls, measured; the kernels stop at the rank's row);
-        # `lora_b` is always the op's [S, out, R] (a view there).
+        # `lora_b` is always the op's [S, out, R] (a view there). In the pool, B is a rank-major block.
         self.b_transposed = group.backend.b_storage_rank_major
-        shape = (slots, rank, out_features) if self.b_transposed else (slots, out_features, rank)
-        self.register_buffer("b_storage", torch.zeros(shape, **kw), persistent=False)
+        if group.pool is not None:
+            self._op_b: torch.Tensor | PooledWeight = PooledWeight(group.pool, 1, out_features, rank)
+        else:
+            kw = {"device": weight.device, "dtype": group.a_storage.dtype}
+            shape = (slots, rank, out_features) if self.b_transposed else (slots, out_features, rank)
+            self.register_buffer("b_storage", torch.zeros(shape, **kw), persistent=False)
+            self._op_b = self.lora_b
         # Plain attributes the forward reads (module buffer and property lookups are slow).
-        self._backend, self._op_b, self._a_rows = group.backend, self.lora_b, self.a_rows
+        self._backend, self._a_rows = group.backend, self.a_rows
         self._ranks, self._masks = group.ranks.members[index], group.ranks.masks
         self._alone = group.members == 1  # reads the whole shrink output: no column view needed
         self.dora: DoraScales | None = None
@@ -166,30 +194,40 @@ class LoraLinear(nn.Module):
         weight = self.base.weight
         return weight if tuple(weight.shape) == (self.out_features, self.in_features) else weight.t()
 
+    def pool_elements(self, rank: int) -> tuple[int, int]:
+        """Elements of a rank-`rank` adapter's (A, B) blocks here, in the pool."""
+        return rank * self.in_features, rank * self.out_features
+
     @torch.no_grad()
     def write_slot(self, row: int, a: torch.Tensor, b: torch.Tensor, scale: float,
-                   magnitude: torch.Tensor | None = None) -> None:
-        """Copy one adapter's A [r, in] and B [out, r] into physical `row`, zero past rank r; with DoRA's
-        `magnitude [out]`, its `g - 1` beside them (computed here, once)."""
+                   magnitude: torch.Tensor | None = None, at: tuple[int, int] | None = None) -> None:
+        """Copy one adapter's A [r, in] and B [out, r] into physical `row` (in the pool: at `at`, the
+        blocks' offsets in the slot's extent; else padded, zeros past rank r); with DoRA's `magnitude
+        [out]`, its `g - 1` beside them (computed here, once)."""
         self._write_dora(row, None if magnitude is None else dora_excess(self.base_weight(), a, b, scale, magnitude))
         r = a.shape[0]
-        a_rows = self.group.lora_a[row, self.a_rows]
-        a_rows[:r].copy_(a)
-        a_rows[r:].zero_()
-        b_row = self.lora_b[row]
-        b_row[:, :r].copy_(b * scale)  # scaled first, so that a narrower slot dtype rounds once
-        b_row[:, r:].zero_()
+        self.group.write_a(row, self.index, a, None if at is None else at[0])
+        if self.group.pool is not None:
+            self._op_b.place(0, row, at[1])
+            self._op_b.block(0, row, r).copy_((b * scale).t())  # scaled first: a narrower dtype rounds once
+        else:
+            b_row = self.lora_b[row]
+            b_row[:, :r].copy_(b * scale)  # scaled first, so that a narrower slot dtype rounds once
+            b_row[:, r:].zero_()
         self.group.ranks.set(self.index, row, r)
 
     @torch.no_grad()
     def clear_slot(self, row: int) -> None:
-        self.group.lora_a[row, self.a_rows].zero_()
-        self.lora_b[row].zero_()
+        """Nothing of this module in `row` (in the pool the blocks are freed with the slot's extent)."""
+        self.group.clear_a(row, self.index)
+        if self.group.pool is None:
+            self.lora_b[row].zero_()
         self.group.ranks.set(self.index, row, 0)
         self._write_dora(row, None)
 
     def _write_dora(self, row: int, excess: torch.Tensor | None) -> None:
         if excess is not None and self.dora is None:
-            self.dora = DoraScales(self.lora_b.shape[0], self.out_features, self.lora_b.device)
+            table = self.group.ranks.group.table
+            self.dora = DoraScales(table.shape[1], self.out_features, table.device)
         if self.dora is not None:
             self.dora.set(row, excess)

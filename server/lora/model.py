@@ -1,8 +1,11 @@
 """Injection of slot-buffered LoRA layers into a transformers model, slot writes, and the dense
 prefix of used slots that lets the op skip idle adapters.
 
-Slots are the engine's names for adapter places (`SlotTable`); rows are where their weights
-physically sit in the buffers. `place(used)` keeps the adapters a step uses in a nearly dense
+Slots are the engine's names for adapter places (`SlotTable`). With the compiled CPU kernels
+(`Backend.pooled`) every adapter's weights sit in one byte-sized `AdapterPool` at their own rank and
+only for the modules it targets, a slot is just an index into small per-slot tables, and rows are
+slots. Otherwise rows are where their weights physically sit in per-slot buffers padded to the max
+rank. `place(used)` keeps the adapters a step uses in a nearly dense
 prefix of rows (compacting them into `0 .. len(used)-1` by swapping rows once more than a
 few idle rows sit below the highest used one), so the op's padded batch reads the adapters in
 flight and at most a bounded number of idle ones.
@@ -20,6 +23,7 @@ from server.adapters.layout import BaseLayout
 from server.adapters.peft_format import ParsedAdapter
 from server.lora.layers import LoraGroup, LoraLinear, StepState
 from server.lora.ops import Backend, backend_for
+from server.lora.pool import PAGE_BYTES, AdapterPool
 from server.lora.special import LoraEmbedding, LoraHead, replacement
 from server.lora.step import LoraStepMeta
 
@@ -36,9 +40,12 @@ class LoraModel:
     """
 
     def __init__(self, model: nn.Module, layout: BaseLayout, max_loras: int, max_rank: int,
-                 backend: Backend | None = None, weight_dtype: torch.dtype | None = None) -> None:
+                 backend: Backend | None = None, weight_dtype: torch.dtype | None = None,
+                 pool_bytes: int | None = None, page_bytes: int = PAGE_BYTES) -> None:
         """`backend`: the LoRA op (default: `backend_for` the model's device and dtype); `weight_dtype`:
-        the slots' (default: the model's; bfloat16 beside a float32 model halves the bytes per step)."""
+        the slots' (default: the model's; bfloat16 beside a float32 model halves the bytes per step).
+        `max_loras`: slots (adapters resident at once at most); `pool_bytes`: the adapter pool's size when
+        the backend reads a pool (default: what `max_loras` padded slots would take)."""
         weight = next(model.parameters())
         self.model = model
         self.layout = layout
@@ -47,6 +54,14 @@ class LoraModel:
         self.weight_dtype = weight_dtype or weight.dtype
         self.state = StepState()
         self.backend = backend or backend_for(weight.device, weight.dtype)
+        self.padded_slot_bytes = padded_slot_bytes(layout, max_rank, self.weight_dtype)
+        self.pool = None
+        if self.backend.pooled:
+            # By default as much as `max_loras` adapters of the max rank on every module can take, the
+            # output layer and the input embedding included, each rounded up to whole pages.
+            per_slot = self.padded_slot_bytes + _special_slot_bytes(model, max_rank, self.weight_dtype) + page_bytes
+            nbytes = pool_bytes if pool_bytes is not None else max_loras * per_slot
+            self.pool = AdapterPool(nbytes, max_loras, weight.device, self.weight_dtype, page_bytes)
         self.layers: dict[str, LoraLinear] = {}
         self.groups: list[LoraGroup] = []
         self.slot_writes = 0  # adapters copied into slots since start-up (swaps show up here)
@@ -59,7 +74,8 @@ class LoraModel:
         self.special: dict[str, LoraHead | LoraEmbedding] = {}
         for names in _group_names(layout):
             fan_in = layout.linear[names[0]][0]
-            group = LoraGroup(len(names), fan_in, max_loras, max_rank, weight.device, self.weight_dtype, self.backend)
+            group = LoraGroup(len(names), fan_in, max_loras, max_rank, weight.device, self.weight_dtype, self.backend,
+                              self.pool)
             self.groups.append(group)
             for index, name in enumerate(names):
                 base = model.get_submodule(name)
@@ -75,29 +91,56 @@ class LoraModel:
         if adapter.rank > self.max_rank:
             raise ValueError(f"adapter rank {adapter.rank} exceeds max_lora_rank {self.max_rank}")
         row = self.row_of[slot]
+        at: dict[str, tuple[int, int]] = {}
+        if self.pool is not None:
+            self.pool.free(row)
+            at, elements = self._pool_blocks(adapter)
+            self.pool.allocate(row, elements)
         for name, layer in self.layers.items():
             weights = adapter.modules.get(name)
             if weights is None:
                 layer.clear_slot(row)
             else:
-                layer.write_slot(row, weights.a, weights.b, weights.scale, weights.magnitude)
+                layer.write_slot(row, weights.a, weights.b, weights.scale, weights.magnitude, at.get(name))
         for name in set(self.special) | self._special_parts(adapter):
-            self._write_special(self._special(name), row, adapter, name)
+            self._write_special(self._special(name), row, adapter, name, at.get(name))
         self.row_ranks[row] = adapter.rank
         self.slot_writes += 1
+
+    def _pool_blocks(self, adapter: ParsedAdapter) -> tuple[dict[str, tuple[int, int]], int]:
+        """Where each module's (A, B) blocks go in the adapter's extent, and the extent's elements."""
+        at, cursor = {}, 0
+        for name, weights in adapter.modules.items():
+            layer = self.layers.get(name) or self._special(name).lora_layer()
+            a_elements, b_elements = layer.pool_elements(weights.a.shape[0])
+            at[name] = (cursor, cursor + a_elements)
+            cursor += a_elements + b_elements
+        return at, cursor
+
+    def slot_bytes(self, adapter: ParsedAdapter) -> int:
+        """Device bytes `adapter` takes once written: its pool pages, or one padded slot."""
+        if self.pool is None:
+            return self.padded_slot_bytes
+        return self.pool.bytes_for(self._pool_blocks(adapter)[1])
+
+    @property
+    def capacity_bytes(self) -> int | None:
+        """The adapter pool's bytes (None without a pool: the slot count is the limit)."""
+        return None if self.pool is None else self.pool.nbytes
 
     def _special_parts(self, adapter: ParsedAdapter) -> set[str]:
         """The output-layer / input-embedding modules an adapter changes (LoRA, a trained copy, token rows)."""
         return (adapter.modules.keys() - self.layers.keys()) | adapter.saved.keys() | adapter.tokens.keys()
 
-    def _write_special(self, layer: LoraHead | LoraEmbedding, row: int, adapter: ParsedAdapter, name: str) -> None:
+    def _write_special(self, layer: LoraHead | LoraEmbedding, row: int, adapter: ParsedAdapter, name: str,
+                       at: tuple[int, int] | None) -> None:
         saved, tokens = adapter.saved.get(name), adapter.tokens.get(name)
         replaced = None
         if saved is not None:
             replaced = replacement(saved, None, layer.weight)
         elif tokens is not None:
             replaced = replacement(tokens.rows, tokens.indices, layer.weight)
-        layer.write_slot(row, adapter.modules.get(name), replaced)
+        layer.write_slot(row, adapter.modules.get(name), replaced, at)
 
     def _special(self, name: str) -> LoraHead | LoraEmbedding:
         """The output layer's or the input embedding's slot layer, wrapped around it on first use."""
@@ -105,7 +148,7 @@ class LoraModel:
         if layer is None:
             base = self.model.get_submodule(name)
             kind = LoraHead if name == self.layout.output_name else LoraEmbedding
-            layer = kind(base, self.max_loras, self.max_rank, self.weight_dtype, self.backend, self.state)
+            layer = kind(base, self.max_loras, self.max_rank, self.weight_dtype, self.backend, self.state, self.pool)
             parent_name, _, child = name.rpartition(".")
             setattr(self.model.get_submodule(parent_name) if parent_name else self.model, child, layer)
             self.special[name] = layer
@@ -123,6 +166,8 @@ class LoraModel:
         for layer in self.special.values():
             layer.clear_slot(row)
         self.row_ranks[row] = 0
+        if self.pool is not None:
+            self.pool.free(row)
 
     def place(self, used: Iterable[int]) -> dict[int, int]:
         """Rows of the `used` slots, all below `len(used) + placement_slack(len(used))`.
@@ -133,6 +178,8 @@ class LoraModel:
         exceed the slack, not each time a request ends (which made steps thrash rows).
         """
         used = sorted(set(used))
+        if self.pool is not None:  # the kernels read any slot where it lies: nothing to compact
+            return {s: s for s in used}
         k = len(used)
         top = max((self.row_of[s] for s in used), default=-1) + 1
         if top > k + placement_slack(k):
@@ -170,7 +217,8 @@ class LoraModel:
 
     def step_meta(self, token_rows: list[int], num_decode: int = 0) -> LoraStepMeta:
         """The step context for packed tokens whose adapter ROWS (from `place`; -1 = base) are given."""
-        meta = LoraStepMeta.build(token_rows, self.row_ranks, self.device, num_decode, self.max_rank)
+        meta = LoraStepMeta.build(token_rows, self.row_ranks, self.device, num_decode, self.max_rank,
+                                  pad_plan=self.pool is None)
         self.adapter_steps += len(set(token_rows) - {-1})
         return meta
 
@@ -191,7 +239,25 @@ class LoraModel:
         if meta is None or head_rows is None or head is None or not meta.row_mask & head.users():
             return None
         slots = [meta.host_slots[r] for r in head_rows.tolist()]
-        return LoraStepMeta.build(slots, self.row_ranks, self.device, len(slots), self.max_rank)
+        return LoraStepMeta.build(slots, self.row_ranks, self.device, len(slots), self.max_rank,
+                                  pad_plan=self.pool is None)
+
+
+def padded_slot_bytes(layout: BaseLayout, max_rank: int, dtype: torch.dtype) -> int:
+    """Bytes of one slot padded to `max_rank` on every linear module (A and B): what a slot of the
+    per-slot buffers takes, whatever the adapter in it."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return max_rank * sum(fan_in + fan_out for fan_in, fan_out in layout.linear.values()) * itemsize
+
+
+def _special_slot_bytes(model: nn.Module, max_rank: int, dtype: torch.dtype) -> int:
+    """Bytes of LoRA of `max_rank` on the output layer and on the input embedding."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    total = 0
+    for module in (model.get_output_embeddings(), model.get_input_embeddings()):
+        if module is not None:
+            total += max_rank * sum(module.weight.shape) * itemsize
+    return total
 
 
 def placement_slack(used: int) -> int:

@@ -69,6 +69,9 @@ class Backend(NamedTuple):
     # Storage the backend reads fastest (the op's views `a [S, R, in]`, `b [S, out, R]` are taken of it):
     a_storage_in_major: bool = False  # A kept as [S, in, R] (else [S, R, in])
     b_storage_rank_major: bool = False  # B kept as [S, R, out] (else [S, out, R])
+    # The weights live in the adapter pool (server/lora/pool.py) at each adapter's own rank, not in
+    # per-slot buffers padded to the max rank; the layers hand the op `PooledWeight`s.
+    pooled: bool = False
 
 
 # Reference (any device) ----------------------------------------------------------------------------
@@ -93,7 +96,7 @@ def expand_reference_(y: torch.Tensor, t: torch.Tensor, b: torch.Tensor, meta: L
 REFERENCE = Backend("reference", shrink_reference, expand_reference_)
 CPU = Backend("cpu", cpu_ops.shrink, cpu_ops.expand_, cpu_ops.CpuShrunk.columns, cpu_ops.from_dense,
               a_storage_in_major=True, b_storage_rank_major=True)
-CPU_KERNELS = Backend("cpu-kernels", cpu_native.shrink, cpu_native.expand_, b_storage_rank_major=True)
+CPU_KERNELS = Backend("cpu-kernels", cpu_native.shrink, cpu_native.expand_, b_storage_rank_major=True, pooled=True)
 CPU_LORA_KERNELS = get_args(CpuLoraKernel)  # the `--cpu-lora-kernel` choices
 
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from server.lora.layers import LoraGroup, LoraLinear, StepState, _ShrinkCache
 from server.lora.ops import Backend
+from server.lora.pool import AdapterPool, PooledWeight
 from server.lora.ranks import WeightRanks
 from server.lora.replacements import Replacement, Replacements
 from server.lora.step import LoraStepMeta
@@ -27,34 +28,65 @@ from server.lora.step import LoraStepMeta
 
 class EmbeddingGroup(LoraGroup):
     """The embedding's A, kept as `a_storage [S, vocab, R]` (a token's rank vector is one contiguous row);
-    `lora_a` is the usual `[S, R, vocab]` view that slot writes go through."""
+    `lora_a` is the usual `[S, R, vocab]` view that slot writes go through. In the adapter pool, A is a
+    token-major block `[vocab, rank]` per adapter."""
 
     def __init__(self, vocab: int, max_loras: int, max_rank: int, device: torch.device, dtype: torch.dtype,
-                 compute_dtype: torch.dtype, backend: Backend) -> None:
+                 compute_dtype: torch.dtype, backend: Backend, pool: AdapterPool | None = None) -> None:
         nn.Module.__init__(self)
         self.members, self.max_rank, self.backend = 1, max_rank, backend
         self.a_transposed, self.vocab, self.compute_dtype = True, vocab, compute_dtype
+        self.in_features, self.pool = vocab, pool
+        self.ranks = WeightRanks(1, max_loras, device)
+        self._cache = _ShrinkCache()
+        if pool is not None:
+            self.op_a = PooledWeight(pool, 1, max_rank, max_rank)  # `row` unused: blocks are [vocab, rank]
+            return
         self.register_buffer("a_storage", torch.zeros(max_loras, vocab, max_rank, device=device, dtype=dtype),
                              persistent=False)
         self.op_a = self.lora_a
-        self.ranks = WeightRanks(1, max_loras, device)
-        self._cache = _ShrinkCache()
+
+    def write_a(self, row: int, member: int, a: torch.Tensor, rel: int | None) -> None:
+        if self.pool is None:
+            super().write_a(row, member, a, rel)
+            return
+        self.op_a.place(0, row, rel)
+        self._table(row, a.shape[0]).copy_(a.t())
+
+    def _table(self, slot: int, rank: int) -> torch.Tensor:
+        """A pooled adapter's `[vocab, rank]` block."""
+        return self.pool.view(self.pool.base_host[slot] + self.op_a.rel_host[0][slot], self.vocab, rank)
 
     def shrink(self, x: torch.Tensor, meta: LoraStepMeta) -> Any:
         """`t [N, R]`: row `slot(i) * vocab + id_i` of the flattened A for token ids `x [..., N]`."""
+        self._cache.computed += 1
+        if self.pool is not None:
+            return self.backend.from_dense(self._pooled_rows(x.reshape(-1), meta), meta)
         index = meta.token_slots.clamp(min=0) * self.vocab + x.reshape(-1)
         t = self.a_storage.view(-1, self.max_rank).index_select(0, index).to(self.compute_dtype)
-        self._cache.computed += 1
         return self.backend.from_dense(t, meta)
+
+    def _pooled_rows(self, ids: torch.Tensor, meta: LoraStepMeta) -> torch.Tensor:
+        """Each token's rank vector from its adapter's block, one gather per adapter of the step."""
+        t = torch.zeros(meta.num_tokens, self.max_rank, device=ids.device, dtype=self.compute_dtype)
+        rows_of: dict[int, list[int]] = {}
+        for i, slot in enumerate(meta.host_slots):
+            if slot >= 0 and self.ranks.group.host[0][slot]:
+                rows_of.setdefault(slot, []).append(i)
+        for slot, rows in rows_of.items():
+            rank = self.ranks.group.host[0][slot]
+            index = torch.tensor(rows, device=ids.device)
+            t[index, :rank] = self._table(slot, rank).index_select(0, ids.index_select(0, index)).to(t.dtype)
+        return t
 
 
 class _SpecialLayer(nn.Module):
     """A wrapped module with optional LoRA (`lora`, built on first use) and replaced weights per slot row."""
 
     def __init__(self, base: nn.Module, max_loras: int, max_rank: int, dtype: torch.dtype, backend: Backend,
-                 state: StepState) -> None:
+                 state: StepState, pool: AdapterPool | None = None) -> None:
         super().__init__()
-        self.base, self.state = base, state
+        self.base, self.state, self.pool = base, state, pool
         self.max_loras, self.max_rank, self.dtype, self.backend = max_loras, max_rank, dtype, backend
         self.lora: LoraLinear | None = None
         self.replacements = Replacements()
@@ -67,13 +99,20 @@ class _SpecialLayer(nn.Module):
         """Bitmask of slot rows whose adapter changes this module."""
         return (0 if self.lora is None else self.lora.group.ranks.masks[0]) | self.replacements.mask
 
-    @torch.no_grad()
-    def write_slot(self, row: int, weights: Any | None, replaced: Replacement | None) -> None:
-        """Slot `row` takes an adapter's LoRA here (`LoraModuleWeights` or None) and replaced weights."""
-        if weights is not None and self.lora is None:
+    def lora_layer(self) -> LoraLinear:
+        """The LoRA layer here, built on first use."""
+        if self.lora is None:
             self.lora = self._build_lora()
+        return self.lora
+
+    @torch.no_grad()
+    def write_slot(self, row: int, weights: Any | None, replaced: Replacement | None,
+                   at: tuple[int, int] | None = None) -> None:
+        """Slot `row` takes an adapter's LoRA here (`LoraModuleWeights` or None; `at`: its blocks' offsets
+        in the adapter pool) and replaced weights."""
         if weights is not None:
-            self.lora.write_slot(row, weights.a, weights.b, weights.scale * self._lora_factor(), weights.magnitude)
+            self.lora_layer().write_slot(row, weights.a, weights.b, weights.scale * self._lora_factor(),
+                                         weights.magnitude, at)
         elif self.lora is not None:
             self.lora.clear_slot(row)
         self.replacements.set(row, replaced)
@@ -95,7 +134,8 @@ class _SpecialLayer(nn.Module):
         """(LoRA buffers, DoRA vectors, replaced weights) held on the device."""
         if self.lora is None:
             return 0, 0, self.replacements.nbytes
-        lora = self.lora.group.a_storage.nbytes + self.lora.b_storage.nbytes
+        # In the pool, the LoRA blocks are counted with the pool.
+        lora = 0 if self.pool is not None else self.lora.group.a_storage.nbytes + self.lora.b_storage.nbytes
         return lora, 0 if self.lora.dora is None else self.lora.dora.excess.nbytes, self.replacements.nbytes
 
     def _build_lora(self) -> LoraLinear:
@@ -123,7 +163,7 @@ class LoraHead(_SpecialLayer):
     def _build_lora(self) -> LoraLinear:
         base = self.base
         group = LoraGroup(1, base.in_features, self.max_loras, self.max_rank, base.weight.device, self.dtype,
-                          self.backend)
+                          self.backend, self.pool)
         layer = LoraLinear(base, base.in_features, base.out_features, group, 0, self.state)
         layer.head_group = group  # registered with the layer: the model's `groups` hold the decoder's only
         return layer
@@ -147,15 +187,16 @@ class LoraEmbedding(_SpecialLayer):
             self.replacements.embed_(y.view(-1, self.base.embedding_dim), ids.reshape(-1), meta, self.output_scale)
         return y
 
-    def write_slot(self, row: int, weights: Any | None, replaced: Replacement | None) -> None:
+    def write_slot(self, row: int, weights: Any | None, replaced: Replacement | None,
+                   at: tuple[int, int] | None = None) -> None:
         if weights is not None and weights.magnitude is not None:
             raise ValueError("DoRA on the input embedding is not served")  # refused when parsed
-        super().write_slot(row, weights, replaced)
+        super().write_slot(row, weights, replaced, at)
 
     def _build_lora(self) -> LoraLinear:
         base = self.base
         group = EmbeddingGroup(base.num_embeddings, self.max_loras, self.max_rank, base.weight.device, self.dtype,
-                               base.weight.dtype, self.backend)
+                               base.weight.dtype, self.backend, self.pool)
         layer = LoraLinear(base, base.num_embeddings, base.embedding_dim, group, 0, self.state)
         layer.embedding_group = group
         return layer

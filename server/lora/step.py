@@ -100,14 +100,18 @@ class LoraStepMeta:
 
     @classmethod
     def build(cls, token_slots: list[int], slot_ranks: list[int], device: torch.device | str = "cpu",
-              num_decode: int = 0, max_rank: int = 0) -> LoraStepMeta:
+              num_decode: int = 0, max_rank: int = 0, pad_plan: bool = True) -> LoraStepMeta:
         """Plan a step from host ints: `token_slots` per packed row (-1 = base), the rank of every
-        slot, how many leading rows are decode rows, and the buffers' rank width (0: unknown)."""
+        slot, how many leading rows are decode rows, and the buffers' rank width (0: unknown).
+        `pad_plan` False leaves out the batched-matmul path's padded plan (every decode row then is a
+        host segment): the compiled kernels over the adapter pool, whose slots are not a dense prefix,
+        never read it."""
         n = len(token_slots)
         if not 0 <= num_decode <= n:
             raise ValueError(f"num_decode {num_decode} outside 0..{n}")
         runs = _runs(token_slots, 0, n)
-        pad_slots, width, pad_rows, pad_index, heavy = _decode_plan(token_slots[:num_decode])
+        pad_slots, width, pad_rows, pad_index, heavy = (
+            _decode_plan(token_slots[:num_decode]) if pad_plan else (0, 0, [], [], _runs(token_slots, 0, num_decode)))
         host = tuple(sorted(heavy + _runs(token_slots, num_decode, n)))
         rows_identity = pad_rows == list(range(len(pad_rows)))
         index_identity = pad_index == list(range(pad_slots * width))

@@ -3,7 +3,9 @@
 // float32 as they are loaded).
 //
 // Built by server/native/loader.py on first use (torch's JIT extension loader, -O3 -march=native)
-// and registered as torch ops `loraplex::shrink_slots` and `loraplex::expand_slots`. Rows are given
+// and registered as torch ops `loraplex::shrink_slots` and `loraplex::expand_slots` (weights in per-slot
+// buffers padded to the max rank), `loraplex::shrink_pool` and `loraplex::expand_pool` (weights in the
+// adapter pool, each at its own rank). Rows are given
 // per slot in CSR form: slot s owns packed rows rows[ptr[s] .. ptr[s+1]) (ptr [S' + 1], rows [n]).
 // Each slot's weights are streamed once whatever its row count, only up to its adapter's rank in
 // that weight (ranks int32; 0 where the adapter does not target it): the zeros past it are never
@@ -271,14 +273,147 @@ void expand_slots(const at::Tensor& y, const at::Tensor& t, const at::Tensor& b,
   with_weights(b, [&](auto* B) { expand_typed(y, t, B, b, ptr, rows, ranks); });
 }
 
+// The pool layout (server/lora/pool.py): every adapter's weights lie in one flat tensor, each weight a
+// block of `rank` rows of `row` elements (A: in features; B: rank-major, out features) at element
+// base[s] + rel[g * S + s] for member g of slot s. Nothing is padded to the largest rank: a rank-4
+// adapter's block is a quarter of a rank-16 one's. The offsets are checked against the pool's size
+// before any thread reads.
+struct PoolPlan {
+  const int64_t* base;
+  const int64_t* rel;
+  int64_t slots_total;  // S: rel's member stride
+  int64_t offset(int64_t g, int64_t s) const { return base[s] + rel[g * slots_total + s]; }
+};
+
+PoolPlan pool_plan(const at::Tensor& pool, const at::Tensor& base, const at::Tensor& rel, const SlotPlan& plan,
+                   int64_t members, int64_t row, int64_t rank_max) {
+  TORCH_CHECK(pool.dim() == 1 && pool.is_contiguous(), "pool must be one contiguous dimension");
+  TORCH_CHECK(base.scalar_type() == at::kLong && rel.scalar_type() == at::kLong, "base and rel must be int64");
+  TORCH_CHECK(base.is_contiguous() && rel.is_contiguous() && rel.dim() == 2 && rel.size(0) == members &&
+              rel.size(1) == base.numel() && base.numel() >= plan.slots, "base [S] and rel [members, S] disagree");
+  const PoolPlan p{base.data_ptr<int64_t>(), rel.data_ptr<int64_t>(), base.numel()};
+  for (int64_t s = 0; s < plan.slots; ++s) {
+    if (plan.ptr[s + 1] == plan.ptr[s]) continue;
+    for (int64_t g = 0; g < members; ++g) {
+      const int64_t r = std::min<int64_t>(plan.rank(g, s), rank_max);
+      TORCH_CHECK(r == 0 || (p.offset(g, s) >= 0 && p.offset(g, s) + r * row <= pool.numel()),
+                  "a weight block lies outside the pool");
+    }
+  }
+  return p;
+}
+
+// t[row, g*R + j] = A_g,s[j, :] . x[row, :] for j < rank(g, s), A read from the pool; 0 elsewhere.
+template <typename W>
+void shrink_pool_typed(const at::Tensor& x, const W* P, const at::Tensor& pool, const at::Tensor& base,
+                       const at::Tensor& rel, const at::Tensor& ptr, const at::Tensor& rows, const at::Tensor& ranks,
+                       int64_t members, int64_t rank_max, const at::Tensor& t) {
+  const SlotPlan plan = slot_plan(ptr, rows, ranks, members);
+  const int64_t in = x.size(1), width = members * rank_max;
+  TORCH_CHECK(t.size(1) == width, "shrink shapes disagree");
+  const PoolPlan pp = pool_plan(pool, base, rel, plan, members, in, rank_max);
+  const int64_t* Pt = plan.ptr;
+  const int64_t* Rw = plan.rows;
+  const float* X = x.data_ptr<float>();
+  float* T = t.data_ptr<float>();
+  const int64_t xs = x.stride(0), ts = t.stride(0);
+  auto rank = [&](int64_t g, int64_t s) { return std::min<int64_t>(plan.rank(g, s), rank_max); };
+  auto cost = [&](int64_t s) {
+    int64_t sum = 0;
+    for (int64_t g = 0; g < members; ++g) sum += rank(g, s);
+    return Pt[s + 1] > Pt[s] ? 1 + sum * ((Pt[s + 1] - Pt[s] + 1) / 2) : 0;
+  };
+  for_slots(plan.slots, cost, [&](int64_t s) {
+    for (int64_t p = Pt[s]; p < Pt[s + 1]; ++p) std::fill_n(T + Rw[p] * ts, width, 0.f);
+    for (int64_t p = Pt[s]; p < Pt[s + 1]; p += 2) {
+      const int64_t count = std::min<int64_t>(2, Pt[s + 1] - p);
+      const float* xr[2];
+      float* tr[2];
+      for (int64_t r = 0; r < count; ++r) {
+        xr[r] = X + Rw[p + r] * xs;
+        tr[r] = T + Rw[p + r] * ts;
+      }
+      for (int64_t g = 0; g < members; ++g) {
+        const W* ag = P + pp.offset(g, s);
+        for (int64_t j = 0, rg = rank(g, s); j < rg; ++j) {
+          if (count == 2)
+            dot_row<2>(xr, ag + j * in, in, tr, g * rank_max + j);
+          else
+            dot_row<1>(xr, ag + j * in, in, tr, g * rank_max + j);
+        }
+      }
+    }
+  });
+}
+
+void shrink_pool(const at::Tensor& x, const at::Tensor& pool, const at::Tensor& base, const at::Tensor& rel,
+                 const at::Tensor& ptr, const at::Tensor& rows, const at::Tensor& ranks, int64_t members,
+                 int64_t rank_max, const at::Tensor& t) {
+  check_inner_contiguous(x, "x");
+  check_weights(pool, "pool");
+  check_inner_contiguous(t, "t");
+  with_weights(pool, [&](auto* P) { shrink_pool_typed(x, P, pool, base, rel, ptr, rows, ranks, members, rank_max, t); });
+}
+
+// y[row, :] += sum_{j < rank(s)} t[row, j] * B_s[j, :], B_s the rank-major block [rank, out] in the pool.
+template <typename W>
+void expand_pool_typed(const at::Tensor& y, const at::Tensor& t, const W* P, const at::Tensor& pool,
+                       const at::Tensor& base, const at::Tensor& rel, const at::Tensor& ptr, const at::Tensor& rows,
+                       const at::Tensor& ranks, int64_t rank_max) {
+  const SlotPlan plan = slot_plan(ptr, rows, ranks, 1);
+  const int64_t out = y.size(1);
+  TORCH_CHECK(t.size(1) >= rank_max, "expand shapes disagree");
+  const PoolPlan pp = pool_plan(pool, base, rel, plan, 1, out, rank_max);
+  const int64_t* Pt = plan.ptr;
+  const int64_t* Rw = plan.rows;
+  float* Y = y.data_ptr<float>();
+  const float* T = t.data_ptr<float>();
+  const int64_t ys = y.stride(0), ts = t.stride(0);
+  auto rank = [&](int64_t s) { return std::min<int64_t>(plan.rank(0, s), rank_max); };
+  auto cost = [&](int64_t s) { return rank(s) * ((Pt[s + 1] - Pt[s] + 3) / 4); };
+  for_slots(plan.slots, cost, [&](int64_t s) {
+    const W* bslot = P + pp.offset(0, s);
+    for (int64_t p = Pt[s]; p < Pt[s + 1]; p += 4) {
+      const int64_t count = std::min<int64_t>(4, Pt[s + 1] - p);
+      float* yr[4];
+      const float* tr[4];
+      for (int64_t r = 0; r < count; ++r) {
+        yr[r] = Y + Rw[p + r] * ys;
+        tr[r] = T + Rw[p + r] * ts;
+      }
+      switch (count) {
+        case 1: expand_rows<1>(yr, tr, bslot, out, rank(s), out); break;
+        case 2: expand_rows<2>(yr, tr, bslot, out, rank(s), out); break;
+        case 3: expand_rows<3>(yr, tr, bslot, out, rank(s), out); break;
+        default: expand_rows<4>(yr, tr, bslot, out, rank(s), out); break;
+      }
+    }
+  });
+}
+
+void expand_pool(const at::Tensor& y, const at::Tensor& t, const at::Tensor& pool, const at::Tensor& base,
+                 const at::Tensor& rel, const at::Tensor& ptr, const at::Tensor& rows, const at::Tensor& ranks,
+                 int64_t rank_max) {
+  check_inner_contiguous(y, "y");
+  check_inner_contiguous(t, "t");
+  check_weights(pool, "pool");
+  with_weights(pool, [&](auto* P) { expand_pool_typed(y, t, P, pool, base, rel, ptr, rows, ranks, rank_max); });
+}
+
 }  // namespace
 
 TORCH_LIBRARY(loraplex, m) {
   m.def("shrink_slots(Tensor x, Tensor a, Tensor ptr, Tensor rows, Tensor ranks, int members, Tensor(a!) t) -> ()");
   m.def("expand_slots(Tensor(a!) y, Tensor t, Tensor b, Tensor ptr, Tensor rows, Tensor ranks) -> ()");
+  m.def("shrink_pool(Tensor x, Tensor pool, Tensor base, Tensor rel, Tensor ptr, Tensor rows, Tensor ranks, "
+        "int members, int rank_max, Tensor(a!) t) -> ()");
+  m.def("expand_pool(Tensor(a!) y, Tensor t, Tensor pool, Tensor base, Tensor rel, Tensor ptr, Tensor rows, "
+        "Tensor ranks, int rank_max) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(loraplex, CPU, m) {
   m.impl("shrink_slots", &shrink_slots);
   m.impl("expand_slots", &expand_slots);
+  m.impl("shrink_pool", &shrink_pool);
+  m.impl("expand_pool", &expand_pool);
 }
