@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,8 +63,8 @@ class Generation:
         try:
             for p, (prompt, chat) in enumerate(inputs):
                 rid = self.request_id if len(inputs) == 1 else f"{self.request_id}-{p}"
-                ids = tuple(prompt) if isinstance(prompt, list) else None
-                request = GenerationRequest(rid, self.model, prompt=None if ids else prompt, params=params, n=n,
+                text, ids = (None, tuple(prompt)) if isinstance(prompt, list) else (prompt, None)
+                request = GenerationRequest(rid, self.model, prompt=text, params=params, n=n,
                                             messages=chat, apply_template=apply_template, prompt_ids=ids)
                 streams = await self.engine.submit(request)
                 for j, stream in enumerate(streams):
@@ -79,7 +79,7 @@ class Generation:
         for stream in self.streams:
             asyncio.ensure_future(stream.aclose())
 
-    async def deltas(self) -> AsyncIterator[tuple[Choice, Delta]]:
+    async def deltas(self) -> AsyncGenerator[tuple[Choice, Delta], None]:
         """Deltas of all choices as they come; aborts whatever is unfinished when left early."""
         source = self._single() if len(self.streams) == 1 else self._merged()
         try:
@@ -90,11 +90,11 @@ class Generation:
             await source.aclose()
             await self.aclose()
 
-    async def _single(self) -> AsyncIterator[tuple[int, Delta]]:
+    async def _single(self) -> AsyncGenerator[tuple[int, Delta], None]:
         async for delta in self.streams[0]:
             yield 0, delta
 
-    async def _merged(self) -> AsyncIterator[tuple[int, Delta]]:
+    async def _merged(self) -> AsyncGenerator[tuple[int, Delta], None]:
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(index: int, stream: Any) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing, suppress
 from typing import Any
 
@@ -56,7 +56,7 @@ class EventStreamResponse(StreamingResponse):
                 task.cancel()
                 with suppress(asyncio.CancelledError, OSError):
                     await task
-            await self.body_iterator.aclose()  # type: ignore[union-attr]
+            await self.body_iterator.aclose()  # type: ignore[attr-defined]
             await self.gen.aclose()  # also when the events never started
 
 
@@ -71,7 +71,7 @@ def _error_event(exc: Exception) -> str:
     return sse(error_body(500, "The server had an error while processing your request.", code="internal_error"))
 
 
-Deltas = AsyncIterator[tuple[Choice, Delta]]
+Deltas = AsyncGenerator[tuple[Choice, Delta], None]
 
 
 async def started_deltas(gen: Generation) -> Deltas:
@@ -99,17 +99,17 @@ async def _chain(first: tuple[Choice, Delta] | None, rest: Deltas) -> Deltas:
 def completion_chunk_choice(choice: Choice, delta: Delta, body: CompletionRequest) -> dict:
     """A choice's piece of one chunk; its first carries the echoed prompt and the prompt logprobs."""
     start = len(choice.text) - len(delta.text)
-    echoed = body.echo and delta.prompt_text is not None
+    echoed = delta.prompt_text if body.echo else None  # the echoed prompt, on the choice's first delta
     logprobs = None
     if body.logprobs is not None:
-        logprobs = (echoed_logprobs(delta.prompt_logprobs, delta.prompt_text, delta.logprobs, body.logprobs)
-                    if echoed else completion_logprobs(delta.logprobs, start + len(choice.prompt_text or "")
-                                                       if body.echo else start)).model_dump()
-    out = {"index": choice.index, "text": delta.prompt_text + delta.text if echoed else delta.text,
+        logprobs = (echoed_logprobs(delta.prompt_logprobs, echoed, delta.logprobs, body.logprobs)
+                    if echoed is not None else completion_logprobs(delta.logprobs, start + len(choice.prompt_text or "")
+                                                                   if body.echo else start)).model_dump()
+    out = {"index": choice.index, "text": delta.text if echoed is None else echoed + delta.text,
            "logprobs": logprobs, "finish_reason": delta.finish_reason}
-    if body.prompt_logprobs is not None and delta.prompt_logprobs is not None:
-        out["prompt_logprobs"] = [e if e is None else {k: v.model_dump() for k, v in e.items()}
-                                  for e in prompt_logprobs(delta.prompt_logprobs, body.prompt_logprobs)]
+    prompt = None if body.prompt_logprobs is None else prompt_logprobs(delta.prompt_logprobs, body.prompt_logprobs)
+    if prompt is not None:
+        out["prompt_logprobs"] = [e if e is None else {k: v.model_dump() for k, v in e.items()} for e in prompt]
     return out
 
 
@@ -119,8 +119,8 @@ async def _events(gen: Generation, deltas: Deltas, base: dict, include_usage: bo
     error after the first event is sent as an error event before `[DONE]`."""
     extra: dict[str, Any] = {"usage": None} if include_usage else {}
     try:
-        for choice in opening or ():
-            yield sse({**base, "choices": [choice], **extra})
+        for first in opening or ():
+            yield sse({**base, "choices": [first], **extra})
         async with aclosing(deltas):
             async for choice, delta in deltas:
                 yield sse({**base, "choices": [choice_of(choice, delta)], **extra})
