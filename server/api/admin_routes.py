@@ -36,7 +36,7 @@ from server.engine.request import AdapterExistsError, EngineError, UnknownModelE
 
 log = logging.getLogger(__name__)
 
-ERRORS = {400: {"description": "invalid upload or adapter"}, 401: {"description": "missing or wrong admin token"},
+ERRORS: dict[int | str, dict[str, Any]] = {400: {"description": "invalid upload or adapter"}, 401: {"description": "missing or wrong admin token"},
           403: {"description": "admin routes disabled (no admin token configured)"},
           503: {"description": "engine not ready, or shutting down"}}
 UPLOAD_RETRY_AFTER = 5
@@ -59,7 +59,7 @@ def _adapter(request: Request, info: Any) -> AdapterObject:
 
 
 def _counted(request: Request, operation: str, exc: ApiError) -> ApiError:
-    request.app.state.metrics.adapter_admin.labels(operation, str(engine_status(exc))).inc()
+    request.app.state.metrics.adapter_admin.labels(operation, str(exc.status)).inc()
     return exc
 
 
