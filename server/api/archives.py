@@ -17,7 +17,7 @@ import tarfile
 import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import IO, Literal
 
 from server.adapters.names import CONFIG_FILE, CONTRACT_FILE, WEIGHTS_FILE
 from server.api.errors import ApiError
@@ -85,7 +85,7 @@ class _Collector:
             raise ArchiveError(f"the archive holds more than one {base}")
         return base
 
-    def add(self, base: str, reader: BinaryIO) -> None:
+    def add(self, base: str, reader: IO[bytes]) -> None:
         target = self.workdir / f"member-{base}"
         with open(target, "wb") as out:
             while chunk := reader.read(COPY_CHUNK):
@@ -151,7 +151,7 @@ def _check_mode(name: str, mode: int) -> None:
         raise ArchiveError(f"archive member '{name}' is a device, FIFO or socket; only regular files are accepted")
 
 
-def _read_tar(path: Path, limit: int, workdir: Path, mode: str) -> dict[str, Path]:
+def _read_tar(path: Path, limit: int, workdir: Path, mode: Literal["r|", "r|gz"]) -> dict[str, Path]:
     """Stream mode (`r|`, `r|gz`): one pass, no seeking, so a .tar.gz is inflated once, chunk by chunk."""
     collector, count, declared = _Collector(limit, workdir), 0, 0
     try:

@@ -77,7 +77,7 @@ def prompt_logprobs(items: Sequence[TokenLogprob] | None, k: int) -> PromptLogpr
 def chat_logprobs(items: Sequence[TokenLogprob]) -> ChatLogprobs:
     """`{content: [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}], refusal}`: top_logprobs
     are the `top_logprobs` most likely tokens, as OpenAI's chat sends them."""
-    content = [ChatTokenLogprob(token=i.token, logprob=_finite(i.logprob), bytes=list(i.token.encode("utf-8")),
+    content = [ChatTokenLogprob(token=i.token, logprob=_finite(-math.inf if i.logprob is None else i.logprob), bytes=list(i.token.encode("utf-8")),
                                 top_logprobs=[TopLogprob(token=t, logprob=_finite(lp), bytes=list(t.encode("utf-8")))
                                               for t, lp in i.top])
                for i in items]

@@ -7,7 +7,7 @@ a message that names them, so a request never silently means something else.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
@@ -151,7 +151,7 @@ class CompletionRequest(SamplingFields):
         """Each prompt: a string, or a list of token ids."""
         if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
             return [self.prompt]
-        return list(self.prompt)
+        return list(cast(list[PromptInput], self.prompt))
 
     def engine_prompt_logprobs(self) -> int | None:
         """How many alternatives the engine computes per prompt token: for prompt_logprobs, and for echo with

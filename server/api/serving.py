@@ -30,7 +30,7 @@ from server.logs import logging_config
 
 log = logging.getLogger(__name__)
 DRAIN_POLL = 0.05
-FINAL_FLUSH = 1.0     # seconds uvicorn gets, after the drain, to send what the finished requests left
+FINAL_FLUSH = 1       # seconds uvicorn gets, after the drain, to send what the finished requests left
 
 
 def uvicorn_config(app: FastAPI, settings: Settings, grace: float) -> uvicorn.Config:

@@ -18,11 +18,14 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from python_multipart import MultipartParser
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import parse_options_header
+
+if TYPE_CHECKING:
+    from python_multipart.multipart import MultipartCallbacks
 from starlette.requests import ClientDisconnect, Request
 
 from server.adapters.contract import MAX_CONTRACT_BYTES
@@ -127,7 +130,7 @@ class MultipartReader:
         self._header_name = bytearray()
         self._header_value = bytearray()
 
-    def callbacks(self) -> dict:
+    def callbacks(self) -> MultipartCallbacks:
         return {"on_part_begin": self._begin, "on_header_field": self._hfield, "on_header_value": self._hvalue,
                 "on_header_end": self._hend, "on_headers_finished": self._headers_done,
                 "on_part_data": self._data, "on_part_end": self._end, "on_end": self._body_end}
@@ -164,7 +167,7 @@ class MultipartReader:
         filename = options.get(b"filename")
         part = self._part
         part.is_file = filename is not None
-        if not part.is_file:
+        if filename is None:
             if field_name not in FIELD_KEYS:
                 raise invalid(f"unexpected form field {field_name[:80]!r}: the fields are 'name' and 'overwrite'",
                               field_name[:80])

@@ -70,8 +70,8 @@ async def run_app(app: ASGIApp, request: ForwardedRequest,
                     yield bytes(message["body"])
                 if not message.get("more_body", False):
                     break
-        if task.done() and task.exception() is not None:
-            raise task.exception()
+        if task.done() and (error := task.exception()) is not None:
+            raise error
     finally:
         left.set()
         if not task.done():

@@ -65,7 +65,8 @@ def replica_class(max_models: int) -> type:
     """The replica deployment's class; `max_models` must be fixed when the class is made (Serve reads it then)."""
 
     class EngineReplica:
-        async def __init__(self, overrides: dict[str, Any], board: DeploymentHandle) -> None:
+        async def __init__(self, overrides: dict[str, Any], board: DeploymentHandle) -> None:  # type: ignore[misc]
+            # Serve awaits a replica's async constructor: the model loads without blocking the replica's loop.
             from server.api.app import create_app
             from server.bootstrap import build_engine
 
@@ -158,5 +159,6 @@ def build_app(args: dict[str, Any]) -> Application:
                                num_replicas=int(args.get("replicas", 1)), ray_actor_options=options,
                                max_ongoing_requests=settings.max_running + max(1, settings.max_queue // 2),
                                health_check_period_s=5, graceful_shutdown_timeout_s=settings.shutdown_grace)
-    board = MetricsBoard.bind()
-    return ClusterIngress.bind(replica.bind(overrides, board), board, overrides)
+    # `@serve.deployment` turns each class into a Deployment with `bind`; mypy keeps a decorated class's type.
+    board = MetricsBoard.bind()  # type: ignore[attr-defined]
+    return ClusterIngress.bind(replica.bind(overrides, board), board, overrides)  # type: ignore[attr-defined]
