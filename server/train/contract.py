@@ -29,7 +29,8 @@ def contract_from_records(records: list[dict], completion_tokens: int, descripti
     stop = ["\n"] if completions and not any("\n" in c.strip() for c in completions) else None
     defaults = SamplingDefaults(temperature=0.0, max_tokens=max(MIN_MAX_TOKENS, completion_tokens * 3 // 2),
                                 stop=stop)
-    template, inputs = None, []
+    template: str | None = None
+    inputs: list[str] = []
     prompts = [r["prompt"] for r in records if isinstance(r.get("prompt"), str)]
     if prompts and len(prompts) == len(records):
         template, inputs = _template(prompts)

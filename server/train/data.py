@@ -6,7 +6,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -57,7 +57,7 @@ def chat_to_example(messages: Any, tokenizer: PreTrainedTokenizerBase) -> Exampl
         raise DataError('the last message must have role "assistant"')
     if tokenizer.chat_template is None:
         raise DataError("chat records need a tokenizer with a chat template")
-    prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
+    prompt = cast(str, tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False))
     return Example(prompt, messages[-1]["content"], special_tokens=False)
 
 

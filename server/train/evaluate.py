@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from server.train.data import Encoded, Example, collate, encode_prompt, pad_id_of
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 
 @dataclass
@@ -42,7 +46,7 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
 
 @torch.inference_mode()
 def generate_greedy(
-    model: PreTrainedModel,
+    model: PreTrainedModel | PeftModel,
     tokenizer: PreTrainedTokenizerBase,
     examples: list[Example],
     max_new_tokens: int,
@@ -58,7 +62,7 @@ def generate_greedy(
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         ids, mask = left_pad([prompts[i] for i in chunk], pad_id)
-        generated = model.generate(
+        generated = model.generate(  # type: ignore[operator]  # transformers' decorated generate reads as a Tensor
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
             max_new_tokens=max_new_tokens,
@@ -69,12 +73,12 @@ def generate_greedy(
         for i, row in zip(chunk, generated[:, ids.shape[1] :].tolist()):
             if tokenizer.eos_token_id in row:
                 row = row[: row.index(tokenizer.eos_token_id)]
-            outputs[i] = tokenizer.decode(row, skip_special_tokens=True)
+            outputs[i] = str(tokenizer.decode(row, skip_special_tokens=True))
     return outputs
 
 
 @torch.inference_mode()
-def mean_loss(model: PreTrainedModel, data: list[Encoded], pad_id: int, batch_size: int = 64) -> float:
+def mean_loss(model: PreTrainedModel | PeftModel, data: list[Encoded], pad_id: int, batch_size: int = 64) -> float:
     """Token-weighted mean cross-entropy over all completion tokens."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
@@ -102,7 +106,7 @@ def score(predictions: list[str], examples: list[Example], keep_samples: int = 5
 
 
 def evaluate(
-    model: PreTrainedModel,
+    model: PreTrainedModel | PeftModel,
     tokenizer: PreTrainedTokenizerBase,
     examples: list[Example],
     encoded: list[Encoded] | None = None,

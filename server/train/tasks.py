@@ -76,7 +76,8 @@ def random_sentence(rng: random.Random) -> tuple[str, Facts]:
 
 def sentences(n: int, seed: int, exclude: frozenset[str] = frozenset()) -> list[tuple[str, Facts]]:
     """`n` distinct sentences, the same for the same seed; none of them in `exclude`."""
-    rng, seen, out = random.Random(seed), set(exclude), []
+    rng, seen = random.Random(seed), set(exclude)
+    out: list[tuple[str, Facts]] = []
     while len(out) < n:
         text, facts = random_sentence(rng)
         if text not in seen:

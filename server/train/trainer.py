@@ -69,7 +69,7 @@ def seed_everything(seed: int) -> None:
 def wrap_with_lora(model: PreTrainedModel, config: TrainConfig) -> PeftModel:
     lora = LoraConfig(
         r=config.rank,
-        lora_alpha=config.alpha,
+        lora_alpha=config.alpha,  # type: ignore[arg-type]  # typed int by PEFT, used as a float scale
         target_modules=config.targets,
         lora_dropout=config.dropout,
         bias="none",
