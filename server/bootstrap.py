@@ -29,6 +29,13 @@ def build_engine(settings: Settings) -> Engine:
     return engine
 
 
+def _lora_memory(engine: Engine) -> str:
+    lora = engine.lora
+    if lora.capacity_bytes is None:
+        return f"{lora.max_loras} padded device slots"
+    return f"a {lora.capacity_bytes / 2**30:.2f} GiB adapter pool (up to {lora.max_loras} adapters)"
+
+
 def startup_summary(engine: Engine, settings: Settings) -> str:
     """One line that says what is being served and how (no secrets: only whether keys are set)."""
     import torch
@@ -37,8 +44,8 @@ def startup_summary(engine: Engine, settings: Settings) -> str:
     on = {True: "on", False: "off"}
     slot_dtype = str(engine.lora.weight_dtype).removeprefix("torch.")
     return (f"serving {engine.base_name} on {base.device} ({str(base.dtype).removeprefix('torch.')}), "
-            f"{len(engine.list_adapters())} adapters in {settings.adapters_dir}, {settings.max_loras} device "
-            f"slots (rank <= {settings.max_lora_rank}, {slot_dtype} weights, LoRA op {engine.lora.backend.name}), "
+            f"{len(engine.list_adapters())} adapters in {settings.adapters_dir}, {_lora_memory(engine)} "
+            f"(rank <= {settings.max_lora_rank}, {slot_dtype} weights, LoRA op {engine.lora.backend.name}), "
             f"decode attention {'cpu-kernel' if engine.decode_kernel else 'torch'}, "
             f"KV cache {engine.kv_cache.num_slots} tokens ({engine.kv_cache.bytes / 2**30:.2f} GiB), {threads} "
             f"threads, API key {on[bool(settings.api_key)]}, admin {on[bool(settings.admin_token)]}, "

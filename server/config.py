@@ -31,8 +31,16 @@ class Settings(BaseSettings):
     adapters_dir: Path = Field(Path("adapters"), description="the adapter store: a folder of PEFT files per adapter")
     shared_store: bool = Field(False, description="the adapter store is shared with other servers (cluster "
                                "replicas): writes take a lock file in it and every request checks its change counter")
-    max_loras: int = Field(8, ge=1, le=1024, description="adapter slots on the device (distinct adapters in one batch)")
-    max_lora_rank: int = Field(16, ge=1, le=1024, description="largest adapter rank accepted; slots are padded to it")
+    max_loras: int | None = Field(None, ge=1, le=4096, description="adapters resident on the device at most "
+                                  "(vLLM's cap); unset = as many as the adapter pool holds (up to 1024) with the "
+                                  "compiled CPU kernels, 8 padded slots on other LoRA ops")
+    lora_pool_gb: float | None = Field(None, gt=0, description="the adapter pool in GiB: adapters take memory at "
+                                       "their own rank and targets, and as many share a step as fit; unset = a "
+                                       "quarter of the memory available at start-up on the CPU (at most 8 GiB, "
+                                       "committed as adapters are written); on other LoRA ops (padded slots) it "
+                                       "sets how many max-rank slots there are")
+    max_lora_rank: int = Field(16, ge=1, le=1024, description="largest adapter rank accepted (the pool stores each "
+                               "adapter at its own rank; padded slots are padded to it)")
     device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="weights and activations; auto = bfloat16 on CUDA, float32 on CPU")

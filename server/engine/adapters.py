@@ -34,6 +34,7 @@ from server.adapters.shared import SharedAdapterStore, StoreSync
 from server.adapters.slots import NoFreeSlotError, SlotTable
 from server.adapters.store import AdapterStore
 from server.config import Settings
+from server.engine.pool_size import PoolStats
 from server.engine.request import (
     AdapterExistsError,
     AdapterInfo,
@@ -95,7 +96,9 @@ class AdapterManager:
                                         max_cpu_bytes=settings.max_cpu_lora_bytes,
                                         protect_found=uses_default_store(settings),
                                         max_saved_bytes=settings.max_saved_module_bytes)
-        self.slots = SlotTable(settings.max_loras)
+        # Residency within the pool's bytes (or, without a pool, the padded slots' count).
+        self.slots = SlotTable(lora.max_loras, lora.capacity_bytes, unload=self._clear)
+        self.pool_waits = 0  # admissions put off because running adapters held the pool (or every slot)
         # Bytes of fully trained module copies (modules_to_save) of the adapter in each slot, as saved.
         self.copies: dict[int, int] = {}
         self.max_copy_bytes = settings.max_saved_module_bytes
@@ -236,6 +239,17 @@ class AdapterManager:
         return (sum(self.slots.slot_of(r.key) is not None for r in records),
                 sum(self.registry.in_cpu(r) for r in records))
 
+    def pool_stats(self) -> PoolStats:
+        slots, pool = self.slots, self.lora.pool
+        keys = slots.keys()
+        pinned = sum(1 for key in keys if slots.pinned(slots.slot_of(key)))
+        if pool is None:
+            size = self.lora.padded_slot_bytes
+            return PoolStats(size * slots.num_slots, size * len(keys), slots.num_slots - len(keys), size, len(keys),
+                             pinned, slots.evictions, self.pool_waits, 0)
+        return PoolStats(pool.nbytes, pool.used_pages * pool.page_bytes, pool.free_pages, pool.page_bytes, len(keys),
+                         pinned, slots.evictions, self.pool_waits, pool.compactions)
+
     def cached(self, record: AdapterRecord | ComposedRecord) -> ParsedAdapter | None:
         """The record's weights if the CPU tier holds them (a composition: already built)."""
         if isinstance(record, ComposedRecord):
@@ -307,10 +321,28 @@ class AdapterManager:
             if not self._room_for_copies(seq.adapter.saved_bytes):
                 return Admission.NO_SLOT  # running adapters hold the copy budget: wait for one to end
         try:
-            seq.slot = self.slots.acquire(seq.record.key, lambda slot: self._load_slot(slot, seq))
+            seq.slot = self.slots.acquire(seq.record.key, lambda slot: self._load_slot(slot, seq),
+                                          self.lora.slot_bytes(seq.adapter))
         except NoFreeSlotError:
+            self.pool_waits += 1
             return Admission.NO_SLOT
         return Admission.ADMITTED
+
+    def preload(self, waiting: Iterable[Sequence], limit: int = 8) -> None:
+        """Write the adapters of the requests next in line into free pool room (never evicting), so their
+        admission finds them on the device; only adapters whose weights are already in memory."""
+        for seq in itertools.islice(waiting, 4 * limit):
+            record = seq.record
+            if record is None or isinstance(record, ComposedRecord) or record.deleted or record.status == ERROR:
+                continue
+            adapter = self.registry.cached(record)
+            if adapter is None or adapter.saved or self.slots.slot_of(record.key) is not None:
+                continue
+            fits = self.slots.preload(record.key, lambda slot, r=record, a=adapter: self._write(slot, r, a),
+                                      self.lora.slot_bytes(adapter))
+            limit -= 1
+            if not fits or limit <= 0:
+                return
 
     def _room_for_copies(self, need: int) -> bool:
         """Make `need` more bytes of trained copies fit the budget by freeing idle slots that hold copies
@@ -385,8 +417,11 @@ class AdapterManager:
         return None
 
     def _load_slot(self, slot: int, seq: Sequence) -> None:
+        self._write(slot, seq.record, seq.adapter)
+
+    def _write(self, slot: int, record: AdapterRecord | ComposedRecord, adapter: ParsedAdapter) -> None:
         started = time.perf_counter()
-        self.lora.write_slot(slot, seq.adapter)
-        self.copies[slot] = seq.adapter.saved_bytes
-        seq.record.loads += 1
-        seq.record.load_seconds = time.perf_counter() - started
+        self.lora.write_slot(slot, adapter)
+        self.copies[slot] = adapter.saved_bytes
+        record.loads += 1
+        record.load_seconds = time.perf_counter() - started

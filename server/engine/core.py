@@ -104,6 +104,8 @@ class EngineCore:
                 self._wake.clear()
                 continue
             try:
+                # Adapters of requests next in line into free pool room: their admission is then a pin.
+                self.manager.preload(self.scheduler.waiting, limit=2)
                 if not self._step():
                     self._wake.wait(timeout=0.005)  # everything waits on an adapter load
                     self._wake.clear()

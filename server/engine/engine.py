@@ -21,13 +21,14 @@ from server.engine.front import EngineFront
 from server.engine.grammar import GrammarCompiler
 from server.engine.kv_cache import KVCache
 from server.engine.memory import MemoryUse, adapter_device_bytes, module_bytes
+from server.engine.pool_size import PoolStats, lora_capacity
 from server.engine.prefix_cache import PrefixCache
 from server.engine.probe import probe_model
 from server.engine.request import AdapterInfo, GenerationRequest, GenerationResult, InvalidRequestError
 from server.engine.runner import ModelRunner
 from server.engine.scheduler import Scheduler
 from server.engine.stream import RequestStream
-from server.lora.model import LoraModel
+from server.lora.model import LoraModel, padded_slot_bytes
 from server.lora.ops import backend_for
 from server.models import BaseModel, output_size, resolve_lora_dtype
 from server.threads import run_in_fresh_thread
@@ -60,6 +61,7 @@ class EngineStats:
     prefix_cache_hit_tokens: int = 0
     preemptions: int = 0               # sequences recomputed for want of KV blocks
     memory: MemoryUse | None = None
+    adapter_pool: PoolStats | None = None
 
 
 def _kv_cache(base: BaseModel, settings: Settings) -> KVCache:
@@ -82,7 +84,9 @@ class Engine:
         # The model's compute dtype, not its first parameter's: a quantized base keeps uint8 blocks.
         lora_dtype = resolve_lora_dtype(settings.lora_dtype, base.dtype, base.device)
         backend = backend_for(base.device, base.dtype, settings.cpu_lora_kernel)
-        self.lora = LoraModel(base.model, layout, settings.max_loras, settings.max_lora_rank, backend, lora_dtype)
+        slots, pool_bytes = lora_capacity(settings, backend.pooled,
+                                          padded_slot_bytes(layout, settings.max_lora_rank, lora_dtype))
+        self.lora = LoraModel(base.model, layout, slots, settings.max_lora_rank, backend, lora_dtype, pool_bytes)
         paged = use_paged_attention(base.model)
         self.decode_kernel = decode_kernel_applies(base.device, base.dtype, settings.cpu_attention_kernel)
         self.kv_cache = _kv_cache(base, settings)
@@ -213,7 +217,8 @@ class Engine:
                            kv_blocks_cached=allocator.num_cached,
                            prefix_cache_queried_tokens=self.prefix_cache.queried_tokens,
                            prefix_cache_hit_tokens=self.prefix_cache.hit_tokens,
-                           preemptions=self.scheduler.preemptions, memory=self.memory())
+                           preemptions=self.scheduler.preemptions, memory=self.memory(),
+                           adapter_pool=self.adapters.pool_stats())
 
     def memory(self) -> MemoryUse:
         return MemoryUse(model_bytes=self.model_bytes, kv_cache_bytes=self.kv_cache.bytes,

@@ -1,13 +1,15 @@
 """Picks the sequences of each step: decodes first, then prefill chunks, within budgets.
 
 Budgets per step: `max_batched_tokens` tokens, `max_running` sequences, the KV blocks that
-are free, and `max_loras` distinct adapters (a device slot is pinned per running sequence).
+are free, and the device's adapter memory: a sequence is admitted when its adapter is resident or
+fits in the adapter pool once idle adapters are evicted (`admit`; its slot is pinned while it runs),
+so how many distinct adapters share a step depends on their bytes, not a slot count.
 When a running sequence needs a block and none is free, the newest running sequence is
 preempted: its blocks and slot pin are released and it is recomputed later.
 
 Progress is guaranteed: the front refuses any sequence larger than the whole KV cache, and
-a sequence refused a device slot `max_skips` times stops the admission of every other
-sequence that would pin a slot, until running ones drain and it gets one (aging).
+a sequence refused room for its adapter `max_skips` times stops the admission of every other
+sequence that would pin an adapter, until running ones drain and it gets its room (aging).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ log = logging.getLogger(__name__)
 class Admission(enum.Enum):
     ADMITTED = "admitted"
     LOADING = "loading"      # its adapter's weights are still being read from disk
-    NO_SLOT = "no_slot"      # every device slot is pinned by a running sequence
+    NO_SLOT = "no_slot"      # adapters pinned by running sequences leave too little pool (or no slot)
 
 
 @dataclass(frozen=True)

@@ -42,12 +42,12 @@ def test_waiting_requests_adapters_load_while_the_batch_runs(tiny_llama_dir, sto
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and engine.core.num_waiting() < 2:  # tokenized, queued
             await asyncio.sleep(0.001)
-        tiers, waiting_then = set(), 2
-        while time.monotonic() < deadline and tiers != {"cpu"} and waiting_then == 2:
+        tiers, waiting_then, loaded = set(), 2, {"cpu", "device"}  # read ahead: into memory, or the pool's free room
+        while time.monotonic() < deadline and not (tiers and tiers <= loaded) and waiting_then == 2:
             waiting_then = engine.core.num_waiting()  # one sequence runs at a time: a's, then b's
             tiers = {engine.adapter_info(n).tier for n in (b, c)}
             await asyncio.sleep(0.005)
-        assert (tiers, waiting_then) == ({"cpu"}, 2)  # both loaded while neither could be admitted
+        assert tiers <= loaded and waiting_then == 2, (tiers, waiting_then)  # loaded while neither could be admitted
         await asyncio.to_thread(engine.delete_adapter, c)  # prefetched weights must not outlive a delete
         async for _ in running:
             pass

@@ -1,0 +1,66 @@
+"""How much device memory the adapters get: the pool's bytes and the slot-table size, from Settings.
+
+With a pooled LoRA op (the compiled CPU kernels) the pool's bytes bound residency and `--max-loras`
+is only an optional cap on the count. On other ops the weights sit in slots padded to the max rank,
+so `--lora-pool-gb` there sets how many such slots fit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from server.config import Settings
+
+PADDED_SLOTS = 8        # padded slots when neither --max-loras nor --lora-pool-gb is set (vLLM's default, 4-8)
+POOL_SLOTS = 1024       # slot-table entries beside a pool when --max-loras is unset (tables only: 8 bytes each)
+CPU_POOL_SHARE = 0.25   # of the memory available at start-up: the pool is committed only as adapters fill it
+CPU_POOL_MAX = 8 * 2**30
+CPU_POOL_MIN = 256 * 2**20
+
+
+def lora_capacity(settings: Settings, pooled: bool, padded_slot_bytes: int) -> tuple[int, int | None]:
+    """(slots, pool bytes or None) for the LoRA model."""
+    if pooled:
+        slots = settings.max_loras or POOL_SLOTS
+        if settings.lora_pool_gb is not None:
+            return slots, int(settings.lora_pool_gb * 2**30)
+        return slots, default_cpu_pool_bytes()
+    if settings.lora_pool_gb is None:
+        return settings.max_loras or PADDED_SLOTS, None
+    slots = max(1, int(settings.lora_pool_gb * 2**30) // padded_slot_bytes)
+    return min(slots, settings.max_loras or POOL_SLOTS), None
+
+
+def default_cpu_pool_bytes() -> int:
+    """A quarter of the memory available now, within [256 MiB, 8 GiB]."""
+    return int(min(CPU_POOL_MAX, max(CPU_POOL_MIN, CPU_POOL_SHARE * available_memory())))
+
+
+def available_memory() -> int:
+    """MemAvailable of /proc/meminfo (bytes); the physical memory where it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    """The device's adapter memory now (the metrics' `loraplex_adapter_pool_*`)."""
+
+    capacity_bytes: int       # the pool (padded slots: their count x one slot's bytes)
+    used_bytes: int           # taken by resident adapters (whole pages)
+    free_pages: int           # pages no adapter holds (padded slots: free slots)
+    page_bytes: int           # a page's bytes (padded slots: a slot's)
+    resident: int             # adapters on the device
+    pinned: int               # of them, used by a running sequence
+    evictions: int            # idle adapters evicted to make room, since start-up
+    admissions_delayed: int   # admissions put off because running adapters held the room
+    compactions: int          # times the pool's extents were slid together to make one hole
