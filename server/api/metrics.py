@@ -133,6 +133,8 @@ class EngineCollector(Collector):
         resident.add_metric(["device"], stats.adapters_on_device)
         resident.add_metric(["cpu"], stats.adapters_on_cpu)
         yield resident
+        yield from _pool_metrics(getattr(stats, "adapter_pool", None))
+
 
     def _adapters(self) -> Iterator[Metric]:
         try:
@@ -155,3 +157,26 @@ class EngineCollector(Collector):
             loads.add_metric([a.name], a.loads)
             load_seconds.add_metric([a.name], a.load_seconds)
         yield from (info, requests, tokens, loads, load_seconds)
+
+
+def _pool_metrics(pool: Any) -> Iterator[Metric]:
+    """The device's adapter memory: the pool (or the padded slots, a slot per page)."""
+    if pool is None:
+        return
+    gauges = {
+        "loraplex_adapter_pool_bytes": ("Bytes of the device's adapter pool", pool.capacity_bytes),
+        "loraplex_adapter_pool_used_bytes": ("Pool bytes taken by resident adapters", pool.used_bytes),
+        "loraplex_adapter_pool_free_bytes": ("Pool bytes no adapter holds", pool.capacity_bytes - pool.used_bytes),
+        "loraplex_adapter_pool_free_pages": ("Pool pages no adapter holds (padded slots: free slots)",
+                                             pool.free_pages),
+        "loraplex_adapter_pool_adapters": ("Adapters resident in the pool", pool.resident),
+        "loraplex_adapter_pool_pinned": ("Resident adapters a running sequence uses (never evicted)", pool.pinned),
+    }
+    for name, (doc, value) in gauges.items():
+        yield GaugeMetricFamily(name, doc, value=value)
+    yield CounterMetricFamily("loraplex_adapter_pool_evictions", "Idle adapters evicted from the pool to make room",
+                              value=pool.evictions)
+    yield CounterMetricFamily("loraplex_adapter_pool_admissions_delayed", "Admissions put off because adapters of "
+                              "running sequences held the pool", value=pool.admissions_delayed)
+    yield CounterMetricFamily("loraplex_adapter_pool_compactions", "Times resident adapters were slid together to "
+                              "make one free extent", value=pool.compactions)

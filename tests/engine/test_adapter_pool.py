@@ -8,9 +8,12 @@ import asyncio
 
 import torch
 from peft import PeftModel
+from prometheus_client import CollectorRegistry, generate_latest
 from transformers import AutoModelForCausalLM
 
+from server.api.metrics import EngineCollector
 from server.lora.pool import PAGE_BYTES
+from tests.api.test_operations import metric
 from tests.engine.conftest import greedy, make_engine, run_all
 from tests.engine.test_continuous_batching import PROMPTS, adapter_store
 
@@ -44,3 +47,12 @@ def test_outputs_equal_peft_while_adapters_are_evicted(tiny_model_dir, tmp_path,
     assert pool.evictions >= ADAPTERS - 2 and pool.admissions_delayed > 0
     assert pool.resident <= 2 and pool.pinned == 0 and pool.used_bytes <= pool.capacity_bytes
     assert engine.kv_cache.allocator.num_free == engine.kv_cache.allocator.num_total
+    registry = CollectorRegistry()
+    registry.register(EngineCollector(lambda: engine))
+    text = generate_latest(registry).decode()
+    assert metric(text, "loraplex_adapter_pool_bytes") == 2 * PAGE_BYTES
+    assert metric(text, "loraplex_adapter_pool_used_bytes") == pool.resident * PAGE_BYTES
+    assert metric(text, "loraplex_adapter_pool_free_pages") == 2 - pool.resident
+    assert metric(text, "loraplex_adapter_pool_adapters") == pool.resident
+    assert metric(text, "loraplex_adapter_pool_evictions_total") == pool.evictions
+    assert metric(text, "loraplex_adapter_pool_admissions_delayed_total") == pool.admissions_delayed
