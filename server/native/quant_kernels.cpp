@@ -6,7 +6,7 @@
 //       out = x @ W^T, W the dequantized weight [N, K].
 //       int8=False (exact): each block is dequantized in registers and multiplied with the float32 activations,
 //         equal to float32 matmul over the dequantized weight up to summation order.
-//       int8=True: decode rows (M <= DIRECT_ROWS) quantize each 32 activations to int8 with one float scale and
+//       int8=True: decode rows (M <= INT8_ROWS) quantize each 32 activations to int8 with one float scale and
 //         take integer dot products with the blocks' quants (AVX2 only; elsewhere, and for larger M, exact).
 //   loraplex::quant_dequantize(blocks, qtype, K, reference=False) -> W [N, K] f32
 //       reference=True: the scalar decoder (the portable path), else the vector one the kernels use.
@@ -27,10 +27,12 @@
 //   Q6_K (14) 256: ql[128], qh[64], scales int8[16], d 16 x 16; q = 4 bits | 2 bits << 4, -32
 // The per-type decoders below (unpack_ref, and visit for AVX2) spell out where each chunk's bits lie.
 //
-// Decode rows (M <= DIRECT_ROWS) stream each weight row once per group of up to 8 activation rows (tiles of
-// ROW_TILE weight rows, so a group's re-reads come from cache), output rows split over torch's OpenMP team.
-// Larger M (prefill chunks) dequantizes tiles of TILE_ROWS weight rows and multiplies them with at::mm:
-// compute-bound, where a dense GEMM is fastest.
+// Decode rows (M <= DIRECT_ROWS, or INT8_ROWS in int8 mode) stream each weight row once per group of up to 8
+// activation rows (tiles of ROW_TILE weight rows, so a group's re-reads come from cache), output rows split over
+// torch's OpenMP team (calls under MIN_THREAD_WORK weights per thread stay on the caller's thread: the team's
+// start and join cost more). Larger M (prefill chunks, big decode batches) dequantizes tiles of TILE_ROWS weight
+// rows and multiplies them with at::mm: compute-bound, where a dense GEMM (AVX-512 where the CPU has it) is
+// fastest; the crossover was measured at 32-48 rows exact, about 64 in int8 mode.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -50,9 +52,16 @@
 namespace {
 
 constexpr int64_t CHUNK = 32;
-constexpr int64_t DIRECT_ROWS = 64;
+constexpr int64_t DIRECT_ROWS = 32;
+constexpr int64_t INT8_ROWS = 64;
 constexpr int64_t TILE_ROWS = 256;
 constexpr int64_t ROW_TILE = 16;
+constexpr int64_t MIN_THREAD_WORK = 1 << 17;  // weights x activation rows
+
+// Weight rows per task in parallel_for: at least ROW_TILE, and enough that a thread's share is worth its start.
+int64_t row_grain(int64_t m_rows, int64_t k) {
+  return std::max(ROW_TILE, MIN_THREAD_WORK / std::max<int64_t>(1, m_rows * k));
+}
 
 enum QType : int64_t { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q2_K = 10, Q3_K = 11, Q4_K = 12, Q5_K = 13,
                        Q6_K = 14 };
@@ -236,9 +245,9 @@ void dequantize_rows_ref(const uint8_t* blocks, int64_t row_bytes, int64_t t, in
 void direct_ref(const float* x, int64_t m_rows, int64_t x_stride, const uint8_t* blocks, int64_t row_bytes, int64_t t,
                 int64_t n, int64_t k, float* out, int64_t out_stride) {
   const int64_t nb = k / block_weights(t), bb = block_bytes(t), bw = block_weights(t);
-  at::parallel_for(0, n, 8, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, n, row_grain(m_rows, k), [&](int64_t r0, int64_t r1) {
     float w[256];
-    float acc[DIRECT_ROWS];
+    float acc[INT8_ROWS];
     for (int64_t r = r0; r < r1; ++r) {
       std::fill_n(acc, m_rows, 0.f);
       for (int64_t b = 0; b < nb; ++b) {
@@ -480,6 +489,7 @@ template <int64_t T, int R>
 void int8_rows(const Int8Rows& xr, const uint8_t* blocks, int64_t row_bytes, int64_t k, int64_t r0, int64_t r1,
                float* out, int64_t out_stride) {
   constexpr int A = R >= 4 ? 1 : 2;
+  constexpr bool halves = T == Q2_K || T == Q3_K || T == Q6_K;  // 16-weight sub-blocks: (a, b) per half
   constexpr int64_t bw = block_weights(T), bb = block_bytes(T);
   constexpr int64_t cpb = bw / CHUNK;
   const int64_t nb = k / bw, nc = k / CHUNK;
@@ -490,8 +500,8 @@ void int8_rows(const Int8Rows& xr, const uint8_t* blocks, int64_t row_bytes, int
     const uint8_t* row = blocks + r * row_bytes;
     for (int64_t b = 0; b < nb; ++b) {
       visit<T>(row + b * bb, [&](int c, const Chunk& ch) {
-        const __m256 a = _mm256_set_m128(_mm_set1_ps(ch.a1), _mm_set1_ps(ch.a0));
-        const __m256 off = _mm256_set_m128(_mm_set1_ps(ch.b1), _mm_set1_ps(ch.b0));
+        const __m256 a = halves ? _mm256_set_m128(_mm_set1_ps(ch.a1), _mm_set1_ps(ch.a0)) : _mm256_set1_ps(ch.a0);
+        const __m256 off = halves ? _mm256_set_m128(_mm_set1_ps(ch.b1), _mm_set1_ps(ch.b0)) : _mm256_set1_ps(ch.b0);
         const int64_t at = b * cpb + c;
         for (int i = 0; i < R; ++i) {
           const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr.q + i * xr.k + at * CHUNK));
@@ -513,8 +523,8 @@ void int8_rows(const Int8Rows& xr, const uint8_t* blocks, int64_t row_bytes, int
 // Decode rows: weight rows split over the team; in each tile of ROW_TILE weight rows, activation rows in groups
 // of 8, 4, 2, 1. `run.rows<R>(i0, t0, t1)` computes activation rows i0..i0+R over weight rows t0..t1.
 template <class Run>
-void over_tiles(int64_t m_rows, int64_t n, const Run& run) {
-  at::parallel_for(0, n, ROW_TILE, [&](int64_t r0, int64_t r1) {
+void over_tiles(int64_t m_rows, int64_t n, int64_t k, const Run& run) {
+  at::parallel_for(0, n, row_grain(m_rows, k), [&](int64_t r0, int64_t r1) {
     for (int64_t t0 = r0; t0 < r1; t0 += ROW_TILE) {
       const int64_t t1 = std::min(r1, t0 + ROW_TILE);
       int64_t i0 = 0;
@@ -560,14 +570,14 @@ struct Int8Run {
 template <int64_t T>
 void direct_avx(const float* x, int64_t m_rows, int64_t x_stride, const uint8_t* blocks, int64_t row_bytes, int64_t n,
                 int64_t k, float* out, int64_t out_stride, bool int8) {
-  if (!int8) return over_tiles(m_rows, n, ExactRun<T>{x, x_stride, blocks, row_bytes, k, out, out_stride});
+  if (!int8) return over_tiles(m_rows, n, k, ExactRun<T>{x, x_stride, blocks, row_bytes, k, out, out_stride});
   const int64_t nc = k / CHUNK;
   auto q = at::empty({m_rows * k}, at::kChar);
   auto scales = at::empty({m_rows * nc * 9}, at::kFloat);  // d, then 8 sums per chunk
   float* d = scales.data_ptr<float>();
   float* sums = d + m_rows * nc;
   quantize_activations(x, m_rows, x_stride, k, q.data_ptr<int8_t>(), d, sums);
-  over_tiles(m_rows, n, Int8Run<T>{Int8Rows{q.data_ptr<int8_t>(), d, sums, k}, blocks, row_bytes, out, out_stride});
+  over_tiles(m_rows, n, k, Int8Run<T>{Int8Rows{q.data_ptr<int8_t>(), d, sums, k}, blocks, row_bytes, out, out_stride});
 }
 
 #define LORAPLEX_FOR_EACH_TYPE(CASE) \
@@ -632,7 +642,7 @@ void quant_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t qtype, 
   const uint8_t* B = blocks.data_ptr<uint8_t>();
   const int64_t row_bytes = blocks.size(1);
   if (m == 0) return;
-  if (m <= DIRECT_ROWS) {
+  if (m <= (int8 ? INT8_ROWS : DIRECT_ROWS)) {
     direct(x.data_ptr<float>(), m, x.stride(0), B, row_bytes, qtype, n, k, out.data_ptr<float>(), out.stride(0), int8);
     return;
   }

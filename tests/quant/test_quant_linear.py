@@ -51,7 +51,7 @@ def test_dequantize_equals_gguf(qtype, reference):
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=[t.name for t in TYPES])
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 7, 8, 9, 17, 64, 65, 300])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 7, 8, 9, 17, 32, 33, 64, 65, 300])
 def test_linear_equals_the_dequantized_weight(qtype, m):
     k = width(qtype)
     blocks, weight = quantized(qtype, 72, k)
@@ -72,7 +72,7 @@ def int8_activations(x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=[t.name for t in TYPES])
-@pytest.mark.parametrize("m", [1, 3, 8, 13, 64])
+@pytest.mark.parametrize("m", [1, 3, 8, 13, 33, 64])
 def test_int8_mode_rounds_only_the_activations_that_meet_the_quants(qtype, m):
     """out = (a q) . x_int8 + b . x: the quants meet the rounded activations, the offsets the exact ones; so
     the deviation from exact is at most half a rounding step per activation times |a q|."""
