@@ -43,7 +43,8 @@ def startup_summary(engine: Engine, settings: Settings) -> str:
     base, threads = engine.base, settings.threads or torch.get_num_threads()
     on = {True: "on", False: "off"}
     slot_dtype = str(engine.lora.weight_dtype).removeprefix("torch.")
-    return (f"serving {engine.base_name} on {base.device} ({str(base.dtype).removeprefix('torch.')}), "
+    return (f"serving {engine.base_name} on {base.device} ({str(base.dtype).removeprefix('torch.')}, weights "
+            f"{engine.model_bytes / 2**20:.0f} MiB), "
             f"{len(engine.list_adapters())} adapters in {settings.adapters_dir}, {_lora_memory(engine)} "
             f"(rank <= {settings.max_lora_rank}, {slot_dtype} weights, LoRA op {engine.lora.backend.name}), "
             f"decode attention {'cpu-kernel' if engine.decode_kernel else 'torch'}, "
