@@ -94,3 +94,33 @@ def test_the_cycle_finder_finds_cycles():
                      "if TYPE_CHECKING:\n    from server import z\ndef f():\n    from server.w import thing\n")
     known = {"server", "server.x", "server.pkg", "server.pkg.y", "server.z", "server.w"}
     assert imported(tree, "server.pkg", True, known) == {"server.x", "server.pkg.y", "server.w"}
+
+
+def package_of(module: str) -> str:
+    return ".".join(module.split(".")[:2])
+
+
+def imports_of(graph: dict[str, set[str]], package: str) -> set[tuple[str, str]]:
+    return {(a, b) for a, bs in graph.items() if package_of(a) == package for b in bs}
+
+
+def test_layers_import_only_below_themselves():
+    """docs/architecture.md's rules: the HTTP layer never reaches the model's packages; the LoRA layers and the
+    adapter format never reach the engine or the HTTP layer; nothing reaches the entry points."""
+    graph = import_graph()
+    model_side = {"server.lora", "server.native", "server.quant", "server.models"}
+    assert not {(a, b) for a, b in imports_of(graph, "server.api") if package_of(b) in model_side}
+    for package in ("server.lora", "server.adapters"):
+        assert not {(a, b) for a, b in imports_of(graph, package)
+                    if package_of(b) in {"server.engine", "server.api", "server.deploy"}}
+    entry = {"server.cli", "server.deploy", "server.bootstrap"}
+    assert not {(a, b) for a, bs in graph.items() if package_of(a) not in entry for b in bs if package_of(b) in entry}
+
+
+def test_the_http_layer_never_imports_torch():
+    for path in sorted((PACKAGE / "api").rglob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        names = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                 for alias in node.names}
+        names |= {(node.module or "").split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        assert "torch" not in names, f"{path.relative_to(ROOT)} imports torch"
