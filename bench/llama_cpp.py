@@ -75,8 +75,9 @@ class LlamaCpp:
                        check=True)
 
     def version(self) -> str:
+        """The source's release (the sdist's version) and what the binary says of itself."""
         out = subprocess.run([str(self.bin / "llama-server"), "--version"], capture_output=True, text=True)
-        return (out.stdout + out.stderr).strip().splitlines()[0]
+        return f"b{SDIST_VERSION.split('.')[0]} ({(out.stdout + out.stderr).strip().splitlines()[0]})"
 
     def _convert(self, script: str, *args: str) -> None:
         # The converters import the gguf-py vendored beside them (as they do when run from the source tree).
