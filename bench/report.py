@@ -97,7 +97,9 @@ def plot_scaling(data: dict) -> Path:
     right.yaxis.set_minor_locator(matplotlib.ticker.LogLocator(subs=(2.0, 5.0)))
     right.yaxis.set_minor_formatter(plain)
     meta = data["meta"]
-    fig.suptitle(f"Scaling with adapter count ({meta['max_loras']} device slots, {meta['max_cpu_loras']} in CPU "
+    pool = meta.get("capacity")
+    device = (f"{pool['pool_bytes'] / 2**20:.0f} MiB adapter pool" if pool else f"{meta['max_loras']} device slots")
+    fig.suptitle(f"Scaling with adapter count ({device}, {meta['max_cpu_loras']} in CPU "
                  f"tier{', quick run' if meta['quick'] else ''})", fontsize=10)
     return save(fig, "scaling.png")
 
