@@ -35,7 +35,7 @@ class Block:
 
     @property
     def id(self) -> str:
-        first = next((l.strip() for l in self.code.splitlines() if l.strip() and not l.startswith("#")), "")
+        first = next((s.strip() for s in self.code.splitlines() if s.strip() and not s.startswith("#")), "")
         stem = Path(self.source).stem
         return f"{stem}-L{self.line}-{self.language}-{re.sub(r'[^A-Za-z0-9]+', '-', first)[:40].strip('-')}"
 
