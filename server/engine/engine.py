@@ -21,7 +21,7 @@ from server.engine.front import EngineFront
 from server.engine.grammar import GrammarCompiler
 from server.engine.kv_cache import KVCache
 from server.engine.memory import MemoryUse, adapter_device_bytes, module_bytes
-from server.engine.pool_size import PoolStats, lora_capacity
+from server.engine.pool_size import PoolStats, device_free_bytes, lora_capacity
 from server.engine.prefix_cache import PrefixCache
 from server.engine.probe import probe_model
 from server.engine.request import AdapterInfo, GenerationRequest, GenerationResult, InvalidRequestError
@@ -84,12 +84,13 @@ class Engine:
         # The model's compute dtype, not its first parameter's: a quantized base keeps uint8 blocks.
         lora_dtype = resolve_lora_dtype(settings.lora_dtype, base.dtype, base.device)
         backend = backend_for(base.device, base.dtype, settings.cpu_lora_kernel)
+        self.kv_cache = _kv_cache(base, settings)  # first: on a GPU the adapters get what it leaves
         slots, pool_bytes = lora_capacity(settings, backend.pooled,
-                                          padded_slot_bytes(layout, settings.max_lora_rank, lora_dtype))
+                                          padded_slot_bytes(layout, settings.max_lora_rank, lora_dtype),
+                                          device_free_bytes(base.device))
         self.lora = LoraModel(base.model, layout, slots, settings.max_lora_rank, backend, lora_dtype, pool_bytes)
         paged = use_paged_attention(base.model)
         self.decode_kernel = decode_kernel_applies(base.device, base.dtype, settings.cpu_attention_kernel)
-        self.kv_cache = _kv_cache(base, settings)
         self.probe_difference = probe_model(paged, self.kv_cache, self.decode_kernel)  # refuses what we cannot serve
         self.adapters = AdapterManager(self.lora, layout, settings, base.name)
         self.prefix_cache = PrefixCache(self.kv_cache.allocator, self.kv_cache.block_size, settings.prefix_cache)

@@ -2,13 +2,16 @@
 
 With a pooled LoRA op (the compiled CPU kernels) the pool's bytes bound residency and `--max-loras`
 is only an optional cap on the count. On other ops the weights sit in slots padded to the max rank,
-so `--lora-pool-gb` there sets how many such slots fit.
+so `--lora-pool-gb` there sets how many such slots fit; on a GPU without either flag, as many as half
+of what the model and the KV cache leave free holds (8 at least).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from server.config import Settings
 
@@ -17,19 +20,35 @@ POOL_SLOTS = 1024       # slot-table entries beside a pool when --max-loras is u
 CPU_POOL_SHARE = 0.25   # of the memory available at start-up: the pool is committed only as adapters fill it
 CPU_POOL_MAX = 8 * 2**30
 CPU_POOL_MIN = 256 * 2**20
+GPU_FREE_SHARE = 0.5    # of a GPU's memory left free by the model and the KV cache (activations need the rest)
+GPU_SLOTS_MAX = 256     # padded slots on a GPU by default (Triton's BGMV reads one slot per row)
 
 
-def lora_capacity(settings: Settings, pooled: bool, padded_slot_bytes: int) -> tuple[int, int | None]:
-    """(slots, pool bytes or None) for the LoRA model."""
+def lora_capacity(settings: Settings, pooled: bool, padded_slot_bytes: int,
+                  device_free: int | None = None) -> tuple[int, int | None]:
+    """(slots, pool bytes or None) for the LoRA model. `device_free`: a GPU's free bytes once the model and
+    the KV cache are allocated (None on the CPU)."""
     if pooled:
         slots = settings.max_loras or POOL_SLOTS
         if settings.lora_pool_gb is not None:
             return slots, int(settings.lora_pool_gb * 2**30)
         return slots, default_cpu_pool_bytes()
-    if settings.lora_pool_gb is None:
+    if settings.lora_pool_gb is not None:
+        slots = max(1, int(settings.lora_pool_gb * 2**30) // padded_slot_bytes)
+        return min(slots, settings.max_loras or POOL_SLOTS), None
+    if settings.max_loras is not None or device_free is None:
         return settings.max_loras or PADDED_SLOTS, None
-    slots = max(1, int(settings.lora_pool_gb * 2**30) // padded_slot_bytes)
-    return min(slots, settings.max_loras or POOL_SLOTS), None
+    # A GPU without either flag: padded slots in a share of what the KV cache left, at least the old 8.
+    fitting = int(GPU_FREE_SHARE * device_free) // padded_slot_bytes
+    return max(PADDED_SLOTS, min(GPU_SLOTS_MAX, fitting)), None
+
+
+def device_free_bytes(device: torch.device) -> int | None:
+    """A CUDA device's free bytes now; None elsewhere."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free)
 
 
 def default_cpu_pool_bytes() -> int:
