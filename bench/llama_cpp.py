@@ -82,8 +82,10 @@ class LlamaCpp:
     def _convert(self, script: str, *args: str) -> None:
         # The converters import the gguf-py vendored beside them (as they do when run from the source tree).
         env = {**os.environ, "PYTHONPATH": str(self.source / "gguf-py")}
-        subprocess.run([sys.executable, str(self.source / script), *args], check=True, env=env,
-                       stdout=subprocess.DEVNULL)
+        done = subprocess.run([sys.executable, str(self.source / script), *args], env=env, capture_output=True,
+                              text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{script} failed:\n{done.stderr[-4000:]}")
 
     def convert_model(self, hf_dir: Path, out: Path, quant: str) -> Path:
         """A transformers folder as a GGUF: float16 by the converter, then `quant` by llama-quantize."""
