@@ -175,6 +175,10 @@ class System:
     @staticmethod
     def count(response: dict) -> int: ...
 
+    def model_mib(self, server: Server, model: Model) -> float:
+        """The model's weights as the server holds them: llama.cpp maps the GGUF as it is."""
+        return model.gguf.stat().st_size / 2**20
+
     @staticmethod
     def chunk_text(event: dict) -> str: ...
 
@@ -199,6 +203,13 @@ class Loraplex(System):
     @staticmethod
     def count(response: dict) -> int:
         return response["usage"]["completion_tokens"]
+
+    def model_mib(self, server: Server, model: Model) -> float:
+        """The weights' bytes the server reports (`loraplex_memory_bytes{owner="model"}`)."""
+        for line in httpx.get(server.url + "/metrics", timeout=30).text.splitlines():
+            if line.startswith('loraplex_memory_bytes{owner="model"}'):
+                return float(line.split()[-1]) / 2**20
+        raise RuntimeError("/metrics has no loraplex_memory_bytes")
 
     @staticmethod
     def chunk_text(event: dict) -> str:
@@ -281,13 +292,14 @@ def run_once(system: System, model: Model, sizes: Sizes, work: list[tuple[str, i
                "single_adapter_tok_s": lora_tok_s, "single_adapter_ttft_ms": lora_ttft * 1e3,
                "burst_base_tok_s": asyncio.run(burst(server.url, system, work, adapters=False)),
                "burst_adapters_tok_s": asyncio.run(burst(server.url, system, work, adapters=True))}
+        row["model_mib"] = system.model_mib(server, model)
         row["rss_mib"], row["peak_rss_mib"] = server.memory_mib("VmRSS"), server.memory_mib("VmHWM")
         return row
     finally:
         server.stop()
 
 
-LOWER_IS_BETTER = ("single_base_ttft_ms", "single_adapter_ttft_ms", "rss_mib", "peak_rss_mib")
+LOWER_IS_BETTER = ("single_base_ttft_ms", "single_adapter_ttft_ms", "model_mib", "rss_mib", "peak_rss_mib")
 
 
 def best(runs: list[dict]) -> dict:
@@ -301,7 +313,7 @@ ROWS = [("single stream, base (tok/s)", "single_base_tok_s", 1), ("single stream
         ("time to first token, 1 adapter (ms)", "single_adapter_ttft_ms", 0),
         ("{n} concurrent, base (tok/s)", "burst_base_tok_s", 1),
         ("{n} concurrent over 32 adapters (tok/s)", "burst_adapters_tok_s", 1),
-        ("resident memory after the runs (MiB)", "rss_mib", 0), ("peak resident memory (MiB)", "peak_rss_mib", 0)]
+        ("model weights held (MiB)", "model_mib", 0), ("resident memory after the runs (MiB)", "rss_mib", 0), ("peak resident memory (MiB)", "peak_rss_mib", 0)]
 
 
 def render(results: dict, meta: dict) -> str:
