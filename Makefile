@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: serve test test-full test-all lint docs soak venv eval bench bench-scaling bench-step bench-quantized bench-lora-op bench-prefix-cache bench-structured clean test-container console-deps test-console console-screenshots vendor-swagger-ui test-cluster bench-cluster serve-cluster
+.PHONY: serve test test-full test-all lint docs soak venv eval bench bench-scaling bench-step bench-quantized bench-cpu-peer bench-lora-op bench-prefix-cache bench-structured clean test-container console-deps test-console console-screenshots vendor-swagger-ui test-cluster bench-cluster serve-cluster
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -149,6 +149,11 @@ bench-structured: $(STAMP)
 # The embedded model served from its GGUF blocks beside the same weights in float32 (single stream, 64 requests).
 bench-quantized: $(STAMP)
 	$(BIN)/python bench/quantized.py $(ARGS)
+
+# loraplex beside llama.cpp's server on the same GGUF and adapters (builds llama.cpp once, ~15 minutes, outside
+# the repo): single stream, time to first token, 64 concurrent on the base and over 32 adapters, memory.
+bench-cpu-peer: $(BENCH_STAMP)
+	$(BIN)/python bench/cpu_peer.py $(ARGS)
 
 bench-step: $(STAMP)
 	$(BIN)/python bench/step.py $(ARGS)
