@@ -117,6 +117,9 @@ void attend(const float* qh, int64_t qs1, const float* kh, const float* vh, cons
   for (int64_t g = 0; g < group; ++g) std::copy_n(acc + g * dim, dim, o + g * os1);
 }
 
+// Multiply-adds below which a call stays on the caller's thread (about 30 us of work on one core).
+constexpr int64_t INLINE_MACS = 1 << 18;
+
 void paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
                             const at::Tensor& tables, const at::Tensor& context_lens, double scale,
                             int64_t window, double softcap, const std::optional<at::Tensor>& sinks,
@@ -161,7 +164,12 @@ void paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pool, const
   const int64_t head_stride = num_blocks * block * dim;  // one kv head's pool
   const float sc = static_cast<float>(scale), cap = static_cast<float>(softcap);
 
-  at::parallel_for(0, n * kv_heads, 1, [&](int64_t i0, int64_t i1) {
+  // Work too small to pay for waking torch's OpenMP team (a batch-1 decode over a short context) runs on
+  // the calling thread: at::parallel_for runs the range inline when it is shorter than one grain.
+  int64_t visible = 0;
+  for (int64_t i = 0; i < n; ++i) visible += window > 0 ? std::min(C[i], window) : C[i];
+  const int64_t items = n * kv_heads, grain = 2 * visible * heads * dim < INLINE_MACS ? items + 1 : 1;
+  at::parallel_for(0, items, grain, [&](int64_t i0, int64_t i1) {
     std::vector<float> scores(group * longest), acc(group * dim);
     for (int64_t item = i0; item < i1; ++item) {
       const int64_t seq = item / kv_heads, h = item % kv_heads;
