@@ -184,7 +184,8 @@ class System:
 
 
 class Loraplex(System):
-    name = "loraplex"
+    def __init__(self, name: str = "loraplex", flags: tuple[str, ...] = ()):
+        self.name, self.flags = name, flags
 
     def start(self, model: Model, threads: int, parallel: int, context: int) -> Server:
         port = free_port()
@@ -192,7 +193,7 @@ class Loraplex(System):
         cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
                "--model", str(model.gguf), "--served-model-name", self.base, "--adapters-dir", str(model.store),
                "--threads", str(threads), "--max-loras", str(ADAPTERS), "--max-cpu-loras", str(ADAPTERS),
-               "--max-running", str(parallel), "--kv-cache-tokens", str(context)]
+               "--max-running", str(parallel), "--kv-cache-tokens", str(context), *self.flags]
         return Server(cmd, f"http://127.0.0.1:{port}", LOGS / "cpu-peer-loraplex.log", "/ready")
 
     def body(self, prompt: str, new: int, adapter: int | None, stream: bool) -> tuple[str, dict]:
@@ -320,16 +321,17 @@ def render(results: dict, meta: dict) -> str:
     lines = [f"# loraplex and llama.cpp on the CPU ({meta['threads']} threads, {meta['cpu']})", "",
              f"llama.cpp: {meta['llama_cpp']}. Greedy, EOS ignored; fresh servers, best of {meta['runs']} runs.", ""]
     for name, entry in results.items():
-        ours, peer = entry["loraplex"], entry["llama.cpp"]
+        peer, ours = entry["llama.cpp"], [k for k in entry["runs"] if k != "llama.cpp"]
         sizes = entry["sizes"]
         lines += [f"## {name}: {entry['gguf']} ({entry['gguf_mib']:.0f} MiB)", "",
                   f"Single stream: {sizes['single_new']} new tokens. Concurrent: {sizes['concurrent']} requests, "
                   f"prompts {sizes['prompt'][0]}-{sizes['prompt'][1]} tokens, {sizes['new']} new tokens each.", "",
-                  "| | loraplex | llama.cpp | loraplex / llama.cpp |", "| --- | ---: | ---: | ---: |"]
+                  "| | " + " | ".join(ours) + " | llama.cpp | " + " | ".join(f"{k} / llama.cpp" for k in ours) + " |",
+                  "| --- |" + " ---: |" * (2 * len(ours) + 1)]
         for label, key, _ in ROWS:
-            ratio = ours[key] / peer[key] if peer[key] else float("nan")
-            lines.append(f"| {label.format(n=sizes['concurrent'])} | {ours[key]:.1f} | {peer[key]:.1f} | "
-                         f"{ratio:.2f}x |")
+            ratios = [entry[k][key] / peer[key] if peer[key] else float("nan") for k in ours]
+            lines.append(f"| {label.format(n=sizes['concurrent'])} | " + " | ".join(f"{entry[k][key]:.1f}" for k in ours)
+                         + f" | {peer[key]:.1f} | " + " | ".join(f"{r:.2f}x" for r in ratios) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -340,6 +342,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--runs", type=int, default=2, help="fresh-server runs per system (alternated)")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--int8", action="store_true", help="also loraplex with --quant-compute int8")
     parser.add_argument("--llama-dir", type=Path, default=default_dir(),
                         help="llama.cpp source and build (outside the repository)")
     parser.add_argument("--work-dir", type=Path, default=Path.home() / ".cache" / "loraplex" / "cpu-peer",
@@ -349,6 +352,8 @@ def main() -> None:
     settings = Settings()
     llama = LlamaCpp(args.llama_dir)
     systems: list[System] = [LlamaServer(llama), Loraplex()]
+    if args.int8:
+        systems.append(Loraplex("loraplex int8", ("--quant-compute", "int8")))
     results = {}
     for name in args.models:
         sizes = (QUICK if args.quick else SIZES)[name]
