@@ -51,6 +51,7 @@ from server.engine.sequence import Sequence
 from server.lora.model import LoraModel
 
 _SHA_PREFIX = re.compile(r"[0-9a-fA-F]{8,64}")
+SIZES_KEPT = 4096  # adapters whose device bytes are remembered
 
 
 def uses_default_store(settings: Settings) -> bool:
@@ -99,6 +100,7 @@ class AdapterManager:
         # Residency within the pool's bytes (or, without a pool, the padded slots' count).
         self.slots = SlotTable(lora.max_loras, lora.capacity_bytes, unload=self._clear)
         self.pool_waits = 0  # admissions put off because running adapters held the pool (or every slot)
+        self._sizes: dict[AdapterKey | CompositionKey, int] = {}  # device bytes per adapter identity
         # Bytes of fully trained module copies (modules_to_save) of the adapter in each slot, as saved.
         self.copies: dict[int, int] = {}
         self.max_copy_bytes = settings.max_saved_module_bytes
@@ -322,7 +324,7 @@ class AdapterManager:
                 return Admission.NO_SLOT  # running adapters hold the copy budget: wait for one to end
         try:
             seq.slot = self.slots.acquire(seq.record.key, lambda slot: self._load_slot(slot, seq),
-                                          self.lora.slot_bytes(seq.adapter))
+                                          self._device_bytes(seq.record.key, seq.adapter))
         except NoFreeSlotError:
             self.pool_waits += 1
             return Admission.NO_SLOT
@@ -339,10 +341,22 @@ class AdapterManager:
             if adapter is None or adapter.saved or self.slots.slot_of(record.key) is not None:
                 continue
             fits = self.slots.preload(record.key, lambda slot, r=record, a=adapter: self._write(slot, r, a),
-                                      self.lora.slot_bytes(adapter))
+                                      self._device_bytes(record.key, adapter))
             limit -= 1
             if not fits or limit <= 0:
                 return
+
+    def _device_bytes(self, key: AdapterKey | CompositionKey, adapter: ParsedAdapter) -> int:
+        """What the adapter takes on the device, remembered per identity: a request that waits for room asks
+        again every step."""
+        if self.slots.slot_of(key) is not None:
+            return 0  # resident: nothing more is taken
+        size = self._sizes.get(key)
+        if size is None:
+            size = self._sizes[key] = self.lora.slot_bytes(adapter)
+            if len(self._sizes) > SIZES_KEPT:
+                self._sizes.pop(next(iter(self._sizes)))
+        return size
 
     def _room_for_copies(self, need: int) -> bool:
         """Make `need` more bytes of trained copies fit the budget by freeing idle slots that hold copies
