@@ -33,8 +33,7 @@ class Settings(BaseSettings):
                                "replicas): writes take a lock file in it and every request checks its change counter")
     max_loras: int | None = Field(None, ge=1, le=4096, description="adapters resident on the device at most "
                                   "(vLLM's cap); unset = as many as the adapter pool holds (up to 1024) with the "
-                                  "compiled CPU kernels; with padded slots (other LoRA ops) 8 on the CPU, and on a "
-                                  "GPU as many as half the memory the model and the KV cache leave holds")
+                                  "compiled CPU kernels, 8 padded slots on other LoRA ops")
     lora_pool_gb: float | None = Field(None, gt=0, description="the adapter pool in GiB: adapters take memory at "
                                        "their own rank and targets, and as many share a step as fit; unset = a "
                                        "quarter of the memory available at start-up on the CPU (at most 8 GiB, "

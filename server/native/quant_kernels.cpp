@@ -297,6 +297,58 @@ inline __m256i fifth_bits(uint32_t bits) {
   return _mm256_and_si256(set, _mm256_set1_epi8(0x10));
 }
 
+// 8 bytes -> 8 floats.
+inline __m256 bytes_to_floats(uint64_t bytes) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(bytes))));
+}
+
+inline uint64_t pair(uint32_t lo, uint32_t hi) { return lo | static_cast<uint64_t>(hi) << 32; }
+
+// A super-block's (a, b) per chunk (Q4_K, Q5_K: 8) or per half-chunk (Q2_K, Q3_K, Q6_K: 16), decoded with
+// vector ops once per super-block (the same values as the scalar decoders: one rounding of d x scale).
+struct KScales {
+  alignas(32) float a[16];
+  alignas(32) float b[16];
+};
+
+template <int64_t T>
+inline void k_scales(const uint8_t* blk, KScales& s) {
+  if constexpr (T == Q4_K || T == Q5_K) {  // the 6-bit packing of k_scales_mins, four bytes at a time
+    const uint32_t u0 = u32_at(blk + 4), u1 = u32_at(blk + 8), u2 = u32_at(blk + 12);
+    const uint32_t sc_lo = u0 & 0x3F3F3F3F, sc_hi = (u2 & 0x0F0F0F0F) | ((u0 >> 2) & 0x30303030);
+    const uint32_t mn_lo = u1 & 0x3F3F3F3F, mn_hi = ((u2 >> 4) & 0x0F0F0F0F) | ((u1 >> 2) & 0x30303030);
+    _mm256_store_ps(s.a, _mm256_mul_ps(_mm256_set1_ps(half_at(blk)), bytes_to_floats(pair(sc_lo, sc_hi))));
+    _mm256_store_ps(s.b, _mm256_mul_ps(_mm256_set1_ps(-half_at(blk + 2)), bytes_to_floats(pair(mn_lo, mn_hi))));
+  } else if constexpr (T == Q3_K) {  // q3_scales, four at a time: low nibbles, then 2 high bits from bytes 8-11
+    const uint32_t u0 = u32_at(blk + 96), u1 = u32_at(blk + 100), u2 = u32_at(blk + 104);
+    const uint32_t m4 = 0x0F0F0F0F, m2 = 0x03030303;
+    const uint32_t w0 = (u0 & m4) | ((u2 & m2) << 4), w1 = (u1 & m4) | (((u2 >> 2) & m2) << 4);
+    const uint32_t w2 = ((u0 >> 4) & m4) | (((u2 >> 4) & m2) << 4), w3 = ((u1 >> 4) & m4) | (((u2 >> 6) & m2) << 4);
+    const __m256 d = _mm256_set1_ps(half_at(blk + 108)), bias = _mm256_set1_ps(32.f), four = _mm256_set1_ps(-4.f);
+    const __m256 a0 = _mm256_mul_ps(d, _mm256_sub_ps(bytes_to_floats(pair(w0, w1)), bias));
+    const __m256 a1 = _mm256_mul_ps(d, _mm256_sub_ps(bytes_to_floats(pair(w2, w3)), bias));
+    _mm256_store_ps(s.a, a0), _mm256_store_ps(s.a + 8, a1);
+    _mm256_store_ps(s.b, _mm256_mul_ps(four, a0)), _mm256_store_ps(s.b + 8, _mm256_mul_ps(four, a1));
+  } else if constexpr (T == Q2_K) {  // scale byte: low nibble scale, high nibble min
+    const __m128i sc = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk));
+    const __m128i m4 = _mm_set1_epi8(0x0F);
+    const __m128i lo = _mm_and_si128(sc, m4), hi = _mm_and_si128(_mm_srli_epi16(sc, 4), m4);
+    const __m256 d = _mm256_set1_ps(half_at(blk + 80)), dmin = _mm256_set1_ps(-half_at(blk + 82));
+    auto floats = [](__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)); };
+    _mm256_store_ps(s.a, _mm256_mul_ps(d, floats(lo)));
+    _mm256_store_ps(s.a + 8, _mm256_mul_ps(d, floats(_mm_srli_si128(lo, 8))));
+    _mm256_store_ps(s.b, _mm256_mul_ps(dmin, floats(hi)));
+    _mm256_store_ps(s.b + 8, _mm256_mul_ps(dmin, floats(_mm_srli_si128(hi, 8))));
+  } else if constexpr (T == Q6_K) {  // int8 scales
+    const __m128i sc = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 192));
+    const __m256 d = _mm256_set1_ps(half_at(blk + 208)), bias = _mm256_set1_ps(-32.f);
+    const __m256 a0 = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc)));
+    const __m256 a1 = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8))));
+    _mm256_store_ps(s.a, a0), _mm256_store_ps(s.a + 8, a1);
+    _mm256_store_ps(s.b, _mm256_mul_ps(bias, a0)), _mm256_store_ps(s.b + 8, _mm256_mul_ps(bias, a1));
+  }
+}
+
 // Calls f(chunk index, Chunk) for each chunk of the block at b, decoded in registers.
 template <int64_t T, class F>
 inline __attribute__((always_inline)) void visit(const uint8_t* b, F&& f) {
@@ -310,58 +362,49 @@ inline __attribute__((always_inline)) void visit(const uint8_t* b, F&& f) {
   } else if constexpr (T == Q8_0) {
     const float d = _cvtsh_ss(*reinterpret_cast<const uint16_t*>(b));
     f(0, Chunk{load32(b + 2), d, 0.f, d, 0.f});
-  } else if constexpr (T == Q2_K) {
-    const float d = half_at(b + 80), dmin = half_at(b + 82);
-    for (int h = 0; h < 2; ++h) {
-      const __m256i raw = load32(b + 16 + 32 * h);
-      for (int s = 0; s < 4; ++s) {
-        const int c = 4 * h + s;
-        const uint8_t s0 = b[2 * c], s1 = b[2 * c + 1];
-        f(c, Chunk{low_bits(raw, 2 * s, 3), d * (s0 & 15), -(dmin * (s0 >> 4)), d * (s1 & 15), -(dmin * (s1 >> 4))});
+  } else {
+    KScales sc;
+    k_scales<T>(b, sc);
+    auto emit = [&](int c, __m256i q) {
+      if constexpr (T == Q4_K || T == Q5_K)
+        f(c, Chunk{q, sc.a[c], sc.b[c], sc.a[c], sc.b[c]});
+      else
+        f(c, Chunk{q, sc.a[2 * c], sc.b[2 * c], sc.a[2 * c + 1], sc.b[2 * c + 1]});
+    };
+    if constexpr (T == Q2_K) {  // chunk 4h + s: bits 2s of qs[32h + l]
+      for (int h = 0; h < 2; ++h) {
+        const __m256i raw = load32(b + 16 + 32 * h);
+        for (int s = 0; s < 4; ++s) emit(4 * h + s, low_bits(raw, 2 * s, 3));
       }
-    }
-  } else if constexpr (T == Q3_K) {
-    const float d = half_at(b + 108);
-    int sc[16];
-    q3_scales(b + 96, sc);
-    const __m256i hmask = load32(b);
-    for (int h = 0; h < 2; ++h) {
-      const __m256i raw = load32(b + 32 + 32 * h);
-      for (int s = 0; s < 4; ++s) {
-        const int c = 4 * h + s;
-        const __m256i q = _mm256_or_si256(low_bits(raw, 2 * s, 3), _mm256_slli_epi16(low_bits(hmask, c, 1), 2));
-        const float a0 = d * static_cast<float>(sc[2 * c]), a1 = d * static_cast<float>(sc[2 * c + 1]);
-        f(c, Chunk{q, a0, -4.f * a0, a1, -4.f * a1});
+    } else if constexpr (T == Q3_K) {  // and bit c of hmask[l], the third bit
+      const __m256i hmask = load32(b);
+      for (int h = 0; h < 2; ++h) {
+        const __m256i raw = load32(b + 32 + 32 * h);
+        for (int s = 0; s < 4; ++s) {
+          const int c = 4 * h + s;
+          emit(c, _mm256_or_si256(low_bits(raw, 2 * s, 3), _mm256_slli_epi16(low_bits(hmask, c, 1), 2)));
+        }
       }
-    }
-  } else if constexpr (T == Q4_K || T == Q5_K) {
-    const float d = half_at(b), dmin = half_at(b + 2);
-    int sc[8], mn[8];
-    k_scales_mins(b + 4, sc, mn);
-    const uint8_t* qs = b + (T == Q5_K ? 48 : 16);
-    __m256i qh = _mm256_setzero_si256();
-    if constexpr (T == Q5_K) qh = load32(b + 16);
-    for (int p = 0; p < 4; ++p) {
-      const __m256i raw = load32(qs + 32 * p);
-      for (int half = 0; half < 2; ++half) {
-        const int c = 2 * p + half;
-        __m256i q = low_bits(raw, 4 * half, 15);
-        if constexpr (T == Q5_K) q = _mm256_or_si256(q, _mm256_slli_epi16(low_bits(qh, c, 1), 4));
-        const float a = d * static_cast<float>(sc[c]), off = -(dmin * static_cast<float>(mn[c]));
-        f(c, Chunk{q, a, off, a, off});
+    } else if constexpr (T == Q4_K || T == Q5_K) {  // chunk 2p + half: nibble `half` of qs[32p + l]
+      const uint8_t* qs = b + (T == Q5_K ? 48 : 16);
+      __m256i qh = _mm256_setzero_si256();
+      if constexpr (T == Q5_K) qh = load32(b + 16);
+      for (int p = 0; p < 4; ++p) {
+        const __m256i raw = load32(qs + 32 * p);
+        for (int half = 0; half < 2; ++half) {
+          const int c = 2 * p + half;
+          __m256i q = low_bits(raw, 4 * half, 15);
+          if constexpr (T == Q5_K) q = _mm256_or_si256(q, _mm256_slli_epi16(low_bits(qh, c, 1), 4));
+          emit(c, q);
+        }
       }
-    }
-  } else if constexpr (T == Q6_K) {
-    const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
-    const float d = half_at(b + 208);
-    for (int h = 0; h < 2; ++h) {
-      const __m256i lo0 = load32(b + 64 * h), lo1 = load32(b + 64 * h + 32), qh = load32(b + 128 + 32 * h);
-      for (int s = 0; s < 4; ++s) {
-        const int c = 4 * h + s;
-        const __m256i low = low_bits(s % 2 ? lo1 : lo0, 4 * (s / 2), 15);
-        const __m256i q = _mm256_or_si256(low, _mm256_slli_epi16(low_bits(qh, 2 * s, 3), 4));
-        const float a0 = d * static_cast<float>(sc[8 * h + 2 * s]), a1 = d * static_cast<float>(sc[8 * h + 2 * s + 1]);
-        f(c, Chunk{q, a0, -32.f * a0, a1, -32.f * a1});
+    } else if constexpr (T == Q6_K) {  // chunk 4h + s: nibble s / 2 of ql[64h + 32 (s % 2) + l], bits 2s of qh
+      for (int h = 0; h < 2; ++h) {
+        const __m256i lo0 = load32(b + 64 * h), lo1 = load32(b + 64 * h + 32), qh = load32(b + 128 + 32 * h);
+        for (int s = 0; s < 4; ++s) {
+          const __m256i low = low_bits(s % 2 ? lo1 : lo0, 4 * (s / 2), 15);
+          emit(4 * h + s, _mm256_or_si256(low, _mm256_slli_epi16(low_bits(qh, 2 * s, 3), 4)));
+        }
       }
     }
   }

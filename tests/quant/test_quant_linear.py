@@ -67,7 +67,9 @@ def int8_activations(x: torch.Tensor) -> torch.Tensor:
     """x as the int8 mode reads it: each 32 rounded to the nearest multiple of max |x| / 127."""
     chunks = x.reshape(x.shape[0], -1, 32)
     amax = chunks.abs().amax(-1, keepdim=True)
-    q = torch.round(chunks * torch.where(amax > 0, 127 / amax, 0))
+    # 127 / amax correctly rounded, as the kernel divides (`127 / tensor` is reciprocal-then-multiply in torch,
+    # an ulp off at times, which moves exact rounding ties)
+    q = torch.round(chunks * torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, 0))
     return (q * (amax / 127)).reshape(x.shape)
 
 
