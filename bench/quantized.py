@@ -2,6 +2,7 @@
 
     python bench/quantized.py            # single stream (base, one adapter) and 64 concurrent requests
     python bench/quantized.py --quick    # shorter runs
+    python bench/quantized.py --kernels  # the kernels alone: microseconds per call, each type, mode and shape
 
 Both engines run in this process with the same threads, one after the other, alternating (A B B A) so
 the machine's drift does not enter the ratio; the fastest run of each counts. Single stream: one
@@ -9,6 +10,13 @@ request, 128 new tokens (greedy, EOS ignored), on the base and on the shipped ad
 Concurrent: 64 requests (prompts 16-128 tokens, 32-64 new tokens) on the base. Resident weights: the
 bytes of the model's parameters (quantized blocks counted once where tied).
 Writes bench/results/quantized.md and quantized.json.
+
+--kernels: `quant_linear` per call (best of 5 timed loops, the same threads) at M = 1, 8, 64 activation rows,
+exact and int8 modes, every type on the weight shapes [out, in] of SmolLM2-135M (576x576: q/o; 1536x576:
+gate/up; 576x1536: down) and of a 1B-class Llama's down projection (2048x8192), beside float32 `F.linear`
+on the same shape (the dequantized model's matmul). The k-quants need rows of whole 256-weight blocks, so
+they skip in=576 (llama.cpp's quantizer gives such tensors Q5_0, Q5_1 or Q8_0 instead).
+Writes bench/results/quantized-kernels.md and quantized-kernels.json.
 """
 
 from __future__ import annotations
@@ -17,7 +25,11 @@ import argparse
 import asyncio
 import sys
 import time
+from functools import partial
 from pathlib import Path
+
+import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -27,6 +39,13 @@ from server.engine.engine import Engine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MODES = ("dequantize", "keep")
+KERNEL_SHAPES = [(576, 576), (1536, 576), (576, 1536), (2048, 8192)]  # [out_features, in_features]
+KERNEL_ROWS = (1, 8, 64)
+# ggml type: (weights per block, bytes per block, byte offsets of its float16 scales)
+KERNEL_TYPES = {"Q4_0": (2, 32, 18, (0,)), "Q4_1": (3, 32, 20, (0, 2)), "Q5_0": (6, 32, 22, (0,)),
+                "Q5_1": (7, 32, 24, (0, 2)), "Q8_0": (8, 32, 34, (0,)), "Q2_K": (10, 256, 84, (80, 82)),
+                "Q3_K": (11, 256, 110, (108,)), "Q4_K": (12, 256, 144, (0, 2)), "Q5_K": (13, 256, 176, (0, 2)),
+                "Q6_K": (14, 256, 210, (208,))}
 
 
 def resident_weight_bytes(engine: Engine) -> int:
@@ -59,12 +78,100 @@ def measure(mode: str, args) -> dict:
         engine.stop()
 
 
+def _microseconds(call, repeats: int = 5, budget_s: float = 0.05, clock=time.perf_counter) -> float:
+    """Best time per call over `repeats` loops of about `budget_s` each."""
+    call()
+    start, loops = clock(), 0
+    while clock() - start < budget_s / 4:
+        call()
+        loops += 1
+    per_loop = max(1, int(loops * 4 * budget_s / max(clock() - start, 1e-9) / 4))
+    best = float("inf")
+    for _ in range(repeats):
+        start = clock()
+        for _ in range(per_loop):
+            call()
+        best = min(best, (clock() - start) / per_loop)
+    return best * 1e6
+
+
+def random_blocks(name: str, out_features: int, in_features: int, seed: int = 0) -> torch.Tensor:
+    """Blocks of random quants with sane float16 scales (the kernels' speed does not depend on the values)."""
+    _, weights, nbytes, halves = KERNEL_TYPES[name]
+    blocks = np.random.default_rng(seed).integers(0, 256, (out_features, in_features // weights, nbytes),
+                                                   dtype=np.uint8)
+    for at in halves:
+        blocks[..., at:at + 2] = np.full(blocks.shape[:2] + (1,), 0.01, np.float16).view(np.uint8)
+    return torch.from_numpy(blocks.reshape(out_features, -1))
+
+
+def kernel_rows(threads: int) -> list[dict]:
+    from server.native.loader import load_kernels
+
+    assert load_kernels(), "the compiled CPU kernels could not be built"
+    torch.set_num_threads(threads)
+    # One thread: every call runs on this thread, whose CPU time leaves out the time other processes hold the
+    # core (a shared machine's load); more threads: wall time.
+    microseconds = partial(_microseconds, clock=time.thread_time if threads == 1 else time.perf_counter)
+    rows = []
+    for out_features, in_features in KERNEL_SHAPES:
+        weight = torch.randn(out_features, in_features) * 0.02
+        for m in KERNEL_ROWS:
+            x = torch.randn(m, in_features)
+            rows.append({"type": "float32", "shape": f"{out_features}x{in_features}", "m": m,
+                         "us": microseconds(partial(torch.nn.functional.linear, x, weight))})
+        for name, (qtype, weights, _, _) in KERNEL_TYPES.items():
+            if in_features % weights:
+                continue
+            blocks = random_blocks(name, out_features, in_features)
+            for m in KERNEL_ROWS:
+                x, out = torch.randn(m, in_features), torch.empty(m, out_features)
+                for mode in ("exact", "int8"):
+                    call = partial(torch.ops.loraplex.quant_linear, x, blocks, qtype, out, mode == "int8")
+                    rows.append({"type": name, "mode": mode, "shape": f"{out_features}x{in_features}", "m": m,
+                                 "us": microseconds(call)})
+        print(f"{out_features}x{in_features} done", flush=True)
+    return rows
+
+
+def kernel_table(rows: list[dict]) -> str:
+    """One line per type and shape: microseconds per call for each M and mode, float32's first."""
+    header = " | ".join(f"M={m} {mode}" for m in KERNEL_ROWS for mode in ("exact", "int8"))
+    lines = [f"| shape [out x in] | weights | {header} |", "| --- | --- |" + " ---: |" * (2 * len(KERNEL_ROWS))]
+    by_key = {(r["shape"], r["type"], r.get("mode", "exact"), r["m"]): r["us"] for r in rows}
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        for name in ("float32", *KERNEL_TYPES):
+            if (shape, name, "exact", 1) not in by_key:
+                continue
+            cells = []
+            for m in KERNEL_ROWS:
+                for mode in ("exact", "int8"):
+                    value = by_key.get((shape, name, mode, m))
+                    cells.append("" if value is None else f"{value:.1f}")
+            lines.append(f"| {shape} | {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def kernels_main(args) -> None:
+    threads = args.threads or torch.get_num_threads()
+    rows = kernel_rows(threads)
+    clock = "CPU time of the calling thread" if threads == 1 else "wall time"
+    table = f"quant_linear, microseconds per call ({clock}), {threads} threads\n\n" + kernel_table(rows)
+    print(table)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "quantized-kernels.md").write_text(table + "\n")
+    write_json("quantized-kernels.json", {"threads": threads, "rows": rows})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--kernels", action="store_true", help="time the kernels alone (no engine)")
     parser.add_argument("--threads", type=int, default=None, help="engine threads (default: torch's)")
     parser.add_argument("--cache-dir", type=Path, default=Settings().cache_dir)
     args = parser.parse_args()
+    if args.kernels:
+        return kernels_main(args)
     best: dict[str, dict] = {}
     for mode in (*MODES, *reversed(MODES)):
         row = measure(mode, args)
