@@ -36,7 +36,7 @@ class SlotTable:
 
     @property
     def used_bytes(self) -> int:
-        return sum(self._bytes.values())
+        return sum(list(self._bytes.values()))  # a copy: the metrics read it from another thread
 
     @property
     def free_bytes(self) -> int | None:

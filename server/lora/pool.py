@@ -54,7 +54,8 @@ class AdapterPool:
 
     @property
     def used_pages(self) -> int:
-        return sum(pages for _, pages in self.extents.values())
+        # A copy first: the metrics read this from another thread while the engine thread allocates.
+        return sum(pages for _, pages in list(self.extents.values()))
 
     @property
     def free_pages(self) -> int:
