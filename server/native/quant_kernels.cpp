@@ -6,7 +6,7 @@
 //       out = x @ W^T, W the dequantized weight [N, K].
 //       int8=False (exact): each block is dequantized in registers and multiplied with the float32 activations,
 //         equal to float32 matmul over the dequantized weight up to summation order.
-//       int8=True: decode rows (M <= INT8_ROWS) quantize each 32 activations to int8 with one float scale and
+//       int8=True: decode rows (M <= DIRECT_ROWS) quantize each 32 activations to int8 with one float scale and
 //         take integer dot products with the blocks' quants (AVX2 only; elsewhere, and for larger M, exact).
 //   loraplex::quant_dequantize(blocks, qtype, K, reference=False) -> W [N, K] f32
 //       reference=True: the scalar decoder (the portable path), else the vector one the kernels use.
@@ -27,12 +27,12 @@
 //   Q6_K (14) 256: ql[128], qh[64], scales int8[16], d 16 x 16; q = 4 bits | 2 bits << 4, -32
 // The per-type decoders below (unpack_ref, and visit for AVX2) spell out where each chunk's bits lie.
 //
-// Decode rows (M <= DIRECT_ROWS, or INT8_ROWS in int8 mode) stream each weight row once per group of up to 8
+// Decode rows (M <= DIRECT_ROWS) stream each weight row once per group of up to 8
 // activation rows (tiles of ROW_TILE weight rows, so a group's re-reads come from cache), output rows split over
 // torch's OpenMP team (calls under MIN_THREAD_WORK weights per thread stay on the caller's thread: the team's
 // start and join cost more). Larger M (prefill chunks, big decode batches) dequantizes tiles of TILE_ROWS weight
 // rows and multiplies them with at::mm: compute-bound, where a dense GEMM (AVX-512 where the CPU has it) is
-// fastest; the crossover was measured at 32-48 rows exact, about 64 in int8 mode.
+// fastest (the crossover was measured at 32-48 rows exact, 48-64 in int8 mode, which gains little there).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -53,7 +53,6 @@ namespace {
 
 constexpr int64_t CHUNK = 32;
 constexpr int64_t DIRECT_ROWS = 32;
-constexpr int64_t INT8_ROWS = 64;
 constexpr int64_t TILE_ROWS = 256;
 constexpr int64_t ROW_TILE = 16;
 constexpr int64_t MIN_THREAD_WORK = 1 << 17;  // weights x activation rows
@@ -247,7 +246,7 @@ void direct_ref(const float* x, int64_t m_rows, int64_t x_stride, const uint8_t*
   const int64_t nb = k / block_weights(t), bb = block_bytes(t), bw = block_weights(t);
   at::parallel_for(0, n, row_grain(m_rows, k), [&](int64_t r0, int64_t r1) {
     float w[256];
-    float acc[INT8_ROWS];
+    float acc[DIRECT_ROWS];
     for (int64_t r = r0; r < r1; ++r) {
       std::fill_n(acc, m_rows, 0.f);
       for (int64_t b = 0; b < nb; ++b) {
@@ -685,7 +684,7 @@ void quant_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t qtype, 
   const uint8_t* B = blocks.data_ptr<uint8_t>();
   const int64_t row_bytes = blocks.size(1);
   if (m == 0) return;
-  if (m <= (int8 ? INT8_ROWS : DIRECT_ROWS)) {
+  if (m <= DIRECT_ROWS) {
     direct(x.data_ptr<float>(), m, x.stride(0), B, row_bytes, qtype, n, k, out.data_ptr<float>(), out.stride(0), int8);
     return;
   }

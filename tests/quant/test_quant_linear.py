@@ -74,7 +74,7 @@ def int8_activations(x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=[t.name for t in TYPES])
-@pytest.mark.parametrize("m", [1, 3, 8, 13, 33, 64])
+@pytest.mark.parametrize("m", [1, 3, 8, 13, 32])
 def test_int8_mode_rounds_only_the_activations_that_meet_the_quants(qtype, m):
     """out = (a q) . x_int8 + b . x: the quants meet the rounded activations, the offsets the exact ones; so
     the deviation from exact is at most half a rounding step per activation times |a q|."""
@@ -97,7 +97,7 @@ def test_int8_mode_leaves_prefill_chunks_exact(qtype):
     k = width(qtype)
     blocks, _ = quantized(qtype, 40, k)
     layer = QuantLinear(blocks, int(qtype), k, 40, int8=True)
-    x = torch.randn(65, k)
+    x = torch.randn(33, k)
     assert_matmul_close(layer(x), x @ layer.weight.T, matmul_tolerance(x, layer.weight))
 
 

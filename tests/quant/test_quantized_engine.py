@@ -10,7 +10,6 @@ from pathlib import Path
 
 import gguf
 import pytest
-import torch
 from peft import PeftModel
 
 from server.models import embedded_gguf_path, load_base_model
