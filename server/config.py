@@ -33,7 +33,8 @@ class Settings(BaseSettings):
                                "replicas): writes take a lock file in it and every request checks its change counter")
     max_loras: int | None = Field(None, ge=1, le=4096, description="adapters resident on the device at most "
                                   "(vLLM's cap); unset = as many as the adapter pool holds (up to 1024) with the "
-                                  "compiled CPU kernels, 8 padded slots on other LoRA ops")
+                                  "compiled CPU kernels; with padded slots (other LoRA ops) 8 on the CPU, and on a "
+                                  "GPU as many as half the memory the model and the KV cache leave holds")
     lora_pool_gb: float | None = Field(None, gt=0, description="the adapter pool in GiB: adapters take memory at "
                                        "their own rank and targets, and as many share a step as fit; unset = a "
                                        "quarter of the memory available at start-up on the CPU (at most 8 GiB, "
@@ -45,9 +46,13 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="weights and activations; auto = bfloat16 on CUDA, float32 on CPU")
     gguf_blocks: Literal["auto", "keep", "dequantize"] = Field(
-        "auto", description="a GGUF base's linear layers: keep = in their quantized blocks (Q4_0, Q4_1, Q8_0; "
-        "CPU, float32 activations), dequantize = float32; auto keeps them for a --model FILE.gguf and "
-        "dequantizes the embedded default")
+        "auto", description="a GGUF base's linear layers: keep = in their quantized blocks (Q4_0, Q4_1, Q5_0, "
+        "Q5_1, Q8_0, Q2_K-Q6_K; other types dequantized; CPU, float32 activations), dequantize = float32; auto "
+        "keeps them for a --model FILE.gguf and dequantizes the embedded default")
+    quant_compute: Literal["exact", "int8"] = Field(
+        "exact", description="kept GGUF blocks' decode rows: exact = dequantized in registers times float32 "
+        "activations (the float32 model's results up to summation order); int8 = activations rounded to int8 per "
+        "32 and integer dot products (faster; a bounded deviation, see the README)")
     lora_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="adapter weights in the slots; auto = the model's dtype. bfloat16 on a float32 CPU "
         "model halves the bytes the LoRA op reads per step (it computes in float32; float32-saved weights are "
