@@ -154,12 +154,13 @@ def load_base_model(settings: Settings) -> BaseModel:
         raise ModelLoadError(f"cannot load model from {folder}: {exc}") from exc
     model.to(device).eval().requires_grad_(False)
     if gguf is not None:
-        _keep_gguf_blocks(model, gguf, device, dtype)
+        _keep_gguf_blocks(model, gguf, device, dtype, int8=settings.quant_compute == "int8")
     name = settings.served_model_name or default_name
     return BaseModel(model=model, tokenizer=tokenizer, name=name, device=device, dtype=dtype)
 
 
-def _keep_gguf_blocks(model: PreTrainedModel, gguf: Path, device: torch.device, dtype: torch.dtype) -> None:
+def _keep_gguf_blocks(model: PreTrainedModel, gguf: Path, device: torch.device, dtype: torch.dtype,
+                      int8: bool = False) -> None:
     """Serve the linear layers from the GGUF's quantized blocks (CPU, float32 activations only)."""
     from server.native.loader import load_kernels
     from server.quant.gguf_weights import quantize_from_gguf
@@ -170,6 +171,6 @@ def _keep_gguf_blocks(model: PreTrainedModel, gguf: Path, device: torch.device, 
     if not load_kernels():
         raise ModelLoadError("--gguf-blocks keep needs the compiled CPU kernels, which could not be built "
                              "(see the log): use --gguf-blocks dequantize")
-    report = quantize_from_gguf(model, gguf)
+    report = quantize_from_gguf(model, gguf, int8=int8)
     log.info("%d layers kept in %s's blocks: %.1f MiB instead of %.1f MiB of float32", len(report.quantized),
              gguf.name, report.block_bytes / 2**20, report.float_bytes / 2**20)
