@@ -8,6 +8,7 @@
 //         equal to float32 matmul over the dequantized weight up to summation order.
 //       int8=True: decode rows (M <= DIRECT_ROWS) quantize each 32 activations to int8 with one float scale and
 //         take integer dot products with the blocks' quants (AVX2 only; elsewhere, and for larger M, exact).
+//   loraplex::quant_linear_forward(x [..., K], blocks, qtype, int8=False) -> [..., N]   (the same, allocating)
 //   loraplex::quant_dequantize(blocks, qtype, K, reference=False) -> W [N, K] f32
 //       reference=True: the scalar decoder (the portable path), else the vector one the kernels use.
 //
@@ -696,14 +697,28 @@ void quant_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t qtype, 
   }
 }
 
+// x [..., K] (float32, any layout) -> [..., N]: the module's forward in one call (it runs ~200 times a step).
+at::Tensor quant_linear_forward(const at::Tensor& x, const at::Tensor& blocks, int64_t qtype, bool int8) {
+  TORCH_CHECK(x.dim() >= 1, "x must have a feature dimension");
+  auto rows = x.reshape({-1, x.size(-1)});
+  if (rows.scalar_type() != at::kFloat || rows.stride(1) != 1) rows = rows.to(at::kFloat).contiguous();
+  auto out = at::empty({rows.size(0), blocks.size(0)}, rows.options());
+  quant_linear(rows, blocks, qtype, out, int8);
+  auto shape = x.sizes().vec();
+  shape.back() = blocks.size(0);
+  return out.view(shape);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(loraplex, m) {
   m.def("quant_linear(Tensor x, Tensor blocks, int qtype, Tensor(a!) out, bool int8=False) -> ()");
+  m.def("quant_linear_forward(Tensor x, Tensor blocks, int qtype, bool int8=False) -> Tensor");
   m.def("quant_dequantize(Tensor blocks, int qtype, int in_features, bool reference=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(loraplex, CPU, m) {
   m.impl("quant_linear", &quant_linear);
+  m.impl("quant_linear_forward", &quant_linear_forward);
   m.impl("quant_dequantize", &quant_dequantize);
 }
