@@ -458,6 +458,18 @@ void exact_rows(const float* x, int64_t x_stride, const uint8_t* blocks, int64_t
       for (int j = 0; j < A; ++j) acc[i][j] = _mm256_setzero_ps();
     const uint8_t* row = blocks + r * row_bytes;
     for (int64_t b = 0; b < nb; ++b) {
+      if constexpr (T == Q8_0) {  // straight from memory: 8-byte sign-extending loads (the 34-byte blocks split
+        const uint8_t* blk = row + b * bb;  // a 32-byte load across cache lines every other block)
+        const __m256 d = _mm256_set1_ps(_cvtsh_ss(*reinterpret_cast<const uint16_t*>(blk)));
+        const float* xb = x + b * bw;
+        for (int v = 0; v < 4; ++v) {
+          const __m128i q8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 2 + 8 * v));
+          const __m256 w = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q8)));
+          for (int i = 0; i < R; ++i)
+            acc[i][v % A] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xb + i * x_stride + 8 * v), acc[i][v % A]);
+        }
+        continue;
+      }
       visit<T>(row + b * bb, [&](int c, const Chunk& ch) {
         __m256 w[4];
         chunk_floats(ch, w);
