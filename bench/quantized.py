@@ -14,7 +14,9 @@ Writes bench/results/quantized.md and quantized.json.
 --kernels: `quant_linear` per call (best of 5 timed loops, the same threads) at M = 1, 8, 64 activation rows,
 exact and int8 modes, every type on the weight shapes [out, in] of SmolLM2-135M (576x576: q/o; 1536x576:
 gate/up; 576x1536: down) and of a 1B-class Llama's down projection (2048x8192), beside float32 `F.linear`
-on the same shape (the dequantized model's matmul). The k-quants need rows of whole 256-weight blocks, so
+on the same shape (the dequantized model's matmul). Each call reads a different copy of its weights (copies
+past the 32 MiB L3 together), so every shape is timed from memory as in a decode step. The k-quants need
+rows of whole 256-weight blocks, so
 they skip in=576 (llama.cpp's quantizer gives such tensors Q5_0, Q5_1 or Q8_0 instead).
 Writes bench/results/quantized-kernels.md and quantized-kernels.json.
 """
@@ -23,8 +25,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import sys
 import time
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
@@ -105,6 +109,13 @@ def random_blocks(name: str, out_features: int, in_features: int, seed: int = 0)
     return torch.from_numpy(blocks.reshape(out_features, -1))
 
 
+def streamed(tensor: torch.Tensor, total_bytes: int = 96 * 2**20) -> Iterator[torch.Tensor]:
+    """Copies of `tensor` in turn, together past the last-level cache: each call reads its weights from memory,
+    as a decode step does (it reads every layer once), instead of from a cache a loop of one layer warms."""
+    count = max(1, total_bytes // (tensor.numel() * tensor.element_size()))
+    return itertools.cycle([tensor.clone() for _ in range(count)])
+
+
 def kernel_rows(threads: int) -> list[dict]:
     from server.native.loader import load_kernels
 
@@ -115,19 +126,21 @@ def kernel_rows(threads: int) -> list[dict]:
     microseconds = partial(_microseconds, clock=time.thread_time if threads == 1 else time.perf_counter)
     rows = []
     for out_features, in_features in KERNEL_SHAPES:
-        weight = torch.randn(out_features, in_features) * 0.02
+        weights = streamed(torch.randn(out_features, in_features) * 0.02)
         for m in KERNEL_ROWS:
             x = torch.randn(m, in_features)
+            call = partial(lambda x, ws: torch.nn.functional.linear(x, next(ws)), x, weights)
             rows.append({"type": "float32", "shape": f"{out_features}x{in_features}", "m": m,
-                         "us": microseconds(partial(torch.nn.functional.linear, x, weight))})
-        for name, (qtype, weights, _, _) in KERNEL_TYPES.items():
-            if in_features % weights:
+                         "us": microseconds(call)})
+        for name, (qtype, block_weights, _, _) in KERNEL_TYPES.items():
+            if in_features % block_weights:
                 continue
-            blocks = random_blocks(name, out_features, in_features)
+            blocks = streamed(random_blocks(name, out_features, in_features))
             for m in KERNEL_ROWS:
                 x, out = torch.randn(m, in_features), torch.empty(m, out_features)
                 for mode in ("exact", "int8"):
-                    call = partial(torch.ops.loraplex.quant_linear, x, blocks, qtype, out, mode == "int8")
+                    call = partial(lambda x, bs, *args: torch.ops.loraplex.quant_linear(x, next(bs), *args),
+                                   x, blocks, qtype, out, mode == "int8")
                     rows.append({"type": name, "mode": mode, "shape": f"{out_features}x{in_features}", "m": m,
                                  "us": microseconds(call)})
         print(f"{out_features}x{in_features} done", flush=True)
