@@ -18,7 +18,7 @@ concurrent requests on the base and spread over the 32 adapters (output tokens p
 resident memory (after the runs, and the peak). llama.cpp gets each request's adapter as
 `lora: [{id, scale: 1}]`, and the base as `[{id: 0, scale: 0}]`: a request without a list, or with an empty
 one, gets every loaded adapter at its start-up scale, and this server then computes all 32 (at scale 0 too).
-Writes bench/results/cpu-peer.md and cpu-peer.json.
+Writes bench/results/cpu-peer.md and cpu-peer.json (cpu-peer-<model>.md for a run of one model).
 """
 
 from __future__ import annotations
@@ -373,9 +373,10 @@ def main() -> None:
             platform.machine(), "quick": args.quick}
     table = render(results, meta)
     print(table)
-    if not args.quick:
-        (RESULTS / "cpu-peer.md").write_text(table + "\n")
-        write_json("cpu-peer.json", {"meta": meta, "results": results})
+    if not args.quick:  # a run of some models keeps the others' results: cpu-peer-135m.md, ...
+        stem = "cpu-peer" if sorted(args.models) == ["135m", "1b"] else "cpu-peer-" + "-".join(args.models)
+        (RESULTS / f"{stem}.md").write_text(table + "\n")
+        write_json(f"{stem}.json", {"meta": meta, "results": results})
 
 
 if __name__ == "__main__":
