@@ -56,3 +56,14 @@ def test_mixed_batch_equals_peft_on_the_float32_weights(engine, default_settings
         if oracle is not base:
             base = oracle.unload()  # the float32 base back, without this adapter
     assert results[0].text != results[1].text  # the adapters change the answer
+
+
+def test_int8_mode_starts_and_keeps_its_linears_int8():
+    """The start-up probe checks attention with the linears exact (int8 differs by design) and leaves them int8."""
+    engine = make_engine(None, ROOT / "adapters", gguf_blocks="keep", quant_compute="int8", max_loras=4)
+    try:
+        linears = [m for m in engine.base.model.modules() if isinstance(m, QuantLinear)]
+        assert linears and all(m.int8 for m in linears)
+        assert engine.probe_difference <= 2e-3
+    finally:
+        engine.stop()
