@@ -155,20 +155,19 @@ inline void dot_row(const float* const* x, const W* a, int64_t in, float* const*
   }
 }
 
-// t[row, g*R + j] = a[s, g*R + j, :] . x[row, :] for j < rank(g, s); 0 for the other columns.
-// x [N, in], a [S, members*R, in], t [N, members*R]. A slot's rows go through in pairs, so its A
-// is read once per pair.
-template <typename W>
-void shrink_typed(const at::Tensor& x, const W* A, const at::Tensor& a, const at::Tensor& ptr, const at::Tensor& rows,
-                  const at::Tensor& ranks, int64_t members, const at::Tensor& t) {
-  const SlotPlan plan = slot_plan(ptr, rows, ranks, members);
+// t[row, g*R + j] = A_g,s[j, :] . x[row, :] for j < rank(g, s); 0 for the other columns. x [N, in],
+// t [N, members*R]. `block(g, s)` is where A_g,s starts, its rank rows `stride` apart: a slot of the padded
+// buffer a [S, members*R, in], or the adapter's extent in the pool. A slot's rows go through in pairs, so
+// its A is read once per pair.
+template <typename W, typename Block>
+void shrink_plan(const SlotPlan& plan, const at::Tensor& x, const at::Tensor& t, int64_t members, int64_t rank_max,
+                 int64_t stride, Block block) {
   const int64_t* P = plan.ptr;
   const int64_t* Rw = plan.rows;
-  const int64_t in = x.size(1), width = a.size(1), rank_max = width / members;
-  TORCH_CHECK(a.size(2) == in && t.size(1) == width && width == members * rank_max, "shrink shapes disagree");
+  const int64_t in = x.size(1), width = members * rank_max;
   const float* X = x.data_ptr<float>();
   float* T = t.data_ptr<float>();
-  const int64_t xs = x.stride(0), ts = t.stride(0), as = a.stride(0), ar = a.stride(1);
+  const int64_t xs = x.stride(0), ts = t.stride(0);
   auto rank = [&](int64_t g, int64_t s) { return std::min<int64_t>(plan.rank(g, s), rank_max); };
   auto cost = [&](int64_t s) {
     int64_t sum = 0;
@@ -187,16 +186,27 @@ void shrink_typed(const at::Tensor& x, const W* A, const at::Tensor& a, const at
         tr[r] = T + Rw[p + r] * ts;
       }
       for (int64_t g = 0; g < members; ++g) {
-        const W* ag = A + s * as + g * rank_max * ar;
+        const W* ag = block(g, s);
         for (int64_t j = 0, rg = rank(g, s); j < rg; ++j) {
           if (count == 2)
-            dot_row<2>(xr, ag + j * ar, in, tr, g * rank_max + j);
+            dot_row<2>(xr, ag + j * stride, in, tr, g * rank_max + j);
           else
-            dot_row<1>(xr, ag + j * ar, in, tr, g * rank_max + j);
+            dot_row<1>(xr, ag + j * stride, in, tr, g * rank_max + j);
         }
       }
     }
   });
+}
+
+template <typename W>
+void shrink_typed(const at::Tensor& x, const W* A, const at::Tensor& a, const at::Tensor& ptr, const at::Tensor& rows,
+                  const at::Tensor& ranks, int64_t members, const at::Tensor& t) {
+  const SlotPlan plan = slot_plan(ptr, rows, ranks, members);
+  const int64_t in = x.size(1), width = a.size(1), rank_max = width / members;
+  TORCH_CHECK(a.size(2) == in && t.size(1) == width && width == members * rank_max, "shrink shapes disagree");
+  const int64_t as = a.stride(0), ar = a.stride(1);
+  shrink_plan<W>(plan, x, t, members, rank_max, ar,
+                 [&](int64_t g, int64_t s) { return A + s * as + g * rank_max * ar; });
 }
 
 void shrink_slots(const at::Tensor& x, const at::Tensor& a, const at::Tensor& ptr, const at::Tensor& rows,
@@ -228,23 +238,23 @@ void expand_rows(float* const* y, const float* const* t, const W* b, int64_t br,
   }
 }
 
-// y[row, :] += sum_{j < rank(s)} t[row, j] * b[s, :, j].  y [N, out], t [N, >= R], b [S, out, R] with
-// out contiguous (b is the [S, R, out] buffer's transposed view). A slot's rows go through in groups of
+// y[row, :] += sum_{j < rank(s)} t[row, j] * B_s[j, :]. y [N, out], t [N, >= R]. `block(s)` is where B_s
+// starts, its rank rows `stride` apart: a slot of b [S, out, R] with out contiguous (the [S, R, out] buffer's
+// transposed view), or the rank-major block [rank, out] in the pool. A slot's rows go through in groups of
 // up to 4, so B is read once per group, not once per row.
-template <typename W>
-void expand_typed(const at::Tensor& y, const at::Tensor& t, const W* B, const at::Tensor& b, const at::Tensor& ptr,
-                  const at::Tensor& rows, const at::Tensor& ranks) {
-  const SlotPlan plan = slot_plan(ptr, rows, ranks, 1);
+template <typename W, typename Block>
+void expand_plan(const SlotPlan& plan, const at::Tensor& y, const at::Tensor& t, int64_t rank_max, int64_t stride,
+                 Block block) {
   const int64_t* P = plan.ptr;
   const int64_t* Rw = plan.rows;
-  const int64_t out = b.size(1), rank_max = b.size(2);
-  TORCH_CHECK(y.size(1) == out && t.size(1) >= rank_max, "expand shapes disagree");
+  const int64_t out = y.size(1);
   float* Y = y.data_ptr<float>();
   const float* T = t.data_ptr<float>();
-  const int64_t ys = y.stride(0), ts = t.stride(0), bs = b.stride(0), br = b.stride(2);
+  const int64_t ys = y.stride(0), ts = t.stride(0);
   auto rank = [&](int64_t s) { return std::min<int64_t>(plan.rank(0, s), rank_max); };
   auto cost = [&](int64_t s) { return rank(s) * ((P[s + 1] - P[s] + 3) / 4); };  // B: once per 4 rows
   for_slots(plan.slots, cost, [&](int64_t s) {
+    const W* bslot = block(s);
     for (int64_t p = P[s]; p < P[s + 1]; p += 4) {
       const int64_t count = std::min<int64_t>(4, P[s + 1] - p);
       float* yr[4];
@@ -253,15 +263,24 @@ void expand_typed(const at::Tensor& y, const at::Tensor& t, const W* B, const at
         yr[r] = Y + Rw[p + r] * ys;
         tr[r] = T + Rw[p + r] * ts;
       }
-      const W* bslot = B + s * bs;
       switch (count) {
-        case 1: expand_rows<1>(yr, tr, bslot, br, rank(s), out); break;
-        case 2: expand_rows<2>(yr, tr, bslot, br, rank(s), out); break;
-        case 3: expand_rows<3>(yr, tr, bslot, br, rank(s), out); break;
-        default: expand_rows<4>(yr, tr, bslot, br, rank(s), out); break;
+        case 1: expand_rows<1>(yr, tr, bslot, stride, rank(s), out); break;
+        case 2: expand_rows<2>(yr, tr, bslot, stride, rank(s), out); break;
+        case 3: expand_rows<3>(yr, tr, bslot, stride, rank(s), out); break;
+        default: expand_rows<4>(yr, tr, bslot, stride, rank(s), out); break;
       }
     }
   });
+}
+
+template <typename W>
+void expand_typed(const at::Tensor& y, const at::Tensor& t, const W* B, const at::Tensor& b, const at::Tensor& ptr,
+                  const at::Tensor& rows, const at::Tensor& ranks) {
+  const SlotPlan plan = slot_plan(ptr, rows, ranks, 1);
+  const int64_t out = b.size(1), rank_max = b.size(2);
+  TORCH_CHECK(y.size(1) == out && t.size(1) >= rank_max, "expand shapes disagree");
+  const int64_t bs = b.stride(0), br = b.stride(2);
+  expand_plan<W>(plan, y, t, rank_max, br, [&](int64_t s) { return B + s * bs; });
 }
 
 void expand_slots(const at::Tensor& y, const at::Tensor& t, const at::Tensor& b, const at::Tensor& ptr,
@@ -303,47 +322,15 @@ PoolPlan pool_plan(const at::Tensor& pool, const at::Tensor& base, const at::Ten
   return p;
 }
 
-// t[row, g*R + j] = A_g,s[j, :] . x[row, :] for j < rank(g, s), A read from the pool; 0 elsewhere.
 template <typename W>
 void shrink_pool_typed(const at::Tensor& x, const W* P, const at::Tensor& pool, const at::Tensor& base,
                        const at::Tensor& rel, const at::Tensor& ptr, const at::Tensor& rows, const at::Tensor& ranks,
                        int64_t members, int64_t rank_max, const at::Tensor& t) {
   const SlotPlan plan = slot_plan(ptr, rows, ranks, members);
-  const int64_t in = x.size(1), width = members * rank_max;
-  TORCH_CHECK(t.size(1) == width, "shrink shapes disagree");
+  const int64_t in = x.size(1);
+  TORCH_CHECK(t.size(1) == members * rank_max, "shrink shapes disagree");
   const PoolPlan pp = pool_plan(pool, base, rel, plan, members, in, rank_max);
-  const int64_t* Pt = plan.ptr;
-  const int64_t* Rw = plan.rows;
-  const float* X = x.data_ptr<float>();
-  float* T = t.data_ptr<float>();
-  const int64_t xs = x.stride(0), ts = t.stride(0);
-  auto rank = [&](int64_t g, int64_t s) { return std::min<int64_t>(plan.rank(g, s), rank_max); };
-  auto cost = [&](int64_t s) {
-    int64_t sum = 0;
-    for (int64_t g = 0; g < members; ++g) sum += rank(g, s);
-    return Pt[s + 1] > Pt[s] ? 1 + sum * ((Pt[s + 1] - Pt[s] + 1) / 2) : 0;
-  };
-  for_slots(plan.slots, cost, [&](int64_t s) {
-    for (int64_t p = Pt[s]; p < Pt[s + 1]; ++p) std::fill_n(T + Rw[p] * ts, width, 0.f);
-    for (int64_t p = Pt[s]; p < Pt[s + 1]; p += 2) {
-      const int64_t count = std::min<int64_t>(2, Pt[s + 1] - p);
-      const float* xr[2];
-      float* tr[2];
-      for (int64_t r = 0; r < count; ++r) {
-        xr[r] = X + Rw[p + r] * xs;
-        tr[r] = T + Rw[p + r] * ts;
-      }
-      for (int64_t g = 0; g < members; ++g) {
-        const W* ag = P + pp.offset(g, s);
-        for (int64_t j = 0, rg = rank(g, s); j < rg; ++j) {
-          if (count == 2)
-            dot_row<2>(xr, ag + j * in, in, tr, g * rank_max + j);
-          else
-            dot_row<1>(xr, ag + j * in, in, tr, g * rank_max + j);
-        }
-      }
-    }
-  });
+  shrink_plan<W>(plan, x, t, members, rank_max, in, [&](int64_t g, int64_t s) { return P + pp.offset(g, s); });
 }
 
 void shrink_pool(const at::Tensor& x, const at::Tensor& pool, const at::Tensor& base, const at::Tensor& rel,
@@ -364,31 +351,7 @@ void expand_pool_typed(const at::Tensor& y, const at::Tensor& t, const W* P, con
   const int64_t out = y.size(1);
   TORCH_CHECK(t.size(1) >= rank_max, "expand shapes disagree");
   const PoolPlan pp = pool_plan(pool, base, rel, plan, 1, out, rank_max);
-  const int64_t* Pt = plan.ptr;
-  const int64_t* Rw = plan.rows;
-  float* Y = y.data_ptr<float>();
-  const float* T = t.data_ptr<float>();
-  const int64_t ys = y.stride(0), ts = t.stride(0);
-  auto rank = [&](int64_t s) { return std::min<int64_t>(plan.rank(0, s), rank_max); };
-  auto cost = [&](int64_t s) { return rank(s) * ((Pt[s + 1] - Pt[s] + 3) / 4); };
-  for_slots(plan.slots, cost, [&](int64_t s) {
-    const W* bslot = P + pp.offset(0, s);
-    for (int64_t p = Pt[s]; p < Pt[s + 1]; p += 4) {
-      const int64_t count = std::min<int64_t>(4, Pt[s + 1] - p);
-      float* yr[4];
-      const float* tr[4];
-      for (int64_t r = 0; r < count; ++r) {
-        yr[r] = Y + Rw[p + r] * ys;
-        tr[r] = T + Rw[p + r] * ts;
-      }
-      switch (count) {
-        case 1: expand_rows<1>(yr, tr, bslot, out, rank(s), out); break;
-        case 2: expand_rows<2>(yr, tr, bslot, out, rank(s), out); break;
-        case 3: expand_rows<3>(yr, tr, bslot, out, rank(s), out); break;
-        default: expand_rows<4>(yr, tr, bslot, out, rank(s), out); break;
-      }
-    }
-  });
+  expand_plan<W>(plan, y, t, rank_max, out, [&](int64_t s) { return P + pp.offset(0, s); });
 }
 
 void expand_pool(const at::Tensor& y, const at::Tensor& t, const at::Tensor& pool, const at::Tensor& base,
