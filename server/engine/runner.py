@@ -55,9 +55,7 @@ class ModelRunner:
         with self.lora.stepping(meta, head_rows=attention.last_rows):
             logits = forward_step(self.paged, self.kv_cache, attention,
                                   torch.tensor(tokens, dtype=torch.long, device=device))
-        for item in plan:
-            item.seq.num_computed += item.num_tokens
-        return plan, logits
+        return plan, logits  # the scheduler advances each sequence's num_computed (Scheduler.computed)
 
 
 def prompt_spans(plan: list[ScheduledSeq], advanced: bool) -> list[tuple[Sequence, int, int]]:

@@ -89,8 +89,10 @@ class Scheduler:
         return plan
 
     def computed(self, plan: list[ScheduledSeq]) -> None:
-        """After a step: the blocks it filled become findable by the prefix cache."""
+        """After a step: its tokens are in the KV cache, and the blocks it filled become findable by the
+        prefix cache."""
         for item in plan:
+            item.seq.num_computed += item.num_tokens
             self.prefix_cache.publish(item.seq)
 
     def finish(self, seq: Sequence) -> None:
