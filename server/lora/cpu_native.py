@@ -3,16 +3,19 @@
 Activations are float32; the weights float32 or bfloat16 (read as they lie, widened in registers).
 
 Same contract as the reference in server/lora/ops.py (`shrink` returns a dense `t [N, R]`, 0 on
-rows of the base model), computed from `meta.slot_plan`:
+rows of the base model), computed from `meta.slot_plan`, the CSR of every LoRA row per slot, in
+ONE kernel call per weight for the whole step, however many adapters and prefill chunks it holds
+(loraplex::shrink_slots / expand_slots, or shrink_pool / expand_pool; server/native/lora_kernels.cpp):
 
-    decode rows in CSR per slot  -> loraplex::shrink_slots / expand_slots (server/native/lora_kernels.cpp):
-                                    each slot's A and B streamed once, only up to its adapter's rank
-    prefill chunks, long runs    -> one matmul per segment (a GEMM is faster there)
+    decode rows (1-2 per slot)  -> each slot's A and B streamed once from memory, up to its rank
+    prefill chunks              -> register tiles of rows over the slot's A and B, held in cache
 
 Why a kernel of our own: with one or two rows per adapter the LoRA op reads every adapter's
 weights once per step and does almost no arithmetic, so it is bound by memory traffic; torch's
 batched matmul over the padded slots reached about half the machine's read bandwidth on these
-shapes and read the rank padding too (a batch of rank 8-64 adapters all at rank 64).
+shapes and read the rank padding too (a batch of rank 8-64 adapters all at rank 64). For prefill,
+one matmul per adapter segment per module was some 13,000 small calls for a wave of 64 prompts
+on the default model, each a dispatch from Python and a copy of its result.
 
 The weights are either per-slot buffers padded to the max rank (`a [S, R', in]`, `b [S, out, R]`) or
 blocks in the adapter pool (`PooledWeight`, server/lora/pool.py: each adapter's weights at their own
@@ -39,13 +42,6 @@ def _ranks(meta: LoraStepMeta, width: int) -> torch.Tensor:
     return torch.full((meta.slot_ranks.numel(),), width, dtype=torch.int32, device=meta.slot_ranks.device)
 
 
-def _segment_rank(meta: LoraStepMeta, ranks: RankTable | None, member: int, slot: int, width: int) -> int:
-    """The columns of a slot's `width`-wide member that a segment's matmul needs (as `_ranks`)."""
-    if ranks is not None:
-        return ranks.host[member][slot]
-    return meta.ranks[slot] if meta.max_rank == width and meta.ranks else width
-
-
 def shrink(x: torch.Tensor, a: torch.Tensor | PooledWeight, meta: LoraStepMeta, *,
            ranks: RankTable | None = None) -> torch.Tensor:
     """t [N, R'] = a[slot] @ x per row (0 on base rows); `x [N, in]`, `a [S, R', in]` contiguous in `in`."""
@@ -60,16 +56,6 @@ def shrink(x: torch.Tensor, a: torch.Tensor | PooledWeight, meta: LoraStepMeta, 
         a = a if a.stride(2) == 1 else a.contiguous()  # the layers' buffers already are; a copy otherwise
         table = _ranks(meta, width) if ranks is None else ranks.table
         torch.ops.loraplex.shrink_slots(x, a, plan.ptr, plan.rows, table, members, t)
-    for start, length, slot in plan.segments:
-        rows = x[start:start + length]
-        member_ranks = [_segment_rank(meta, ranks, g, slot, width) for g in range(members)]
-        if all(rank == width for rank in member_ranks):  # one matmul for every member
-            torch.mm(rows, a[slot].to(x.dtype).t(), out=t[start:start + length])
-            continue
-        for g, rank in enumerate(member_ranks):  # each member's own rank only (0: not targeted)
-            if rank:
-                cols = slice(g * width, g * width + rank)
-                t[start:start + length, cols] = rows @ a[slot, cols].to(x.dtype).t()
     return t
 
 
@@ -86,10 +72,6 @@ def expand_(y: torch.Tensor, t: torch.Tensor, b: torch.Tensor | PooledWeight, me
         b = b if b.stride(1) == 1 else b.transpose(1, 2).contiguous().transpose(1, 2)  # as the layers keep it
         table = _ranks(meta, width) if ranks is None else ranks.table
         torch.ops.loraplex.expand_slots(out, t, b, plan.ptr, plan.rows, table)
-    for start, length, slot in plan.segments:
-        rank = _segment_rank(meta, ranks, 0, slot, width)
-        if rank:
-            out[start:start + length].addmm_(t[start:start + length, :rank], b[slot, :, :rank].to(y.dtype).t())
 
 
 def _pool_ranks(ranks: RankTable | None) -> RankTable:
@@ -101,19 +83,12 @@ def _pool_ranks(ranks: RankTable | None) -> RankTable:
 
 def _shrink_pooled(x: torch.Tensor, a: PooledWeight, meta: LoraStepMeta, ranks: RankTable | None) -> torch.Tensor:
     ranks = _pool_ranks(ranks)
-    width = a.width
-    t = x.new_zeros(x.shape[0], a.members * width)
     plan = meta.slot_plan
+    # Rows of the base model stay 0; the kernel writes every LoRA row's columns (zeros past its ranks).
+    t = x.new_zeros(x.shape[0], a.members * a.width)
     if plan.ptr is not None:
         torch.ops.loraplex.shrink_pool(x, a.pool.data, a.pool.base, a.rel, plan.ptr, plan.rows, ranks.table,
-                                       a.members, width, t)
-    for start, length, slot in plan.segments:
-        rows = x[start:start + length]
-        for g in range(a.members):
-            rank = ranks.host[g][slot]
-            if rank:
-                cols = slice(g * width, g * width + rank)
-                t[start:start + length, cols] = rows @ a.block(g, slot, rank).to(x.dtype).t()
+                                       a.members, a.width, t)
     return t
 
 
@@ -124,7 +99,3 @@ def _expand_pooled(out: torch.Tensor, t: torch.Tensor, b: PooledWeight, meta: Lo
     if plan.ptr is not None:
         torch.ops.loraplex.expand_pool(out, t, b.pool.data, b.pool.base, b.rel, plan.ptr, plan.rows, ranks.table,
                                        b.width)
-    for start, length, slot in plan.segments:
-        rank = ranks.host[0][slot]
-        if rank:
-            out[start:start + length].addmm_(t[start:start + length, :rank], b.block(0, slot, rank).to(out.dtype))

@@ -30,10 +30,9 @@ LoRA row is covered by `host_segments` ((start, length, slot) triples; prefill c
 runs of a slot far busier than the rest, which would blow up the padding).
 
 The compiled CPU kernels (`server/lora/cpu_native.py`, server/native/lora_kernels.cpp) read
-`slot_plan` instead: decode rows per slot in CSR form, each slot's weights streamed once up to
-its rank (`max_rank` is the buffers' rank width R, 0 when unknown); slots with many decode rows
-in one run, and prefill chunks, run as `slot_plan.segments` through one matmul each, where a
-GEMM beats per-row dot products.
+`slot_plan` instead: every LoRA row of the step per slot in CSR form (decode rows and prefill
+chunks alike), so one call per weight covers the whole step, each slot's weights read up to its
+rank (`max_rank` is the buffers' rank width R, 0 when unknown).
 """
 
 from __future__ import annotations
@@ -47,22 +46,20 @@ import torch
 # A decode slot with more than this many times the mean tokens per slot runs as its own segment
 # instead of widening the padded batch for every slot.
 HEAVY_FACTOR = 2.0
-# A decode slot with at least this many rows in one run goes through a matmul on the kernel path.
-KERNEL_GEMM_ROWS = 8
 
 
 @dataclass(frozen=True, eq=False)
 class SlotPlan:
-    """Decode rows of slots `[0, S')` as CSR, for the compiled kernels.
+    """Every LoRA row of slots `[0, S')` as CSR, for the compiled kernels.
 
-    `ptr [S' + 1]` int64, `rows [n]` int64: slot s owns packed rows `rows[ptr[s]:ptr[s+1]]` (None
-    when no decode row takes the kernel); `segments`: (start, length, slot) runs that go through
-    one matmul each instead (prefill chunks, decode runs of `KERNEL_GEMM_ROWS` rows or more).
+    `ptr [S' + 1]` int64, `rows [n]` int64: slot s owns packed rows `rows[ptr[s]:ptr[s+1]]`, its
+    decode rows first, then its prefill rows, each in packed order (both None when no row of the
+    step uses an adapter). The kernels cut a slot's rows into units and pick their loop by the
+    unit's length: one or two rows stream the weights from memory, more go over them in tiles.
     """
 
     ptr: torch.Tensor | None
     rows: torch.Tensor | None
-    segments: tuple[tuple[int, int, int], ...]
 
 
 @dataclass(frozen=True, eq=False)
@@ -130,28 +127,24 @@ class LoraStepMeta:
             pad_index=None if index_identity else t(pad_index),
             pad_gather=None if rows_identity and index_identity else t(_gather(pad_rows, pad_index, pad_slots * width)),
             host_segments=host,
-            slot_plan=_slot_plan(token_slots, num_decode, t), max_rank=max_rank, ranks=tuple(slot_ranks),
+            slot_plan=_slot_plan(token_slots, t), max_rank=max_rank, ranks=tuple(slot_ranks),
             row_mask=sum(1 << s for s in set(token_slots) if s >= 0), host_slots=tuple(token_slots),
         )
 
 
-def _slot_plan(slots: list[int], num_decode: int, to_tensor) -> SlotPlan:
-    """The kernels' plan: CSR of the decode rows per slot, except long runs, which become segments."""
-    decode_runs = _runs(slots, 0, num_decode)
-    counts = Counter(s for s in slots[:num_decode] if s >= 0)
-    gemm = {r[2] for r in decode_runs if r[1] >= KERNEL_GEMM_ROWS and r[1] == counts[r[2]]}
-    segments = tuple(sorted([r for r in decode_runs if r[2] in gemm] + _runs(slots, num_decode, len(slots))))
+def _slot_plan(slots: list[int], to_tensor) -> SlotPlan:
+    """The kernels' plan: the CSR of every LoRA row per slot."""
     by_slot: dict[int, list[int]] = {}
-    for row, s in enumerate(slots[:num_decode]):
-        if s >= 0 and s not in gemm:
+    for row, s in enumerate(slots):
+        if s >= 0:
             by_slot.setdefault(s, []).append(row)
     if not by_slot:
-        return SlotPlan(None, None, segments)
+        return SlotPlan(None, None)
     ptr, rows = [0], []
     for s in range(max(by_slot) + 1):
         rows += by_slot.get(s, [])
         ptr.append(len(rows))
-    return SlotPlan(to_tensor(ptr), to_tensor(rows), segments)
+    return SlotPlan(to_tensor(ptr), to_tensor(rows))
 
 
 def _gather(rows: list[int], index: list[int], size: int) -> list[int]:

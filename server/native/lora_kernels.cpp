@@ -7,10 +7,13 @@
 // buffers padded to the max rank), `loraplex::shrink_pool` and `loraplex::expand_pool` (weights in the
 // adapter pool, each at its own rank). Rows are given
 // per slot in CSR form: slot s owns packed rows rows[ptr[s] .. ptr[s+1]) (ptr [S' + 1], rows [n]).
-// Each slot's weights are streamed once whatever its row count, only up to its adapter's rank in
-// that weight (ranks int32; 0 where the adapter does not target it): the zeros past it are never
-// read. Slots run in parallel on torch's own OpenMP team (at::parallel_for), split into runs of
-// equal work, rows of one slot on one thread, so no two threads write one row.
+// Rows are decode rows (one or two per slot: each slot's weights are streamed once, from memory) and
+// prefill chunks (many rows per slot: the weights stay in cache while register tiles of rows go over
+// them), all in one call per weight. Only a slot's adapter's rank in that weight is read (ranks int32;
+// 0 where the adapter does not target it): the zeros past it are never read. The work is cut into
+// units of at most UNIT_ROWS rows of one slot, run in parallel on torch's own OpenMP team
+// (at::parallel_for) in contiguous runs of equal cost; a row lies in one unit, so no two threads write
+// one row.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -19,6 +22,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -108,25 +112,55 @@ SlotPlan slot_plan(const at::Tensor& ptr, const at::Tensor& rows, const at::Tens
           ranks.dim() == 2 ? ranks.size(1) : 0};
 }
 
-// body(s) for every slot s, on torch's threads, the slots cut into one contiguous run per thread
-// of about equal cost(s) (weights read): split by slot count, slots of rank 0 or many rows in one
-// half would leave the other thread idle.
+// A unit of work: rows rows[p0 .. p1) of one slot (CSR positions).
+struct Unit {
+  int64_t slot, p0, p1;
+  int64_t rows() const { return p1 - p0; }
+};
+
+// A prefill chunk's rows of one slot are cut into units this long, so the two halves of one long chunk
+// can run on two threads; a unit re-reads its slot's weights, from cache.
+constexpr int64_t UNIT_ROWS = 32;
+
+std::vector<Unit> plan_units(const SlotPlan& plan) {
+  std::vector<Unit> units;
+  for (int64_t s = 0; s < plan.slots; ++s)
+    for (int64_t p = plan.ptr[s]; p < plan.ptr[s + 1]; p += UNIT_ROWS)
+      units.push_back({s, p, std::min(p + UNIT_ROWS, plan.ptr[s + 1])});
+  return units;
+}
+
+// body(u) for every unit u, on torch's threads, the units cut into one contiguous run per thread of
+// about equal cost(u) (weights read, times the passes over them): split by count, units of rank 0 or
+// many rows in one half would leave the other thread idle.
 template <typename Cost, typename Body>
-void for_slots(int64_t slots, Cost cost, Body body) {
-  std::vector<int64_t> prefix(slots + 1, 0);
-  for (int64_t s = 0; s < slots; ++s) prefix[s + 1] = prefix[s] + cost(s);
-  const int64_t total = prefix[slots];
+void for_units(const std::vector<Unit>& units, Cost cost, Body body) {
+  const int64_t n = static_cast<int64_t>(units.size());
+  std::vector<int64_t> prefix(n + 1, 0);
+  for (int64_t u = 0; u < n; ++u) prefix[u + 1] = prefix[u] + cost(units[u]);
+  const int64_t total = prefix[n];
   if (total == 0) return;
-  const int64_t parts = std::min<int64_t>(at::get_num_threads(), slots);
+  const int64_t parts = std::min<int64_t>(at::get_num_threads(), n);
   at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t part = p0; part < p1; ++part) {
-      // Slot s belongs to the part its starting cost falls in.
+      // Unit u belongs to the part its starting cost falls in.
       const int64_t lo = total * part / parts, hi = total * (part + 1) / parts;
-      const int64_t first = std::lower_bound(prefix.begin(), prefix.begin() + slots, lo) - prefix.begin();
-      const int64_t last = std::lower_bound(prefix.begin(), prefix.begin() + slots, hi) - prefix.begin();
-      for (int64_t s = first; s < last; ++s) body(s);
+      const int64_t first = std::lower_bound(prefix.begin(), prefix.begin() + n, lo) - prefix.begin();
+      const int64_t last = std::lower_bound(prefix.begin(), prefix.begin() + n, hi) - prefix.begin();
+      for (int64_t u = first; u < last; ++u) body(units[u]);
     }
   });
+}
+
+// Calls f(std::integral_constant<int, R>) for R = n in 1..4 (a tile's row count as a template argument).
+template <typename F>
+void with_rows(int64_t n, F&& f) {
+  switch (n) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    default: f(std::integral_constant<int, 4>{}); break;
+  }
 }
 
 // t[r][col] = a[:] . x[r, :] for ROWS rows: UNROLL independent vector sums per row, so the FMAs do
@@ -155,43 +189,85 @@ inline void dot_row(const float* const* x, const W* a, int64_t in, float* const*
   }
 }
 
+// The prefill form: t[r][col + c] = A[c, :] . x[r, :] for ROWS rows and COLS rank rows of A (`astride`
+// apart), ROWS * COLS independent sums. A is in cache (a unit's rows go over it in tiles), so each
+// vector of x serves COLS rank rows and each vector of A serves ROWS rows: 4 x 2 tiles do 8 FMAs per 6
+// loads, where the decode form's one rank row at a time does 2 per 3.
+template <int ROWS, int COLS, typename W>
+inline void dot_tile(const float* const* x, const W* a, int64_t astride, int64_t in, float* const* t, int64_t col) {
+  vfloat acc[ROWS][COLS] = {};
+  int64_t i = 0;
+  for (; i + VL <= in; i += VL) {
+    vfloat w[COLS];
+    for (int c = 0; c < COLS; ++c) w[c] = load(a + c * astride + i);
+    for (int r = 0; r < ROWS; ++r) {
+      const vfloat xv = load(x[r] + i);
+      for (int c = 0; c < COLS; ++c) acc[r][c] += w[c] * xv;
+    }
+  }
+  for (int r = 0; r < ROWS; ++r) {
+    for (int c = 0; c < COLS; ++c) {
+      float sum = lane_sum(acc[r][c]);
+      for (int64_t ii = i; ii < in; ++ii) sum += widen(a[c * astride + ii]) * x[r][ii];
+      t[r][col + c] = sum;
+    }
+  }
+}
+
+// One tile of up to 4 rows over every rank row of A_g (`rg` of them, `stride` apart), in pairs.
+template <int ROWS, typename W>
+inline void shrink_tile(const float* const* x, const W* ag, int64_t stride, int64_t rg, int64_t in, float* const* t,
+                        int64_t col) {
+  int64_t j = 0;
+  for (; j + 2 <= rg; j += 2) dot_tile<ROWS, 2>(x, ag + j * stride, stride, in, t, col + j);
+  if (j < rg) dot_tile<ROWS, 1>(x, ag + j * stride, stride, in, t, col + j);
+}
+
 // t[row, g*R + j] = A_g,s[j, :] . x[row, :] for j < rank(g, s); 0 for the other columns. x [N, in],
 // t [N, members*R]. `block(g, s)` is where A_g,s starts, its rank rows `stride` apart: a slot of the padded
-// buffer a [S, members*R, in], or the adapter's extent in the pool. A slot's rows go through in pairs, so
-// its A is read once per pair.
+// buffer a [S, members*R, in], or the adapter's extent in the pool. A unit of one or two rows (decode)
+// reads A once from memory, one rank row at a time; a longer one (prefill) goes over A, in cache, in
+// tiles of 4 rows by 2 rank rows.
 template <typename W, typename Block>
 void shrink_plan(const SlotPlan& plan, const at::Tensor& x, const at::Tensor& t, int64_t members, int64_t rank_max,
                  int64_t stride, Block block) {
-  const int64_t* P = plan.ptr;
   const int64_t* Rw = plan.rows;
   const int64_t in = x.size(1), width = members * rank_max;
   const float* X = x.data_ptr<float>();
   float* T = t.data_ptr<float>();
   const int64_t xs = x.stride(0), ts = t.stride(0);
   auto rank = [&](int64_t g, int64_t s) { return std::min<int64_t>(plan.rank(g, s), rank_max); };
-  auto cost = [&](int64_t s) {
+  auto cost = [&](const Unit& u) {
     int64_t sum = 0;
-    for (int64_t g = 0; g < members; ++g) sum += rank(g, s);
-    // A is read once per pair of rows; a slot with rows and nothing to read still zeroes them.
-    return P[s + 1] > P[s] ? 1 + sum * ((P[s + 1] - P[s] + 1) / 2) : 0;
+    for (int64_t g = 0; g < members; ++g) sum += rank(g, u.slot);
+    // A is read once per pair of decode rows, once per tile of 4 rows in a prefill unit; a unit with
+    // nothing to read still zeroes its rows.
+    return 1 + sum * (u.rows() <= 2 ? 1 : (u.rows() + 3) / 4);
   };
-  for_slots(plan.slots, cost, [&](int64_t s) {
-    for (int64_t p = P[s]; p < P[s + 1]; ++p) std::fill_n(T + Rw[p] * ts, width, 0.f);
-    for (int64_t p = P[s]; p < P[s + 1]; p += 2) {
-      const int64_t count = std::min<int64_t>(2, P[s + 1] - p);
-      const float* xr[2];
-      float* tr[2];
+  for_units(plan_units(plan), cost, [&](const Unit& u) {
+    const int64_t s = u.slot;
+    for (int64_t p = u.p0; p < u.p1; ++p) std::fill_n(T + Rw[p] * ts, width, 0.f);
+    const int64_t tile = u.rows() <= 2 ? 2 : 4;
+    for (int64_t p = u.p0; p < u.p1; p += tile) {
+      const int64_t count = std::min<int64_t>(tile, u.p1 - p);
+      const float* xr[4];
+      float* tr[4];
       for (int64_t r = 0; r < count; ++r) {
         xr[r] = X + Rw[p + r] * xs;
         tr[r] = T + Rw[p + r] * ts;
       }
       for (int64_t g = 0; g < members; ++g) {
         const W* ag = block(g, s);
-        for (int64_t j = 0, rg = rank(g, s); j < rg; ++j) {
+        const int64_t rg = rank(g, s), col = g * rank_max;
+        if (tile == 4) {
+          with_rows(count, [&](auto rows) { shrink_tile<decltype(rows)::value>(xr, ag, stride, rg, in, tr, col); });
+          continue;
+        }
+        for (int64_t j = 0; j < rg; ++j) {
           if (count == 2)
-            dot_row<2>(xr, ag + j * stride, in, tr, g * rank_max + j);
+            dot_row<2>(xr, ag + j * stride, in, tr, col + j);
           else
-            dot_row<1>(xr, ag + j * stride, in, tr, g * rank_max + j);
+            dot_row<1>(xr, ag + j * stride, in, tr, col + j);
         }
       }
     }
@@ -238,37 +314,74 @@ void expand_rows(float* const* y, const float* const* t, const W* b, int64_t br,
   }
 }
 
+// The prefill form: up to ROWS rows' outputs, 2 vectors wide, stay in registers across the whole rank
+// (B, in cache, is read down a column of vectors), so each y vector is loaded and stored once instead
+// of once per rank row. From memory (decode) this was slower than expand_rows; from cache, twice as fast.
+template <int ROWS, typename W>
+void expand_tile(float* const* y, const float* const* t, const W* b, int64_t br, int64_t rank, int64_t out) {
+  int64_t o = 0;
+  for (; o + 2 * VL <= out; o += 2 * VL) {
+    vfloat acc[ROWS][2];
+    for (int r = 0; r < ROWS; ++r) {
+      acc[r][0] = load(y[r] + o);
+      acc[r][1] = load(y[r] + o + VL);
+    }
+    for (int64_t j = 0; j < rank; ++j) {
+      const vfloat w0 = load(b + j * br + o), w1 = load(b + j * br + o + VL);
+      for (int r = 0; r < ROWS; ++r) {
+        const float c = t[r][j];
+        acc[r][0] += c * w0;
+        acc[r][1] += c * w1;
+      }
+    }
+    for (int r = 0; r < ROWS; ++r) {
+      store(y[r] + o, acc[r][0]);
+      store(y[r] + o + VL, acc[r][1]);
+    }
+  }
+  for (; o < out; ++o) {  // the last columns (out is a multiple of 32 in every shape served)
+    for (int r = 0; r < ROWS; ++r) {
+      float sum = y[r][o];
+      for (int64_t j = 0; j < rank; ++j) sum += t[r][j] * widen(b[j * br + o]);
+      y[r][o] = sum;
+    }
+  }
+}
+
 // y[row, :] += sum_{j < rank(s)} t[row, j] * B_s[j, :]. y [N, out], t [N, >= R]. `block(s)` is where B_s
 // starts, its rank rows `stride` apart: a slot of b [S, out, R] with out contiguous (the [S, R, out] buffer's
-// transposed view), or the rank-major block [rank, out] in the pool. A slot's rows go through in groups of
-// up to 4, so B is read once per group, not once per row.
+// transposed view), or the rank-major block [rank, out] in the pool. A unit's rows go through in groups of
+// up to 4, so B is read once per group: rank row by rank row for decode units (up to 2 rows, B from
+// memory), in register tiles for prefill units (B in cache).
 template <typename W, typename Block>
 void expand_plan(const SlotPlan& plan, const at::Tensor& y, const at::Tensor& t, int64_t rank_max, int64_t stride,
                  Block block) {
-  const int64_t* P = plan.ptr;
   const int64_t* Rw = plan.rows;
   const int64_t out = y.size(1);
   float* Y = y.data_ptr<float>();
   const float* T = t.data_ptr<float>();
   const int64_t ys = y.stride(0), ts = t.stride(0);
   auto rank = [&](int64_t s) { return std::min<int64_t>(plan.rank(0, s), rank_max); };
-  auto cost = [&](int64_t s) { return rank(s) * ((P[s + 1] - P[s] + 3) / 4); };  // B: once per 4 rows
-  for_slots(plan.slots, cost, [&](int64_t s) {
-    const W* bslot = block(s);
-    for (int64_t p = P[s]; p < P[s + 1]; p += 4) {
-      const int64_t count = std::min<int64_t>(4, P[s + 1] - p);
+  auto cost = [&](const Unit& u) { return rank(u.slot) * ((u.rows() + 3) / 4); };  // B: once per 4 rows
+  for_units(plan_units(plan), cost, [&](const Unit& u) {
+    const W* bslot = block(u.slot);
+    const int64_t rs = rank(u.slot);
+    const bool tiled = u.rows() > 2;
+    for (int64_t p = u.p0; p < u.p1; p += 4) {
+      const int64_t count = std::min<int64_t>(4, u.p1 - p);
       float* yr[4];
       const float* tr[4];
       for (int64_t r = 0; r < count; ++r) {
         yr[r] = Y + Rw[p + r] * ys;
         tr[r] = T + Rw[p + r] * ts;
       }
-      switch (count) {
-        case 1: expand_rows<1>(yr, tr, bslot, stride, rank(s), out); break;
-        case 2: expand_rows<2>(yr, tr, bslot, stride, rank(s), out); break;
-        case 3: expand_rows<3>(yr, tr, bslot, stride, rank(s), out); break;
-        default: expand_rows<4>(yr, tr, bslot, stride, rank(s), out); break;
-      }
+      with_rows(count, [&](auto rows) {
+        constexpr int R = decltype(rows)::value;
+        if (tiled)
+          expand_tile<R>(yr, tr, bslot, stride, rs, out);
+        else
+          expand_rows<R>(yr, tr, bslot, stride, rs, out);
+      });
     }
   });
 }

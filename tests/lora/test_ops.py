@@ -13,7 +13,7 @@ import torch
 from server.native.loader import load_kernels
 from server.lora.ops import CPU, CPU_KERNELS, REFERENCE, add_lora_, backend_for
 from server.lora.ranks import WeightRanks
-from server.lora.step import KERNEL_GEMM_ROWS, LoraStepMeta
+from server.lora.step import LoraStepMeta
 
 BACKENDS = [CPU_KERNELS, CPU, REFERENCE]
 
@@ -43,6 +43,8 @@ CASES = [
     ([0, 0, 1, 3, 3, 3, -1, -1], 8),                 # ragged counts and a gap in the slots
     ([2, -1, 0, 4, 2, -1, 0, 1, 4, 4], 10),          # arbitrary order
     ([0] * 9 + [1, 2], 11),                          # one heavy slot: its run becomes a segment
+    # prefill chunks of 3, 37, 70 and 5 rows: the kernels' units of 32 rows, their tiles of 4 and remainders
+    ([1, 1] + [0] * 3 + [2] * 37 + [-1] * 2 + [4] * 70 + [3] * 5, 2),
     ([0, 1, 1, 2, 3, 3, 3, 3, 3, 3, -1, 4, 4, 4, 2, 2, -1, 0], 4),  # decode then prefill chunks
     ([3, 3, 3, -1, -1, 1, 1], 0),                    # prefill only
     ([-1, -1, -1], 3),                               # base only
@@ -137,14 +139,16 @@ def test_plan_heavy_decode_slot_and_prefill_become_segments():
     assert meta.num_decode == 11
 
 
-def test_kernel_plan_rows_per_slot_and_long_runs_as_segments():
-    long = KERNEL_GEMM_ROWS
+def test_kernel_plan_holds_every_lora_row_per_slot():
+    """Decode rows and prefill chunks alike go to the kernels' CSR (one call per weight), each slot's
+    decode rows first, base rows nowhere."""
+    long = 9
     slots = [1, 0, 1, -1, 3] + [2] * long + [0, 0, -1, 4]
     meta = LoraStepMeta.build(slots, [4] * 5, "cpu", num_decode=5 + long, max_rank=4)
     plan = meta.slot_plan
-    assert plan.ptr.tolist() == [0, 1, 3, 3, 4]  # slots 0..3; slot 2's run is a segment
-    assert plan.rows.tolist() == [1, 0, 2, 4]
-    assert plan.segments == ((5, long, 2), (5 + long, 2, 0), (5 + long + 3, 1, 4))
+    assert plan.ptr.tolist() == [0, 3, 5, 5 + long, 6 + long, 7 + long]
+    assert plan.rows.tolist() == [1, 14, 15, 0, 2, *range(5, 5 + long), 4, 17]
+    assert LoraStepMeta.build([-1, -1], [4], "cpu").slot_plan.ptr is None
 
 
 @pytest.mark.parametrize("fan_in,fan_out", SHAPES, ids=lambda v: str(v))
