@@ -6,21 +6,25 @@ import dataclasses
 
 import torch
 
-from server.engine.attention import PagedModel, StepAttention, forward_step, pack
+from server.engine.attention import PagedModel, StepAttention, StepForward, forward_step, pack
 from server.engine.kv_cache import KVCache
+from server.engine.probe import lean_forward_for
 from server.engine.scheduler import ScheduledSeq
 from server.engine.sequence import Sequence
 from server.lora.model import LoraModel
 
 
 class ModelRunner:
-    def __init__(self, lora: LoraModel, paged: PagedModel, kv_cache: KVCache, decode_kernel: bool = False) -> None:
+    def __init__(self, lora: LoraModel, paged: PagedModel, kv_cache: KVCache, decode_kernel: bool = False,
+                 lean: bool = True) -> None:
         """`paged`: the LoRA-wrapped model switched to paged attention; `decode_kernel`: decode attention by
-        the compiled CPU kernel (`decode_kernel_applies` said so)."""
+        the compiled CPU kernel (`decode_kernel_applies` said so). `lean`: run the lean decoder forward
+        (server/engine/lean_forward.py) where it applies and passes its start-up check."""
         self.lora = lora
         self.paged = paged
         self.kv_cache = kv_cache
         self.decode_kernel = decode_kernel
+        self.lean: StepForward | None = lean_forward_for(paged, kv_cache, decode_kernel) if lean else None
 
     @torch.inference_mode()
     def step(self, plan: list[ScheduledSeq]) -> tuple[list[ScheduledSeq], torch.Tensor]:
@@ -53,8 +57,9 @@ class ModelRunner:
             attention = dataclasses.replace(attention, last_rows=torch.cat([attention.last_rows, extra.to(
                 attention.last_rows.device)]))
         with self.lora.stepping(meta, head_rows=attention.last_rows):
-            logits = forward_step(self.paged, self.kv_cache, attention,
-                                  torch.tensor(tokens, dtype=torch.long, device=device))
+            ids = torch.tensor(tokens, dtype=torch.long, device=device)
+            logits = forward_step(self.paged, self.kv_cache, attention, ids) if self.lean is None else \
+                self.lean(self.kv_cache, attention, ids)
         return plan, logits  # the scheduler advances each sequence's num_computed (Scheduler.computed)
 
 

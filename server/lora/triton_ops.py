@@ -36,8 +36,16 @@ from typing import Any, Literal, Protocol
 
 import torch
 import triton
-import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
+
+from server.lora.pool import PooledWeight
+from server.lora.triton_kernels import (
+    _bgmv_expand_kernel,
+    _bgmv_shrink_kernel,
+    _sgmv_expand_kernel,
+    _sgmv_shrink_kernel,
+)
+from server.lora.triton_weights import Weights, padded_expand, padded_shrink, pooled_expand, pooled_shrink
 
 __all__ = ["MAX_RANK", "SGMV_MIN_SEGMENT", "expand_", "expand_slices_", "lora_", "shrink"]
 
@@ -45,7 +53,6 @@ MAX_RANK = 256
 # Steps whose longest segment has at least this many tokens take the segment (SGMV) kernels.
 SGMV_MIN_SEGMENT = 4
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_SUM = tl.standard._sum_combine  # the combine function the interpreter maps to numpy's sum
 Path = Literal["auto", "bgmv", "sgmv"]
 
 
@@ -59,193 +66,6 @@ class StepMeta(Protocol):
     max_seg_len: int
     num_segments: int
     slot_ranks: torch.Tensor  # [S] int32, 0 for an empty slot
-
-
-# ---------------------------------------------------------------------------------------------
-# Kernels (plain functions; compiled or interpreted by `_kernel` below).
-
-
-def _bgmv_shrink_kernel(
-    x_ptr, a_ptr, out_ptr, slots_ptr, ranks_ptr,
-    K, R, k_per_split, slice_rank,
-    sx_n, sx_k, sa_s, sa_r, sa_k, so_p, so_n, so_r,
-    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """out[split, i, r] = sum over this split's k of a[slot_i, r, k] * x[i, k]   (float32)."""
-    i = tl.program_id(0)
-    rb = tl.program_id(1)
-    sp = tl.program_id(2)
-    slot = tl.load(slots_ptr + i).to(tl.int64)
-    rank = tl.load(ranks_ptr + tl.maximum(slot, 0))
-    rank = tl.where(slot >= 0, rank, 0)
-    r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
-    r_ok = (r < R) & ((r % slice_rank) < rank)
-    k_lo = sp * k_per_split
-    k_hi = tl.minimum(k_lo + k_per_split, K)
-    live = tl.reduce(r_ok.to(tl.int32), 0, _SUM)
-    k_hi = tl.where(live > 0, k_hi, k_lo)  # a block wholly in rank padding reads nothing
-    a_row = a_ptr + slot * sa_s + r.to(tl.int64) * sa_r
-    acc = tl.full([BLOCK_R], 0.0, tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = k < k_hi
-        xv = tl.load(x_ptr + i.to(tl.int64) * sx_n + k * sx_k, mask=k_ok, other=0.0).to(tl.float32)
-        av = tl.load(a_row[:, None] + k[None, :] * sa_k, mask=r_ok[:, None] & k_ok[None, :], other=0.0)
-        acc += tl.reduce(av.to(tl.float32) * xv[None, :], 1, _SUM)
-    out = out_ptr + sp.to(tl.int64) * so_p + i.to(tl.int64) * so_n + r * so_r
-    tl.store(out, acc, mask=r < R)
-
-
-def _bgmv_expand_kernel(
-    y_ptr, t_ptr, b_ptr, slots_ptr, ranks_ptr,
-    out0, out1, out2, off0, off1, off2, d1, d2, sb_s0, sb_s1, sb_s2, R, splits,
-    sy_n, sy_k, st_p, st_n, st_r, sb_n, sb_r,
-    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-):
-    """y[i, off_j + n] += sum over r < rank(slot_i) of b_j[slot_i, n, r] * t[i, j * R + r].
-
-    Up to three slices j in one launch (q/k/v or gate/up): the output blocks of slice 0 come
-    first on grid axis 1, then slice 1's, then slice 2's. b_j lives at b_ptr + d_j elements.
-    """
-    i = tl.program_id(0)
-    nb = tl.program_id(1)
-    slot = tl.load(slots_ptr + i).to(tl.int64)
-    if slot < 0:
-        return
-    rank = tl.minimum(tl.load(ranks_ptr + slot), R)
-    if rank <= 0:
-        return
-    # Which slice this output block belongs to, and the slice's size, place in y and weights.
-    nb0 = (out0 + BLOCK_N - 1) // BLOCK_N
-    nb1 = (out1 + BLOCK_N - 1) // BLOCK_N
-    j = (nb >= nb0).to(tl.int32) + (nb >= nb0 + nb1).to(tl.int32)
-    nb = nb - tl.where(j >= 1, nb0, 0) - tl.where(j >= 2, nb1, 0)
-    OUT = tl.where(j == 0, out0, tl.where(j == 1, out1, out2))
-    out_offset = tl.where(j == 0, off0, tl.where(j == 1, off1, off2))
-    b_base = tl.where(j == 0, 0, tl.where(j == 1, d1, d2)).to(tl.int64)
-    b_base += slot * tl.where(j == 0, sb_s0, tl.where(j == 1, sb_s1, sb_s2)).to(tl.int64)
-    n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = n < OUT
-    b_row = b_ptr + b_base + n.to(tl.int64) * sb_n
-    t_row = t_ptr + i.to(tl.int64) * st_n + (j * R) * st_r
-    acc = tl.full([BLOCK_N], 0.0, tl.float32)
-    for r0 in range(0, rank, BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R)
-        r_ok = r < rank
-        tv = tl.full([BLOCK_R], 0.0, tl.float32)
-        for p in range(0, splits):  # t's split-K partial sums, when the shrink left them apart
-            tv += tl.load(t_row + p * st_p + r * st_r, mask=r_ok, other=0.0).to(tl.float32)
-        bv = tl.load(b_row[:, None] + r[None, :] * sb_r, mask=n_ok[:, None] & r_ok[None, :], other=0.0)
-        acc += tl.reduce(bv.to(tl.float32) * tv[None, :], 1, _SUM)
-    y = y_ptr + i.to(tl.int64) * sy_n + (out_offset + n) * sy_k
-    yv = tl.load(y, mask=n_ok, other=0.0)
-    tl.store(y, (yv.to(tl.float32) + acc).to(yv.dtype), mask=n_ok)
-
-
-def _sgmv_shrink_kernel(
-    x_ptr, a_ptr, out_ptr, starts_ptr, lens_ptr, seg_slots_ptr, ranks_ptr,
-    K, R, k_per_split, slice_rank,
-    sx_n, sx_k, sa_s, sa_r, sa_k, so_p, so_n, so_r,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-    EXACT: tl.constexpr, UPCAST: tl.constexpr,
-):
-    """out[split, rows of segment g, r] = x[rows, k-split] @ a[slot_g, r, k-split]^T   (float32)."""
-    g = tl.program_id(0)
-    mb = tl.program_id(1)
-    pid2 = tl.program_id(2)
-    num_rb = (R + BLOCK_R - 1) // BLOCK_R
-    rb = pid2 % num_rb
-    sp = pid2 // num_rb
-    seg_len = tl.load(lens_ptr + g)
-    m0 = mb * BLOCK_M
-    if m0 >= seg_len:
-        return
-    start = tl.load(starts_ptr + g).to(tl.int64)
-    slot = tl.load(seg_slots_ptr + g).to(tl.int64)
-    rank = tl.load(ranks_ptr + slot)
-    m = m0 + tl.arange(0, BLOCK_M)
-    m_ok = m < seg_len
-    rows = start + m
-    r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
-    r_ok = (r < R) & ((r % slice_rank) < rank)
-    k_lo = sp * k_per_split
-    k_hi = tl.minimum(k_lo + k_per_split, K)
-    live = tl.reduce(r_ok.to(tl.int32), 0, _SUM)
-    k_hi = tl.where(live > 0, k_hi, k_lo)
-    x_rows = x_ptr + rows * sx_n
-    a_rows = a_ptr + slot * sa_s + r.to(tl.int64) * sa_r
-    acc = tl.full([BLOCK_M, BLOCK_R], 0.0, tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = k < k_hi
-        xv = tl.load(x_rows[:, None] + k[None, :] * sx_k, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        av = tl.load(a_rows[None, :] + k[:, None] * sa_k, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
-        if EXACT:
-            acc += tl.dot(xv.to(tl.float32), av.to(tl.float32), input_precision="ieee")
-        else:
-            if UPCAST:
-                xv = xv.to(tl.float32)
-                av = av.to(tl.float32)
-            acc += tl.dot(xv, av)
-    out = out_ptr + sp.to(tl.int64) * so_p + rows[:, None] * so_n + r[None, :] * so_r
-    tl.store(out, acc, mask=m_ok[:, None] & (r < R)[None, :])
-
-
-def _sgmv_expand_kernel(
-    y_ptr, t_ptr, b_ptr, starts_ptr, lens_ptr, seg_slots_ptr, ranks_ptr,
-    out0, out1, out2, off0, off1, off2, d1, d2, sb_s0, sb_s1, sb_s2, R, splits,
-    sy_n, sy_k, st_p, st_n, st_r, sb_n, sb_r,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    EXACT: tl.constexpr, UPCAST: tl.constexpr,
-):
-    """y[rows of segment g, off_j + n] += t[rows, j * R:j * R + rank] @ b_j[slot_g, n, :rank]^T,
-    up to three slices j per launch, laid out on grid axis 2 as in _bgmv_expand_kernel."""
-    g = tl.program_id(0)
-    mb = tl.program_id(1)
-    nb = tl.program_id(2)
-    seg_len = tl.load(lens_ptr + g)
-    m0 = mb * BLOCK_M
-    if m0 >= seg_len:
-        return
-    slot = tl.load(seg_slots_ptr + g).to(tl.int64)
-    rank = tl.minimum(tl.load(ranks_ptr + slot), R)
-    if rank <= 0:
-        return
-    nb0 = (out0 + BLOCK_N - 1) // BLOCK_N
-    nb1 = (out1 + BLOCK_N - 1) // BLOCK_N
-    j = (nb >= nb0).to(tl.int32) + (nb >= nb0 + nb1).to(tl.int32)
-    nb = nb - tl.where(j >= 1, nb0, 0) - tl.where(j >= 2, nb1, 0)
-    OUT = tl.where(j == 0, out0, tl.where(j == 1, out1, out2))
-    out_offset = tl.where(j == 0, off0, tl.where(j == 1, off1, off2))
-    b_base = tl.where(j == 0, 0, tl.where(j == 1, d1, d2)).to(tl.int64)
-    b_base += slot * tl.where(j == 0, sb_s0, tl.where(j == 1, sb_s1, sb_s2)).to(tl.int64)
-    start = tl.load(starts_ptr + g).to(tl.int64)
-    m = m0 + tl.arange(0, BLOCK_M)
-    m_ok = m < seg_len
-    rows = start + m
-    n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = n < OUT
-    t_rows = t_ptr + rows * st_n + (j * R) * st_r
-    b_cols = b_ptr + b_base + n.to(tl.int64) * sb_n
-    acc = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
-    for r0 in range(0, rank, BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R)
-        r_ok = r < rank
-        tv = tl.full([BLOCK_M, BLOCK_R], 0.0, tl.float32)
-        for p in range(0, splits):
-            tv += tl.load(t_rows[:, None] + p * st_p + r[None, :] * st_r, mask=m_ok[:, None] & r_ok[None, :],
-                          other=0.0).to(tl.float32)
-        bv = tl.load(b_cols[None, :] + r[:, None] * sb_r, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-        if EXACT:
-            acc += tl.dot(tv, bv.to(tl.float32), input_precision="ieee")
-        elif UPCAST:
-            acc += tl.dot(tv.to(tl.float32), bv.to(tl.float32))
-        else:
-            acc += tl.dot(tv.to(bv.dtype), bv)  # 16-bit operands for the tensor cores
-    y = y_ptr + rows[:, None] * sy_n + (out_offset + n)[None, :] * sy_k
-    mask = m_ok[:, None] & n_ok[None, :]
-    yv = tl.load(y, mask=mask, other=0.0)
-    tl.store(y, (yv.to(tl.float32) + acc).to(yv.dtype), mask=mask)
 
 
 def _interpreted(device: torch.device) -> bool:
@@ -326,25 +146,42 @@ def _check(x: torch.Tensor, w: torch.Tensor, what: str) -> None:
 # The op.
 
 
-def shrink(x: torch.Tensor, a: torch.Tensor, meta: StepMeta, *, slice_rank: int | None = None,
+def shrink(x: torch.Tensor, a: torch.Tensor | PooledWeight, meta: StepMeta, *, slice_rank: int | None = None,
            path: Path = "auto", ranks: Any = None) -> torch.Tensor:
     """t [N, R] float32 = a[slot(i)] @ x[i] for every row; rows of slot -1 are 0.
 
     x: [N, in] (any strides); a: [S, R, in], R <= 256 (several projections' A may be stacked
-    along R). `slice_rank`: the width of each stacked slice; when given, rows past
+    along R), or a `PooledWeight` (each adapter's blocks at their own rank in the adapter pool,
+    R = members * width; `ranks`, the layers' per-member RankTable, is then required and read).
+    `slice_rank`: the width of each stacked slice of a padded `a`; when given, rows past
     `meta.slot_ranks[slot]` inside each slice are skipped (they are zero padding). Without it
-    every one of the R rows is read, which is correct but reads the padding. `ranks` (the op's
-    per-weight table, server/lora/ops.py) is not used: the kernels read `meta.slot_ranks`.
+    every one of the R rows is read, which is correct but reads the padding.
     """
-    n, r = x.shape[0], a.shape[1]
+    weights = _shrink_weights(x, a, meta, slice_rank, ranks)
+    n = x.shape[0]
     if n == 0 or meta.num_segments == 0:
-        _shrink_args(x, a, slice_rank)
-        return torch.zeros(n, r, device=x.device, dtype=torch.float32)
-    return _sum_splits(_shrink_partials(x, a, meta, slice_rank, path, zero_base=True))
+        return torch.zeros(n, weights.rows, device=x.device, dtype=torch.float32)
+    return _sum_splits(_shrink_partials(x, weights, meta, path, zero_base=True))
+
+
+def _shrink_weights(x: torch.Tensor, a: torch.Tensor | PooledWeight, meta: StepMeta, slice_rank: int | None,
+                    ranks: Any) -> Weights:
+    """Checks shrink's arguments; returns where the kernels find A."""
+    if isinstance(a, PooledWeight):
+        _check(x, a.pool.data.unsqueeze(0).unsqueeze(0), "shrink")
+        if a.row != x.shape[1] or a.members * a.width > MAX_RANK:
+            raise ValueError(f"shrink: x has {x.shape[1]} features, the pooled A {a.row} (rank {a.width})")
+        return pooled_shrink(a, ranks)
+    width = _shrink_args(x, a, slice_rank)
+    if slice_rank is None:  # no rank skipping: every row counts as inside the rank
+        slot_ranks = torch.full((a.shape[0],), a.shape[1], device=x.device, dtype=torch.int32)
+    else:
+        slot_ranks = _ranks(meta, x.device)
+    return padded_shrink(a, width, slot_ranks)
 
 
 def _shrink_args(x: torch.Tensor, a: torch.Tensor, slice_rank: int | None) -> int:
-    """Checks shrink's arguments; returns the slice width."""
+    """Checks a padded shrink's arguments; returns the slice width."""
     _check(x, a, "shrink")
     n, k = x.shape
     slots, r, k_a = a.shape
@@ -358,47 +195,41 @@ def _shrink_args(x: torch.Tensor, a: torch.Tensor, slice_rank: int | None) -> in
     return width
 
 
-def _shrink_partials(x: torch.Tensor, a: torch.Tensor, meta: StepMeta, slice_rank: int | None, path: Path,
-                     zero_base: bool) -> torch.Tensor:
+def _shrink_partials(x: torch.Tensor, w: Weights, meta: StepMeta, path: Path, zero_base: bool) -> torch.Tensor:
     """[splits, N, R] float32 partial sums of the shrink over `in` (see `shrink`). Rows of
     segments are always written; other rows are zero only with `zero_base`."""
-    width = _shrink_args(x, a, slice_rank)
-    if slice_rank is None:  # no rank skipping: every row counts as inside the rank
-        ranks = torch.full((a.shape[0],), a.shape[1], device=x.device, dtype=torch.int32)
-    else:
-        ranks = _ranks(meta, x.device)
     interpreted = _interpreted(x.device)
     if _use_sgmv(meta, path):
-        return _sgmv_shrink(x, a, meta, ranks, width, interpreted, zero_base)
-    return _bgmv_shrink(x, a, meta, ranks, width, interpreted)
+        return _sgmv_shrink(x, w, meta, interpreted, zero_base)
+    return _bgmv_shrink(x, w, meta, interpreted)
 
 
 def _sum_splits(partial: torch.Tensor) -> torch.Tensor:
     return partial[0] if partial.shape[0] == 1 else partial.sum(0)
 
 
-def _bgmv_shrink(x, a, meta, ranks, width, interpreted) -> torch.Tensor:
+def _bgmv_shrink(x: torch.Tensor, w: Weights, meta: StepMeta, interpreted: bool) -> torch.Tensor:
     """Every row of every split is written (zeros for base rows)."""
     n, k = x.shape
-    r = a.shape[1]
+    r = w.rows
     block_r = _pow2(r, 1, 64)
     block_k = _pow2(k, 16, max(32, 4096 // block_r))
     r_blocks = triton.cdiv(r, block_r)
     splits, per_split = _split_k(x.device, n * r_blocks, k, block_k)
     partial = torch.empty(splits, n, r, device=x.device, dtype=torch.float32)
     _kernel(_bgmv_shrink_kernel, interpreted)[(n, r_blocks, splits)](
-        x, a, partial, meta.token_slots, ranks,
-        k, r, per_split, width,
-        *x.stride(), *a.stride(), *partial.stride(),
+        x, w.data, partial, meta.token_slots, w.ranks, w.off,
+        k, r, per_split, w.width, w.slots, w.rank_g_stride,
+        *x.stride(), w.row_stride, w.elem_stride, *partial.stride(),
         BLOCK_R=block_r, BLOCK_K=block_k,
     )
     return partial
 
 
-def _sgmv_shrink(x, a, meta, ranks, width, interpreted, zero_base) -> torch.Tensor:
+def _sgmv_shrink(x: torch.Tensor, w: Weights, meta: StepMeta, interpreted: bool, zero_base: bool) -> torch.Tensor:
     n, k = x.shape
-    r = a.shape[1]
-    exact = a.dtype == torch.float32
+    r = w.rows
+    exact = w.data.dtype == torch.float32
     block_m = _pow2(meta.max_seg_len, 16, 16 if exact else 64)
     block_r = _pow2(r, 16, 64)
     block_k = 16 if exact else 64
@@ -408,23 +239,30 @@ def _sgmv_shrink(x, a, meta, ranks, width, interpreted, zero_base) -> torch.Tens
     partial = alloc(splits, n, r, device=x.device, dtype=torch.float32)
     grid = (meta.num_segments, triton.cdiv(meta.max_seg_len, block_m), r_blocks * splits)
     _kernel(_sgmv_shrink_kernel, interpreted)[grid](
-        x, a, partial, meta.seg_starts, meta.seg_lens, meta.seg_slots, ranks,
-        k, r, per_split, width,
-        *x.stride(), *a.stride(), *partial.stride(),
-        BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, **_dot_mode(a.dtype, interpreted),
+        x, w.data, partial, meta.seg_starts, meta.seg_lens, meta.seg_slots, w.ranks, w.off,
+        k, r, per_split, w.width, w.slots, w.rank_g_stride,
+        *x.stride(), w.row_stride, w.elem_stride, *partial.stride(),
+        BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, **_dot_mode(w.data.dtype, interpreted),
     )
     return partial
 
 
-def expand_(y: torch.Tensor, t: torch.Tensor, b: torch.Tensor, meta: StepMeta, out_offset: int = 0, *,
-            path: Path = "auto", ranks: Any = None) -> None:
+def expand_(y: torch.Tensor, t: torch.Tensor, b: torch.Tensor | PooledWeight, meta: StepMeta, out_offset: int = 0,
+            *, path: Path = "auto", ranks: Any = None) -> None:
     """y[i, out_offset:out_offset + out] += b[slot(i)] @ t[i] for every row whose slot is not -1.
 
     y: [N, >= out_offset + out], updated in place (any strides, e.g. a fused q/k/v output);
     t: [N, R] (any float dtype and strides, e.g. a column slice of a stacked shrink output);
-    b: [S, out, R] with the adapter scale folded in; columns past `meta.slot_ranks[slot]` are
-    skipped (zero padding); `ranks` as in `shrink`.
+    b: [S, out, R] with the adapter scale folded in, columns past `meta.slot_ranks[slot]` skipped
+    (zero padding); or a `PooledWeight` (rank-major blocks in the adapter pool, R its width), read up
+    to each slot's rank in `ranks` (the member's RankTable, required then).
     """
+    if isinstance(b, PooledWeight):
+        _check(y, b.pool.data.unsqueeze(0).unsqueeze(0), "expand_")
+        if t.shape != (y.shape[0], b.width):
+            raise ValueError(f"expand_: t has shape {tuple(t.shape)}, expected {(y.shape[0], b.width)}")
+        _launch_expand(y, t, pooled_expand(b, ranks), [b.row], [out_offset], meta, path)
+        return
     _check(y, b, "expand_")
     if t.shape != (y.shape[0], b.shape[2]):
         raise ValueError(f"expand_: t has shape {tuple(t.shape)}, expected {(y.shape[0], b.shape[2])}")
@@ -471,50 +309,55 @@ def lora_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bs: Sequence[torch.
     if y.shape[0] == 0 or meta.num_segments == 0:
         _shrink_args(x, a, slice_rank)
         return
-    partial = _shrink_partials(x, a, meta, slice_rank, path, zero_base=False)
+    partial = _shrink_partials(x, _shrink_weights(x, a, meta, slice_rank, None), meta, path, zero_base=False)
     expand_slices_(y, partial, bs, meta, offsets, path=path)
 
 
 def _expand(y: torch.Tensor, t: torch.Tensor, bs: list[torch.Tensor], meta: StepMeta,
             offsets: list[int], path: Path) -> None:
-    """One launch for 1-3 slices sharing R, dtype and B's inner strides. t: [N, slices * R], or
-    [splits, N, slices * R] partial sums that the kernel adds up as it loads them."""
-    if t.dim() == 2:
-        t = t.unsqueeze(0)
-    n, r = y.shape[0], bs[0].shape[2]
+    """One launch for 1-3 padded slices sharing R, dtype and B's inner strides."""
+    r = bs[0].shape[2]
     if r > MAX_RANK:
         raise ValueError(f"expand_: rank {r} exceeds {MAX_RANK}")
     for b, off in zip(bs, offsets):
         if off < 0 or off + b.shape[1] > y.shape[1]:
             raise ValueError(f"expand_: columns {off}..{off + b.shape[1]} outside y's {y.shape[1]}")
+    if y.shape[0] == 0 or meta.num_segments == 0:
+        return
+    _launch_expand(y, t, padded_expand(bs, _ranks(meta, y.device)), [b.shape[1] for b in bs], offsets, meta, path)
+
+
+def _launch_expand(y: torch.Tensor, t: torch.Tensor, w: Weights, outs: list[int], offsets: list[int],
+                   meta: StepMeta, path: Path) -> None:
+    """The expand kernel over `w`'s 1-3 slices (`outs` wide, at `offsets` in y). t: [N, slices * R], or
+    [splits, N, slices * R] partial sums that the kernel adds up as it loads them."""
+    if t.dim() == 2:
+        t = t.unsqueeze(0)
+    n, r = y.shape[0], w.width
     if n == 0 or meta.num_segments == 0:
         return
-    b0 = bs[0]
-    pad = bs + [b0] * (3 - len(bs))
-    outs = [b.shape[1] for b in bs] + [0] * (3 - len(bs))
-    offs = list(offsets) + [0] * (3 - len(bs))
-    # Slices 1 and 2 as element offsets from slice 0 (one pointer argument serves all three).
-    deltas = [(b.data_ptr() - b0.data_ptr()) // b0.element_size() for b in pad[1:]]
-    slice_args = (*outs, *offs, *deltas, *(b.stride(0) for b in pad), r, t.shape[0],
-                  *y.stride(), *t.stride(), *b0.stride()[1:])
-    ranks = _ranks(meta, y.device)
+    outs = outs + [0] * (3 - len(outs))
+    offs = list(offsets) + [0] * (3 - len(offsets))
+    slice_args = (*outs, *offs, w.slots, w.rank_g_stride, r, t.shape[0],
+                  *y.stride(), *t.stride(), w.elem_stride, w.row_stride)
     interpreted = _interpreted(y.device)
+    dtype = w.data.dtype
     if _use_sgmv(meta, path):
-        exact = b0.dtype == torch.float32
+        exact = dtype == torch.float32
         block_m = _pow2(meta.max_seg_len, 16, 16 if exact else 64)
         block_n = 64 if exact else 128
         block_r = 16 if exact else _pow2(r, 16, 64)
         blocks = sum(triton.cdiv(out, block_n) for out in outs)
         grid = (meta.num_segments, triton.cdiv(meta.max_seg_len, block_m), blocks)
         _kernel(_sgmv_expand_kernel, interpreted)[grid](
-            y, t, b0, meta.seg_starts, meta.seg_lens, meta.seg_slots, ranks, *slice_args,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, **_dot_mode(b0.dtype, interpreted),
+            y, t, w.data, meta.seg_starts, meta.seg_lens, meta.seg_slots, w.ranks, w.off, *slice_args,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, **_dot_mode(dtype, interpreted),
         )
         return
     block_r = _pow2(r, 1, 64)
     block_n = _pow2(max(outs), 16, max(32, 4096 // block_r))
     blocks = sum(triton.cdiv(out, block_n) for out in outs)
     _kernel(_bgmv_expand_kernel, interpreted)[(n, blocks)](
-        y, t, b0, meta.token_slots, ranks, *slice_args,
+        y, t, w.data, meta.token_slots, w.ranks, w.off, *slice_args,
         BLOCK_N=block_n, BLOCK_R=block_r,
     )
