@@ -25,188 +25,27 @@ joins each softmax's denominator and attends nothing).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
-from typing import get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
 
-from server.config import CpuAttentionKernel
+# Names other modules import from here live in the decode kernel's and the step plan's modules.
+from server.engine.decode_kernel import CPU_ATTENTION_KERNELS as CPU_ATTENTION_KERNELS
+from server.engine.decode_kernel import decode_attention_kernel
+from server.engine.decode_kernel import decode_kernel_applies as decode_kernel_applies
 from server.engine.kv_cache import KVCache
-from server.native.loader import load_kernels
+from server.engine.step_plan import PrefillPlan as PrefillPlan
+from server.engine.step_plan import SeqSlice as SeqSlice
+from server.engine.step_plan import StepAttention, additive_bias
 
 PAGED_ATTENTION = "loraplex_paged"
-CPU_ATTENTION_KERNELS = get_args(CpuAttentionKernel)  # the `--cpu-attention-kernel` choices
-
-
-@dataclass
-class SeqSlice:
-    """One scheduled sequence in a packed step.
-
-    Its tokens occupy packed rows `[query_start, query_start + query_len)`; after this step
-    it has `context_len` tokens in cache, so its new tokens sit at absolute positions
-    `context_len - query_len .. context_len - 1`. `block_table` lists its KV block ids in
-    token order and must cover `context_len` tokens.
-    """
-
-    query_start: int
-    query_len: int
-    context_len: int
-    block_table: list[int]
-
-
-@dataclass
-class PrefillPlan:
-    """One prefill chunk: packed rows `[query_start, query_start + query_len)`, at absolute positions
-    `offset .. offset + query_len - 1`.
-
-    `blocks [n_blocks]` are the cache blocks holding its whole context and `bias
-    [query_len, n_blocks * block_size]` (additive: 0 or -inf) lets query i see keys
-    `0 .. offset + i`. Both are None for a first chunk (`offset == 0`), which attends its own
-    fresh keys causally and needs no gather. `keys_for` narrows them to a layer's sliding window.
-    """
-
-    query_start: int
-    query_len: int
-    offset: int
-    block_size: int
-    blocks: torch.Tensor | None
-    bias: torch.Tensor | None
-    _windowed: dict = field(default_factory=dict, init=False, repr=False)  # built once per step and window
-
-    def keys_for(self, window: int | None, device: torch.device,
-                 dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """`(blocks, bias)` for a layer with sliding window `window` (None: full attention).
-
-        Query i sees key k when `offset + i - k < window`, as transformers' sliding-window mask.
-        Blocks wholly before the first query's window are left out (a long context costs a windowed
-        layer its window only). A first chunk keeps `blocks` None (its keys are its own fresh ones)
-        and gets a bias over them; `(None, None)` still means plain causal.
-        """
-        if window is None or self.offset + self.query_len <= window:
-            return self.blocks, self.bias
-        if window not in self._windowed:
-            first_block = 0 if self.blocks is None else max(0, self.offset - window + 1) // self.block_size
-            width = self.query_len if self.blocks is None else (self.blocks.numel() - first_block) * self.block_size
-            keys = first_block * self.block_size + torch.arange(width, device=device)
-            query = self.offset + torch.arange(self.query_len, device=device)[:, None]
-            allowed = (keys <= query) & (keys > query - window)
-            blocks = None if self.blocks is None else self.blocks[first_block:]
-            self._windowed[window] = (blocks, _bias(allowed, dtype))
-        return self._windowed[window]
-
-
-@dataclass
-class StepAttention:
-    """Index tensors of one step, built once and shared by every layer.
-
-    - `slot_mapping [T]`: flat cache slot (`block * block_size + offset`) of each new token.
-    - `positions [T]`: absolute position of each packed token (the model's position_ids).
-    - `last_rows [n_seqs]`: packed row of each sequence's last token, in input order.
-    - `decode_rows [n_decode]`: packed rows of the decoding sequences (query_len == 1),
-      attended in one batched call: `decode_blocks [n_decode * max_blocks]` are their
-      block tables, right-padded with block 0, and `decode_lens [n_decode]` their context
-      lengths. With `decode_kernel` the compiled CPU kernel reads the blocks in place
-      (`loraplex::paged_decode_attention`, server/native/attention_kernels.cpp); else one
-      `index_select` gathers them (a block is a contiguous chunk, far cheaper to gather than
-      single slots) and `decode_bias [n_decode, 1, 1, max_blocks * block_size]` masks the
-      padding (additive: 0 or -inf, which SDPA takes without converting it every layer).
-    - `prefills`: one `PrefillPlan` per prefill chunk, attended one call each.
-    """
-
-    slot_mapping: torch.Tensor
-    positions: torch.Tensor
-    last_rows: torch.Tensor
-    decode_rows: torch.Tensor
-    decode_blocks: torch.Tensor
-    decode_lens: torch.Tensor
-    decode_bias: torch.Tensor | None
-    prefills: list[PrefillPlan]
-    max_context: int
-    decode_kernel: bool = False
-    _windowed: dict = field(default_factory=dict, init=False, repr=False)  # window -> decode bias
-
-    @property
-    def num_tokens(self) -> int:
-        return self.slot_mapping.numel()
-
-    def decode_bias_for(self, window: int | None) -> torch.Tensor:
-        """`decode_bias` narrowed to a sliding window: decoding sequence i (context `L_i`) sees keys
-        `L_i - window .. L_i - 1`. Built once per step and window, on the step's device."""
-        if window is None or window >= self.max_context:
-            return self.decode_bias
-        if window not in self._windowed:
-            keys = torch.arange(self.decode_bias.shape[-1], device=self.decode_bias.device)
-            lens = self.decode_lens[:, None]
-            self._windowed[window] = _bias((keys < lens) & (keys >= lens - window),
-                                           self.decode_bias.dtype)[:, None, None, :]
-        return self._windowed[window]
-
-    @classmethod
-    def build(cls, seqs: list[SeqSlice], block_size: int, device: torch.device | str,
-              dtype: torch.dtype = torch.float32, decode_kernel: bool = False) -> StepAttention:
-        """Plan a step; `dtype` is the model's (the masks are additive biases in it). `decode_kernel`:
-        decode rows go through the compiled CPU kernel (the caller checked it is loaded and applies)."""
-        _validate(seqs, block_size)
-        tables = _padded_block_tables(seqs)  # [n, max_blocks], on the CPU while we index
-        seq_of_token = torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor([s.query_len for s in seqs]))
-        positions = torch.cat([torch.arange(s.context_len - s.query_len, s.context_len) for s in seqs])
-        block_of_token = tables.view(-1)[seq_of_token * tables.shape[1] + positions // block_size]
-        slot_mapping = block_of_token * block_size + positions % block_size
-        last_rows = torch.tensor([s.query_start + s.query_len - 1 for s in seqs])
-
-        decode = [i for i, s in enumerate(seqs) if s.query_len == 1]
-        ctx = torch.tensor([seqs[i].context_len for i in decode], dtype=torch.long)
-        n_blocks = -(-int(ctx.max()) // block_size) if decode else 0
-        decode_bias = None
-        if not decode_kernel:
-            key_pos = torch.arange(n_blocks * block_size)
-            decode_bias = _bias(key_pos[None, :] < ctx[:, None], dtype)[:, None, None, :]
-
-        prefills = [_prefill_plan(s, tables[i], block_size, dtype) for i, s in enumerate(seqs) if s.query_len > 1]
-        step = cls(slot_mapping, positions, last_rows, last_rows[decode], tables[decode, :n_blocks].reshape(-1),
-                   ctx, decode_bias, [_to_device(p, device) for p in prefills], max(s.context_len for s in seqs),
-                   decode_kernel)
-        return _to_device(step, device)  # built on the CPU, moved once per step
-
-
-def _bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf"))
-
-
-def _to_device(obj, device: torch.device | str):
-    """`obj` (a dataclass) with every tensor field moved to `device`."""
-    moved = {f.name: v.to(device) for f in fields(obj) if isinstance(v := getattr(obj, f.name), torch.Tensor)}
-    return replace(obj, **moved)
-
-
-def _validate(seqs: list[SeqSlice], block_size: int) -> None:
-    if not seqs:
-        raise ValueError("a step needs at least one sequence")
-    expected_start = 0
-    for s in seqs:
-        if s.query_start != expected_start or not 1 <= s.query_len <= s.context_len:
-            raise ValueError(f"bad packing for {s}: expected query_start {expected_start}, 1 <= query_len <= context_len")
-        if len(s.block_table) * block_size < s.context_len:
-            raise ValueError(f"block table of {len(s.block_table)} blocks cannot hold {s.context_len} tokens")
-        expected_start += s.query_len
-
-
-def _padded_block_tables(seqs: list[SeqSlice]) -> torch.Tensor:
-    width = max(len(s.block_table) for s in seqs)
-    return torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], dtype=torch.long)
-
-
-def _prefill_plan(s: SeqSlice, table: torch.Tensor, block_size: int, dtype: torch.dtype) -> PrefillPlan:
-    offset = s.context_len - s.query_len
-    if offset == 0:
-        return PrefillPlan(s.query_start, s.query_len, 0, block_size, None, None)
-    n_blocks = -(-s.context_len // block_size)
-    allowed = torch.arange(n_blocks * block_size)[None, :] <= offset + torch.arange(s.query_len)[:, None]
-    return PrefillPlan(s.query_start, s.query_len, offset, block_size, table[:n_blocks].clone(), _bias(allowed, dtype))
+# A step's forward besides `forward_step`: (kv_cache, step, input_ids [T]) -> logits of `step.last_rows`.
+StepForward = Callable[[KVCache, StepAttention, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -262,16 +101,22 @@ def paged_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
     scale = query.shape[3] ** -0.5 if scaling is None else scaling
     cache.flat_keys(layer).index_copy_(1, step.slot_mapping, key[0].to(cache.dtype))
     cache.flat_values(layer).index_copy_(1, step.slot_mapping, value[0].to(cache.dtype))
+    return attend_written(query, key, value, cache, layer, step, scale, options).unsqueeze(0), None
 
+
+def attend_written(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: KVCache, layer: int,
+                   step: StepAttention, scale: float, options: AttentionOptions) -> torch.Tensor:
+    """Every sequence of the step attended, this step's K/V already in the cache: `query [1, H, T, D]`,
+    `key`/`value [1, KVH, T, D]` (a first prefill chunk attends them as they are) -> `[T, H, D]`."""
     out = query.new_empty(step.num_tokens, query.shape[1], query.shape[3])  # [T, H, D]
     if step.decode_rows.numel():
-        decode = _decode_attention_kernel if step.decode_kernel else _decode_attention
+        decode = decode_attention_kernel if step.decode_kernel else _decode_attention
         out[step.decode_rows] = decode(query, cache, layer, step, scale, options)
     for plan in step.prefills:
         rows = slice(plan.query_start, plan.query_start + plan.query_len)
         out[rows] = _prefill_attention(query[:, :, rows], key[:, :, rows], value[:, :, rows],
                                        cache, layer, plan, scale, options)
-    return out.unsqueeze(0), None
+    return out
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float,
@@ -322,32 +167,6 @@ def _decode_attention(query: torch.Tensor, cache: KVCache, layer: int, step: Ste
     return o.view(kv_heads, n, group, head_dim).transpose(0, 1).reshape(n, heads, head_dim)
 
 
-def _decode_attention_kernel(query: torch.Tensor, cache: KVCache, layer: int, step: StepAttention,
-                             scale: float, options: AttentionOptions) -> torch.Tensor:
-    """The same, by the compiled kernel: each sequence's blocks read where they lie, over its own window."""
-    q = query[0, :, step.decode_rows].transpose(0, 1)  # [n_decode, num_heads, head_dim]
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    tables = step.decode_blocks.view(step.decode_rows.numel(), -1)
-    sinks = None if options.sinks is None else options.sinks.detach().float().contiguous()
-    torch.ops.loraplex.paged_decode_attention(q, cache.keys[layer], cache.values[layer], tables, step.decode_lens,
-                                              scale, options.window or 0, options.softcap or 0.0, sinks, out)
-    return out
-
-
-def decode_kernel_applies(device: torch.device, dtype: torch.dtype, choice: CpuAttentionKernel) -> bool:
-    """Whether decode attention runs the compiled CPU kernel (float32 on the CPU): `choice` "auto" uses it
-    when it builds, "compiled" requires it (RuntimeError otherwise), "torch" never builds it."""
-    if choice not in CPU_ATTENTION_KERNELS:
-        raise ValueError(f"choice must be one of {CPU_ATTENTION_KERNELS}, got {choice!r}")
-    if device.type != "cpu" or dtype != torch.float32 or choice == "torch":
-        return False
-    if load_kernels():
-        return True
-    if choice == "compiled":
-        raise RuntimeError("--cpu-attention-kernel compiled: the CPU kernels could not be built (see the log)")
-    return False
-
-
 def _prefill_attention(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: KVCache, layer: int,
                        plan: PrefillPlan, scale: float, options: AttentionOptions) -> torch.Tensor:
     """One prefill chunk, causal with offset (and the layer's window); `q [1, H, L, D]` -> `[L, H, D]`."""
@@ -374,7 +193,7 @@ def _prefill_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: tor
     kv_heads = k.shape[1]
     group = heads // kv_heads
     if bias is None:  # a first chunk, plain causal
-        bias = _bias(torch.ones(length, length, dtype=torch.bool, device=q.device).tril(), q.dtype)
+        bias = additive_bias(torch.ones(length, length, dtype=torch.bool, device=q.device).tril(), q.dtype)
     qg = q.view(kv_heads, group, length, head_dim)
     sinks = None if options.sinks is None else options.sinks.view(kv_heads, group, 1, 1)
     o = _attend(qg, k[0][:, None], v[0][:, None], bias.to(q.dtype), scale, options, sinks)
@@ -439,15 +258,17 @@ def pack(seqs: list[tuple[list[int], int, list[int]]]) -> tuple[list[SeqSlice], 
 
 @torch.inference_mode()
 def packed_forward(paged: PagedModel, kv_cache: KVCache, seqs: list[tuple[list[int], int, list[int]]],
-                   decode_kernel: bool = False) -> torch.Tensor:
+                   decode_kernel: bool = False, forward: StepForward | None = None) -> torch.Tensor:
     """One packed forward pass; returns the logits of each sequence's last token `[n_seqs, vocab]`.
 
     `seqs` are `(token_ids_this_step, context_len_after, block_table)`. LoRA slot indices etc.
-    are set by the caller.
+    are set by the caller. `forward`: another forward of the same step (the lean decoder), instead of the
+    model's own through `forward_step`.
     """
     slices, tokens = pack(seqs)
     step = StepAttention.build(slices, kv_cache.block_size, kv_cache.device, kv_cache.dtype, decode_kernel)
-    return forward_step(paged, kv_cache, step, torch.tensor(tokens, dtype=torch.long, device=kv_cache.device))
+    ids = torch.tensor(tokens, dtype=torch.long, device=kv_cache.device)
+    return forward_step(paged, kv_cache, step, ids) if forward is None else forward(kv_cache, step, ids)
 
 
 def forward_step(paged: PagedModel, kv_cache: KVCache, step: StepAttention, input_ids: torch.Tensor) -> torch.Tensor:
@@ -463,13 +284,13 @@ def forward_step(paged: PagedModel, kv_cache: KVCache, step: StepAttention, inpu
         if head is None:  # no separable head: run it all, then keep the last rows
             return model(**kwargs).logits[0, step.last_rows]
         hidden = model.get_decoder()(**kwargs)
-        return _finish_logits(model.config, head(hidden.last_hidden_state[0, step.last_rows]))
+        return finish_logits(model.config, head(hidden.last_hidden_state[0, step.last_rows]))
     finally:
         for hook in hooks:
             hook.remove()
 
 
-def _finish_logits(config, logits: torch.Tensor) -> torch.Tensor:
+def finish_logits(config, logits: torch.Tensor) -> torch.Tensor:
     # The few heads that do more than a Linear (Cohere, Granite, Gemma 2/3): mirror their CausalLM forward.
     if getattr(config, "logit_scale", None) is not None:
         logits = logits * config.logit_scale

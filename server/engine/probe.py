@@ -13,18 +13,23 @@ and what went wrong.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 
-from server.engine.attention import PAGED_ATTENTION, PagedModel, UnsupportedModelError, packed_forward
+from server.engine.attention import PAGED_ATTENTION, PagedModel, StepForward, UnsupportedModelError, packed_forward
 from server.engine.kv_cache import KVCache
+from server.engine.lean_forward import LeanForward, lean_forward_supported
+
+log = logging.getLogger(__name__)
 
 PROBE_TOKENS = 20        # the probe's longer sequence, unless a small window asks for more
 MAX_WINDOW_PROBED = 64   # a sliding window up to this many tokens is outgrown by the probe
 FLOAT32_TOLERANCE = 2e-3  # largest log-probability difference allowed (fp32: summation order only)
 HALF_TOLERANCE = 0.5      # fp16/bf16: rounding of two different summation orders
+LEAN_TOLERANCE = 1e-4     # the lean decoder against the transformers path: the same float ops in the same order
 # Config settings that change attention in ways the paged attention does not implement: named in the
 # refusal when the probe differs, so the user learns which one.
 UNSUPPORTED_SETTINGS = ("attention_chunk_size", "use_alibi", "alibi", "attn_logit_scaling", "use_bidirectional_attention")
@@ -90,7 +95,7 @@ def _eager_logprobs(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 def _paged_logprobs(paged: PagedModel, kv_cache: KVCache, first: torch.Tensor, second: torch.Tensor,
-                    decode_kernel: bool) -> list[tuple[int, int, torch.Tensor]]:
+                    decode_kernel: bool, forward: StepForward | None = None) -> list[tuple[int, int, torch.Tensor]]:
     """`(sequence, position, log-probabilities)` of each probe step's rows, the steps the scheduler makes:
     a first chunk of `first`; its next chunk (up to 3 tokens short of its end) beside all of `second`
     but its last 3 tokens; then 3 decode steps of both."""
@@ -103,13 +108,43 @@ def _paged_logprobs(paged: PagedModel, kv_cache: KVCache, first: torch.Tensor, s
         results = []
         for step in steps:
             seqs = [((a, b)[seq][start:end], end, tables[seq]) for seq, start, end in step]
-            logits = packed_forward(paged, kv_cache, seqs, decode_kernel)
+            logits = packed_forward(paged, kv_cache, seqs, decode_kernel, forward)
             logprobs = torch.log_softmax(logits.float(), dim=-1)
             results += [(seq, end - 1, logprobs[row]) for row, (seq, _, end) in enumerate(step)]
         return results
     finally:
         for table in tables:
             kv_cache.allocator.free(table)
+
+
+@torch.inference_mode()
+def lean_forward_for(paged: PagedModel, kv_cache: KVCache, decode_kernel: bool) -> LeanForward | None:
+    """The lean decoder forward (server/engine/lean_forward.py) for this model, if it supports it and gives the
+    transformers path's log-probabilities on the probe's steps (within `LEAN_TOLERANCE`); else None, logged."""
+    why = lean_forward_supported(paged, kv_cache, decode_kernel)
+    if why is not None:
+        log.info("the transformers forward runs every step (the lean decoder does not apply: %s)", why)
+        return None
+    lean = LeanForward(paged)
+    first, second = _probe_prompts(paged.model.config, kv_cache.device)
+    try:
+        with _exact_linears(paged.model):
+            expected = _paged_logprobs(paged, kv_cache, first, second, decode_kernel)
+            got = _paged_logprobs(paged, kv_cache, first, second, decode_kernel, lean)
+    except Exception as exc:  # noqa: BLE001 - any failure means: keep the transformers forward
+        log.warning("the lean decoder failed its start-up check (%s: %s); the transformers forward runs every step",
+                    type(exc).__name__, exc)
+        return None
+    worst = 0.0
+    for (_, _, reference), (_, _, logprobs) in zip(expected, got):
+        top = reference.topk(min(5, reference.shape[-1]), dim=-1).indices
+        worst = max(worst, float((logprobs.gather(-1, top) - reference.gather(-1, top)).abs().max()))
+    if not worst <= LEAN_TOLERANCE:
+        log.warning("the lean decoder differs from the transformers forward by %.3g in log-probability; the "
+                    "transformers forward runs every step", worst)
+        return None
+    log.info("the lean decoder runs every step (start-up check: %.2g from the transformers forward)", worst)
+    return lean
 
 
 def _suspects(model: torch.nn.Module) -> str:

@@ -16,6 +16,14 @@
 // GQA: query head h reads kv head h / (H / KVH). Work items are (sequence, kv head) pairs on torch's
 // OpenMP team (at::parallel_for); an item's H / KVH query heads share one pass over its keys and one
 // over its values, so each cached byte is read once per step.
+//
+// Also `loraplex::rope_cache_write` (one call per layer of the lean decoder forward, server/engine/lean_forward.py):
+//   q [T, H, D], k [T, KVH, D]    this step's queries and keys (D contiguous, any row stride), rotated in place
+//                                 by rotary embedding: x * cos + rotate_half(x) * sin, as transformers' Llama
+//   v [T, KVH, D]                 this step's values
+//   cos, sin [T, D]               the rotary tables at each token's position (the model's rotary module's output)
+//   slots [T] int64               each token's flat cache slot (block * BS + offset)
+//   k_pool, v_pool [KVH, NB, BS, D]  one layer's cache: the rotated keys and the values written at `slots`
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -185,11 +193,73 @@ void paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pool, const
   });
 }
 
+// One rotated head row in place: x[i] * cos[i] + r[i] * sin[i] with r = rotate_half(x) = (-x2, x1). Products and
+// sum rounded one by one (no fused multiply-add), as torch's elementwise ops round them: the same floats.
+__attribute__((optimize("fp-contract=off"))) void rotate_row(float* x, const float* cos, const float* sin,
+                                                               int64_t dim, float* tmp) {
+  const int64_t half = dim / 2;
+  std::memcpy(tmp, x, dim * sizeof(float));
+  for (int64_t i = 0; i < half; ++i) {
+    const float a = tmp[i] * cos[i], b = -tmp[i + half] * sin[i];
+    x[i] = a + b;
+  }
+  for (int64_t i = half; i < dim; ++i) {
+    const float a = tmp[i] * cos[i], b = tmp[i - half] * sin[i];
+    x[i] = a + b;
+  }
+}
+
+void rope_cache_write(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
+                      const at::Tensor& sin, const at::Tensor& slots, const at::Tensor& k_pool,
+                      const at::Tensor& v_pool) {
+  for (const auto* t : {&q, &k, &v, &cos, &sin, &k_pool, &v_pool})
+    TORCH_CHECK(t->scalar_type() == at::kFloat, "rope_cache_write is float32 only");
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.sizes() == k.sizes() && q.size(0) == k.size(0),
+              "expected q [T, H, D], k and v [T, KVH, D]");
+  const int64_t n = q.size(0), heads = q.size(1), kv_heads = k.size(1), dim = q.size(2);
+  TORCH_CHECK(dim % 2 == 0 && k.size(2) == dim, "head_dim must be even and shared");
+  for (const auto* t : {&q, &k, &v})
+    TORCH_CHECK(t->stride(2) == 1 && t->stride(1) == dim, "q, k and v must be [T, heads, D] rows of whole heads");
+  TORCH_CHECK(cos.sizes() == sin.sizes() && cos.dim() == 2 && cos.size(0) == n && cos.size(1) == dim &&
+                  cos.is_contiguous() && sin.is_contiguous(), "cos and sin must be contiguous [T, D]");
+  TORCH_CHECK(k_pool.dim() == 4 && v_pool.sizes() == k_pool.sizes() && k_pool.is_contiguous() &&
+                  v_pool.is_contiguous() && k_pool.size(0) == kv_heads && k_pool.size(3) == dim,
+              "k_pool and v_pool must be contiguous [KVH, NB, BS, D]");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() == n,
+              "slots must be contiguous int64 [T]");
+  const int64_t num_slots = k_pool.size(1) * k_pool.size(2);
+  const int64_t* S = slots.data_ptr<int64_t>();
+  for (int64_t t = 0; t < n; ++t) TORCH_CHECK(S[t] >= 0 && S[t] < num_slots, "slot out of range");
+  float *Q = q.data_ptr<float>(), *K = k.data_ptr<float>();
+  const float *V = v.data_ptr<float>(), *C = cos.data_ptr<float>(), *Sn = sin.data_ptr<float>();
+  float *KP = k_pool.data_ptr<float>(), *VP = v_pool.data_ptr<float>();
+  const int64_t qs = q.stride(0), ks = k.stride(0), vs = v.stride(0), head_stride = num_slots * dim;
+  const int64_t grain = std::max<int64_t>(1, 4096 / ((heads + kv_heads) * dim));
+  at::parallel_for(0, n, grain, [&](int64_t t0, int64_t t1) {
+    std::vector<float> tmp(dim);
+    for (int64_t t = t0; t < t1; ++t) {
+      const float *c = C + t * dim, *s = Sn + t * dim;
+      for (int64_t h = 0; h < heads; ++h) rotate_row(Q + t * qs + h * dim, c, s, dim, tmp.data());
+      for (int64_t h = 0; h < kv_heads; ++h) {
+        float* key = K + t * ks + h * dim;
+        rotate_row(key, c, s, dim, tmp.data());
+        std::memcpy(KP + h * head_stride + S[t] * dim, key, dim * sizeof(float));
+        std::memcpy(VP + h * head_stride + S[t] * dim, V + t * vs + h * dim, dim * sizeof(float));
+      }
+    }
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(loraplex, m) {
   m.def("paged_decode_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor tables, Tensor context_lens, "
         "float scale, int window, float softcap, Tensor? sinks, Tensor(a!) out) -> ()");
+  m.def("rope_cache_write(Tensor(a!) q, Tensor(b!) k, Tensor v, Tensor cos, Tensor sin, Tensor slots, "
+        "Tensor(c!) k_pool, Tensor(d!) v_pool) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(loraplex, CPU, m) { m.impl("paged_decode_attention", &paged_decode_attention); }
+TORCH_LIBRARY_IMPL(loraplex, CPU, m) {
+  m.impl("paged_decode_attention", &paged_decode_attention);
+  m.impl("rope_cache_write", &rope_cache_write);
+}

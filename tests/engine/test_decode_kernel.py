@@ -9,8 +9,8 @@ import random
 import pytest
 import torch
 
-from server.engine.attention import (AttentionOptions, SeqSlice, StepAttention, _decode_attention,
-                                     _decode_attention_kernel, decode_kernel_applies)
+from server.engine.attention import AttentionOptions, SeqSlice, StepAttention, _decode_attention, decode_kernel_applies
+from server.engine.decode_kernel import decode_attention_kernel
 from server.engine.kv_cache import KVCache
 from server.native.loader import load_kernels
 
@@ -63,7 +63,7 @@ def softmax_attention(kv: KVCache, seqs: list[SeqSlice], query: torch.Tensor, sc
 def kernel(kv: KVCache, seqs: list[SeqSlice], query: torch.Tensor, scale: float | None = None,
            options: AttentionOptions = AttentionOptions()) -> torch.Tensor:
     step = StepAttention.build(seqs, kv.block_size, "cpu", decode_kernel=True)
-    return _decode_attention_kernel(query, kv, 0, step, scale or query.shape[3] ** -0.5, options)
+    return decode_attention_kernel(query, kv, 0, step, scale or query.shape[3] ** -0.5, options)
 
 
 CASES = [  # heads, kv_heads, head_dim, block size, context lengths
@@ -151,14 +151,14 @@ def test_bad_plans_raise_instead_of_reading_out_of_bounds():
 
 
 def test_choice_of_decode_attention(monkeypatch):
-    from server.engine import attention
+    from server.engine import decode_kernel
 
     cpu = torch.device("cpu")
     assert decode_kernel_applies(cpu, torch.float32, "auto") and decode_kernel_applies(cpu, torch.float32, "compiled")
     assert not decode_kernel_applies(cpu, torch.float32, "torch")
     assert not decode_kernel_applies(cpu, torch.bfloat16, "auto")  # float32 only
     assert not decode_kernel_applies(torch.device("cuda"), torch.float32, "auto")
-    monkeypatch.setattr(attention, "load_kernels", lambda: False)  # no compiler here
+    monkeypatch.setattr(decode_kernel, "load_kernels", lambda: False)  # no compiler here
     assert not decode_kernel_applies(cpu, torch.float32, "auto")
     with pytest.raises(RuntimeError, match="could not be built"):
         decode_kernel_applies(cpu, torch.float32, "compiled")
