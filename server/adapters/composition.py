@@ -24,7 +24,7 @@ import torch
 
 from server.adapters.identity import AdapterKey
 from server.adapters.peft_format import LoraModuleWeights, ParsedAdapter
-from server.adapters.registry import ERROR, READY, AdapterRecord
+from server.adapters.records import ERROR, READY, AdapterRecord
 
 MAX_PARTS = 8
 MAX_WEIGHT = 16.0

@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import fcntl
 import os
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -82,28 +81,3 @@ class SharedAdapterStore(AdapterStore):
             os.fsync(handle.fileno())
         os.replace(temp, self.generation_path)
         fsync_dir(self.root)
-
-
-class StoreSync:
-    """Keeps one server's registry equal to a shared store, checked per request.
-
-    `stale()` costs one read of the generation file; `refresh()` re-registers what changed
-    (`sync` is the registry's `sync_from_store`) and remembers the generation it saw.
-    """
-
-    def __init__(self, store: SharedAdapterStore, sync: Callable[[], None]) -> None:
-        self.store = store
-        self._sync = sync
-        self._seen: int | None = None
-        self._lock = threading.Lock()
-
-    def stale(self) -> bool:
-        return self.store.generation() != self._seen
-
-    def refresh(self) -> None:
-        with self._lock:  # one sync at a time; a second caller finds it done
-            generation = self.store.generation()
-            if generation == self._seen:
-                return
-            self._sync()
-            self._seen = generation

@@ -14,11 +14,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from server.adapters.fsutil import fsync_dir
+from server.adapters.locks import STATE, ordered_lock
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class RegistryState:
         # shared: other processes write this file too (under the store's lock), so every change
         # starts from the file, not from this process's copy.
         self.shared = shared
-        self._lock = threading.Lock()
+        self._lock = ordered_lock(STATE)
         self.generation = 0
         self.names: dict[str, dict] = {}  # name -> {"version": int, "generation": int|None, "sha256": str|None}
         self._read()

@@ -29,10 +29,12 @@ from server.adapters.identity import AdapterKey
 from server.adapters.layout import BaseLayout
 from server.adapters.names import AdapterNameError
 from server.adapters.peft_format import AdapterFormatError, ParsedAdapter
-from server.adapters.registry import ERROR, AdapterExists, AdapterProtected, AdapterRecord, AdapterRegistry
-from server.adapters.shared import SharedAdapterStore, StoreSync
+from server.adapters.records import ERROR, AdapterExists, AdapterProtected, AdapterRecord
+from server.adapters.registry import AdapterRegistry
+from server.adapters.shared import SharedAdapterStore
 from server.adapters.slots import NoFreeSlotError, SlotTable
 from server.adapters.store import AdapterStore
+from server.adapters.store_sync import StoreSync
 from server.config import Settings
 from server.engine.pool_size import PoolStats
 from server.engine.request import (
@@ -96,7 +98,8 @@ class AdapterManager:
                                         max_bytes=settings.max_adapter_bytes,
                                         max_cpu_bytes=settings.max_cpu_lora_bytes,
                                         protect_found=uses_default_store(settings),
-                                        max_saved_bytes=settings.max_saved_module_bytes)
+                                        max_saved_bytes=settings.max_saved_module_bytes,
+                                        on_retired=lambda record: self.post_evict(record.key))
         # Residency within the pool's bytes (or, without a pool, the padded slots' count).
         self.slots = SlotTable(lora.max_loras, lora.capacity_bytes, unload=self._clear)
         self.pool_waits = 0  # admissions put off because running adapters held the pool (or every slot)
@@ -105,12 +108,12 @@ class AdapterManager:
         self.copies: dict[int, int] = {}
         self.max_copy_bytes = settings.max_saved_module_bytes
         self.post_evict: Callable[[AdapterKey], None] = lambda key: None  # set by the engine: runs evict_if_idle
-        self.registry.on_retired = lambda record: self.post_evict(record.key)
         # Set by the engine: raises InvalidRequestError for a contract whose response_format cannot be enforced.
         self.check_contract: Callable[[AdapterContract | None], None] = lambda contract: None
         # A shared store: what other servers wrote is taken in before a name is resolved.
-        self.store_sync = (StoreSync(self.registry.store, self.registry.sync_from_store)
-                           if isinstance(self.registry.store, SharedAdapterStore) else None)
+        store = self.registry.store
+        self.store_sync = (StoreSync(store=store, registry=self.registry)
+                           if isinstance(store, SharedAdapterStore) else None)
 
     # Resolution (any thread) ------------------------------------------------------------------
 
@@ -294,7 +297,7 @@ class AdapterManager:
         adapters never push each other out before they are used. It only warms the tier: a
         waiting sequence still takes its weights at admission, after the delete checks.
         """
-        ahead, budget = max(1, self.registry.max_cpu_loras // 2), self.registry.max_cpu_bytes // 2
+        ahead, budget = max(1, self.registry.tier.max_count // 2), self.registry.tier.max_bytes // 2
         seen: set[AdapterKey] = set()
         for seq in itertools.islice(waiting, 4 * ahead):  # bounded work per step whatever the queue
             if seq.record is None or seq.adapter is not None:

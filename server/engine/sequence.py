@@ -9,7 +9,7 @@ import torch
 
 from server.adapters.composition import ComposedRecord
 from server.adapters.peft_format import ParsedAdapter
-from server.adapters.registry import AdapterRecord
+from server.adapters.records import AdapterRecord
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.grammar import Constraint
 from server.engine.request import SamplingParams, TokenLogprob

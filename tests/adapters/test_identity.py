@@ -68,7 +68,7 @@ def test_superseded_background_load_is_discarded(make_adapter, layout, tmp_path)
     reg.add_file("filler", *files(two))  # pushes v1 out of the one-entry CPU tier
     assert not reg.in_cpu(v1)
     v2 = reg.add_file("task", *files(two), overwrite=True)
-    reg._load(v1)  # a load of v1 that finishes after the overwrite reads v2's bytes: never cached as v1
+    reg.loader._run(v1)  # a load of v1 that finishes after the overwrite reads v2's bytes: never cached as v1
     assert not reg.in_cpu(v1) and v1.key not in reg.cpu_keys() and reg.in_cpu(v2)
 
 

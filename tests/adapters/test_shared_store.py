@@ -10,14 +10,15 @@ import pytest
 
 from server.adapters.layout import BaseLayout
 from server.adapters.registry import AdapterExists, AdapterRegistry
-from server.adapters.shared import GENERATION_FILE, SharedAdapterStore, StoreSync
+from server.adapters.shared import GENERATION_FILE, SharedAdapterStore
+from server.adapters.store_sync import StoreSync
 
 
 def server(root: Path, layout: BaseLayout) -> tuple[AdapterRegistry, StoreSync]:
     """One server's view of the shared store: its own registry (as in its own process) and its sync."""
     store = SharedAdapterStore(root)
     registry = AdapterRegistry(store, layout, max_rank=16, max_cpu_loras=4)
-    return registry, StoreSync(store, registry.sync_from_store)
+    return registry, StoreSync(store=store, registry=registry)
 
 
 def files(folder: Path) -> tuple[bytes, bytes]:

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from server.adapters.locks import CHECK_ENV
 from tests.e2e.server_process import free_port, stop_process, wait_until_healthy
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,6 +47,7 @@ class ServerProcess:
     def environment(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("LORAPLEX_")}
         env.setdefault("OMP_NUM_THREADS", "1")
+        env[CHECK_ENV] = "1"  # every adapter lock checks the documented order (server/adapters/locks.py)
         if self.admin:
             env["LORAPLEX_ADMIN_TOKEN"] = self.admin
         if self.key:

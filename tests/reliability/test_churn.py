@@ -47,6 +47,7 @@ def run_churn(client, server, form: Form) -> None:
         "seconds": round(time.monotonic() - started, 1)})
     assert failures == 0, report.failures
     assert not consistency, consistency
+    assert "lock order:" not in server.log_text(), "an adapter lock was taken out of order (see the server log)"
 
 
 def test_churn_short(client, server):
