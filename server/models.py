@@ -1,9 +1,10 @@
 """Base model resolution: the embedded default, a local transformers causal-LM folder, or a GGUF file.
 
 Nothing is ever fetched from a model hub: every load is `local_files_only`. A GGUF (the embedded model
-is one) is converted once to a safetensors folder in the cache (config, tokenizer, float32 weights);
-with `--gguf-blocks keep` its linear layers are then served from the file's quantized blocks
-(`server/quant/`).
+is one) with `--gguf-blocks keep` is built straight from the file, its linear layers and embedding in the
+file's quantized blocks (`server/quant/gguf_loader.py`: no float32 copy of the model, ever), config and
+tokenizer from a small folder written once in the cache; with `--gguf-blocks dequantize` it is converted once
+to a safetensors folder in the cache (config, tokenizer, float32 weights).
 """
 
 from __future__ import annotations
@@ -17,7 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from server.config import Settings
 
@@ -128,20 +136,52 @@ def converted_gguf_dir(gguf: Path, target: Path) -> Path:
     return target
 
 
+def gguf_config_dir(gguf: Path, target: Path) -> Path:
+    """A folder with `gguf`'s config, generation config and tokenizer, no weights: `target` when its safetensors
+    copy exists, else `target`-config, written once (transformers reads them from the file's metadata)."""
+    if (target / "config.json").is_file():
+        return target
+    light = target.with_name(target.name + "-config")
+    if (light / "config.json").is_file():
+        return light
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    light.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".config-", dir=light.parent))
+    try:
+        config.save_pretrained(staging)
+        GenerationConfig.from_model_config(config).save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, light)
+    except OSError:
+        if not (light / "config.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return light
+
+
 def load_base_model(settings: Settings) -> BaseModel:
     """Load the frozen base model named by the settings onto its device."""
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     gguf: Path | None = None
-    if settings.model is None:
+    keep = settings.gguf_blocks == "keep"  # "auto" keeps a --model FILE.gguf's blocks, not the embedded model's
+    if settings.model is None and keep:
+        gguf, default_name = embedded_gguf_path(), EMBEDDED_NAME
+        folder = gguf_config_dir(gguf, settings.cache_dir / "models" / EMBEDDED_NAME)
+    elif settings.model is None:
         folder, default_name = embedded_model_dir(settings.cache_dir), EMBEDDED_NAME
-        gguf = embedded_gguf_path() if settings.gguf_blocks == "keep" else None
     elif settings.model.endswith(".gguf"):
         gguf = Path(settings.model).expanduser()
         if not gguf.is_file():
             raise ModelLoadError(f"--model {gguf}: no such GGUF file")
-        folder, default_name = converted_gguf_dir(gguf, gguf_cache_dir(gguf, settings.cache_dir)), gguf.stem
-        gguf = None if settings.gguf_blocks == "dequantize" else gguf
+        target, default_name = gguf_cache_dir(gguf, settings.cache_dir), gguf.stem
+        keep = settings.gguf_blocks != "dequantize"
+        folder = gguf_config_dir(gguf, target) if keep else converted_gguf_dir(gguf, target)
+        gguf = gguf if keep else None
     else:
         folder = Path(settings.model).expanduser()
         if not (folder / "config.json").is_file():
@@ -149,20 +189,25 @@ def load_base_model(settings: Settings) -> BaseModel:
         default_name = folder.resolve().name
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
+        if gguf is not None:
+            model = _load_gguf_blocks(folder, gguf, device, dtype, int8=settings.quant_compute == "int8")
+        else:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load model from {folder}: {exc}") from exc
     model.to(device).eval().requires_grad_(False)
-    if gguf is not None:
-        _keep_gguf_blocks(model, gguf, device, dtype, int8=settings.quant_compute == "int8")
     name = settings.served_model_name or default_name
     return BaseModel(model=model, tokenizer=tokenizer, name=name, device=device, dtype=dtype)
 
 
-def _keep_gguf_blocks(model: PreTrainedModel, gguf: Path, device: torch.device, dtype: torch.dtype,
-                      int8: bool = False) -> None:
-    """Serve the linear layers from the GGUF's quantized blocks (CPU, float32 activations only)."""
+def _load_gguf_blocks(folder: Path, gguf: Path, device: torch.device, dtype: torch.dtype,
+                      int8: bool = False) -> PreTrainedModel:
+    """The model built from the GGUF with its linear layers in the file's quantized blocks (CPU, float32
+    activations only), config from `folder`. A file the direct load cannot place (a tensor transformers
+    transforms other than by rows, a parameter it lacks) goes the long way: float32 from the safetensors copy,
+    then the blocks swapped in."""
     from server.native.loader import load_kernels
+    from server.quant.gguf_loader import GGUFLoadError, load_gguf_model
     from server.quant.gguf_weights import quantize_from_gguf
 
     if device.type != "cpu" or dtype != torch.float32:
@@ -171,6 +216,16 @@ def _keep_gguf_blocks(model: PreTrainedModel, gguf: Path, device: torch.device, 
     if not load_kernels():
         raise ModelLoadError("--gguf-blocks keep needs the compiled CPU kernels, which could not be built "
                              "(see the log): use --gguf-blocks dequantize")
-    report = quantize_from_gguf(model, gguf, int8=int8)
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    try:
+        model, report = load_gguf_model(config, gguf, int8=int8)
+        model.generation_config = GenerationConfig.from_pretrained(folder, local_files_only=True)
+    except GGUFLoadError as exc:
+        log.info("%s; loading it as float32 first, then keeping its blocks", exc)
+        target = folder.with_name(folder.name.removesuffix("-config"))
+        model = AutoModelForCausalLM.from_pretrained(converted_gguf_dir(gguf, target), dtype=dtype,
+                                                     local_files_only=True)
+        report = quantize_from_gguf(model, gguf, int8=int8)
     log.info("%d layers kept in %s's blocks: %.1f MiB instead of %.1f MiB of float32", len(report.quantized),
              gguf.name, report.block_bytes / 2**20, report.float_bytes / 2**20)
+    return model
