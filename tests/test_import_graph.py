@@ -124,3 +124,13 @@ def test_the_http_layer_never_imports_torch():
                  for alias in node.names}
         names |= {(node.module or "").split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
         assert "torch" not in names, f"{path.relative_to(ROOT)} imports torch"
+
+
+def test_the_http_layer_takes_only_the_engines_plain_data():
+    """`api/` is typed against `EngineAPI` (engine/protocol.py) and handed a built engine: of `engine/` and
+    `adapters/` it imports only the torch-free modules of requests, streams, contracts and names."""
+    plain = {"server.engine.request", "server.engine.contract", "server.engine.protocol", "server.engine.stream",
+             "server.adapters.contract", "server.adapters.names"}
+    graph = import_graph()
+    reached = {b for a, b in imports_of(graph, "server.api") if package_of(b) in {"server.engine", "server.adapters"}}
+    assert reached <= plain, reached - plain

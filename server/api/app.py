@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -22,6 +20,7 @@ from server.api.openai_routes import router as openai_router
 from server.api.tokenize_routes import router as tokenize_router
 from server.api.uploads import UploadSlots
 from server.config import Settings
+from server.engine.protocol import EngineAPI
 
 DESCRIPTION = """Multi-adapter LoRA inference server with an OpenAI-compatible API.
 
@@ -30,19 +29,14 @@ DESCRIPTION = """Multi-adapter LoRA inference server with an OpenAI-compatible A
 need `Authorization: Bearer <LORAPLEX_ADMIN_TOKEN>` and are disabled without one."""
 
 
-def engine_ready(engine: Any) -> bool:
-    """True once the model is loaded and the engine loop runs (`engine.ready` or `engine.running`)."""
-    if engine is None:
-        return False
-    for attribute in ("ready", "running"):
-        if hasattr(engine, attribute):
-            value = getattr(engine, attribute)
-            return bool(value() if callable(value) else value)
-    return True
+def engine_ready(engine: EngineAPI | None) -> bool:
+    """True once the model is loaded and the engine loop runs."""
+    return engine is not None and engine.ready
 
 
-def create_app(engine: Any, settings: Settings | None = None) -> FastAPI:
-    """`engine` follows the engine contract (async `submit`, `models`, adapter admin, `stats`, shutdown).
+def create_app(engine: EngineAPI | None, settings: Settings | None = None) -> FastAPI:
+    """`engine` follows `EngineAPI` (server/engine/protocol.py: async `submit`, `models`, adapter admin, `stats`,
+    shutdown).
 
     It may be None while the model loads: set `app.state.engine` once it is ready; until
     then `/ready` and every `/v1` route answer 503 `engine_not_ready`.

@@ -13,11 +13,12 @@ import asyncio
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
-from typing import Any
 
 from server.api.metrics import ApiMetrics
 from server.api.schemas import Usage
+from server.engine.protocol import EngineAPI
 from server.engine.request import Delta, GenerationRequest, SamplingParams, TokenLogprob
+from server.engine.stream import RequestStream
 
 _END = object()
 
@@ -42,10 +43,10 @@ class Choice:
 
 
 class Generation:
-    def __init__(self, engine: Any, metrics: ApiMetrics, log_info: dict, model: str, request_id: str) -> None:
+    def __init__(self, engine: EngineAPI, metrics: ApiMetrics, log_info: dict, model: str, request_id: str) -> None:
         self.engine, self.metrics, self.info = engine, metrics, log_info
         self.model, self.request_id = model, request_id
-        self.streams: list[Any] = []
+        self.streams: list[RequestStream] = []
         self.choices: list[Choice] = []
         self.started = time.perf_counter()
         self.first_token_at: float | None = None
@@ -97,7 +98,7 @@ class Generation:
     async def _merged(self) -> AsyncGenerator[tuple[int, Delta], None]:
         queue: asyncio.Queue = asyncio.Queue()
 
-        async def pump(index: int, stream: Any) -> None:
+        async def pump(index: int, stream: RequestStream) -> None:
             try:
                 async for delta in stream:
                     queue.put_nowait((index, delta))

@@ -16,6 +16,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from server.engine.protocol import EngineAPI
+
 log = logging.getLogger(__name__)
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
@@ -24,7 +26,7 @@ E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.
 
 
 class ApiMetrics:
-    def __init__(self, engine_source: Callable[[], Any]) -> None:
+    def __init__(self, engine_source: Callable[[], EngineAPI | None]) -> None:
         """`engine_source()` is the engine now (None while the model loads), read at every scrape."""
         self.registry = CollectorRegistry()
         r = self.registry
@@ -82,11 +84,11 @@ class ApiMetrics:
 class EngineCollector(Collector):
     """Scrape-time gauges from `engine.stats()` and per-adapter series from `engine.list_adapters()`."""
 
-    def __init__(self, engine_source: Callable[[], Any]) -> None:
+    def __init__(self, engine_source: Callable[[], EngineAPI | None]) -> None:
         self.engine_source = engine_source
 
     @property
-    def engine(self) -> Any:
+    def engine(self) -> EngineAPI | None:
         return self.engine_source()
 
     def collect(self) -> Iterator[Metric]:
@@ -94,8 +96,11 @@ class EngineCollector(Collector):
         yield from self._adapters()
 
     def _stats(self) -> Iterator[Metric]:
+        engine = self.engine
+        if engine is None:  # the model is still loading
+            return
         try:
-            stats = self.engine.stats()
+            stats = engine.stats()
         except Exception as exc:  # engine not ready: no gauges rather than a failed scrape
             log.debug("engine stats unavailable: %s", exc)
             return
@@ -137,8 +142,11 @@ class EngineCollector(Collector):
 
 
     def _adapters(self) -> Iterator[Metric]:
+        engine = self.engine
+        if engine is None:  # the model is still loading
+            return
         try:
-            adapters = self.engine.list_adapters()
+            adapters = engine.list_adapters()
         except Exception as exc:
             log.debug("adapter list unavailable: %s", exc)
             return

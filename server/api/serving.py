@@ -18,7 +18,6 @@ import threading
 import time
 from collections.abc import Callable
 from types import FrameType
-from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
@@ -26,6 +25,7 @@ from fastapi import FastAPI
 from server.api.http_protocol import bounded_protocol
 from server.api.listen import bind  # noqa: F401 - re-exported: the serving path's first step
 from server.config import Settings
+from server.engine.protocol import EngineAPI
 from server.logs import logging_config
 
 log = logging.getLogger(__name__)
@@ -70,14 +70,14 @@ class GracefulServer(uvicorn.Server):
 
     def busy(self) -> int:
         engine = self.app.state.engine
-        active = engine.num_active() if engine is not None and hasattr(engine, "num_active") else 0
+        active = engine.num_active() if engine is not None else 0
         return self.app.state.lifecycle.in_flight + active
 
     async def drain(self) -> None:
         lifecycle = self.app.state.lifecycle
         lifecycle.shutting_down = True
         engine = self.app.state.engine
-        if engine is not None and hasattr(engine, "begin_shutdown"):
+        if engine is not None:
             engine.begin_shutdown()
         log.info("shutting down: no new requests; waiting up to %g s for %d in flight", self.grace, self.busy())
         deadline = time.monotonic() + self.grace
@@ -92,7 +92,7 @@ class GracefulServer(uvicorn.Server):
         self.should_exit = True
 
 
-def start_loading(app: FastAPI, server: GracefulServer, build: Callable[[], Any]) -> threading.Thread:
+def start_loading(app: FastAPI, server: GracefulServer, build: Callable[[], EngineAPI]) -> threading.Thread:
     """Build the engine in a daemon thread; the app serves it once built (or the server exits on failure)."""
     def load() -> None:
         try:
@@ -113,7 +113,7 @@ def start_loading(app: FastAPI, server: GracefulServer, build: Callable[[], Any]
     return thread
 
 
-def run(app: FastAPI, settings: Settings, build: Callable[[], Any], sock: socket.socket) -> int:
+def run(app: FastAPI, settings: Settings, build: Callable[[], EngineAPI], sock: socket.socket) -> int:
     """Serve until a signal and the drain are over; 0 on a clean shutdown, 2 if the model failed to load."""
     grace = settings.shutdown_grace
     server = GracefulServer(uvicorn_config(app, settings, grace), app, grace)

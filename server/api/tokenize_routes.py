@@ -7,13 +7,12 @@ applied first, exactly as the inference routes do by default.
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from server.api.errors import ApiError
 from server.api.schemas import ChatMessage
+from server.engine.protocol import EngineAPI
 
 MAX_DETOKENIZE_TOKENS = 1 << 20
 router = APIRouter(tags=["tokenizer"], responses={400: {"description": "invalid field"},
@@ -61,7 +60,7 @@ class DetokenizeResponse(BaseModel):
     prompt: str
 
 
-def _engine(request: Request) -> Any:
+def _engine(request: Request) -> EngineAPI:
     engine = request.app.state.engine
     if engine is None:
         raise ApiError(503, "the engine is not running yet", code="engine_not_ready", headers={"Retry-After": "5"})

@@ -2,28 +2,21 @@
 
 It owns the registry and the device slot table; both are keyed by `AdapterKey` (a composition:
 `CompositionKey`, its parts' keys and weights), so a deleted or replaced version can never hand its
-slot or cached weights to a newer one. Admin calls run on
-worker threads (the API uses `asyncio.to_thread`); `admit`, `release` and `evict_if_idle` run on
-the engine thread only.
+slot or cached weights to a newer one. Admin calls run on worker threads (the API uses
+`asyncio.to_thread`); `admit`, `release` and `evict_if_idle` run on the engine thread only: a version
+the registry retires reaches `evict_if_idle` through the engine's inbox.
 """
 
 from __future__ import annotations
 
 import itertools
-import re
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
-from server.adapters.composition import (
-    ComposedRecord,
-    CompositionError,
-    CompositionKey,
-    compose,
-    is_composition,
-    parse_expression,
-)
+from server.adapters.composition import ComposedRecord, CompositionKey, compose
 from server.adapters.contract import AdapterContract, ContractError, parse_contract, patched
 from server.adapters.identity import AdapterKey
 from server.adapters.layout import BaseLayout
@@ -36,6 +29,9 @@ from server.adapters.slots import NoFreeSlotError, SlotTable
 from server.adapters.store import AdapterStore
 from server.adapters.store_sync import StoreSync
 from server.config import Settings
+from server.engine.contract import output_format
+from server.engine.grammar import GrammarCompiler
+from server.engine.inbox import Inbox
 from server.engine.pool_size import PoolStats
 from server.engine.request import (
     AdapterExistsError,
@@ -45,14 +41,13 @@ from server.engine.request import (
     AdapterUnavailableError,
     AdapterVersionMismatchError,
     EngineError,
-    InvalidRequestError,
     UnknownModelError,
 )
+from server.engine.resolve import ModelResolver, Resolved
 from server.engine.scheduler import Admission
 from server.engine.sequence import Sequence
 from server.lora.model import LoraModel
 
-_SHA_PREFIX = re.compile(r"[0-9a-fA-F]{8,64}")
 SIZES_KEPT = 4096  # adapters whose device bytes are remembered
 
 
@@ -75,23 +70,15 @@ def _engine_errors() -> Iterator[None]:
         raise AdapterProtectedError(str(exc)) from exc
 
 
-def _not_composable(record: AdapterRecord) -> str:
-    """Why an adapter that is more than plain LoRA cannot be part of a composition."""
-    kind = record.kinds[0]
-    if kind == "dora":
-        why = ("it is a DoRA adapter: DoRA rescales the layer's whole output by its own magnitudes, so a "
-               "weighted sum of DoRA adapters is not a sum of their deltas")
-    else:
-        why = (f"it replaces weights of {kind.partition(':')[2]} (modules_to_save or trainable tokens), which "
-               "a weighted sum of LoRA deltas cannot express")
-    return f"adapter '{record.name}' cannot be part of a composition: {why}; request it on its own"
-
-
 class AdapterManager:
-    def __init__(self, lora: LoraModel, layout: BaseLayout, settings: Settings, base_name: str) -> None:
+    def __init__(self, *, lora: LoraModel, layout: BaseLayout, settings: Settings, base_name: str, inbox: Inbox,
+                 grammars: GrammarCompiler | None = None) -> None:
+        """`inbox`: where a retired version's key goes, for the engine thread to free its slot; `grammars`:
+        checks that an adapter contract's response_format compiles (None: no structured output)."""
         self.lora = lora
         self.base_name = base_name
         self.max_rank = settings.max_lora_rank
+        self.grammars = grammars
         store_class = SharedAdapterStore if settings.shared_store else AdapterStore
         self.registry = AdapterRegistry(store_class(settings.adapters_dir), layout, settings.max_lora_rank,
                                         settings.max_cpu_loras, reserved_names=frozenset({base_name}),
@@ -99,7 +86,8 @@ class AdapterManager:
                                         max_cpu_bytes=settings.max_cpu_lora_bytes,
                                         protect_found=uses_default_store(settings),
                                         max_saved_bytes=settings.max_saved_module_bytes,
-                                        on_retired=lambda record: self.post_evict(record.key))
+                                        on_retired=lambda record: inbox.post("evict", record.key))
+        self.resolver = ModelResolver(registry=self.registry, base_name=base_name, max_rank=settings.max_lora_rank)
         # Residency within the pool's bytes (or, without a pool, the padded slots' count).
         self.slots = SlotTable(lora.max_loras, lora.capacity_bytes, unload=self._clear)
         self.pool_waits = 0  # admissions put off because running adapters held the pool (or every slot)
@@ -107,65 +95,14 @@ class AdapterManager:
         # Bytes of fully trained module copies (modules_to_save) of the adapter in each slot, as saved.
         self.copies: dict[int, int] = {}
         self.max_copy_bytes = settings.max_saved_module_bytes
-        self.post_evict: Callable[[AdapterKey], None] = lambda key: None  # set by the engine: runs evict_if_idle
-        # Set by the engine: raises InvalidRequestError for a contract whose response_format cannot be enforced.
-        self.check_contract: Callable[[AdapterContract | None], None] = lambda contract: None
         # A shared store: what other servers wrote is taken in before a name is resolved.
         store = self.registry.store
         self.store_sync = (StoreSync(store=store, registry=self.registry)
                            if isinstance(store, SharedAdapterStore) else None)
 
-    # Resolution (any thread) ------------------------------------------------------------------
-
-    def resolve(self, model: str) -> tuple[AdapterRecord | ComposedRecord | None, str | None]:
-        """`model` -> (the adapter's record, a composition's record, or None for the base; the sha256 prefix
-        a plain adapter was pinned to, if any: a composition's parts are checked against theirs here)."""
-        if model == self.base_name:
-            return None, None
-        if is_composition(model):
-            return self._resolve_composition(model), None
-        return self._resolve_adapter(model)
-
-    def _resolve_composition(self, model: str) -> ComposedRecord:
-        """`"a*0.7+b@<sha>*0.3"` -> the current versions of its parts (each checked as a plain request is)."""
-        try:
-            specs = parse_expression(model)
-        except CompositionError as exc:
-            raise InvalidRequestError(str(exc)) from None
-        parts = []
-        for spec in specs:
-            if spec.name == self.base_name:
-                raise InvalidRequestError(f"the base model '{self.base_name}' cannot be part of a composition: "
-                                          "the base is always there; compose adapters only")
-            record, _ = self._resolve_adapter(spec.name)
-            if record.kinds:
-                raise InvalidRequestError(_not_composable(record))
-            parts.append((record, spec.weight))
-        composed = ComposedRecord.of(model.strip(), parts)
-        if composed.rank > self.max_rank:
-            raise InvalidRequestError(f"the composition's rank, the sum of its parts' ranks "
-                                      f"({' + '.join(str(r.rank) for r, _ in parts)} = {composed.rank}), exceeds "
-                                      f"this server's max LoRA rank of {self.max_rank} (--max-lora-rank)")
-        return composed
-
-    def _resolve_adapter(self, model: str) -> tuple[AdapterRecord, str | None]:
-        name, prefix = model, None
-        if "@" in model:
-            name, _, prefix = model.rpartition("@")
-            if not _SHA_PREFIX.fullmatch(prefix):
-                raise UnknownModelError(f"The model '{model}' does not exist: after '@' give at least 8 hex "
-                                        "characters of the adapter's sha256")
-            prefix = prefix.lower()
-        record = self.registry.get(name)
-        if record is None:
-            raise UnknownModelError(f"The model '{name}' does not exist: it is neither the base model "
-                                    f"'{self.base_name}' nor a registered adapter")
-        if prefix is not None and not record.sha256.startswith(prefix):
-            raise AdapterVersionMismatchError(f"adapter '{name}' is now version {record.version} with sha256 "
-                                              f"{record.sha256}, which does not start with {prefix!r}")
-        if record.status == ERROR:
-            raise AdapterUnavailableError(f"adapter '{name}' failed to load: {record.error}")
-        return record, prefix
+    def resolve(self, model: str) -> Resolved:
+        """Any thread: see `ModelResolver.resolve`."""
+        return self.resolver.resolve(model)
 
     # Admin (worker threads) -------------------------------------------------------------------
 
@@ -192,8 +129,11 @@ class AdapterManager:
         return self.info(updated)
 
     def _checked(self, contract: AdapterContract) -> AdapterContract:
+        """The contract, if its response_format compiles (raises ContractError otherwise)."""
         try:
-            self.check_contract(contract)
+            fmt = output_format(contract.response_format)
+            if fmt is not None and self.grammars is not None:
+                self.grammars.compile(fmt)
         except EngineError as exc:
             raise ContractError(f"loraplex.json: response_format: {exc}") from None
         return contract
@@ -247,7 +187,7 @@ class AdapterManager:
     def pool_stats(self) -> PoolStats:
         slots, pool = self.slots, self.lora.pool
         keys = slots.keys()
-        pinned = sum(1 for key in keys if slots.pinned(slots.slot_of(key)))
+        pinned = sum(1 for key in keys if (slot := slots.slot_of(key)) is not None and slots.pinned(slot))
         if pool is None:
             size = self.lora.padded_slot_bytes
             return PoolStats(size * slots.num_slots, size * len(keys), slots.num_slots - len(keys), size, len(keys),
@@ -274,7 +214,7 @@ class AdapterManager:
         if record is None or seq.adapter is not None:
             return None
         if isinstance(record, ComposedRecord):
-            return self._rebind_composition(seq)
+            return self._rebind_composition(seq, record)
         if record.status == ERROR:
             return AdapterUnavailableError(f"adapter '{record.name}' failed to load: {record.error}")
         if not record.deleted or self.registry.in_cpu(record):
@@ -322,12 +262,13 @@ class AdapterManager:
             seq.adapter = self._weights(seq.record)
             if seq.adapter is None:
                 return Admission.LOADING
-        if seq.adapter.saved and self.slots.slot_of(seq.record.key) is None:
-            if not self._room_for_copies(seq.adapter.saved_bytes):
+        record, adapter = seq.record, seq.adapter
+        if adapter.saved and self.slots.slot_of(record.key) is None:
+            if not self._room_for_copies(adapter.saved_bytes):
                 return Admission.NO_SLOT  # running adapters hold the copy budget: wait for one to end
         try:
-            seq.slot = self.slots.acquire(seq.record.key, lambda slot: self._load_slot(slot, seq),
-                                          self._device_bytes(seq.record.key, seq.adapter))
+            seq.slot = self.slots.acquire(record.key, partial(self._write, record=record, adapter=adapter),
+                                          self._device_bytes(record.key, adapter))
         except NoFreeSlotError:
             self.pool_waits += 1
             return Admission.NO_SLOT
@@ -343,7 +284,7 @@ class AdapterManager:
             adapter = self.registry.cached(record)
             if adapter is None or adapter.saved or self.slots.slot_of(record.key) is not None:
                 continue
-            fits = self.slots.preload(record.key, lambda slot, r=record, a=adapter: self._write(slot, r, a),
+            fits = self.slots.preload(record.key, partial(self._write, record=record, adapter=adapter),
                                       self._device_bytes(record.key, adapter))
             limit -= 1
             if not fits or limit <= 0:
@@ -370,7 +311,7 @@ class AdapterManager:
             slot = self.slots.slot_of(key)
             if excess <= 0:
                 break
-            if self.copies.get(slot) and not self.slots.pinned(slot):
+            if slot is not None and self.copies.get(slot) and not self.slots.pinned(slot):
                 victims.append(key)
                 excess -= self.copies[slot]
         if excess > 0:
@@ -391,10 +332,12 @@ class AdapterManager:
                 self.evict_if_idle(seq.record.key)
         seq.slot = None
 
-    def evict_if_idle(self, key: AdapterKey) -> None:
+    def evict_if_idle(self, key: AdapterKey | CompositionKey) -> None:
         """Free the slot of a deleted or superseded version once nothing runs on it."""
-        keys = [key] + [k for k in self.slots.keys() if isinstance(k, CompositionKey) and k.involves(key)]
-        for k in keys:  # a retired part takes the compositions built from it along
+        keys: list[AdapterKey | CompositionKey] = [key]
+        if isinstance(key, AdapterKey):  # a retired part takes the compositions built from it along
+            keys += [k for k in self.slots.keys() if isinstance(k, CompositionKey) and k.involves(key)]
+        for k in keys:
             self._clear(self.slots.forget(k))
 
     def _weights(self, record: AdapterRecord | ComposedRecord) -> ParsedAdapter | None:
@@ -409,19 +352,18 @@ class AdapterManager:
         if not isinstance(record, ComposedRecord):
             self.registry.request_load(record)
             return None
-        parts = [(self.registry.cached(part), weight) for part, weight in record.parts]
-        missing = [part for (part, _), (weights, _) in zip(record.parts, parts) if weights is None]
+        cached = [self.registry.cached(part) for part, _ in record.parts]
+        missing = [part for (part, _), weights in zip(record.parts, cached) if weights is None]
         for part in missing:
             self.registry.request_load(part)
         if missing:
             return None
-        adapter = compose([weights for weights, _ in parts], [weight for _, weight in parts])
+        adapter = compose([weights for weights in cached if weights is not None], [w for _, w in record.parts])
         self.registry.cache_derived(record.key, [part for part, _ in record.parts], adapter)
         return adapter
 
-    def _rebind_composition(self, seq: Sequence) -> EngineError | None:
+    def _rebind_composition(self, seq: Sequence, record: ComposedRecord) -> EngineError | None:
         """A waiting composition whose part was replaced or deleted resolves its expression again."""
-        record = seq.record
         if record.status == ERROR:
             return AdapterUnavailableError(f"a part of the composition '{record.name}' failed to load: "
                                            f"{record.error}")
@@ -432,9 +374,6 @@ class AdapterManager:
         except EngineError as exc:
             return type(exc)(f"a part of the composition changed before the request started: {exc}")
         return None
-
-    def _load_slot(self, slot: int, seq: Sequence) -> None:
-        self._write(slot, seq.record, seq.adapter)
 
     def _write(self, slot: int, record: AdapterRecord | ComposedRecord, adapter: ParsedAdapter) -> None:
         started = time.perf_counter()

@@ -1,53 +1,53 @@
 """The engine core: the one thread that steps the model.
 
-Other threads talk to it only through its inbox (`post`). Every step, the scheduler picks which
+Other threads talk to it only through its inbox (`inbox.py`). Every step, the scheduler picks which
 sequences run, the runner feeds them all through ONE packed forward pass whatever adapter each
 uses, and the sampler picks every sampled sequence's next token in one vectorised pass. The `n`
 choices of one prompt share its prefill: the first choice is prefilled alone, then the others
 fork its KV blocks (shared full blocks, a private copy of the last partial one) and sample their
-first token from the same logits row.
+first token from the same logits row. The scheduler writes every sequence's scheduling state
+(`computed`, `fork`, `finish`); the core appends the sampled tokens and streams the deltas.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections import deque
+from typing import cast
 
+from server.adapters.identity import AdapterKey
 from server.engine.adapters import AdapterManager
 from server.engine.grammar import GrammarCompiler
-from server.engine.kv_cache import KVCache, OutOfBlocks
+from server.engine.inbox import Inbox
 from server.engine.output import finish_reason, make_delta, record_prompt_logprobs
 from server.engine.request import EngineError, EngineFaultError
 from server.engine.runner import ModelRunner
-from server.engine.sampler import Sampler
-from server.engine.scheduler import Admission, Scheduler
-from server.engine.sequence import SeqStatus, Sequence
+from server.engine.sampler import SampleOutput, Sampler
+from server.engine.scheduler import Scheduler
+from server.engine.sequence import Sequence
 from server.threads import use_torch_threads
 
 log = logging.getLogger(__name__)
 
 
 class EngineCore:
-    def __init__(self, kv_cache: KVCache, scheduler: Scheduler, runner: ModelRunner, manager: AdapterManager,
+    def __init__(self, *, scheduler: Scheduler, runner: ModelRunner, manager: AdapterManager, inbox: Inbox,
                  tokenizer, eos_ids: frozenset[int], max_context: int, threads: int | None = None,
                  grammars: GrammarCompiler | None = None) -> None:
-        self.kv_cache = kv_cache
         self.threads = threads  # torch threads of the step loop (None: torch's default; server/threads.py says why)
         self.scheduler = scheduler
         self.runner = runner
         self.manager = manager
+        self.inbox = inbox
         self.sampler = Sampler()
         self.grammars = grammars   # masks of the structured-output sequences, all of a step's at once
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.max_context = max_context
         self.prefill_tokens = 0  # prompt tokens fed through the model since start-up (forks add none)
-        self._inbox: deque[tuple[str, object]] = deque()
         self._seqs: dict[str, Sequence] = {}
         self._live = 0           # sequences posted and not yet finished (any thread reads it)
         self._live_lock = threading.Lock()
-        self._wake = threading.Event()
         self._stopping = False
         self._thread: threading.Thread | None = None
 
@@ -61,7 +61,7 @@ class EngineCore:
 
     def stop(self) -> None:
         self._stopping = True
-        self._wake.set()
+        self.inbox.wake()
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
@@ -74,14 +74,10 @@ class EngineCore:
         """Enqueue one request's sequences: the first is prefilled, the others fork from it."""
         with self._live_lock:
             self._live += sum(s.group_size for s in seqs)
-        self.post("add", seqs)
+        self.inbox.post("add", seqs)
 
     def abort(self, key: str) -> None:
-        self.post("abort", key)
-
-    def post(self, kind: str, payload: object) -> None:
-        self._inbox.append((kind, payload))
-        self._wake.set()
+        self.inbox.post("abort", key)
 
     def num_active(self) -> int:
         """Sequences enqueued, waiting or running."""
@@ -89,7 +85,8 @@ class EngineCore:
 
     def num_waiting(self) -> int:
         waiting = sum(s.group_size for s in list(self.scheduler.waiting))
-        return waiting + sum(s.group_size for k, p in list(self._inbox) if k == "add" for s in p)
+        posted = cast(list[list[Sequence]], self.inbox.pending("add"))
+        return waiting + sum(s.group_size for seqs in posted for s in seqs)
 
     # The engine thread ------------------------------------------------------------------------
 
@@ -100,35 +97,32 @@ class EngineCore:
             self._fail_unstartable()
             self.manager.prefetch(self.scheduler.waiting)  # disk loads for the sequences next in line
             if not self.scheduler.has_work():
-                self._wake.wait(timeout=1.0)
-                self._wake.clear()
+                self.inbox.wait(timeout=1.0)
                 continue
             try:
                 # Adapters of requests next in line into free pool room: their admission is then a pin.
                 self.manager.preload(self.scheduler.waiting, limit=2)
                 if not self._step():
-                    self._wake.wait(timeout=0.005)  # everything waits on an adapter load
-                    self._wake.clear()
+                    self.inbox.wait(timeout=0.005)  # everything waits on an adapter load
             except Exception:  # a bug must not kill the server: fail the batch, keep serving
                 log.exception("engine step failed")
                 for seq in list(self.scheduler.running):
                     self._fail(seq, EngineFaultError("the server failed while generating; see its log"))
 
     def _drain_inbox(self) -> None:
-        while self._inbox:
-            kind, payload = self._inbox.popleft()
+        for kind, payload in self.inbox.take():
             if kind == "add":
-                for seq in payload:
+                for seq in cast(list[Sequence], payload):
                     self._seqs[seq.key] = seq
                     for child in seq.children:
                         self._seqs[child.key] = child
                     self.scheduler.add(seq)
             elif kind == "abort":
-                seq = self._seqs.get(payload)
-                if seq is not None:
-                    self._finish(seq)
+                aborted = self._seqs.get(cast(str, payload))
+                if aborted is not None:
+                    self._finish(aborted)
             elif kind == "evict":
-                self.manager.evict_if_idle(payload)
+                self.manager.evict_if_idle(cast(AdapterKey, payload))
 
     def _fail_unstartable(self) -> None:
         for seq in list(self.scheduler.waiting):
@@ -153,7 +147,7 @@ class EngineCore:
         seqs = [ordered[i].seq for i in rows]
         for i, seq in enumerate(list(seqs)):
             if seq.children and not seq.output_ids:  # its prefill just ended: the other choices fork now
-                forked = self._fork_children(seq)
+                forked = self.scheduler.fork(seq)
                 seqs += forked
                 rows += [rows[i]] * len(forked)
         outs = self.sampler.sample(logits[rows], [s.options for s in seqs], [s.generator for s in seqs],
@@ -177,42 +171,12 @@ class EngineCore:
 
     def _allowed(self, seqs: list[Sequence]):
         """(rows, masks) of the step's constrained sequences, filled in one call; None when there are none."""
-        rows = [i for i, seq in enumerate(seqs) if seq.constraint is not None]
-        if not rows:
+        constrained = [(i, seq.constraint) for i, seq in enumerate(seqs) if seq.constraint is not None]
+        if not constrained or self.grammars is None:
             return None
-        return rows, self.grammars.fill_masks([seqs[i].constraint for i in rows])
+        return [i for i, _ in constrained], self.grammars.fill_masks([c for _, c in constrained])
 
-    def _fork_children(self, parent: Sequence) -> list[Sequence]:
-        """Give each child the parent's prompt KV: shared full blocks, an own copy of the partial one."""
-        children = [c for c in parent.children if c.status is not SeqStatus.FINISHED]  # not aborted meanwhile
-        parent.children = []
-        forked: list[Sequence] = []
-        block_size = self.kv_cache.block_size
-        full, partial = divmod(parent.prompt_len, block_size)
-        allocator = self.kv_cache.allocator
-        for child in children:
-            child.record, child.adapter = parent.record, parent.adapter
-            child.prompt_logprobs = parent.prompt_logprobs
-            if self.manager.admit(child) is not Admission.ADMITTED:  # cannot happen: the parent pins the slot
-                self.scheduler.add_front(child)
-                continue
-            shared = allocator.fork(parent.blocks[:full])
-            try:
-                own = allocator.allocate(1) if partial else []
-            except OutOfBlocks:  # no room to fork: this choice prefills on its own later
-                allocator.free(shared)
-                self.manager.release(child)
-                self.scheduler.add_front(child)
-                continue
-            if own:
-                self.kv_cache.copy_block(parent.blocks[full], own[0])
-            child.blocks, child.num_computed = shared + own, parent.prompt_len
-            child.status = SeqStatus.RUNNING
-            self.scheduler.running.append(child)
-            forked.append(child)
-        return forked
-
-    def _append(self, seq: Sequence, out) -> None:
+    def _append(self, seq: Sequence, out: SampleOutput) -> None:
         seq.token_ids.append(out.token)
         if seq.record is not None:
             seq.record.tokens += 1
@@ -233,15 +197,9 @@ class EngineCore:
 
     def _finish(self, seq: Sequence) -> None:
         """Free a finished, failed or aborted sequence; choices still waiting to fork start on their own."""
-        if seq.status is SeqStatus.FINISHED:
+        if not self.scheduler.finish(seq):
             return
         if self._seqs.get(seq.key) is seq:
             del self._seqs[seq.key]
-        alive = [c for c in seq.children if c.status is not SeqStatus.FINISHED]
-        seq.children = []
-        if alive:
-            alive[0].children = alive[1:]
-            self.scheduler.add_front(alive[0])
-        self.scheduler.finish(seq)
         with self._live_lock:
             self._live -= 1

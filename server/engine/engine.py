@@ -1,29 +1,32 @@
-"""The engine facade the HTTP layer holds: one object, the contract's methods, no torch in sight.
+"""The engine facade the HTTP layer holds: one object, `EngineAPI`'s methods (protocol.py), no torch in sight.
 
-It wires three owners together and adds nothing of its own: the front (`front.py`: validation
-and tokenizing off the event loop), the core (`core.py`: the step loop thread) and the adapter
-manager (`adapters.py`: identity, tiers and device slots).
+It builds its owners once, each handed its collaborators at construction (keyword-only; nothing is
+attached afterwards), and adds nothing of its own: the inbox (`inbox.py`: the one way into the engine
+thread), the adapter manager (`adapters.py`: identity, tiers and device slots; it posts retired
+versions to the inbox), the scheduler, the core (`core.py`: the step loop thread) and the front
+(`front.py`: validation and tokenizing off the event loop).
 """
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from server.adapters.layout import BaseLayout
 from server.config import Settings
 from server.engine.adapters import AdapterManager
 from server.engine.attention import decode_kernel_applies, use_paged_attention
-from server.engine.contract import output_format
 from server.engine.core import EngineCore
 from server.engine.front import EngineFront
 from server.engine.grammar import GrammarCompiler
+from server.engine.inbox import Inbox
 from server.engine.kv_cache import KVCache
 from server.engine.memory import MemoryUse, adapter_device_bytes, module_bytes
-from server.engine.pool_size import PoolStats, device_free_bytes, lora_capacity
+from server.engine.pool_size import device_free_bytes, lora_capacity
 from server.engine.prefix_cache import PrefixCache
 from server.engine.probe import probe_model
+from server.engine.protocol import EngineAPI, EngineStats, ModelCard
 from server.engine.request import AdapterInfo, GenerationRequest, GenerationResult, InvalidRequestError
 from server.engine.runner import ModelRunner
 from server.engine.scheduler import Scheduler
@@ -32,36 +35,6 @@ from server.lora.model import LoraModel, padded_slot_bytes
 from server.lora.ops import backend_for
 from server.models import BaseModel, output_size, resolve_lora_dtype
 from server.threads import run_in_fresh_thread
-
-
-@dataclass(frozen=True)
-class ModelCard:
-    """One entry of `GET /v1/models`."""
-
-    id: str
-    created: int
-    parent: str | None
-    sha256: str | None = None    # None for the base model
-    version: int | None = None   # None for the base model
-    contract: dict | None = None  # the adapter's loraplex.json
-    root: str | None = None      # where it was loaded from: the base model's folder, an adapter's store folder
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    waiting: int
-    running: int
-    kv_blocks_used: int
-    kv_blocks_total: int
-    adapters_on_device: int
-    adapters_on_cpu: int
-    prefill_tokens: int = 0
-    kv_blocks_cached: int = 0          # blocks the prefix cache can find (held or free)
-    prefix_cache_queried_tokens: int = 0
-    prefix_cache_hit_tokens: int = 0
-    preemptions: int = 0               # sequences recomputed for want of KV blocks
-    memory: MemoryUse | None = None
-    adapter_pool: PoolStats | None = None
 
 
 def _kv_cache(base: BaseModel, settings: Settings) -> KVCache:
@@ -92,24 +65,30 @@ class Engine:
         paged = use_paged_attention(base.model)
         self.decode_kernel = decode_kernel_applies(base.device, base.dtype, settings.cpu_attention_kernel)
         self.probe_difference = probe_model(paged, self.kv_cache, self.decode_kernel)  # refuses what we cannot serve
-        self.adapters = AdapterManager(self.lora, layout, settings, base.name)
-        self.prefix_cache = PrefixCache(self.kv_cache.allocator, self.kv_cache.block_size, settings.prefix_cache)
-        self.scheduler = Scheduler(self.kv_cache.allocator, self.kv_cache.block_size, settings.max_batched_tokens,
-                                   settings.max_running, self.adapters.admit, self.adapters.release,
-                                   prefix_cache=self.prefix_cache)
         self._max_context = int(getattr(base.model.config, "max_position_embeddings", 2048))
         gen_eos = base.model.generation_config.eos_token_id
         gen_eos = gen_eos if isinstance(gen_eos, list) else [gen_eos]
         eos_ids = frozenset(i for i in [self.tokenizer.eos_token_id, *gen_eos] if i is not None)
         vocab_size = output_size(base.model)
-        self.grammars = GrammarCompiler(self.tokenizer, vocab_size, eos_ids)
-        self.adapters.check_contract = self._check_contract
+        self.grammars = GrammarCompiler(self.tokenizer, vocab_size, sorted(eos_ids))
+        inbox = Inbox()  # first: the registry posts retired versions to the engine thread through it
+        self.adapters = AdapterManager(lora=self.lora, layout=layout, settings=settings, base_name=base.name,
+                                       inbox=inbox, grammars=self.grammars)
+        self.prefix_cache = PrefixCache(self.kv_cache.allocator, self.kv_cache.block_size, settings.prefix_cache)
+        self.scheduler = Scheduler(allocator=self.kv_cache.allocator, block_size=self.kv_cache.block_size,
+                                   max_batched_tokens=settings.max_batched_tokens,
+                                   max_running=settings.max_running, admit=self.adapters.admit,
+                                   release=self.adapters.release, copy_block=self.kv_cache.copy_block,
+                                   prefix_cache=self.prefix_cache)
         runner = ModelRunner(self.lora, paged, self.kv_cache, self.decode_kernel)
-        self.core = EngineCore(self.kv_cache, self.scheduler, runner, self.adapters, self.tokenizer, eos_ids,
-                               self._max_context, settings.threads, self.grammars)
-        self.adapters.post_evict = lambda key: self.core.post("evict", key)
-        self.front = EngineFront(self.core, self.adapters, self.tokenizer, settings.max_queue, self._max_context,
-                                 self.kv_cache.num_slots, settings.background_niceness, self.grammars, vocab_size)
+        self.core = EngineCore(scheduler=self.scheduler, runner=runner, manager=self.adapters, inbox=inbox,
+                               tokenizer=self.tokenizer, eos_ids=eos_ids, max_context=self._max_context,
+                               threads=settings.threads, grammars=self.grammars)
+        self.front = EngineFront(core=self.core, manager=self.adapters, tokenizer=self.tokenizer,
+                                 max_queue=settings.max_queue, max_context=self._max_context,
+                                 kv_capacity=self.kv_cache.num_slots,
+                                 long_prompt_niceness=settings.background_niceness, grammars=self.grammars,
+                                 vocab_size=vocab_size)
 
     # Parts tests and tools look at ------------------------------------------------------------
 
@@ -151,6 +130,11 @@ class Engine:
     def running(self) -> bool:
         return self.core.running
 
+    @property
+    def ready(self) -> bool:
+        """The model is loaded and the step loop runs (what /ready answers)."""
+        return self.core.running
+
     # Requests ---------------------------------------------------------------------------------
 
     async def submit(self, request: GenerationRequest) -> list[RequestStream]:
@@ -184,12 +168,6 @@ class Engine:
 
     async def detokenize(self, model: str, tokens: list[int], as_strings: bool = False) -> str | list[str]:
         return await self.front.detokenize(model, tokens, as_strings)
-
-    def _check_contract(self, contract) -> None:
-        """An adapter contract's response_format must compile (raises InvalidRequestError otherwise)."""
-        fmt = output_format(contract.response_format) if contract is not None else None
-        if fmt is not None:
-            self.grammars.compile(fmt)
 
     def max_context(self) -> int:
         return self._max_context
@@ -262,3 +240,8 @@ class Engine:
     def list_adapters(self) -> list[AdapterInfo]:
         self.sync_store()
         return [self.adapters.info(r) for r in self.registry.records()]
+
+
+if TYPE_CHECKING:
+    def _is_engine_api(engine: Engine) -> EngineAPI:
+        return engine  # mypy checks here that the engine satisfies the protocol the app is typed against

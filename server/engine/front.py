@@ -40,7 +40,7 @@ _MAX_SEED = 2**63 - 1
 
 
 class EngineFront:
-    def __init__(self, core: EngineCore, manager: AdapterManager, tokenizer, max_queue: int, max_context: int,
+    def __init__(self, *, core: EngineCore, manager: AdapterManager, tokenizer, max_queue: int, max_context: int,
                  kv_capacity: int, long_prompt_niceness: int = 10, grammars: GrammarCompiler | None = None,
                  vocab_size: int | None = None) -> None:
         self.core = core
@@ -90,8 +90,9 @@ class EngineFront:
         seqs = [self._sequence(request, j, prompt_ids, record, prefix) for j in range(request.n)]
         for seq in seqs:
             seq.echo_text = echo
-        for seq in seqs if grammar is not None else ():
-            seq.constraint = self.grammars.constraint(grammar)
+        if grammar is not None and self.grammars is not None:
+            for seq in seqs:
+                seq.constraint = self.grammars.constraint(grammar)
         if record is not None:
             record.requests += request.n
         first, *rest = seqs
@@ -103,7 +104,7 @@ class EngineFront:
         """Token ids, the compiled grammar (None for free text) and the text to echo (None unless asked
         for: the prompt as given, or the decoded ids); runs on a tokenizer lane's thread."""
         fmt = request.params.response_format
-        grammar = None if fmt is None else self.grammars.compile(fmt)
+        grammar = None if fmt is None or self.grammars is None else self.grammars.compile(fmt)
         ids = tokenize(tokenizer, request)
         echo = None
         if request.params.echo:

@@ -10,6 +10,10 @@ preempted: its blocks and slot pin are released and it is recomputed later.
 Progress is guaranteed: the front refuses any sequence larger than the whole KV cache, and
 a sequence refused room for its adapter `max_skips` times stops the admission of every other
 sequence that would pin an adapter, until running ones drain and it gets its room (aging).
+
+The scheduler is the only writer of a sequence's scheduling state: its status, the queue it is in,
+its KV blocks, `num_computed` (after each step: `computed`), its choices' fork (`fork`) and its end
+(`finish`). The adapter manager's `admit` / `release`, called from here, bind and pin its adapter.
 """
 
 from __future__ import annotations
@@ -46,11 +50,13 @@ class ScheduledSeq:
 
 
 class Scheduler:
-    def __init__(self, allocator: BlockAllocator, block_size: int, max_batched_tokens: int, max_running: int,
+    def __init__(self, *, allocator: BlockAllocator, block_size: int, max_batched_tokens: int, max_running: int,
                  admit: Callable[[Sequence], Admission], release: Callable[[Sequence], None],
-                 max_skips: int = 8, prefix_cache: PrefixCache | None = None) -> None:
-        """`admit(seq)` pins the sequence's adapter slot; `release(seq)` unpins it. An admitted sequence
-        starts from the longest prefix `prefix_cache` holds (None: no prefix caching)."""
+                 copy_block: Callable[[int, int], None] | None = None, max_skips: int = 8,
+                 prefix_cache: PrefixCache | None = None) -> None:
+        """`admit(seq)` pins the sequence's adapter slot; `release(seq)` unpins it; `copy_block(src, dst)`
+        copies one KV block (a fork's partial block). An admitted sequence starts from the longest prefix
+        `prefix_cache` holds (None: no prefix caching)."""
         self.max_skips = max_skips
         self.prefix_cache = prefix_cache or PrefixCache(allocator, block_size, enabled=False)
         self.allocator = allocator
@@ -59,6 +65,7 @@ class Scheduler:
         self.max_running = max_running
         self._admit = admit
         self._release = release
+        self._copy_block = copy_block
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.preemptions = 0  # sequences sent back to recompute for want of KV blocks
@@ -95,14 +102,53 @@ class Scheduler:
             item.seq.num_computed += item.num_tokens
             self.prefix_cache.publish(item.seq)
 
-    def finish(self, seq: Sequence) -> None:
-        """Free everything a sequence holds (finished, aborted or failed)."""
+    def fork(self, parent: Sequence) -> list[Sequence]:
+        """Start the parent's other choices once its prefill ended, on its prompt's KV: shared full blocks, an
+        own copy of the partial one. A choice that cannot fork now prefills on its own later."""
+        children = [c for c in parent.children if c.status is not SeqStatus.FINISHED]  # not aborted meanwhile
+        parent.children = []
+        full, partial = divmod(parent.prompt_len, self.block_size)
+        forked: list[Sequence] = []
+        for child in children:
+            child.record, child.adapter = parent.record, parent.adapter
+            child.prompt_logprobs = parent.prompt_logprobs
+            if self._admit(child) is not Admission.ADMITTED:  # cannot happen: the parent pins the slot
+                self.add_front(child)
+                continue
+            shared = self.allocator.fork(parent.blocks[:full])
+            try:
+                own = self.allocator.allocate(1) if partial else []
+            except OutOfBlocks:  # no room to fork: this choice prefills on its own later
+                self.allocator.free(shared)
+                self._release(child)
+                self.add_front(child)
+                continue
+            if own:
+                assert self._copy_block is not None, "a fork of a partial block needs copy_block"
+                self._copy_block(parent.blocks[full], own[0])
+            child.blocks, child.num_computed = shared + own, parent.prompt_len
+            child.status = SeqStatus.RUNNING
+            self.running.append(child)
+            forked.append(child)
+        return forked
+
+    def finish(self, seq: Sequence) -> bool:
+        """Free everything a sequence holds (finished, aborted or failed); its choices still waiting to fork
+        start on their own. False when it had finished already."""
+        if seq.status is SeqStatus.FINISHED:
+            return False
+        alive = [c for c in seq.children if c.status is not SeqStatus.FINISHED]
+        seq.children = []
+        if alive:
+            alive[0].children = alive[1:]
+            self.add_front(alive[0])
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self._free(seq)
         seq.status = SeqStatus.FINISHED
+        return True
 
     # Internals --------------------------------------------------------------------------------
 

@@ -11,66 +11,37 @@ import asyncio
 import hashlib
 import json
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import server.api.generation as api_generation
-import server.engine.request as engine_request
-from server.engine.request import (AdapterExistsError, AdapterInfo, AdapterRejectedError, Delta, EngineError,
-                                   EngineNotReadyError, PromptTooLongError, QueueFullError, SamplingParams,
-                                   TokenLogprob, UnknownModelError)
+from server.engine.protocol import EngineStats, ModelCard
+from server.engine.request import (
+    AdapterExistsError,
+    AdapterInfo,
+    AdapterRejectedError,
+    AdapterVersionMismatchError,
+    Delta,
+    EngineError,
+    EngineNotReadyError,
+    GenerationRequest,
+    PromptTooLongError,
+    QueueFullError,
+    SamplingParams,
+    ShuttingDownError,
+    TokenLogprob,
+    UnknownModelError,
+)
 from server.engine.stream import RequestStream
+
+if TYPE_CHECKING:
+    from server.engine.protocol import EngineAPI
 
 INT64_MAX = 2**63 - 1
 BIG_WEIGHTS = 4 << 20
 VOCAB = 1000  # token ids a request may name; id i is the word "w<i>"
-
-
-class ShuttingDownError(EngineError):
-    code = "shutting_down"
-
-
-class AdapterVersionMismatchError(EngineError):
-    code = "adapter_version_mismatch"
-
-
-ShuttingDownError = getattr(engine_request, "ShuttingDownError", ShuttingDownError)
-AdapterVersionMismatchError = getattr(engine_request, "AdapterVersionMismatchError", AdapterVersionMismatchError)
-
-if "n" in {f.name for f in fields(engine_request.GenerationRequest)}:
-    GenerationRequest = engine_request.GenerationRequest
-else:  # the engine branch has not landed here yet: the contract's request, for the API under test
-    @dataclass(frozen=True)
-    class GenerationRequest:  # type: ignore[no-redef]
-        request_id: str
-        model: str
-        prompt: str | None = None
-        params: SamplingParams = field(default_factory=SamplingParams)
-        add_special_tokens: bool = True
-        n: int = 1
-        messages: tuple[dict, ...] | None = None
-
-    api_generation.GenerationRequest = GenerationRequest  # type: ignore[misc]
-
 BASE = "base-model"
-
-
-@dataclass(frozen=True)
-class Card:
-    id: str
-    created: int
-    parent: str | None
-    sha256: str | None = None
-    version: int | None = None
-
-
-if "sha256" in {f.name for f in fields(AdapterInfo)}:
-    FakeAdapterInfo = AdapterInfo
-else:  # the contract's AdapterInfo, until the engine branch lands
-    @dataclass(frozen=True)
-    class FakeAdapterInfo(AdapterInfo):  # type: ignore[no-redef]
-        sha256: str = ""
-        generation: int = 0
+NO_STORE = Path("/nonexistent-fake-store")  # the fake keeps adapters in memory: no folder is its own
 
 
 def identity(config: bytes, weights: bytes) -> str:
@@ -81,17 +52,6 @@ def choice_seed(seed: int | None, j: int) -> int | None:
     if seed is None:
         return None
     return seed + j if seed + j <= INT64_MAX else seed - j
-
-
-@dataclass
-class Stats:
-    waiting: int = 0
-    running: int = 0
-    kv_blocks_used: int = 3
-    kv_blocks_total: int = 12
-    adapters_on_device: int = 1
-    adapters_on_cpu: int = 2
-    preemptions: int = 5
 
 
 def fake_tokens(model: str, seed: int | None, count: int) -> list[str]:
@@ -120,7 +80,7 @@ class FakeEngine:
         self.stopped = False
         self.add_delay = 0.0
         self.generation = 0
-        self.adapters: dict[str, FakeAdapterInfo] = {}
+        self.adapters: dict[str, AdapterInfo] = {}
         self.blobs: dict[str, tuple[bytes, bytes]] = {}
         self.submitted: list[GenerationRequest] = []
         self.aborted: list[str] = []
@@ -131,9 +91,9 @@ class FakeEngine:
             self._register(name, json.dumps({"r": 4, "lora_alpha": 8}).encode(), b"weights", False)
 
     # inference
-    def models(self) -> list[Card]:
-        return [Card(BASE, 0, None)] + [Card(a.name, a.created, BASE, a.sha256, a.version)
-                                        for a in self.adapters.values()]
+    def models(self) -> list[ModelCard]:
+        return [ModelCard(BASE, 0, None)] + [ModelCard(a.name, a.created, BASE, a.sha256, a.version)
+                                             for a in self.adapters.values()]
 
     def max_context(self) -> int:
         return self.context
@@ -172,8 +132,10 @@ class FakeEngine:
         bad = next((t for t in ids or () if not 0 <= t < VOCAB), None)
         if bad is not None:
             raise EngineError(f"prompt: token id {bad} is outside the vocabulary (0 to {VOCAB - 1})")
-        prompt = self.render(request.messages) if request.messages is not None else request.prompt
-        prompt = " ".join(f"w{t}" for t in ids) if ids is not None else prompt
+        if ids is not None:
+            prompt = " ".join(f"w{t}" for t in ids)
+        else:
+            prompt = self.render(request.messages) if request.messages is not None else request.prompt or ""
         prompt_tokens = len(prompt.split())
         if prompt_tokens + request.params.max_tokens > self.context:
             raise PromptTooLongError(f"prompt ({prompt_tokens} tokens) plus max_tokens "
@@ -192,10 +154,12 @@ class FakeEngine:
         return streams
 
     async def tokenize(self, model: str, prompt: str | None = None, messages: tuple[dict, ...] | None = None,
-                       *args) -> list[int]:
+                       add_special_tokens: bool = True, add_generation_prompt: bool = True,
+                       apply_template: bool = False) -> list[int]:
         """Word i of the text is token id i."""
         self._check_model(model)
-        return list(range(len((prompt if prompt is not None else self.render(messages)).split())))
+        text = prompt if prompt is not None else self.render(messages or ())
+        return list(range(len(text.split())))
 
     async def detokenize(self, model: str, tokens: list[int], as_strings: bool = False) -> str | list[str]:
         words = [f"w{t}" for t in tokens]
@@ -210,22 +174,24 @@ class FakeEngine:
                        prompt: str) -> None:
         prompt_tokens = len(prompt.split())
         tokens = fake_tokens(model, params.seed, params.max_tokens)
-        first = {"prompt_text": prompt if getattr(params, "echo", False) else None,
-                 "prompt_logprobs": fake_prompt_logprobs(prompt, getattr(params, "prompt_logprobs", None))}
+        prompt_text = prompt if params.echo else None
+        prompt_logprobs = fake_prompt_logprobs(prompt, params.prompt_logprobs)
         if not tokens:  # max_tokens 0: the prompt scored, nothing generated
-            stream.put(Delta("", (), "length", prompt_tokens, 0, **first))
+            stream.put(Delta("", (), "length", prompt_tokens, 0, prompt_logprobs=prompt_logprobs,
+                             prompt_text=prompt_text))
         for i, token in enumerate(tokens):
             if self.delay:
                 await asyncio.sleep(self.delay)
             if rid not in self.running:
                 return
-            logprobs = ()
+            logprobs: tuple[TokenLogprob, ...] = ()
             if params.logprobs is not None:
                 top = tuple((f" alt{k}", -1.0 - k) for k in range(params.logprobs))
                 logprobs = (TokenLogprob(token, -0.5, top),)
             last = i == len(tokens) - 1
             stream.put(Delta(token, logprobs, "length" if last else None, prompt_tokens, i + 1,
-                             **(first if i == 0 else {})))
+                             prompt_logprobs=prompt_logprobs if i == 0 else None,
+                             prompt_text=prompt_text if i == 0 else None))
         self.running.discard(rid)
         self.finished.append(rid)
 
@@ -245,7 +211,7 @@ class FakeEngine:
             return self._register(name, config_bytes, b"sha256:" + digest.hexdigest().encode(), overwrite)
         return self._register(name, config_bytes, path.read_bytes(), overwrite)
 
-    def _register(self, name: str, config_bytes: bytes, weights_bytes: bytes, overwrite: bool) -> FakeAdapterInfo:
+    def _register(self, name: str, config_bytes: bytes, weights_bytes: bytes, overwrite: bool) -> AdapterInfo:
         try:
             config = json.loads(config_bytes)
         except ValueError as exc:
@@ -256,7 +222,7 @@ class FakeEngine:
         if old is not None and not overwrite:
             raise AdapterExistsError(f"adapter '{name}' exists; send overwrite=true to replace it")
         self.generation += 1
-        info = FakeAdapterInfo(name=name, version=old.version + 1 if old else 1, status="ready", error=None,
+        info = AdapterInfo(name=name, version=old.version + 1 if old else 1, status="ready", error=None,
                                tier="disk", rank=config.get("r", 4), alpha=float(config.get("lora_alpha", 8)),
                                target_modules=("q_proj", "v_proj"), size_bytes=len(weights_bytes),
                                created=int(time.time()), sha256=identity(config_bytes, weights_bytes),
@@ -283,5 +249,21 @@ class FakeEngine:
     def list_adapters(self) -> list[AdapterInfo]:
         return [self.adapter_info(n) for n in self.adapters]
 
-    def stats(self) -> Stats:
-        return Stats(running=len(self.running))
+    def stats(self) -> EngineStats:
+        return EngineStats(waiting=0, running=len(self.running), kv_blocks_used=3, kv_blocks_total=12,
+                           adapters_on_device=1, adapters_on_cpu=2, preemptions=5)
+
+    def patch_contract(self, name: str, patch: dict) -> AdapterInfo:
+        """The fake keeps no contracts: the adapter as it is."""
+        return self.adapter_info(name)
+
+    def reload_adapter(self, name: str) -> AdapterInfo:
+        raise UnknownModelError(f"The adapter '{name}' is not in the store")
+
+    def adapter_folder(self, name: str) -> Path:
+        return NO_STORE / name
+
+
+if TYPE_CHECKING:
+    def _is_engine_api(engine: FakeEngine) -> EngineAPI:
+        return engine  # mypy checks here that the fake satisfies the protocol the app is typed against

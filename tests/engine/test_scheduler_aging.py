@@ -32,7 +32,8 @@ def test_starving_adapter_gets_a_slot_within_bounded_steps():
                 del pinned[s.record.name]
         s.slot = None
 
-    scheduler = Scheduler(BlockAllocator(256), 16, 512, 64, admit, release, max_skips=3)
+    scheduler = Scheduler(allocator=BlockAllocator(256), block_size=16, max_batched_tokens=512, max_running=64, admit=admit,
+                          release=release, max_skips=3)
     starving = seq("b", "B")
     scheduler.add(seq("a0", "A"))
     scheduler.add(starving)
