@@ -4,6 +4,7 @@ modules can carry an adapter (the LoRA layers wrap exactly `BaseLayout.linear`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from transformers.pytorch_utils import Conv1D
@@ -59,7 +60,7 @@ class BaseLayout:
                 special[name] = (module.in_features, module.out_features)
         tied = output is not None and embedding is not None and getattr(output, "weight", None) is getattr(
             embedding, "weight", 0)
-        reference = {name: model.get_submodule(name).weight for name in special}
+        reference = {name: cast(torch.Tensor, model.get_submodule(name).weight) for name in special}
         return cls(linear, frozenset(other), output_name, frozenset(embeddings), special, input_name, tied, reference)
 
 

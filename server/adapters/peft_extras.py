@@ -150,7 +150,7 @@ def _indices(indices: Any, dims: tuple[int, int], is_input: bool) -> list[int]:
 def _with_tied_output(tokens: dict[str, TokenRows], layout: BaseLayout) -> dict[str, TokenRows]:
     """With tied weights PEFT gives the output layer the embedding's token rows (the same tensor)."""
     embedding, output = layout.input_embedding, layout.output_name
-    if not layout.tied or embedding not in tokens:
+    if output is None or not layout.tied or embedding not in tokens:
         return tokens
     if output in tokens and not torch.equal(tokens[output].indices, tokens[embedding].indices):
         raise AdapterFormatError("trainable_token_indices gives the tied output layer and input embedding "

@@ -16,9 +16,9 @@ from typing import Any
 import regex
 
 try:  # the `re` parser: re._parser from Python 3.11, sre_parse before
-    from re import _parser as _re_parser
+    from re import _parser as _re_parser  # type: ignore[attr-defined]
 except ImportError:  # pragma: no cover
-    import sre_parse as _re_parser  # type: ignore[no-redef]
+    import sre_parse as _re_parser
 
 MAX_PATTERN_CHARS = 2000
 MAX_UNROLLED_SIZE = 20_000  # legitimate module-name patterns are far below this

@@ -61,7 +61,7 @@ class SlotTable:
         if key in self._slot_of:
             return True
         slot = self._lowest_free()
-        if slot is None or (self.budget is not None and nbytes > self.free_bytes):
+        if slot is None or (self.budget is not None and nbytes > self.budget - self.used_bytes):
             return False
         self._place(key, slot, nbytes, load)
         self._slot_of.move_to_end(key, last=False)  # not used yet: first in line if room is needed
@@ -72,7 +72,8 @@ class SlotTable:
         """Whether an adapter of `nbytes` could be made resident now (evicting idle ones if needed)."""
         idle = [s for s in self._slot_of.values() if not self._pins.get(s)]
         has_slot = len(self._slot_of) < self.num_slots or bool(idle)
-        return has_slot and (self.budget is None or self.free_bytes + sum(self._bytes[s] for s in idle) >= nbytes)
+        return has_slot and (self.budget is None
+                             or self.budget - self.used_bytes + sum(self._bytes[s] for s in idle) >= nbytes)
 
     def release(self, slot: int) -> None:
         count = self._pins.get(slot, 0) - 1
@@ -125,7 +126,7 @@ class SlotTable:
                                   f"{len(self._slot_of)} of {self.num_slots} slots; {nbytes} more are needed")
         while True:
             slot = self._lowest_free()
-            if slot is not None and (self.budget is None or self.free_bytes >= nbytes):
+            if slot is not None and (self.budget is None or self.budget - self.used_bytes >= nbytes):
                 return slot
             self._evict(self._victim())
 
@@ -139,4 +140,5 @@ class SlotTable:
     def _evict(self, key: Hashable) -> None:
         slot = self.forget(key)
         self.evictions += 1
-        self._unload(slot)
+        if slot is not None:  # always: a victim is resident
+            self._unload(slot)
