@@ -128,6 +128,7 @@ $(BENCH_STAMP): $(STAMP)
 
 bench: $(BENCH_STAMP)
 	$(BIN)/python bench/throughput.py $(ARGS)
+	$(BIN)/python bench/burst_http.py $(if $(findstring --quick,$(ARGS)),--quick)
 	$(BIN)/python bench/report.py
 
 # The 64x32 workload with a quarter of the adapters DoRA and a quarter with an lm_head copy, against all-plain
