@@ -343,6 +343,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=2, help="fresh-server runs per system (alternated)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--int8", action="store_true", help="also loraplex with --quant-compute int8")
+    parser.add_argument("--results-name", help="stem of the results files (default: cpu-peer or cpu-peer-<model>)")
     parser.add_argument("--llama-dir", type=Path, default=default_dir(),
                         help="llama.cpp source and build (outside the repository)")
     parser.add_argument("--work-dir", type=Path, default=Path.home() / ".cache" / "loraplex" / "cpu-peer",
@@ -374,7 +375,8 @@ def main() -> None:
     table = render(results, meta)
     print(table)
     if not args.quick:  # a run of some models keeps the others' results: cpu-peer-135m.md, ...
-        stem = "cpu-peer" if sorted(args.models) == ["135m", "1b"] else "cpu-peer-" + "-".join(args.models)
+        stem = args.results_name or \
+            ("cpu-peer" if sorted(args.models) == ["135m", "1b"] else "cpu-peer-" + "-".join(args.models))
         (RESULTS / f"{stem}.md").write_text(table + "\n")
         write_json(f"{stem}.json", {"meta": meta, "results": results})
 

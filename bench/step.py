@@ -5,6 +5,7 @@ with and without adapters, and profiled (torch profiler) to show where its time 
     python bench/step.py --seqs 32 --adapters 32 --context 200 --profile
     python bench/step.py --lora-dtypes float32 # float32 slots only (default: float32 and bfloat16)
     python bench/step.py --targets q_proj,v_proj   # adapters on q and v only (PEFT's default for Llama)
+    python bench/step.py --split --batches 1,8,64  # lean decoder vs transformers forward: where a step goes
 
 No engine thread, scheduler or sampler: `ModelRunner.step` on hand-made sequences whose KV
 blocks are allocated but hold zeros (attention reads them all the same).
@@ -54,9 +55,9 @@ class DecodeRig:
 
     def __init__(self, base, seqs: int, adapters: int, context: int, ranks: tuple[int, ...] = (16,),
                  cpu_kernel: str = "auto", attention_kernel: str = "auto",
-                 lora_dtype: torch.dtype = torch.float32, targets: set[str] | None = None) -> None:
+                 lora_dtype: torch.dtype = torch.float32, targets: set[str] | None = None, lean: bool = True) -> None:
         """Slot i holds a random adapter of rank `ranks[i % len(ranks)]` on `targets` (None: every
-        linear module); buffers are max(ranks) wide."""
+        linear module); buffers are max(ranks) wide. `lean`: the runner's lean decoder forward where it applies."""
         model = base.model
         layout = BaseLayout.from_model(model)
         backend = backend_for(torch.device("cpu"), torch.float32, cpu_kernel)
@@ -65,7 +66,7 @@ class DecodeRig:
         block = 16
         self.kv = KVCache.from_token_budget(model.config, seqs * (context + block), block)
         decode_kernel = decode_kernel_applies(torch.device("cpu"), torch.float32, attention_kernel)
-        self.runner = ModelRunner(self.lora, paged, self.kv, decode_kernel)
+        self.runner = ModelRunner(self.lora, paged, self.kv, decode_kernel, lean=lean)
         for slot in range(adapters):
             self.lora.write_slot(slot, random_adapter(layout, ranks[slot % len(ranks)], slot, targets))
         self.context = context
@@ -102,7 +103,8 @@ def interleaved(variants: dict[str, tuple[DecodeRig, int]], repeats: int) -> dic
 
 
 def profile(rig: DecodeRig, count: int, steps: int = 3, rows: int = 18) -> str:
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     rig.set_adapters(count)
     rig.step()
@@ -110,6 +112,53 @@ def profile(rig: DecodeRig, count: int, steps: int = 3, rows: int = 18) -> str:
         for _ in range(steps):
             rig.step()
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+# Profiler op names -> the part of a step they are (anything else, and Python, is "rest").
+PARTS = {"quantized linears": ("loraplex::quant_linear_forward", "loraplex::quant_linear"),
+         "float linears": ("aten::linear",),  # (a quantized linear's prefill tiles call aten::mm: not these)
+         "LoRA op": ("loraplex::shrink", "loraplex::expand"),
+         "attention kernels": ("loraplex::paged_decode_attention", "loraplex::rope_cache_write")}
+
+
+def split(rig: DecodeRig, count: int, seconds: float, steps: int = 5) -> dict[str, float]:
+    """Milliseconds per step of each part (the ops' own time under the profiler, over `steps` steps), "rest"
+    being the unprofiled step time `seconds` less them: Python, module calls and the small torch ops."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    rig.set_adapters(count)
+    rig.step()
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            rig.step()
+    totals = {part: 0.0 for part in PARTS}
+    for event in prof.key_averages():
+        for part, prefixes in PARTS.items():
+            if event.key.startswith(prefixes):
+                totals[part] += event.cpu_time_total / 1e3 / steps
+    parts = {k: v for k, v in totals.items() if v > 0}
+    parts["rest"] = seconds * 1e3 - sum(parts.values())
+    return parts
+
+
+def split_table(base, batches: list[int], adapters: int, context: int, repeats: int) -> str:
+    """Lean decoder against the transformers forward at each batch size: ms per step and its parts."""
+    lines = ["| batch | forward | ms/step | parts (ms) |", "| ---: | --- | ---: | --- |"]
+    for batch in batches:
+        rigs = {name: DecodeRig(SimpleNamespace(model=copy.deepcopy(base.model)), batch, max(adapters, 1), context,
+                                lean=lean) for name, lean in (("lean", True), ("transformers", False))}
+        if rigs["lean"].runner.lean is None:
+            raise SystemExit("the lean decoder does not apply to this model (see the log)")
+        for rig in rigs.values():
+            rig.step()
+        medians = interleaved({name: (rig, adapters) for name, rig in rigs.items()}, repeats)
+        for name, rig in rigs.items():
+            parts = split(rig, adapters, medians[name])
+            text = ", ".join(f"{k} {v:.2f}" for k, v in parts.items())
+            lines.append(f"| {batch} | {name} | {medians[name] * 1e3:.2f} | {text} |")
+        print(lines[-2], lines[-1], sep="\n", flush=True)
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -123,10 +172,22 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--cpu-lora-kernel", choices=CPU_LORA_KERNELS, default="auto")
     parser.add_argument("--cpu-attention-kernel", choices=CPU_ATTENTION_KERNELS, default="auto")
+    parser.add_argument("--split", action="store_true",
+                        help="lean decoder vs transformers forward at each of --batches: ms per step and its parts")
+    parser.add_argument("--batches", default="1,8,64", help="decoding sequences per step, for --split")
+    parser.add_argument("--model", help="--split: a GGUF file or model folder (default: the embedded model)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--lora-dtypes", default="float32,bfloat16",
                         help="the adapter slots' dtypes to compare (the server's `--lora-dtype`), one rig each")
     args = parser.parse_args()
-    base = load_base_model(Settings(device="cpu"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    blocks = "keep" if args.split else "auto"  # --split: the quantized base (the embedded model's GGUF blocks)
+    base = load_base_model(Settings(device="cpu", model=args.model, gguf_blocks=blocks))
+    if args.split:
+        print(f"threads: {torch.get_num_threads()}; {args.adapters} adapters; context {args.context}")
+        print(split_table(base, [int(b) for b in args.batches.split(",")], args.adapters, args.context, args.repeats))
+        return
     ranks = tuple(int(r) for r in args.ranks.split(","))
     targets = set(args.targets.split(",")) if args.targets else None
     dtypes = args.lora_dtypes.split(",")
