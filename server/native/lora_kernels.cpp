@@ -191,7 +191,7 @@ inline void dot_row(const float* const* x, const W* a, int64_t in, float* const*
 
 // The prefill form: t[r][col + c] = A[c, :] . x[r, :] for ROWS rows and COLS rank rows of A (`astride`
 // apart), ROWS * COLS independent sums. A is in cache (a unit's rows go over it in tiles), so each
-// vector of x serves COLS rank rows and each vector of A serves ROWS rows: 4 x 2 tiles do 8 FMAs per 6
+// vector of x serves COLS rank rows and each vector of A serves ROWS rows: 4 x 4 tiles do 16 FMAs per 8
 // loads, where the decode form's one rank row at a time does 2 per 3.
 template <int ROWS, int COLS, typename W>
 inline void dot_tile(const float* const* x, const W* a, int64_t astride, int64_t in, float* const* t, int64_t col) {
@@ -214,12 +214,17 @@ inline void dot_tile(const float* const* x, const W* a, int64_t astride, int64_t
   }
 }
 
-// One tile of up to 4 rows over every rank row of A_g (`rg` of them, `stride` apart), in pairs.
+// One tile of up to 4 rows over every rank row of A_g (`rg` of them, `stride` apart), 4 rank rows at a time
+// (16 sums, 8 loads per 16 FMAs), then the last 2 and 1.
 template <int ROWS, typename W>
 inline void shrink_tile(const float* const* x, const W* ag, int64_t stride, int64_t rg, int64_t in, float* const* t,
                         int64_t col) {
   int64_t j = 0;
-  for (; j + 2 <= rg; j += 2) dot_tile<ROWS, 2>(x, ag + j * stride, stride, in, t, col + j);
+  for (; j + 4 <= rg; j += 4) dot_tile<ROWS, 4>(x, ag + j * stride, stride, in, t, col + j);
+  if (j + 2 <= rg) {
+    dot_tile<ROWS, 2>(x, ag + j * stride, stride, in, t, col + j);
+    j += 2;
+  }
   if (j < rg) dot_tile<ROWS, 1>(x, ag + j * stride, stride, in, t, col + j);
 }
 
@@ -314,32 +319,32 @@ void expand_rows(float* const* y, const float* const* t, const W* b, int64_t br,
   }
 }
 
-// The prefill form: up to ROWS rows' outputs, 2 vectors wide, stay in registers across the whole rank
+// The prefill form: up to ROWS rows' outputs, 4 vectors wide, stay in registers across the whole rank
 // (B, in cache, is read down a column of vectors), so each y vector is loaded and stored once instead
 // of once per rank row. From memory (decode) this was slower than expand_rows; from cache, twice as fast.
+template <int ROWS, int VECS, typename W>
+inline void expand_cols(float* const* y, const float* const* t, const W* b, int64_t br, int64_t rank, int64_t o) {
+  vfloat acc[ROWS][VECS];
+  for (int r = 0; r < ROWS; ++r)
+    for (int v = 0; v < VECS; ++v) acc[r][v] = load(y[r] + o + v * VL);
+  for (int64_t j = 0; j < rank; ++j) {
+    vfloat w[VECS];
+    for (int v = 0; v < VECS; ++v) w[v] = load(b + j * br + o + v * VL);
+    for (int r = 0; r < ROWS; ++r) {
+      const float c = t[r][j];
+      for (int v = 0; v < VECS; ++v) acc[r][v] += c * w[v];
+    }
+  }
+  for (int r = 0; r < ROWS; ++r)
+    for (int v = 0; v < VECS; ++v) store(y[r] + o + v * VL, acc[r][v]);
+}
+
 template <int ROWS, typename W>
 void expand_tile(float* const* y, const float* const* t, const W* b, int64_t br, int64_t rank, int64_t out) {
   int64_t o = 0;
-  for (; o + 2 * VL <= out; o += 2 * VL) {
-    vfloat acc[ROWS][2];
-    for (int r = 0; r < ROWS; ++r) {
-      acc[r][0] = load(y[r] + o);
-      acc[r][1] = load(y[r] + o + VL);
-    }
-    for (int64_t j = 0; j < rank; ++j) {
-      const vfloat w0 = load(b + j * br + o), w1 = load(b + j * br + o + VL);
-      for (int r = 0; r < ROWS; ++r) {
-        const float c = t[r][j];
-        acc[r][0] += c * w0;
-        acc[r][1] += c * w1;
-      }
-    }
-    for (int r = 0; r < ROWS; ++r) {
-      store(y[r] + o, acc[r][0]);
-      store(y[r] + o + VL, acc[r][1]);
-    }
-  }
-  for (; o < out; ++o) {  // the last columns (out is a multiple of 32 in every shape served)
+  for (; o + 4 * VL <= out; o += 4 * VL) expand_cols<ROWS, 4>(y, t, b, br, rank, o);
+  for (; o + VL <= out; o += VL) expand_cols<ROWS, 1>(y, t, b, br, rank, o);
+  for (; o < out; ++o) {  // the last columns
     for (int r = 0; r < ROWS; ++r) {
       float sum = y[r][o];
       for (int64_t j = 0; j < rank; ++j) sum += t[r][j] * widen(b[j * br + o]);
