@@ -209,7 +209,7 @@ class LoraLinear(nn.Module):
         self.group.write_a(row, self.index, a, None if at is None else at[0])
         if self.group.pool is not None:
             self._op_b.place(0, row, at[1])
-            self._op_b.block(0, row, r).copy_((b * scale).t())  # scaled first: a narrower dtype rounds once
+            torch.mul(b.t(), scale, out=self._op_b.block(0, row, r))  # scaled first: a narrower dtype rounds once
         else:
             b_row = self.lora_b[row]
             b_row[:, :r].copy_(b * scale)  # scaled first, so that a narrower slot dtype rounds once

@@ -110,8 +110,17 @@ class AdapterPool:
         self.compactions += 1
 
     def _set_base(self, slot: int, offset: int) -> None:
-        self.base[slot] = offset
+        set_item(self.base, slot, offset)
         self.base_host[slot] = offset
+
+
+def set_item(table: torch.Tensor, index: int | tuple[int, int], value: int) -> None:
+    """`table[index] = value` for a small table: through NumPy on the CPU, where a torch element write costs
+    some 10 us of dispatch (an adapter write sets hundreds of them), as a torch op elsewhere."""
+    if table.device.type == "cpu":
+        table.numpy()[index] = value
+    else:
+        table[index] = value
 
 
 @dataclass(eq=False)
@@ -138,7 +147,7 @@ class PooledWeight:
         return self.pool.data.dtype
 
     def place(self, member: int, slot: int, rel: int) -> None:
-        self.rel[member, slot] = rel
+        set_item(self.rel, (member, slot), rel)
         self.rel_host[member][slot] = rel
 
     def block(self, member: int, slot: int, rank: int) -> torch.Tensor:

@@ -13,6 +13,8 @@ from typing import NamedTuple
 
 import torch
 
+from server.lora.pool import set_item
+
 
 class RankTable(NamedTuple):
     """`table [members, S]` int32 (the kernels read it) and `host[g][row]`, the same as python ints
@@ -35,7 +37,7 @@ class WeightRanks:
         self.masks = [0] * members
 
     def set(self, member: int, row: int, rank: int) -> None:
-        self.group.table[member, row] = rank
+        set_item(self.group.table, (member, row), rank)
         self.group.host[member][row] = rank
         bit = 1 << row
         self.masks[member] = self.masks[member] | bit if rank else self.masks[member] & ~bit
