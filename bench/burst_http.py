@@ -15,7 +15,7 @@ fastest of each kind counts):
     python bench/burst_http.py --quick               # 16 requests over 8 adapters, 1 round (a smoke run)
     python bench/burst_http.py --profile DIR         # py-spy profiles of one resident and one cold run
 
-Writes bench/results/burst-http.md and .json.
+Writes bench/results/burst-http[-TAG].md and .json.
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> dict:
     base = in_thread(load_base_model, settings)
     layout = BaseLayout.from_model(base.model)
     prompts = word_prompts(base.tokenizer, args.requests, tuple(args.words), seed=0)
-    flags = ["--served-model-name", BASE, "--no-prefix-cache", *args.extra]
+    flags = ["--served-model-name", BASE, "--no-prefix-cache", *args.extra.split()]
     if args.threads:
         flags += ["--threads", str(args.threads)]
     runs: dict[str, list[dict]] = {kind: [] for kind in KINDS}
@@ -188,8 +188,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2, help="rounds of (base, resident, cold), alternated")
     parser.add_argument("--threads", type=int, default=None, help="the server's --threads (unset: its default)")
-    parser.add_argument("--extra", nargs="*", default=[], help="more `loraplex serve` flags (as --extra=--flag)")
+    parser.add_argument("--extra", default="", help="more `loraplex serve` flags, one string: --extra='--lora-dtype bfloat16'")
     parser.add_argument("--profile", type=Path, default=None, help="py-spy raw profiles of a resident and a cold run")
+    parser.add_argument("--tag", default="", help="results file bench/results/burst-http-TAG.md (a variant's run)")
     parser.add_argument("--quick", action="store_true", help="16 requests over 8 adapters (6 cold), 16 new tokens")
     parser.add_argument("--cache-dir", type=Path, default=Settings().cache_dir)
     args = parser.parse_args()
@@ -199,7 +200,7 @@ def main() -> None:
     text = render(result)
     print(text)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    suffix = "-quick" if args.quick else ""
+    suffix = "".join(f"-{part}" for part in (args.tag, "quick" if args.quick else "") if part)
     (RESULTS / f"burst-http{suffix}.md").write_text(text)
     write_json(f"burst-http{suffix}.json", result)
 
