@@ -118,7 +118,8 @@ def profile(rig: DecodeRig, count: int, steps: int = 3, rows: int = 18) -> str:
 PARTS = {"quantized linears": ("loraplex::quant_linear_forward", "loraplex::quant_linear"),
          "float linears": ("aten::linear",),  # (a quantized linear's prefill tiles call aten::mm: not these)
          "LoRA op": ("loraplex::shrink", "loraplex::expand"),
-         "attention kernels": ("loraplex::paged_decode_attention", "loraplex::rope_cache_write")}
+         "attention kernels": ("loraplex::paged_decode_attention", "loraplex::rope_cache_write"),
+         "add+norm kernel": ("loraplex::add_rms_norm",)}
 
 
 def split(rig: DecodeRig, count: int, seconds: float, steps: int = 5) -> dict[str, float]:

@@ -8,8 +8,9 @@ handed through hooks, the attention output scattered back by index. For the fami
     h += down_proj(act(gate_proj(n2(h))) * up_proj(n2(h)))                                  n2 = post-attention
 
 (Llama, Mistral, Qwen2, Qwen3 with its q/k norms), `LeanForward` runs that loop itself: the same modules'
-forwards (the LoRA layers included: adapters apply exactly as in the transformers path), the rotary
-rotation and the cache write in one compiled call per layer (`loraplex::rope_cache_write`), the decode rows
+forwards (the LoRA layers included: adapters apply exactly as in the transformers path), each residual add
+and the RMSNorm after it in one compiled call (`loraplex::add_rms_norm`), the rotary rotation and the cache
+write in one compiled call per layer (`loraplex::rope_cache_write`), the decode rows
 attended by the compiled kernel straight into the output when a step has no prefill chunk. Where a layer's
 q/k/v (and gate/up) projections are quantized blocks of one type, their blocks are laid side by side in one
 buffer (the modules keep views of it: no extra bytes) and computed in one kernel call.
@@ -121,20 +122,29 @@ class LeanForward:
         self.layers = [_lean_layer(i, layer, model.config) for i, layer in enumerate(self.decoder.layers)]
 
     def __call__(self, kv_cache: KVCache, step: StepAttention, input_ids: torch.Tensor) -> torch.Tensor:
-        decoder = self.decoder
-        h = decoder.embed_tokens(input_ids[None])[0]  # [T, hidden]; looked up each step: an adapter may wrap it
+        decoder, layers = self.decoder, self.layers
+        # The residual stream [T, hidden], updated in place; the embedding is looked up each step (an adapter
+        # may wrap it) and is a fresh tensor.
+        h = decoder.embed_tokens(input_ids[None])[0].contiguous()
         cos, sin = decoder.rotary_emb(h, step.positions[None])
         cos, sin = cos[0].contiguous(), sin[0].contiguous()  # [T, head_dim]
         decode_only = step.decode_kernel and not step.prefills
-        for layer in self.layers:
-            h = self._layer(layer, h, cos, sin, kv_cache, step, decode_only)
+        x = _add_norm(h, None, layers[0].input_norm)
+        for i, layer in enumerate(layers):
+            mlp = self._layer(layer, h, x, cos, sin, kv_cache, step, decode_only)
+            if i + 1 < len(layers):
+                x = _add_norm(h, mlp, layers[i + 1].input_norm)
+            else:
+                h += mlp
         hidden = decoder.norm(h[step.last_rows])
         return finish_logits(self.config, self.model.get_output_embeddings()(hidden))
 
-    def _layer(self, layer: LeanLayer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache,
-               step: StepAttention, decode_only: bool) -> torch.Tensor:
+    def _layer(self, layer: LeanLayer, h: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               kv_cache: KVCache, step: StepAttention, decode_only: bool) -> torch.Tensor:
+        """One layer on the normed input `x`: `h` gets the attention's output added in place; returns the MLP's
+        output (the caller adds it with the next layer's norm)."""
         n = h.shape[0]
-        q, k, v = layer.qkv(layer.input_norm(h))
+        q, k, v = layer.qkv(x)
         q = q.view(n, layer.heads, layer.head_dim)
         k = k.view(n, layer.kv_heads, layer.head_dim)
         v = v.view(n, layer.kv_heads, layer.head_dim)
@@ -150,9 +160,15 @@ class LeanForward:
         else:
             attn = attend_written(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
                                   kv_cache, index, step, layer.scale, layer.options)
-        h = h + layer.o_proj(attn.view(n, -1))
-        gate, up = layer.gate_up(layer.post_norm(h))
-        return h + layer.down_proj(layer.act(gate) * up)
+        gate, up = layer.gate_up(_add_norm(h, layer.o_proj(attn.view(n, -1)), layer.post_norm))
+        return layer.down_proj(layer.act(gate) * up)
+
+
+def _add_norm(h: torch.Tensor, delta: torch.Tensor | None, norm: Any) -> torch.Tensor:
+    """`h += delta` in place (when given), then `norm(h)` as the Llama RMSNorm computes it: one kernel call."""
+    out = torch.empty_like(h)
+    torch.ops.loraplex.add_rms_norm(h, delta, norm.weight, norm.variance_epsilon, out)
+    return out
 
 
 def _whole_heads(x: torch.Tensor) -> torch.Tensor:
@@ -193,4 +209,7 @@ def lean_forward_supported(paged: PagedModel, kv_cache: KVCache, decode_kernel: 
             return "a decoder layer without the Llama layout"
     if not all(hasattr(decoder, n) for n in ("embed_tokens", "rotary_emb", "norm", "layers")):
         return "a decoder without the Llama layout"
+    norms = [n for layer in decoder.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+    if not all(isinstance(getattr(n, "variance_epsilon", None), float) and n.weight.dim() == 1 for n in norms):
+        return "norms other than Llama's RMSNorm"
     return None

@@ -24,6 +24,10 @@
 //   cos, sin [T, D]               the rotary tables at each token's position (the model's rotary module's output)
 //   slots [T] int64               each token's flat cache slot (block * BS + offset)
 //   k_pool, v_pool [KVH, NB, BS, D]  one layer's cache: the rotated keys and the values written at `slots`
+// and `loraplex::add_rms_norm` (the lean forward's residual add and the next RMSNorm, one call):
+//   h [T, C] (a!)                 the residual stream; `delta` [T, C] (or None) is added to it in place
+//   out [T, C]                    written: weight * (h * rsqrt(mean(h^2) + eps)), as transformers' Llama RMSNorm
+//                                 rounds it (the mean summed in double: within an ulp of torch's float sum)
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -250,6 +254,43 @@ void rope_cache_write(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   });
 }
 
+__attribute__((optimize("fp-contract=off"))) void add_rms_norm(const at::Tensor& h, const std::optional<at::Tensor>& delta,
+                                                                 const at::Tensor& weight, double eps,
+                                                                 const at::Tensor& out) {
+  TORCH_CHECK(h.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat,
+              "add_rms_norm is float32 only");
+  TORCH_CHECK(h.dim() == 2 && h.is_contiguous() && out.is_contiguous() && out.sizes() == h.sizes() &&
+                  weight.is_contiguous() && weight.numel() == h.size(1), "expected contiguous h/out [T, C], weight [C]");
+  const int64_t n = h.size(0), c = h.size(1);
+  const float* D = nullptr;
+  if (delta.has_value()) {
+    TORCH_CHECK(delta->scalar_type() == at::kFloat && delta->dim() == 2 && delta->size(0) == n &&
+                    delta->size(1) == c && delta->stride(1) == 1, "delta must be float32 [T, C], rows contiguous");
+    D = delta->data_ptr<float>();
+  }
+  const int64_t ds = D ? delta->stride(0) : 0;
+  float* H = h.data_ptr<float>();
+  float* O = out.data_ptr<float>();
+  const float* W = weight.data_ptr<float>();
+  const float e = static_cast<float>(eps);
+  at::parallel_for(0, n, std::max<int64_t>(1, 16384 / c), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      float* x = H + t * c;
+      if (D)
+        for (int64_t i = 0; i < c; ++i) x[i] = x[i] + D[t * ds + i];
+      double sum = 0;
+      for (int64_t i = 0; i < c; ++i) sum += static_cast<double>(x[i]) * x[i];
+      const float variance = static_cast<float>(sum / c);
+      const float r = 1.f / std::sqrt(variance + e);
+      float* o = O + t * c;
+      for (int64_t i = 0; i < c; ++i) {
+        const float scaled = x[i] * r;
+        o[i] = W[i] * scaled;
+      }
+    }
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(loraplex, m) {
@@ -257,9 +298,11 @@ TORCH_LIBRARY_FRAGMENT(loraplex, m) {
         "float scale, int window, float softcap, Tensor? sinks, Tensor(a!) out) -> ()");
   m.def("rope_cache_write(Tensor(a!) q, Tensor(b!) k, Tensor v, Tensor cos, Tensor sin, Tensor slots, "
         "Tensor(c!) k_pool, Tensor(d!) v_pool) -> ()");
+  m.def("add_rms_norm(Tensor(a!) h, Tensor? delta, Tensor weight, float eps, Tensor(b!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(loraplex, CPU, m) {
   m.impl("paged_decode_attention", &paged_decode_attention);
   m.impl("rope_cache_write", &rope_cache_write);
+  m.impl("add_rms_norm", &add_rms_norm);
 }

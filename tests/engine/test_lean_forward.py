@@ -134,3 +134,22 @@ def test_rope_cache_kernel_equals_transformers_rotary():
     assert torch.equal(q2, q_ref[0].transpose(0, 1)) and torch.equal(k2, k_ref[0].transpose(0, 1))
     assert torch.equal(k_pool.view(kv_heads, -1, dim)[:, slots], k2.transpose(0, 1))
     assert torch.equal(v_pool.view(kv_heads, -1, dim)[:, slots], v.transpose(0, 1))
+
+
+def test_add_rms_norm_kernel_equals_the_residual_add_and_llama_rmsnorm():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    gen = torch.Generator().manual_seed(0)
+    h, delta = torch.randn(7, 96, generator=gen) * 3, torch.randn(7, 96, generator=gen)
+    norm = LlamaRMSNorm(96, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(96, generator=gen) + 0.5)
+    expected_h = h + delta
+    expected = norm(expected_h)
+    out = torch.empty_like(h)
+    torch.ops.loraplex.add_rms_norm(h, delta, norm.weight.detach(), norm.variance_epsilon, out)
+    assert torch.equal(h, expected_h)  # the residual stream, updated in place
+    torch.testing.assert_close(out, expected, rtol=4e-7, atol=0)  # the mean's sum in another order: an ulp or two
+    torch.ops.loraplex.add_rms_norm(h, None, norm.weight.detach(), norm.variance_epsilon, out)
+    assert torch.equal(h, expected_h)
+    torch.testing.assert_close(out, expected, rtol=4e-7, atol=0)
