@@ -118,9 +118,9 @@ struct Unit {
   int64_t rows() const { return p1 - p0; }
 };
 
-// A prefill chunk's rows of one slot are cut into units this long, so the two halves of one long chunk
-// can run on two threads; a unit re-reads its slot's weights, from cache.
-constexpr int64_t UNIT_ROWS = 32;
+// A slot's rows are cut into units this long, so that one long prompt chunk, or the 32 decode rows of a
+// step that runs one adapter, spread over the threads; a unit re-reads its slot's weights, from cache.
+constexpr int64_t UNIT_ROWS = 16;
 
 std::vector<Unit> plan_units(const SlotPlan& plan) {
   std::vector<Unit> units;

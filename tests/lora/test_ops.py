@@ -43,8 +43,8 @@ CASES = [
     ([0, 0, 1, 3, 3, 3, -1, -1], 8),                 # ragged counts and a gap in the slots
     ([2, -1, 0, 4, 2, -1, 0, 1, 4, 4], 10),          # arbitrary order
     ([0] * 9 + [1, 2], 11),                          # one heavy slot: its run becomes a segment
-    # prefill chunks of 3, 37, 70 and 5 rows: the kernels' units of 32 rows, their tiles of 4 and remainders
-    ([1, 1] + [0] * 3 + [2] * 37 + [-1] * 2 + [4] * 70 + [3] * 5, 2),
+    # prefill chunks of 3, 33, 70 and 5 rows: the kernels' units of 16 rows (33: a last unit of one row), tiles of 4
+    ([1, 1] + [0] * 3 + [2] * 33 + [-1] * 2 + [4] * 70 + [3] * 5, 2),
     ([0, 1, 1, 2, 3, 3, 3, 3, 3, 3, -1, 4, 4, 4, 2, 2, -1, 0], 4),  # decode then prefill chunks
     ([3, 3, 3, -1, -1, 1, 1], 0),                    # prefill only
     ([-1, -1, -1], 3),                               # base only
