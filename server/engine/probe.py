@@ -14,6 +14,7 @@ and what went wrong.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -24,6 +25,9 @@ from server.engine.kv_cache import KVCache
 from server.engine.lean_forward import LeanForward, lean_forward_supported
 
 log = logging.getLogger(__name__)
+# The transformers path's probe results per model (and the cache they ran on), kept from `probe_model` until
+# `lean_forward_for` takes them: the same steps need not run twice at start-up.
+_PAGED_RESULTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 PROBE_TOKENS = 20        # the probe's longer sequence, unless a small window asks for more
 MAX_WINDOW_PROBED = 64   # a sliding window up to this many tokens is outgrown by the probe
@@ -49,6 +53,7 @@ def probe_model(paged: PagedModel, kv_cache: KVCache, decode_kernel: bool) -> fl
     except Exception as exc:  # any failure of the modeling code on our steps means: cannot serve it
         raise UnsupportedModelError(f"{arch} cannot be served: the packed forward failed ({type(exc).__name__}: "
                                     f"{exc}){_suspects(model)}") from exc
+    _PAGED_RESULTS[model] = (kv_cache, got)  # the lean decoder's start-up check compares with these
     worst = 0.0
     for seq, positions, logprobs in got:
         reference = expected[seq][positions]
@@ -129,7 +134,9 @@ def lean_forward_for(paged: PagedModel, kv_cache: KVCache, decode_kernel: bool) 
     first, second = _probe_prompts(paged.model.config, kv_cache.device)
     try:
         with _exact_linears(paged.model):
-            expected = _paged_logprobs(paged, kv_cache, first, second, decode_kernel)
+            cached = _PAGED_RESULTS.pop(paged.model, None)
+            expected = cached[1] if cached is not None and cached[0] is kv_cache else \
+                _paged_logprobs(paged, kv_cache, first, second, decode_kernel)
             got = _paged_logprobs(paged, kv_cache, first, second, decode_kernel, lean)
     except Exception as exc:  # noqa: BLE001 - any failure means: keep the transformers forward
         log.warning("the lean decoder failed its start-up check (%s: %s); the transformers forward runs every step",
