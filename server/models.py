@@ -16,6 +16,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -122,18 +123,7 @@ def converted_gguf_dir(gguf: Path, target: Path) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
-    try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        os.replace(staging, target)  # atomic: a crash leaves no half-written model
-    except OSError:
-        if not (target / "config.json").is_file():
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return _write_folder(target, model, tokenizer)
 
 
 def gguf_config_dir(gguf: Path, target: Path) -> Path:
@@ -148,19 +138,24 @@ def gguf_config_dir(gguf: Path, target: Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    light.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".config-", dir=light.parent))
+    return _write_folder(light, config, GenerationConfig.from_model_config(config), tokenizer)
+
+
+def _write_folder(target: Path, *parts: Any) -> Path:
+    """`target` holding each part's `save_pretrained` output, written in a staging folder beside it and
+    renamed into place (atomic: a crash leaves no half-written folder; a concurrent writer's result is kept)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
     try:
-        config.save_pretrained(staging)
-        GenerationConfig.from_model_config(config).save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        os.replace(staging, light)
+        for part in parts:
+            part.save_pretrained(staging)
+        os.replace(staging, target)
     except OSError:
-        if not (light / "config.json").is_file():
+        if not (target / "config.json").is_file():
             raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return light
+    return target
 
 
 def load_base_model(settings: Settings) -> BaseModel:
