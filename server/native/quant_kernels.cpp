@@ -6,8 +6,10 @@
 //       out = x @ W^T, W the dequantized weight [N, K].
 //       int8=False (exact): each block is dequantized in registers and multiplied with the float32 activations,
 //         equal to float32 matmul over the dequantized weight up to summation order.
-//       int8=True: decode rows (M <= DIRECT_ROWS) quantize each 32 activations to int8 with one float scale and
-//         take integer dot products with the blocks' quants (AVX2 only; elsewhere, and for larger M, exact).
+//       int8=True (M <= INT8_DIRECT_ROWS, AVX2 only; elsewhere, and for larger M, exact): the activations are
+//         rounded to int8 with one float scale per block (32 weights; 256 for the k-quants) and meet the blocks'
+//         quants in integer dot products; the blocks' offsets b meet the exact float activations. Deviation from
+//         exact: at most half a rounding step (max |x| of the block / 127 / 2) per activation times |a q|.
 //   loraplex::quant_linear_forward(x [..., K], blocks, qtype, int8=False) -> [..., N]   (the same, allocating)
 //   loraplex::quant_dequantize(blocks, qtype, K, reference=False) -> W [N, K] f32
 //       reference=True: the scalar decoder (the portable path), else the vector one the kernels use.
@@ -26,14 +28,17 @@
 //   Q4_K (12) 256: d, dmin, scales[12], qs[128]        8 x 32; 6-bit scale and min each
 //   Q5_K (13) 256: d, dmin, scales[12], qh[32], qs[128]  as Q4_K, fifth bit of chunk c = bit c of qh[l]
 //   Q6_K (14) 256: ql[128], qh[64], scales int8[16], d 16 x 16; q = 4 bits | 2 bits << 4, -32
-// The per-type decoders below (unpack_ref, and visit for AVX2) spell out where each chunk's bits lie.
+// The per-type decoders below (unpack_ref, and visit / k_quants for AVX2) spell out where each chunk's bits lie.
 //
-// Decode rows (M <= DIRECT_ROWS) stream each weight row once per group of up to 8
-// activation rows (tiles of ROW_TILE weight rows, so a group's re-reads come from cache), output rows split over
-// torch's OpenMP team (calls under MIN_THREAD_WORK weights per thread stay on the caller's thread: the team's
-// start and join cost more). Larger M (prefill chunks, big decode batches) dequantizes tiles of TILE_ROWS weight
-// rows and multiplies them with at::mm: compute-bound, where a dense GEMM (AVX-512 where the CPU has it) is
-// fastest (the crossover was measured at 32-48 rows exact, 48-64 in int8 mode, which gains little there).
+// Direct kernels (M <= DIRECT_ROWS exact, INT8_DIRECT_ROWS int8) decode each weight block once per group of up to
+// 8 activation rows, in registers, and dot it with every row of the group (tiles of ROW_TILE weight rows, so a
+// group's re-reads come from cache), output rows split over torch's OpenMP team (calls under MIN_THREAD_WORK
+// weights per thread stay on the caller's thread: the team's start and join cost more). The int8 kernels sum
+// integer products as far as the scales allow: the k-quants' sub-block scales multiply 16-bit pair sums inside
+// the integer dot product, so a super-block costs one conversion and one multiply-add per row; the 32-weight
+// types reduce eight blocks' integer sums to one vector first. Larger M dequantizes tiles of TILE_ROWS weight rows
+// and multiplies them with at::mm, a dense GEMM (AVX-512 where the CPU has it): faster than exact direct rows
+// above 32-48 rows; int8 direct rows stayed ahead of it at every M measured (up to 256: 1.1-1.7x).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -54,6 +59,7 @@ namespace {
 
 constexpr int64_t CHUNK = 32;
 constexpr int64_t DIRECT_ROWS = 32;
+constexpr int64_t INT8_DIRECT_ROWS = 256;
 constexpr int64_t TILE_ROWS = 256;
 constexpr int64_t ROW_TILE = 16;
 constexpr int64_t MIN_THREAD_WORK = 1 << 17;  // weights x activation rows
@@ -349,6 +355,48 @@ inline void k_scales(const uint8_t* blk, KScales& s) {
   }
 }
 
+// Calls f(chunk index, quants) for each chunk of the k-quant super-block at b, decoded in registers (32 bytes,
+// weight order, the unsigned quants without their offset).
+template <int64_t T, class F>
+inline __attribute__((always_inline)) void k_quants(const uint8_t* b, F&& f) {
+  if constexpr (T == Q2_K) {  // chunk 4h + s: bits 2s of qs[32h + l]
+    for (int h = 0; h < 2; ++h) {
+      const __m256i raw = load32(b + 16 + 32 * h);
+      for (int s = 0; s < 4; ++s) f(4 * h + s, low_bits(raw, 2 * s, 3));
+    }
+  } else if constexpr (T == Q3_K) {  // and bit c of hmask[l], the third bit
+    const __m256i hmask = load32(b);
+    for (int h = 0; h < 2; ++h) {
+      const __m256i raw = load32(b + 32 + 32 * h);
+      for (int s = 0; s < 4; ++s) {
+        const int c = 4 * h + s;
+        f(c, _mm256_or_si256(low_bits(raw, 2 * s, 3), _mm256_slli_epi16(low_bits(hmask, c, 1), 2)));
+      }
+    }
+  } else if constexpr (T == Q4_K || T == Q5_K) {  // chunk 2p + half: nibble `half` of qs[32p + l]
+    const uint8_t* qs = b + (T == Q5_K ? 48 : 16);
+    __m256i qh = _mm256_setzero_si256();
+    if constexpr (T == Q5_K) qh = load32(b + 16);
+    for (int p = 0; p < 4; ++p) {
+      const __m256i raw = load32(qs + 32 * p);
+      for (int half = 0; half < 2; ++half) {
+        const int c = 2 * p + half;
+        __m256i q = low_bits(raw, 4 * half, 15);
+        if constexpr (T == Q5_K) q = _mm256_or_si256(q, _mm256_slli_epi16(low_bits(qh, c, 1), 4));
+        f(c, q);
+      }
+    }
+  } else if constexpr (T == Q6_K) {  // chunk 4h + s: nibble s / 2 of ql[64h + 32 (s % 2) + l], bits 2s of qh
+    for (int h = 0; h < 2; ++h) {
+      const __m256i lo0 = load32(b + 64 * h), lo1 = load32(b + 64 * h + 32), qh = load32(b + 128 + 32 * h);
+      for (int s = 0; s < 4; ++s) {
+        const __m256i low = low_bits(s % 2 ? lo1 : lo0, 4 * (s / 2), 15);
+        f(4 * h + s, _mm256_or_si256(low, _mm256_slli_epi16(low_bits(qh, 2 * s, 3), 4)));
+      }
+    }
+  }
+}
+
 // Calls f(chunk index, Chunk) for each chunk of the block at b, decoded in registers.
 template <int64_t T, class F>
 inline __attribute__((always_inline)) void visit(const uint8_t* b, F&& f) {
@@ -365,48 +413,12 @@ inline __attribute__((always_inline)) void visit(const uint8_t* b, F&& f) {
   } else {
     KScales sc;
     k_scales<T>(b, sc);
-    auto emit = [&](int c, __m256i q) {
+    k_quants<T>(b, [&](int c, __m256i q) {
       if constexpr (T == Q4_K || T == Q5_K)
         f(c, Chunk{q, sc.a[c], sc.b[c], sc.a[c], sc.b[c]});
       else
         f(c, Chunk{q, sc.a[2 * c], sc.b[2 * c], sc.a[2 * c + 1], sc.b[2 * c + 1]});
-    };
-    if constexpr (T == Q2_K) {  // chunk 4h + s: bits 2s of qs[32h + l]
-      for (int h = 0; h < 2; ++h) {
-        const __m256i raw = load32(b + 16 + 32 * h);
-        for (int s = 0; s < 4; ++s) emit(4 * h + s, low_bits(raw, 2 * s, 3));
-      }
-    } else if constexpr (T == Q3_K) {  // and bit c of hmask[l], the third bit
-      const __m256i hmask = load32(b);
-      for (int h = 0; h < 2; ++h) {
-        const __m256i raw = load32(b + 32 + 32 * h);
-        for (int s = 0; s < 4; ++s) {
-          const int c = 4 * h + s;
-          emit(c, _mm256_or_si256(low_bits(raw, 2 * s, 3), _mm256_slli_epi16(low_bits(hmask, c, 1), 2)));
-        }
-      }
-    } else if constexpr (T == Q4_K || T == Q5_K) {  // chunk 2p + half: nibble `half` of qs[32p + l]
-      const uint8_t* qs = b + (T == Q5_K ? 48 : 16);
-      __m256i qh = _mm256_setzero_si256();
-      if constexpr (T == Q5_K) qh = load32(b + 16);
-      for (int p = 0; p < 4; ++p) {
-        const __m256i raw = load32(qs + 32 * p);
-        for (int half = 0; half < 2; ++half) {
-          const int c = 2 * p + half;
-          __m256i q = low_bits(raw, 4 * half, 15);
-          if constexpr (T == Q5_K) q = _mm256_or_si256(q, _mm256_slli_epi16(low_bits(qh, c, 1), 4));
-          emit(c, q);
-        }
-      }
-    } else if constexpr (T == Q6_K) {  // chunk 4h + s: nibble s / 2 of ql[64h + 32 (s % 2) + l], bits 2s of qh
-      for (int h = 0; h < 2; ++h) {
-        const __m256i lo0 = load32(b + 64 * h), lo1 = load32(b + 64 * h + 32), qh = load32(b + 128 + 32 * h);
-        for (int s = 0; s < 4; ++s) {
-          const __m256i low = low_bits(s % 2 ? lo1 : lo0, 4 * (s / 2), 15);
-          emit(4 * h + s, _mm256_or_si256(low, _mm256_slli_epi16(low_bits(qh, 2 * s, 3), 4)));
-        }
-      }
-    }
+    });
   }
 }
 
@@ -486,41 +498,55 @@ void exact_rows(const float* x, int64_t x_stride, const uint8_t* blocks, int64_t
   }
 }
 
-// Activations quantized for the int8 mode, per row and chunk of 32: q (int8, x ~ d * q), d, and
-// sums [s0 / 4 x 4, s1 / 4 x 4] of the float activations over each half (the chunk's offset b times them, summed
-// over the vector's 8 lanes, is the offset's exact contribution).
+// Activations quantized for the int8 mode, per row: q (int8, x ~ d * q) with one d per `group` activations (32
+// for the 32-weight types, as their blocks; 256 for the k-quants, so that a super-block's integer dot products
+// share one scale), and the exact float sums of x over each `span` (32; 16 for the k-quants), which the blocks'
+// offsets multiply.
 struct Int8Rows {
   const int8_t* q;
   const float* d;
   const float* sums;
-  int64_t k;
+  int64_t k, group, span;
 };
 
-void quantize_activations(const float* x, int64_t m_rows, int64_t x_stride, int64_t k, int8_t* q, float* d,
-                          float* sums) {
-  const int64_t nc = k / CHUNK;
+inline float horizontal_max(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+void quantize_activations(const float* x, int64_t m_rows, int64_t x_stride, const Int8Rows& xr) {
+  const int64_t groups = xr.k / xr.group, chunks = xr.group / CHUNK;
   const __m256 sign = _mm256_set1_ps(-0.f);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // undoes the packs' lane interleave
+  int8_t* q = const_cast<int8_t*>(xr.q);
+  float *d = const_cast<float*>(xr.d), *sums = const_cast<float*>(xr.sums);
   for (int64_t i = 0; i < m_rows; ++i)
-    for (int64_t c = 0; c < nc; ++c) {
-      const float* src = x + i * x_stride + c * CHUNK;
-      __m256 v[4];
-      for (int j = 0; j < 4; ++j) v[j] = _mm256_loadu_ps(src + 8 * j);
-      const __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
-                                      _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3])));
-      __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
-      m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-      const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
-      const int64_t at = i * nc + c;
-      d[at] = amax / 127.f;
+    for (int64_t g = 0; g < groups; ++g) {
+      const float* src = x + i * x_stride + g * xr.group;
+      __m256 mx = _mm256_setzero_ps();
+      for (int64_t j = 0; j < xr.group; j += 8) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(src + j)));
+      const float amax = horizontal_max(mx);
+      d[i * groups + g] = amax / 127.f;
       const __m256 inv = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
-      __m256i n[4];
-      for (int j = 0; j < 4; ++j) n[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], inv));  // nearest
-      const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(n[0], n[1]), _mm256_packs_epi32(n[2], n[3]));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + i * k + c * CHUNK),
-                          _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
-      const float s0 = horizontal_sum(_mm256_add_ps(v[0], v[1])) / 4.f;
-      const float s1 = horizontal_sum(_mm256_add_ps(v[2], v[3])) / 4.f;
-      _mm256_storeu_ps(sums + at * 8, _mm256_set_m128(_mm_set1_ps(s1), _mm_set1_ps(s0)));
+      for (int64_t c = 0; c < chunks; ++c) {
+        __m256 v[4];
+        __m256i n[4];
+        for (int j = 0; j < 4; ++j) {
+          v[j] = _mm256_loadu_ps(src + c * CHUNK + 8 * j);
+          n[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], inv));  // nearest
+        }
+        const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(n[0], n[1]), _mm256_packs_epi32(n[2], n[3]));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + i * xr.k + g * xr.group + c * CHUNK),
+                            _mm256_permutevar8x32_epi32(packed, order));
+        float* s = sums + (i * xr.k + g * xr.group + c * CHUNK) / xr.span;
+        if (xr.span == CHUNK) {
+          s[0] = horizontal_sum(_mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3])));
+        } else {
+          s[0] = horizontal_sum(_mm256_add_ps(v[0], v[1]));
+          s[1] = horizontal_sum(_mm256_add_ps(v[2], v[3]));
+        }
+      }
     }
 }
 
@@ -539,39 +565,158 @@ inline __m256i dot_groups(__m256i q, __m256i x) {
 #endif
 }
 
-// int8: out[i, r] = sum over chunks of a * d_x * (q . q_x) + b * sum(x), per half-chunk.
+// acc + the dot products of unsigned quants q (at most 63) and int8 x, each pair of products times its 16-bit
+// scale in `scales`: |pair| <= 2 x 63 x 127 never saturates the 16-bit sums.
+inline __m256i dot_scaled(__m256i acc, __m256i q, __m256i x, __m256i scales) {
+  const __m256i pairs = _mm256_maddubs_epi16(q, x);
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpwssd_epi32(acc, pairs, scales);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, scales));
+#endif
+}
+
+// The 8 lane sums of p[0..7], in order (unpacks and adds: cheaper than horizontal adds).
+inline __m256i lane_sums(const __m256i p[8]) {
+  __m256i t[4];
+  for (int j = 0; j < 4; ++j)  // per 128 bits: [p2j 0+2, p2j+1 0+2, p2j 1+3, p2j+1 1+3]
+    t[j] = _mm256_add_epi32(_mm256_unpacklo_epi32(p[2 * j], p[2 * j + 1]), _mm256_unpackhi_epi32(p[2 * j], p[2 * j + 1]));
+  // per 128 bits: [p0, p1, p2, p3] (each its half's sum), then the same for p4..p7
+  const __m256i lo = _mm256_add_epi32(_mm256_unpacklo_epi64(t[0], t[1]), _mm256_unpackhi_epi64(t[0], t[1]));
+  const __m256i hi = _mm256_add_epi32(_mm256_unpacklo_epi64(t[2], t[3]), _mm256_unpackhi_epi64(t[2], t[3]));
+  return _mm256_add_epi32(_mm256_permute2x128_si256(lo, hi, 0x20), _mm256_permute2x128_si256(lo, hi, 0x31));
+}
+
+// int8, 32-weight types: out[i, r] = sum over blocks of d d_x (q . q_x) + b sum(x). Eight blocks at a time:
+// their integer dot products reduced to one vector, converted and scaled with one multiply-add per row; the
+// row's last blocks (under eight) one at a time.
 template <int64_t T, int R>
-void int8_rows(const Int8Rows& xr, const uint8_t* blocks, int64_t row_bytes, int64_t k, int64_t r0, int64_t r1,
-               float* out, int64_t out_stride) {
-  constexpr int A = R >= 4 ? 1 : 2;
-  constexpr bool halves = T == Q2_K || T == Q3_K || T == Q6_K;  // 16-weight sub-blocks: (a, b) per half
-  constexpr int64_t bw = block_weights(T), bb = block_bytes(T);
-  constexpr int64_t cpb = bw / CHUNK;
-  const int64_t nb = k / bw, nc = k / CHUNK;
+void int8_rows_small(const Int8Rows& xr, const uint8_t* blocks, int64_t row_bytes, int64_t k, int64_t r0, int64_t r1,
+                     float* out, int64_t out_stride) {
+  constexpr int64_t bb = block_bytes(T);
+  const int64_t nb = k / CHUNK, full = nb / 8 * 8;
   for (int64_t r = r0; r < r1; ++r) {
-    __m256 acc[R][A];
-    for (int i = 0; i < R; ++i)
-      for (int j = 0; j < A; ++j) acc[i][j] = _mm256_setzero_ps();
+    __m256 acc[R];
+    for (int i = 0; i < R; ++i) acc[i] = _mm256_setzero_ps();
     const uint8_t* row = blocks + r * row_bytes;
-    for (int64_t b = 0; b < nb; ++b) {
-      visit<T>(row + b * bb, [&](int c, const Chunk& ch) {
-        const __m256 a = halves ? _mm256_set_m128(_mm_set1_ps(ch.a1), _mm_set1_ps(ch.a0)) : _mm256_set1_ps(ch.a0);
-        const __m256 off = halves ? _mm256_set_m128(_mm_set1_ps(ch.b1), _mm_set1_ps(ch.b0)) : _mm256_set1_ps(ch.b0);
-        const int64_t at = b * cpb + c;
+    for (int64_t b0 = 0; b0 < full; b0 += 8) {
+      __m256i q[8];
+      alignas(32) float d[8], off[8];
+      for (int j = 0; j < 8; ++j)
+        visit<T>(row + (b0 + j) * bb, [&](int, const Chunk& ch) { q[j] = ch.q, d[j] = ch.a0, off[j] = ch.b0; });
+      const __m256 dw = _mm256_load_ps(d), bw = _mm256_load_ps(off);
+      for (int i = 0; i < R; ++i) {
+        const int8_t* xq = xr.q + i * xr.k + b0 * CHUNK;
+        __m256i p[8];
+        for (int j = 0; j < 8; ++j)
+          p[j] = dot_groups<T == Q8_0>(q[j], load32(reinterpret_cast<const uint8_t*>(xq + j * CHUNK)));
+        const int64_t at = i * nb + b0;
+        const __m256 scale = _mm256_mul_ps(dw, _mm256_loadu_ps(xr.d + at));
+        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lane_sums(p)), scale, acc[i]);
+        if constexpr (T != Q8_0) acc[i] = _mm256_fmadd_ps(bw, _mm256_loadu_ps(xr.sums + at), acc[i]);
+      }
+    }
+    float tail[R] = {};
+    for (int64_t b = full; b < nb; ++b)
+      visit<T>(row + b * bb, [&](int, const Chunk& ch) {
         for (int i = 0; i < R; ++i) {
-          const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr.q + i * xr.k + at * CHUNK));
+          const __m256i xq = load32(reinterpret_cast<const uint8_t*>(xr.q + i * xr.k + b * CHUNK));
           const __m256 dots = _mm256_cvtepi32_ps(dot_groups<T == Q8_0>(ch.q, xq));
-          const __m256 scale = _mm256_mul_ps(a, _mm256_broadcast_ss(xr.d + i * nc + at));
-          acc[i][0] = _mm256_fmadd_ps(scale, dots, acc[i][0]);
-          if constexpr (T != Q8_0)
-            acc[i][A - 1] = _mm256_fmadd_ps(off, _mm256_loadu_ps(xr.sums + (i * nc + at) * 8), acc[i][A - 1]);
+          tail[i] += ch.a0 * xr.d[i * nb + b] * horizontal_sum(dots) + ch.b0 * xr.sums[i * nb + b];
         }
       });
+    for (int i = 0; i < R; ++i) out[i * out_stride + r] = horizontal_sum(acc[i]) + tail[i];
+  }
+}
+
+// A k-quant super-block's integer sub-block scales (one int8 per 16 weights; Q4_K, Q5_K: each one twice), the
+// float d that scales their products, and the offsets b per 16 weights (as k_scales computes them).
+struct KInts {
+  __m128i scales;
+  float d;
+  __m256 b[2];
+};
+
+template <int64_t T>
+inline void k_ints(const uint8_t* blk, KInts& s) {
+  auto floats = [](__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)); };
+  __m128i mins = _mm_setzero_si128();  // Q2_K, Q4_K, Q5_K: the min per 16 weights, times -dmin below
+  if constexpr (T == Q4_K || T == Q5_K) {  // the 6-bit packing of k_scales_mins
+    const uint32_t u0 = u32_at(blk + 4), u1 = u32_at(blk + 8), u2 = u32_at(blk + 12);
+    const uint32_t sc_lo = u0 & 0x3F3F3F3F, sc_hi = (u2 & 0x0F0F0F0F) | ((u0 >> 2) & 0x30303030);
+    const uint32_t mn_lo = u1 & 0x3F3F3F3F, mn_hi = ((u2 >> 4) & 0x0F0F0F0F) | ((u1 >> 2) & 0x30303030);
+    const __m128i sc = _mm_cvtsi64_si128(static_cast<long long>(pair(sc_lo, sc_hi)));
+    const __m128i mn = _mm_cvtsi64_si128(static_cast<long long>(pair(mn_lo, mn_hi)));
+    s.scales = _mm_unpacklo_epi8(sc, sc), mins = _mm_unpacklo_epi8(mn, mn);
+    s.d = half_at(blk);
+  } else if constexpr (T == Q3_K) {  // q3_scales, four at a time
+    const uint32_t u0 = u32_at(blk + 96), u1 = u32_at(blk + 100), u2 = u32_at(blk + 104);
+    const uint32_t m4 = 0x0F0F0F0F, m2 = 0x03030303;
+    const uint32_t w0 = (u0 & m4) | ((u2 & m2) << 4), w1 = (u1 & m4) | (((u2 >> 2) & m2) << 4);
+    const uint32_t w2 = ((u0 >> 4) & m4) | (((u2 >> 4) & m2) << 4), w3 = ((u1 >> 4) & m4) | (((u2 >> 6) & m2) << 4);
+    s.scales = _mm_sub_epi8(_mm_setr_epi32(static_cast<int>(w0), static_cast<int>(w1), static_cast<int>(w2),
+                                           static_cast<int>(w3)), _mm_set1_epi8(32));
+    s.d = half_at(blk + 108);
+  } else if constexpr (T == Q2_K) {  // scale byte: low nibble scale, high nibble min
+    const __m128i sc = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk));
+    s.scales = _mm_and_si128(sc, _mm_set1_epi8(0x0F));
+    mins = _mm_and_si128(_mm_srli_epi16(sc, 4), _mm_set1_epi8(0x0F));
+    s.d = half_at(blk + 80);
+  } else if constexpr (T == Q6_K) {
+    s.scales = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 192));
+    s.d = half_at(blk + 208);
+  }
+  if constexpr (T == Q3_K || T == Q6_K) {  // b = -4 a, -32 a
+    const __m256 d = _mm256_set1_ps(s.d), bias = _mm256_set1_ps(T == Q3_K ? -4.f : -32.f);
+    s.b[0] = _mm256_mul_ps(bias, _mm256_mul_ps(d, floats(s.scales)));
+    s.b[1] = _mm256_mul_ps(bias, _mm256_mul_ps(d, floats(_mm_srli_si128(s.scales, 8))));
+  } else {  // b = -dmin x min
+    const __m256 dmin = _mm256_set1_ps(-half_at(blk + (T == Q2_K ? 82 : 2)));
+    s.b[0] = _mm256_mul_ps(dmin, floats(mins));
+    s.b[1] = _mm256_mul_ps(dmin, floats(_mm_srli_si128(mins, 8)));
+  }
+}
+
+// Chunk c's scales as 16-bit lanes: lanes 0-7 (its weights 0-15) scale 2c, lanes 8-15 scale 2c + 1.
+inline __m256i chunk_scales(__m128i scales, int c) {
+  const __m128i pick = _mm_unpacklo_epi64(_mm_set1_epi8(static_cast<char>(2 * c)),
+                                          _mm_set1_epi8(static_cast<char>(2 * c + 1)));
+  return _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales, pick));
+}
+
+// int8, k-quants: per super-block, the sub-blocks' dot products times their integer scales summed in int32,
+// then one conversion and one multiply-add by d d_x per row; the offsets meet the exact sums of x per 16.
+template <int64_t T, int R>
+void int8_rows_k(const Int8Rows& xr, const uint8_t* blocks, int64_t row_bytes, int64_t k, int64_t r0, int64_t r1,
+                 float* out, int64_t out_stride) {
+  constexpr int64_t bb = block_bytes(T), bw = block_weights(T);
+  const int64_t nb = k / bw;
+  for (int64_t r = r0; r < r1; ++r) {
+    __m256 acc[R];
+    for (int i = 0; i < R; ++i) acc[i] = _mm256_setzero_ps();
+    const uint8_t* row = blocks + r * row_bytes;
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* blk = row + b * bb;
+      KInts s;
+      k_ints<T>(blk, s);
+      __m256i dots[R];
+      for (int i = 0; i < R; ++i) dots[i] = _mm256_setzero_si256();
+      k_quants<T>(blk, [&](int c, __m256i q) {
+        const __m256i scales = chunk_scales(s.scales, c);
+        const int8_t* xq = xr.q + b * bw + c * CHUNK;
+        for (int i = 0; i < R; ++i)
+          dots[i] = dot_scaled(dots[i], q, load32(reinterpret_cast<const uint8_t*>(xq + i * xr.k)), scales);
+      });
+      const __m256 dw = _mm256_set1_ps(s.d);
+      for (int i = 0; i < R; ++i) {
+        const float* sums = xr.sums + (i * nb + b) * (bw / 16);
+        const __m256 scale = _mm256_mul_ps(dw, _mm256_broadcast_ss(xr.d + i * nb + b));
+        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[i]), scale, acc[i]);
+        acc[i] = _mm256_fmadd_ps(s.b[0], _mm256_loadu_ps(sums), acc[i]);
+        acc[i] = _mm256_fmadd_ps(s.b[1], _mm256_loadu_ps(sums + 8), acc[i]);
+      }
     }
-    for (int i = 0; i < R; ++i) {
-      if constexpr (A > 1) acc[i][0] = _mm256_add_ps(acc[i][0], acc[i][1]);
-      out[i * out_stride + r] = horizontal_sum(acc[i][0]);
-    }
+    for (int i = 0; i < R; ++i) out[i * out_stride + r] = horizontal_sum(acc[i]);
   }
 }
 
@@ -616,9 +761,11 @@ struct Int8Run {
 
   template <int R>
   void rows(int64_t i0, int64_t t0, int64_t t1) const {
-    const int64_t nc = x.k / CHUNK;
-    const Int8Rows xr{x.q + i0 * x.k, x.d + i0 * nc, x.sums + i0 * nc * 8, x.k};
-    int8_rows<T, R>(xr, blocks, row_bytes, x.k, t0, t1, out + i0 * out_stride, out_stride);
+    const Int8Rows xr{x.q + i0 * x.k, x.d + i0 * (x.k / x.group), x.sums + i0 * (x.k / x.span), x.k, x.group, x.span};
+    if constexpr (block_weights(T) == CHUNK)
+      int8_rows_small<T, R>(xr, blocks, row_bytes, x.k, t0, t1, out + i0 * out_stride, out_stride);
+    else
+      int8_rows_k<T, R>(xr, blocks, row_bytes, x.k, t0, t1, out + i0 * out_stride, out_stride);
   }
 };
 
@@ -626,13 +773,15 @@ template <int64_t T>
 void direct_avx(const float* x, int64_t m_rows, int64_t x_stride, const uint8_t* blocks, int64_t row_bytes, int64_t n,
                 int64_t k, float* out, int64_t out_stride, bool int8) {
   if (!int8) return over_tiles(m_rows, n, k, ExactRun<T>{x, x_stride, blocks, row_bytes, k, out, out_stride});
-  const int64_t nc = k / CHUNK;
+  constexpr int64_t group = block_weights(T), span = group == CHUNK ? CHUNK : 16;
+  const int64_t nd = m_rows * k / group, ns = m_rows * k / span;
   auto q = at::empty({m_rows * k}, at::kChar);
-  auto scales = at::empty({m_rows * nc * 9}, at::kFloat);  // d, then 8 sums per chunk
-  float* d = scales.data_ptr<float>();
-  float* sums = d + m_rows * nc;
-  quantize_activations(x, m_rows, x_stride, k, q.data_ptr<int8_t>(), d, sums);
-  over_tiles(m_rows, n, k, Int8Run<T>{Int8Rows{q.data_ptr<int8_t>(), d, sums, k}, blocks, row_bytes, out, out_stride});
+  auto floats = at::empty({nd + ns}, at::kFloat);
+  float* d = floats.data_ptr<float>();
+  float* sums = d + nd;
+  const Int8Rows xr{q.data_ptr<int8_t>(), d, sums, k, group, span};
+  quantize_activations(x, m_rows, x_stride, xr);
+  over_tiles(m_rows, n, k, Int8Run<T>{xr, blocks, row_bytes, out, out_stride});
 }
 
 #define LORAPLEX_FOR_EACH_TYPE(CASE) \
@@ -671,6 +820,15 @@ void direct(const float* x, int64_t m_rows, int64_t x_stride, const uint8_t* blo
   direct_ref(x, m_rows, x_stride, blocks, row_bytes, t, n, k, out, out_stride);
 }
 
+// The most rows the direct kernels take; above, dequantized tiles and at::mm.
+int64_t direct_rows(bool int8) {
+#ifdef LORAPLEX_QUANT_AVX2
+  if (int8) return INT8_DIRECT_ROWS;
+#endif
+  (void)int8;
+  return DIRECT_ROWS;
+}
+
 void check(const at::Tensor& blocks, int64_t t, int64_t k) {
   TORCH_CHECK(block_bytes(t) > 0, "unsupported quantized type ", t);
   TORCH_CHECK(blocks.scalar_type() == at::kByte && blocks.dim() == 2 && blocks.is_contiguous(),
@@ -697,7 +855,7 @@ void quant_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t qtype, 
   const uint8_t* B = blocks.data_ptr<uint8_t>();
   const int64_t row_bytes = blocks.size(1);
   if (m == 0) return;
-  if (m <= DIRECT_ROWS) {
+  if (m <= direct_rows(int8)) {
     direct(x.data_ptr<float>(), m, x.stride(0), B, row_bytes, qtype, n, k, out.data_ptr<float>(), out.stride(0), int8);
     return;
   }

@@ -10,12 +10,15 @@ import torch
 
 from server.native.loader import load_kernels
 from server.quant.linear import QuantEmbedding, QuantLinear
-from tests.quant.blocks import K_QUANTS, QUANT_BYTES, TYPES, Q, quantized
+from tests.quant.blocks import K_QUANTS, QUANT_BYTES, SMALL, TYPES, Q, quantized
 
 
 @pytest.fixture(scope="module", autouse=True)
 def built():
     assert load_kernels(), "the compiled CPU kernels must build here (a C++ compiler and ninja are installed)"
+
+
+INT8_ROWS = 256  # the most rows the int8 mode computes in int8 (more: dequantized tiles, exact)
 
 
 def width(qtype) -> int:
@@ -63,9 +66,14 @@ def test_linear_equals_the_dequantized_weight(qtype, m):
     assert_matmul_close(layer(strided), strided @ weight.T + bias, matmul_tolerance(strided, weight))
 
 
-def int8_activations(x: torch.Tensor) -> torch.Tensor:
-    """x as the int8 mode reads it: each 32 rounded to the nearest multiple of max |x| / 127."""
-    chunks = x.reshape(x.shape[0], -1, 32)
+def int8_group(qtype) -> int:
+    """Activations per int8 scale: a block of the 32-weight types, a super-block of the k-quants."""
+    return 256 if qtype in K_QUANTS else 32
+
+
+def int8_activations(x: torch.Tensor, group: int) -> torch.Tensor:
+    """x as the int8 mode reads it: each `group` rounded to the nearest multiple of max |x| / 127."""
+    chunks = x.reshape(x.shape[0], -1, group)
     amax = chunks.abs().amax(-1, keepdim=True)
     # 127 / amax correctly rounded, as the kernel divides (`127 / tensor` is reciprocal-then-multiply in torch,
     # an ulp off at times, which moves exact rounding ties)
@@ -74,30 +82,33 @@ def int8_activations(x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=[t.name for t in TYPES])
-@pytest.mark.parametrize("m", [1, 3, 8, 13, 32])
-def test_int8_mode_rounds_only_the_activations_that_meet_the_quants(qtype, m):
+@pytest.mark.parametrize("m", [1, 3, 8, 13, 32, 70, INT8_ROWS])
+@pytest.mark.parametrize("wide", [False, True], ids=["narrow", "wide"])
+def test_int8_mode_rounds_only_the_activations_that_meet_the_quants(qtype, m, wide):
     """out = (a q) . x_int8 + b . x: the quants meet the rounded activations, the offsets the exact ones; so
-    the deviation from exact is at most half a rounding step per activation times |a q|."""
-    k = width(qtype)
+    the deviation from exact is at most half a rounding step per activation times |a q|. Wide rows: the
+    32-weight types' eight-block groups and a ragged tail (11 blocks), the k-quants' three super-blocks."""
+    k = (352 if qtype in SMALL else 768) if wide else width(qtype)
     blocks, weight = quantized(qtype, 72, k, seed=2)
     b = offsets(qtype, blocks)
     layer = QuantLinear(blocks, int(qtype), k, 72, int8=True)
     x = torch.randn(m, k)
-    x[0, :32] = 0  # an all-zero block (no scale to divide by)
+    x[0, :int8_group(qtype)] = 0  # an all-zero group (no scale to divide by)
     out = layer(x)
-    rounded = int8_activations(x)
+    rounded = int8_activations(x, int8_group(qtype))
     assert_matmul_close(out, rounded @ (weight - b).T + x @ b.T, matmul_tolerance(x, weight, b))
-    steps = x.reshape(m, -1, 32).abs().amax(-1, keepdim=True).expand(-1, -1, 32).reshape(m, k) / 127
+    group = int8_group(qtype)
+    steps = x.reshape(m, -1, group).abs().amax(-1, keepdim=True).expand(-1, -1, group).reshape(m, k) / 127
     bound = (steps / 2) @ (weight - b).abs().T + matmul_tolerance(x, weight, b)
     assert bool(((out - x @ weight.T).abs() <= bound).all())
 
 
 @pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q8_0], ids=["Q4_K", "Q8_0"])
-def test_int8_mode_leaves_prefill_chunks_exact(qtype):
+def test_int8_mode_leaves_long_prefill_chunks_exact(qtype):
     k = width(qtype)
     blocks, _ = quantized(qtype, 40, k)
     layer = QuantLinear(blocks, int(qtype), k, 40, int8=True)
-    x = torch.randn(33, k)
+    x = torch.randn(INT8_ROWS + 1, k)
     assert_matmul_close(layer(x), x @ layer.weight.T, matmul_tolerance(x, layer.weight))
 
 
