@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.gpu_common import DEFAULT, LLAMA7B, Shape, copy_bandwidth  # noqa: E402
 from server.lora import triton_ops  # noqa: E402
 from server.lora.step import LoraStepMeta  # noqa: E402
+from server.lora.triton_plan import plan_segments  # noqa: E402
 
 
 SHAPES = [DEFAULT, LLAMA7B]
@@ -37,7 +38,7 @@ DEVICE = "cuda"
 
 
 def make_meta(slots: list[int], ranks: list[int]) -> LoraStepMeta:
-    return LoraStepMeta.build(slots, ranks, DEVICE)
+    return LoraStepMeta.build(slots, ranks, DEVICE, planner=plan_segments)
 
 
 class Layer:

@@ -124,7 +124,7 @@ def prefill(args: argparse.Namespace, layout: BaseLayout, name: str) -> str:
     slots = [s for first, length, s in segments for _ in range(length)]
     ranks = [int(args.ranks.split(",")[0])] * args.slots
     width = ranks[0]
-    meta = LoraStepMeta.build(slots, ranks, "cpu", 0, width)
+    meta = LoraStepMeta.build(slots, ranks, "cpu", 0, width, planner=CPU_KERNELS.plan)
     buffers = StepBuffers(layout, args.slots, ranks, CPU_KERNELS, torch.float32)
     dims = {d for fan_in, fan_out in layout.linear.values() for d in (fan_in, fan_out)}
     xs = {d: torch.randn(args.rows, d) for d in dims}
@@ -171,7 +171,9 @@ def main() -> None:
     cycle = [int(r) for r in args.ranks.split(",")]
     ranks = [cycle[s % len(cycle)] for s in range(args.slots)]
     width = max(ranks)
-    meta = LoraStepMeta.build([i % args.slots for i in range(args.rows)], ranks, "cpu", args.rows, width)
+    slots = [i % args.slots for i in range(args.rows)]
+    metas = {name: LoraStepMeta.build(slots, ranks, "cpu", args.rows, width, planner=backend.plan)
+             for name, (backend, _) in VARIANTS.items()}  # each backend reads its own plan
     buffers = {name: StepBuffers(layout, args.slots, ranks, backend, dtype)
                for name, (backend, dtype) in VARIANTS.items()}
     dims = {d for fan_in, fan_out in layout.linear.values() for d in (fan_in, fan_out)}
@@ -181,7 +183,7 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name in VARIANTS}
     for step in range(args.steps + 2):
         for name, (backend, _) in VARIANTS.items():
-            seconds = one_step(buffers[name], backend, meta, xs, ys, width)
+            seconds = one_step(buffers[name], backend, metas[name], xs, ys, width)
             if step >= 2:  # the first steps build the kernels' caches and fault pages in
                 times[name].append(seconds)
     lines = [f"# The LoRA op alone ({base.name}, {args.rows} decode rows over {args.slots} slots, ranks "

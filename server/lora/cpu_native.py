@@ -3,7 +3,8 @@
 Activations are float32; the weights float32 or bfloat16 (read as they lie, widened in registers).
 
 Same contract as the reference in server/lora/ops.py (`shrink` returns a dense `t [N, R]`, 0 on
-rows of the base model), computed from `meta.slot_plan`, the CSR of every LoRA row per slot, in
+rows of the base model), computed from its plan of the step (`SlotPlan`, `meta.plan`; `plan_slots`), the
+CSR of every LoRA row per slot, in
 ONE kernel call per weight for the whole step, however many adapters and prefill chunks it holds
 (loraplex::shrink_slots / expand_slots, or shrink_pool / expand_pool; server/native/lora_kernels.cpp):
 
@@ -27,11 +28,47 @@ batched-matmul backend (server/lora/cpu_ops.py).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from server.lora.pool import PooledWeight
 from server.lora.ranks import RankTable
-from server.lora.step import LoraStepMeta
+from server.lora.step import LoraStepMeta, ToDevice
+
+
+@dataclass(frozen=True, eq=False)
+class SlotPlan:
+    """Every LoRA row of slots `[0, S')` as CSR.
+
+    `ptr [S' + 1]` int64, `rows [n]` int64: slot s owns packed rows `rows[ptr[s]:ptr[s+1]]`, its
+    decode rows first, then its prefill rows, each in packed order (both None when no row of the
+    step uses an adapter). The kernels cut a slot's rows into units and pick their loop by the
+    unit's length: one or two rows stream the weights from memory, more go over them in tiles.
+    """
+
+    ptr: torch.Tensor | None
+    rows: torch.Tensor | None
+
+
+def plan_slots(slots: list[int], num_decode: int, to_device: ToDevice) -> SlotPlan:
+    by_slot: dict[int, list[int]] = {}
+    for row, s in enumerate(slots):
+        if s >= 0:
+            by_slot.setdefault(s, []).append(row)
+    if not by_slot:
+        return SlotPlan(None, None)
+    ptr, rows = [0], []
+    for s in range(max(by_slot) + 1):
+        rows += by_slot.get(s, [])
+        ptr.append(len(rows))
+    return SlotPlan(to_device(ptr, torch.int64), to_device(rows, torch.int64))
+
+
+def _plan(meta: LoraStepMeta) -> SlotPlan:
+    if not isinstance(meta.plan, SlotPlan):
+        raise TypeError(f"the compiled LoRA kernels need a step planned for them, not {type(meta.plan).__name__}")
+    return meta.plan
 
 
 def _ranks(meta: LoraStepMeta, width: int) -> torch.Tensor:
@@ -48,7 +85,7 @@ def shrink(x: torch.Tensor, a: torch.Tensor | PooledWeight, meta: LoraStepMeta, 
     if isinstance(a, PooledWeight):
         return _shrink_pooled(x, a, meta, ranks)
     t = x.new_zeros(x.shape[0], a.shape[1])
-    plan = meta.slot_plan
+    plan = _plan(meta)
     stacked = meta.max_rank and a.shape[1] % meta.max_rank == 0  # members of max_rank columns each
     members = a.shape[1] // meta.max_rank if stacked else 1
     width = a.shape[1] // members
@@ -66,7 +103,7 @@ def expand_(y: torch.Tensor, t: torch.Tensor, b: torch.Tensor | PooledWeight, me
         _expand_pooled(y[:, out_offset:out_offset + b.row], t, b, meta, ranks)
         return
     out = y[:, out_offset:out_offset + b.shape[1]]
-    plan = meta.slot_plan
+    plan = _plan(meta)
     width = b.shape[2]
     if plan.ptr is not None:
         b = b if b.stride(1) == 1 else b.transpose(1, 2).contiguous().transpose(1, 2)  # as the layers keep it
@@ -83,7 +120,7 @@ def _pool_ranks(ranks: RankTable | None) -> RankTable:
 
 def _shrink_pooled(x: torch.Tensor, a: PooledWeight, meta: LoraStepMeta, ranks: RankTable | None) -> torch.Tensor:
     ranks = _pool_ranks(ranks)
-    plan = meta.slot_plan
+    plan = _plan(meta)
     # Rows of the base model stay 0; the kernel writes every LoRA row's columns (zeros past its ranks).
     t = x.new_zeros(x.shape[0], a.members * a.width)
     if plan.ptr is not None:
@@ -95,7 +132,7 @@ def _shrink_pooled(x: torch.Tensor, a: PooledWeight, meta: LoraStepMeta, ranks: 
 def _expand_pooled(out: torch.Tensor, t: torch.Tensor, b: PooledWeight, meta: LoraStepMeta,
                    ranks: RankTable | None) -> None:
     ranks = _pool_ranks(ranks)
-    plan = meta.slot_plan
+    plan = _plan(meta)
     if plan.ptr is not None:
         torch.ops.loraplex.expand_pool(out, t, b.pool.data, b.pool.base, b.rel, plan.ptr, plan.rows, ranks.table,
                                        b.width)

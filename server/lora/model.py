@@ -25,7 +25,7 @@ from server.lora.layers import LoraGroup, LoraLinear, StepState
 from server.lora.ops import Backend, backend_for
 from server.lora.pool import PAGE_BYTES, AdapterPool
 from server.lora.special import LoraEmbedding, LoraHead, replacement
-from server.lora.step import LoraStepMeta
+from server.lora.step import DeviceTables, LoraStepMeta
 
 # Sibling projections that read the same input and so share one stacked shrink.
 STACKED_SIBLINGS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"),
@@ -54,6 +54,8 @@ class LoraModel:
         self.weight_dtype = weight_dtype or weight.dtype
         self.state = StepState()
         self.backend = backend or backend_for(weight.device, weight.dtype)
+        # The step's tables and the output layer's, each through buffers reused every step (pinned on CUDA).
+        self._step_tables, self._head_tables = DeviceTables(weight.device), DeviceTables(weight.device)
         self.padded_slot_bytes = padded_slot_bytes(layout, max_rank, self.weight_dtype)
         self.pool = None
         if self.backend.pooled:
@@ -218,7 +220,7 @@ class LoraModel:
     def step_meta(self, token_rows: list[int], num_decode: int = 0) -> LoraStepMeta:
         """The step context for packed tokens whose adapter ROWS (from `place`; -1 = base) are given."""
         meta = LoraStepMeta.build(token_rows, self.row_ranks, self.device, num_decode, self.max_rank,
-                                  pad_plan=self.pool is None)
+                                  self.backend.plan, self._step_tables)
         self.adapter_steps += len(set(token_rows) - {-1})
         return meta
 
@@ -240,7 +242,7 @@ class LoraModel:
             return None
         slots = [meta.host_slots[r] for r in head_rows.tolist()]
         return LoraStepMeta.build(slots, self.row_ranks, self.device, len(slots), self.max_rank,
-                                  pad_plan=self.pool is None)
+                                  self.backend.plan, self._head_tables)
 
 
 def padded_slot_bytes(layout: BaseLayout, max_rank: int, dtype: torch.dtype) -> int:

@@ -10,7 +10,8 @@ stacked member (`[members, S]`; one member for an expand): 0 where the slot's ad
 target it. Rows of A and columns of B at or past it are zero, so a backend may skip them; the
 compiled CPU kernels do. Without it, `meta.slot_ranks` holds for every member.
 
-`meta` is the step's `LoraStepMeta` (server/lora/step.py). `x`, `t`, `y` may be strided views
+`meta` is the step's `LoraStepMeta` (server/lora/step.py): the common core and the plan that this
+backend's `plan` built (each backend reads its own plan, and refuses another's). `x`, `t`, `y` may be strided views
 (q/k/v share one shrink with A stacked to [S, 3R, in]; each expand reads its columns of t,
 `backend.columns(t, cols)`). A is zero-padded past each slot's rank and B carries the adapter's
 scale. `a` and `b` may be bfloat16 beside float32 `x` (the slots' `--lora-dtype`): the op
@@ -22,7 +23,7 @@ Backends, picked per device and dtype by `backend_for`: on the CPU in float32 th
 kernels (`server.lora.cpu_native`: each slot's rows through a rank-aware mat-vec that streams its
 weights once, matmuls for prefill chunks), else the batched-matmul CPU path (`server.lora.cpu_ops`:
 one padded batched matmul over the dense prefix of used slots for decode rows, one matmul per
-segment for prefill chunks); both read host plans in `meta`, so nothing syncs with the host.
+segment for prefill chunks); both read plans built on the host, so nothing syncs with the host.
 Triton kernels from `server.lora.triton_ops` on CUDA when importable, and the torch reference
 (a per-token gather + bmm, BGMV) everywhere else.
 """
@@ -38,7 +39,8 @@ import torch
 from server.config import CpuLoraKernel
 from server.lora import cpu_native, cpu_ops
 from server.lora.ranks import RankTable
-from server.lora.step import LoraStepMeta
+from server.lora.step import LoraStepMeta, Planner, no_plan
+from server.lora.triton_plan import plan_segments
 from server.native.loader import load_kernels
 
 
@@ -72,6 +74,8 @@ class Backend(NamedTuple):
     # The weights live in the adapter pool (server/lora/pool.py) at each adapter's own rank, not in
     # per-slot buffers padded to the max rank; the layers hand the op `PooledWeight`s.
     pooled: bool = False
+    # Builds this backend's own plan of a step (`LoraStepMeta.plan`) from the step's host ints.
+    plan: Planner = no_plan
 
 
 # Reference (any device) ----------------------------------------------------------------------------
@@ -95,8 +99,9 @@ def expand_reference_(y: torch.Tensor, t: torch.Tensor, b: torch.Tensor, meta: L
 
 REFERENCE = Backend("reference", shrink_reference, expand_reference_)
 CPU = Backend("cpu", cpu_ops.shrink, cpu_ops.expand_, cpu_ops.CpuShrunk.columns, cpu_ops.from_dense,
-              a_storage_in_major=True, b_storage_rank_major=True)
-CPU_KERNELS = Backend("cpu-kernels", cpu_native.shrink, cpu_native.expand_, b_storage_rank_major=True, pooled=True)
+              a_storage_in_major=True, b_storage_rank_major=True, plan=cpu_ops.plan_padded)
+CPU_KERNELS = Backend("cpu-kernels", cpu_native.shrink, cpu_native.expand_, b_storage_rank_major=True, pooled=True,
+                      plan=cpu_native.plan_slots)
 CPU_LORA_KERNELS = get_args(CpuLoraKernel)  # the `--cpu-lora-kernel` choices
 
 
@@ -129,7 +134,7 @@ def backend_for(device: torch.device, dtype: torch.dtype = torch.float32,
     if device.type == "cuda":
         ops = _triton_ops()
         if ops is not None:
-            return Backend("triton", ops.shrink, ops.expand_)
+            return Backend("triton", ops.shrink, ops.expand_, plan=plan_segments)
     return REFERENCE
 
 

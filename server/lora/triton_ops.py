@@ -11,9 +11,9 @@ Two kernel families, picked per call from the step context `meta`:
   `meta.token_slots`. Matrix-vector work, bound by reading the adapters' weights, so it uses no
   tensor cores; the shrink splits `in` across programs (split-K) so a 32-token decode step still
   fills the GPU, and sums the partials afterwards (deterministic, no atomics).
-- SGMV (prefill): one program per (segment, row block, output block) over `meta.seg_*`
-  (contiguous runs of one slot); the weight tile is read once per row block and multiplied with
-  `tl.dot`. Programs past a segment's end return at once.
+- SGMV (prefill): one program per (segment, row block, output block) over the step's segments
+  (`meta.plan`, server/lora/triton_plan.py: contiguous runs of one slot); the weight tile is read once
+  per row block and multiplied with `tl.dot`. Programs past a segment's end return at once.
 
 Both skip the rank padding: rows of A / columns of B at or past `meta.slot_ranks[slot]` are
 masked (no memory traffic), and B's rank loop stops at the slot's rank. `shrink` returns float32
@@ -45,6 +45,7 @@ from server.lora.triton_kernels import (
     _sgmv_expand_kernel,
     _sgmv_shrink_kernel,
 )
+from server.lora.triton_plan import SegmentPlan
 from server.lora.triton_weights import Weights, padded_expand, padded_shrink, pooled_expand, pooled_shrink
 
 __all__ = ["MAX_RANK", "SGMV_MIN_SEGMENT", "expand_", "expand_slices_", "lora_", "shrink"]
@@ -60,12 +61,14 @@ class StepMeta(Protocol):
     """What the kernels read from the step context (server/lora/step.py: LoraStepMeta)."""
 
     token_slots: torch.Tensor  # [N] int32/int64 on the device, -1 = base
-    seg_starts: torch.Tensor  # [G] first row of each non-base run of one slot
-    seg_lens: torch.Tensor  # [G]
-    seg_slots: torch.Tensor  # [G]
-    max_seg_len: int
-    num_segments: int
     slot_ranks: torch.Tensor  # [S] int32, 0 for an empty slot
+    plan: Any  # a SegmentPlan (server/lora/triton_plan.py: the runs of one slot)
+
+
+def _segments(meta: StepMeta) -> SegmentPlan:
+    if not isinstance(meta.plan, SegmentPlan):
+        raise TypeError(f"the Triton LoRA op needs a step planned for it (plan_segments), not {type(meta.plan).__name__}")
+    return meta.plan
 
 
 def _interpreted(device: torch.device) -> bool:
@@ -120,7 +123,7 @@ def _dot_mode(dtype: torch.dtype, interpreted: bool) -> dict[str, bool]:
 
 def _use_sgmv(meta: StepMeta, path: Path) -> bool:
     if path == "auto":
-        return meta.max_seg_len >= SGMV_MIN_SEGMENT
+        return _segments(meta).max_seg_len >= SGMV_MIN_SEGMENT
     if path not in ("bgmv", "sgmv"):
         raise ValueError(f"path must be 'auto', 'bgmv' or 'sgmv', not {path!r}")
     return path == "sgmv"
@@ -159,7 +162,7 @@ def shrink(x: torch.Tensor, a: torch.Tensor | PooledWeight, meta: StepMeta, *, s
     """
     weights = _shrink_weights(x, a, meta, slice_rank, ranks)
     n = x.shape[0]
-    if n == 0 or meta.num_segments == 0:
+    if n == 0 or _segments(meta).num_segments == 0:
         return torch.zeros(n, weights.rows, device=x.device, dtype=torch.float32)
     return _sum_splits(_shrink_partials(x, weights, meta, path, zero_base=True))
 
@@ -229,17 +232,18 @@ def _bgmv_shrink(x: torch.Tensor, w: Weights, meta: StepMeta, interpreted: bool)
 def _sgmv_shrink(x: torch.Tensor, w: Weights, meta: StepMeta, interpreted: bool, zero_base: bool) -> torch.Tensor:
     n, k = x.shape
     r = w.rows
+    seg = _segments(meta)
     exact = w.data.dtype == torch.float32
-    block_m = _pow2(meta.max_seg_len, 16, 16 if exact else 64)
+    block_m = _pow2(seg.max_seg_len, 16, 16 if exact else 64)
     block_r = _pow2(r, 16, 64)
     block_k = 16 if exact else 64
     r_blocks = triton.cdiv(r, block_r)
-    splits, per_split = _split_k(x.device, (triton.cdiv(n, block_m) + meta.num_segments) * r_blocks, k, block_k)
+    splits, per_split = _split_k(x.device, (triton.cdiv(n, block_m) + seg.num_segments) * r_blocks, k, block_k)
     alloc = torch.zeros if zero_base else torch.empty  # the kernels skip base rows
     partial = alloc(splits, n, r, device=x.device, dtype=torch.float32)
-    grid = (meta.num_segments, triton.cdiv(meta.max_seg_len, block_m), r_blocks * splits)
+    grid = (seg.num_segments, triton.cdiv(seg.max_seg_len, block_m), r_blocks * splits)
     _kernel(_sgmv_shrink_kernel, interpreted)[grid](
-        x, w.data, partial, meta.seg_starts, meta.seg_lens, meta.seg_slots, w.ranks, w.off,
+        x, w.data, partial, seg.starts, seg.lens, seg.slots, w.ranks, w.off,
         k, r, per_split, w.width, w.slots, w.rank_g_stride,
         *x.stride(), w.row_stride, w.elem_stride, *partial.stride(),
         BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, **_dot_mode(w.data.dtype, interpreted),
@@ -306,7 +310,7 @@ def lora_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bs: Sequence[torch.
     them, so no reduction kernel runs between the two. a: [S, len(bs) * R, in]; `slice_rank`
     as in `shrink` (R, to skip each slot's rank padding).
     """
-    if y.shape[0] == 0 or meta.num_segments == 0:
+    if y.shape[0] == 0 or _segments(meta).num_segments == 0:
         _shrink_args(x, a, slice_rank)
         return
     partial = _shrink_partials(x, _shrink_weights(x, a, meta, slice_rank, None), meta, path, zero_base=False)
@@ -322,7 +326,7 @@ def _expand(y: torch.Tensor, t: torch.Tensor, bs: list[torch.Tensor], meta: Step
     for b, off in zip(bs, offsets):
         if off < 0 or off + b.shape[1] > y.shape[1]:
             raise ValueError(f"expand_: columns {off}..{off + b.shape[1]} outside y's {y.shape[1]}")
-    if y.shape[0] == 0 or meta.num_segments == 0:
+    if y.shape[0] == 0 or _segments(meta).num_segments == 0:
         return
     _launch_expand(y, t, padded_expand(bs, _ranks(meta, y.device)), [b.shape[1] for b in bs], offsets, meta, path)
 
@@ -334,7 +338,7 @@ def _launch_expand(y: torch.Tensor, t: torch.Tensor, w: Weights, outs: list[int]
     if t.dim() == 2:
         t = t.unsqueeze(0)
     n, r = y.shape[0], w.width
-    if n == 0 or meta.num_segments == 0:
+    if n == 0 or _segments(meta).num_segments == 0:
         return
     outs = outs + [0] * (3 - len(outs))
     offs = list(offsets) + [0] * (3 - len(offsets))
@@ -343,14 +347,15 @@ def _launch_expand(y: torch.Tensor, t: torch.Tensor, w: Weights, outs: list[int]
     interpreted = _interpreted(y.device)
     dtype = w.data.dtype
     if _use_sgmv(meta, path):
+        seg = _segments(meta)
         exact = dtype == torch.float32
-        block_m = _pow2(meta.max_seg_len, 16, 16 if exact else 64)
+        block_m = _pow2(seg.max_seg_len, 16, 16 if exact else 64)
         block_n = 64 if exact else 128
         block_r = 16 if exact else _pow2(r, 16, 64)
         blocks = sum(triton.cdiv(out, block_n) for out in outs)
-        grid = (meta.num_segments, triton.cdiv(meta.max_seg_len, block_m), blocks)
+        grid = (seg.num_segments, triton.cdiv(seg.max_seg_len, block_m), blocks)
         _kernel(_sgmv_expand_kernel, interpreted)[grid](
-            y, t, w.data, meta.seg_starts, meta.seg_lens, meta.seg_slots, w.ranks, w.off, *slice_args,
+            y, t, w.data, seg.starts, seg.lens, seg.slots, w.ranks, w.off, *slice_args,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, **_dot_mode(dtype, interpreted),
         )
         return

@@ -13,7 +13,8 @@ import torch
 from server.native.loader import load_kernels
 from server.lora.ops import CPU, CPU_KERNELS, REFERENCE, add_lora_, backend_for
 from server.lora.ranks import WeightRanks
-from server.lora.step import LoraStepMeta
+from server.lora.step import DeviceTables, LoraStepMeta
+from server.lora.triton_plan import plan_segments
 
 BACKENDS = [CPU_KERNELS, CPU, REFERENCE]
 
@@ -60,7 +61,7 @@ def test_shrink_expand_match_per_token_loop(backend, slots, num_decode, fan_in, 
     torch.manual_seed(0)
     a, b = torch.randn(S, R, fan_in).to(weights), torch.randn(S, fan_out, R).to(weights)
     x = torch.randn(len(slots), fan_in)
-    meta = LoraStepMeta.build(slots, [R] * S, "cpu", num_decode, max_rank=R)
+    meta = LoraStepMeta.build(slots, [R] * S, "cpu", num_decode, max_rank=R, planner=backend.plan)
     y = torch.randn(len(slots), fan_out)
     expected = y + reference(x, a, b, slots)
     add_lora_(y, x, a, b, meta, backend)
@@ -95,7 +96,7 @@ def test_stacked_shrink_and_expand_into_column_slices(backend, slots, num_decode
     for a_g, b_g in zip(a, b):
         zero_past_rank(a_g, b_g, ranks)
     x = torch.randn(len(slots), fan_in)
-    meta = LoraStepMeta.build(slots, ranks, "cpu", num_decode, max_rank=R)
+    meta = LoraStepMeta.build(slots, ranks, "cpu", num_decode, max_rank=R, planner=backend.plan)
     y = torch.randn(len(slots), sum(outs))
     expected = y.clone()
     t = backend.shrink(x, torch.cat(a, dim=1), meta)
@@ -113,7 +114,7 @@ def test_half_precision_buffers(dtype):
     slots, num_decode = CASES[5]
     a, b = torch.randn(S, R, IN, dtype=dtype), torch.randn(S, OUT, R, dtype=dtype)
     x = torch.randn(len(slots), IN, dtype=dtype)
-    meta = LoraStepMeta.build(slots, [R] * S, "cpu", num_decode)
+    meta = LoraStepMeta.build(slots, [R] * S, "cpu", num_decode, planner=CPU.plan)
     y = torch.zeros(len(slots), OUT, dtype=dtype)
     add_lora_(y, x, a, b, meta, CPU)
     expected = reference(x.float(), a.float(), b.float(), slots)
@@ -121,22 +122,50 @@ def test_half_precision_buffers(dtype):
 
 
 def test_plan_uniform_decode_needs_no_index():
-    meta = LoraStepMeta.build([0, 0, 1, 1, 2, 2, -1], [4, 8, 16], "cpu", num_decode=7)
-    assert (meta.pad_slots, meta.pad_width, meta.pad_count) == (3, 2, 6)
-    assert meta.pad_rows is None and meta.pad_index is None and meta.pad_gather is None
-    assert meta.host_segments == ()
-    assert meta.seg_starts.tolist() == [0, 2, 4] and meta.seg_lens.tolist() == [2, 2, 2]
-    assert meta.num_segments == 3 and meta.max_seg_len == 2 and meta.num_lora_tokens == 6
+    slots = [0, 0, 1, 1, 2, 2, -1]
+    meta = LoraStepMeta.build(slots, [4, 8, 16], "cpu", num_decode=7, planner=CPU.plan)
+    padded = meta.plan
+    assert (padded.pad_slots, padded.pad_width, padded.pad_count) == (3, 2, 6)
+    assert padded.pad_rows is None and padded.pad_index is None and padded.pad_gather is None
+    assert padded.host_segments == () and meta.num_lora_tokens == 6
+    segments = plan_segments(slots, 7, DeviceTables("cpu"))
+    assert segments.starts.tolist() == [0, 2, 4] and segments.lens.tolist() == [2, 2, 2]
+    assert segments.num_segments == 3 and segments.max_seg_len == 2
 
 
 def test_plan_heavy_decode_slot_and_prefill_become_segments():
     slots = [0] * 9 + [1, 2] + [2, 2, 2, -1, 1]
-    meta = LoraStepMeta.build(slots, [8, 8, 8], "cpu", num_decode=11)
-    assert meta.host_segments == ((0, 9, 0), (11, 3, 2), (15, 1, 1))
-    assert (meta.pad_slots, meta.pad_width, meta.pad_count) == (3, 1, 2)
+    meta = LoraStepMeta.build(slots, [8, 8, 8], "cpu", num_decode=11, planner=CPU.plan)
+    assert meta.plan.host_segments == ((0, 9, 0), (11, 3, 2), (15, 1, 1))
+    assert (meta.plan.pad_slots, meta.plan.pad_width, meta.plan.pad_count) == (3, 1, 2)
     assert meta.token_slots.tolist() == slots
-    assert meta.seg_slots.tolist() == [0, 1, 2, 1]  # every run: decode runs merge with the prefill run of slot 2
+    # every run: decode runs merge with the prefill run of slot 2
+    assert plan_segments(slots, 11, DeviceTables("cpu")).slots.tolist() == [0, 1, 2, 1]
     assert meta.num_decode == 11
+
+
+def test_only_the_backends_own_plan_is_built_and_read():
+    """A step carries the plan of the backend it was built for; another backend refuses it."""
+    slots = [0, 1, -1]
+    assert LoraStepMeta.build(slots, [4, 4], "cpu", 3).plan is None  # the reference reads the core only
+    meta = LoraStepMeta.build(slots, [4, 4], "cpu", 3, max_rank=4, planner=CPU_KERNELS.plan)
+    with pytest.raises(TypeError, match="batched-matmul"):
+        CPU.shrink(torch.randn(3, 8), torch.randn(2, 4, 8), meta)
+    REFERENCE.shrink(torch.randn(3, 8), torch.randn(2, 4, 8), meta)  # any plan: the core suffices
+
+
+def test_device_tables_reuse_their_buffers_when_staged():
+    """The staged path (pinned buffers on CUDA) hands out slices of one buffer per dtype, restarted per step."""
+    tables = DeviceTables("cpu", staged=True)  # the staging without pinned memory
+    tables.begin()
+    first, second, ranks = tables([1, 2, 3]), tables([4, 5]), tables([6], torch.int32)
+    tables.end()
+    assert first.tolist() == [1, 2, 3] and second.tolist() == [4, 5] and ranks.dtype == torch.int32
+    assert second.data_ptr() == first.data_ptr() + 3 * first.element_size()  # one buffer per dtype
+    tables.begin()
+    again = tables([7, 8, 9])
+    assert again.data_ptr() == first.data_ptr() and again.tolist() == [7, 8, 9]
+    assert tables(list(range(3000))).tolist() == list(range(3000))  # grows past its first size
 
 
 def test_kernel_plan_holds_every_lora_row_per_slot():
@@ -144,11 +173,11 @@ def test_kernel_plan_holds_every_lora_row_per_slot():
     decode rows first, base rows nowhere."""
     long = 9
     slots = [1, 0, 1, -1, 3] + [2] * long + [0, 0, -1, 4]
-    meta = LoraStepMeta.build(slots, [4] * 5, "cpu", num_decode=5 + long, max_rank=4)
-    plan = meta.slot_plan
+    meta = LoraStepMeta.build(slots, [4] * 5, "cpu", num_decode=5 + long, max_rank=4, planner=CPU_KERNELS.plan)
+    plan = meta.plan
     assert plan.ptr.tolist() == [0, 3, 5, 5 + long, 6 + long, 7 + long]
     assert plan.rows.tolist() == [1, 14, 15, 0, 2, *range(5, 5 + long), 4, 17]
-    assert LoraStepMeta.build([-1, -1], [4], "cpu").slot_plan.ptr is None
+    assert LoraStepMeta.build([-1, -1], [4], "cpu", planner=CPU_KERNELS.plan).plan.ptr is None
 
 
 @pytest.mark.parametrize("fan_in,fan_out", SHAPES, ids=lambda v: str(v))
@@ -165,7 +194,8 @@ def test_kernels_read_only_up_to_each_rank(fan_in, fan_out, weights):
     for s, r in enumerate(ranks):
         a[s, r:], b[s, :, r:] = float("nan"), float("nan")
     y = torch.zeros(len(slots), fan_out)
-    add_lora_(y, x, a, b, LoraStepMeta.build(slots, ranks, "cpu", 6, max_rank=R), CPU_KERNELS)
+    meta = LoraStepMeta.build(slots, ranks, "cpu", 6, max_rank=R, planner=CPU_KERNELS.plan)
+    add_lora_(y, x, a, b, meta, CPU_KERNELS)
     torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-4)
 
 
@@ -203,7 +233,7 @@ def test_each_member_read_only_up_to_its_own_rank(backend, slots, num_decode, fa
         for a_g, b_g, member in zip(a, b, MEMBER_RANKS):
             for slot, rank in enumerate(member):
                 a_g[slot, rank:], b_g[slot, :, rank:] = float("nan"), float("nan")
-    meta = LoraStepMeta.build(slots, [8] * S, "cpu", num_decode, max_rank=R)
+    meta = LoraStepMeta.build(slots, [8] * S, "cpu", num_decode, max_rank=R, planner=backend.plan)
     t = backend.shrink(x, torch.cat(a, dim=1), meta, ranks=ranks.group)
     offset = 0
     for g, out in enumerate(outs):

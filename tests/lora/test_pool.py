@@ -107,7 +107,7 @@ def kernel_case(weights: torch.dtype):
                                               ([0, 0, 0, 4, 4, 1, 1, 1, 1], 2)])
 def test_pooled_kernels_equal_the_reference(weights, slots, num_decode):
     fan_in, outs, width, a_weight, b_weights, a_dense, b_dense, table = kernel_case(weights)
-    meta = LoraStepMeta.build(slots, [8] * 5, "cpu", num_decode, max_rank=width, pad_plan=False)
+    meta = LoraStepMeta.build(slots, [8] * 5, "cpu", num_decode, max_rank=width, planner=cpu_native.plan_slots)
     x = torch.randn(len(slots), fan_in)
     t = cpu_native.shrink(x, a_weight, meta, ranks=table.group)
     t_ref = REFERENCE.shrink(x, a_dense, meta)

@@ -18,6 +18,7 @@ from server.adapters.layout import BaseLayout  # noqa: E402
 from server.adapters.peft_format import load_peft_adapter  # noqa: E402
 from server.lora import triton_ops  # noqa: E402
 from server.lora.step import LoraStepMeta  # noqa: E402
+from server.lora.triton_plan import plan_segments  # noqa: E402
 from tests.conftest import tiny_llama  # noqa: E402
 
 NO_GPU = "no CUDA GPU here: the compiled kernels are checked on a GPU; the interpreter runs them on this machine"
@@ -30,7 +31,7 @@ TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
 
 def make_meta(slots: list[int], ranks: list[int], device: str) -> LoraStepMeta:
     """The engine's own step context for per-token `slots` (-1 = base) and per-slot `ranks`."""
-    return LoraStepMeta.build(slots, ranks, device)
+    return LoraStepMeta.build(slots, ranks, device, planner=plan_segments)
 
 
 def interpreter_problem() -> str | None:

@@ -14,6 +14,7 @@ from server.lora.ops import REFERENCE  # noqa: E402
 from server.lora.pool import AdapterPool, PooledWeight  # noqa: E402
 from server.lora.ranks import WeightRanks  # noqa: E402
 from server.lora.step import LoraStepMeta  # noqa: E402
+from server.lora.triton_plan import plan_segments  # noqa: E402
 from tests.lora.test_triton_ops import DEVICES  # noqa: E402
 
 FAN_IN, OUTS, WIDTH, SLOTS = 40, (24, 12), 8, 5
@@ -55,7 +56,7 @@ def pooled_case(weights: torch.dtype, device: str):
                                         ([1] * 9 + [-1, 2, 0] + [4] * 5 + [3, 3], "sgmv")], ids=["decode", "prefill"])
 def test_pooled_shrink_and_expand_equal_the_reference(device, weights, slots, path):
     a_weight, b_weights, a_dense, b_dense, table = pooled_case(weights, device)
-    meta = LoraStepMeta.build(slots, [WIDTH] * SLOTS, device, max_rank=WIDTH, pad_plan=False)
+    meta = LoraStepMeta.build(slots, [WIDTH] * SLOTS, device, max_rank=WIDTH, planner=plan_segments)
     x = torch.randn(len(slots), FAN_IN)
     t = triton_ops.shrink(x.to(device), a_weight, meta, path=path, ranks=table.group)
     t_ref = REFERENCE.shrink(x, a_dense, LoraStepMeta.build(slots, [WIDTH] * SLOTS, "cpu"))
@@ -71,7 +72,7 @@ def test_pooled_shrink_and_expand_equal_the_reference(device, weights, slots, pa
 
 def test_pooled_op_needs_the_rank_table():
     a_weight, _, _, _, _ = pooled_case(torch.float32, "cpu")
-    meta = LoraStepMeta.build([0, 1], [WIDTH] * SLOTS, "cpu", max_rank=WIDTH, pad_plan=False)
+    meta = LoraStepMeta.build([0, 1], [WIDTH] * SLOTS, "cpu", max_rank=WIDTH, planner=plan_segments)
     with pytest.raises(ValueError, match="ranks"):
         triton_ops.shrink(torch.randn(2, FAN_IN), a_weight, meta)
 
