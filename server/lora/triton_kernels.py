@@ -16,11 +16,14 @@ slot for every member, `meta.slot_ranks`; S: the layers' per-member table, 0 whe
 and columns at or past it are never read.
 
 The kernels use only Triton builtins (no `tl.sum`/`tl.zeros`, whose library versions are fixed to compiled
-or interpreted mode when triton is imported), so the same functions run under the interpreter.
+or interpreted mode when triton is imported), so the same functions run under the interpreter. Their one
+helper of their own, `_expand_slice`, is jitted for the compiled kernels; server/lora/triton_ops.py hands the
+interpreted kernels an interpreted copy of it.
 """
 
 from __future__ import annotations
 
+import triton
 import triton.language as tl
 
 _SUM = tl.standard._sum_combine  # the combine function the interpreter maps to numpy's sum
@@ -60,6 +63,19 @@ def _bgmv_shrink_kernel(
     tl.store(out, acc, mask=r_in)
 
 
+@triton.jit
+def _expand_slice(nb, out0, out1, out2, off0, off1, off2, BLOCK_N: tl.constexpr):
+    """The slice j of output block `nb` when up to three slices' blocks lie one after another on a grid axis
+    (slice 0's first): (j, the block's index within slice j, slice j's width, its first column in y)."""
+    nb0 = (out0 + BLOCK_N - 1) // BLOCK_N
+    nb1 = (out1 + BLOCK_N - 1) // BLOCK_N
+    j = (nb >= nb0).to(tl.int32) + (nb >= nb0 + nb1).to(tl.int32)
+    local = nb - tl.where(j >= 1, nb0, 0) - tl.where(j >= 2, nb1, 0)
+    width = tl.where(j == 0, out0, tl.where(j == 1, out1, out2))
+    offset = tl.where(j == 0, off0, tl.where(j == 1, off1, off2))
+    return j, local, width, offset
+
+
 def _bgmv_expand_kernel(
     y_ptr, t_ptr, b_ptr, slots_ptr, ranks_ptr, b_off_ptr,
     out0, out1, out2, off0, off1, off2, S, rank_g_stride, R, splits,
@@ -76,16 +92,10 @@ def _bgmv_expand_kernel(
     slot = tl.load(slots_ptr + i).to(tl.int64)
     if slot < 0:
         return
-    # Which slice this output block belongs to, and the slice's size and place in y.
-    nb0 = (out0 + BLOCK_N - 1) // BLOCK_N
-    nb1 = (out1 + BLOCK_N - 1) // BLOCK_N
-    j = (nb >= nb0).to(tl.int32) + (nb >= nb0 + nb1).to(tl.int32)
-    nb = nb - tl.where(j >= 1, nb0, 0) - tl.where(j >= 2, nb1, 0)
+    j, nb, OUT, out_offset = _expand_slice(nb, out0, out1, out2, off0, off1, off2, BLOCK_N)
     rank = tl.minimum(tl.load(ranks_ptr + j * rank_g_stride + slot), R)
     if rank <= 0:
         return
-    OUT = tl.where(j == 0, out0, tl.where(j == 1, out1, out2))
-    out_offset = tl.where(j == 0, off0, tl.where(j == 1, off1, off2))
     b_base = tl.load(b_off_ptr + j * S + slot)
     n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < OUT
@@ -173,15 +183,10 @@ def _sgmv_expand_kernel(
     if m0 >= seg_len:
         return
     slot = tl.load(seg_slots_ptr + seg).to(tl.int64)
-    nb0 = (out0 + BLOCK_N - 1) // BLOCK_N
-    nb1 = (out1 + BLOCK_N - 1) // BLOCK_N
-    j = (nb >= nb0).to(tl.int32) + (nb >= nb0 + nb1).to(tl.int32)
-    nb = nb - tl.where(j >= 1, nb0, 0) - tl.where(j >= 2, nb1, 0)
+    j, nb, OUT, out_offset = _expand_slice(nb, out0, out1, out2, off0, off1, off2, BLOCK_N)
     rank = tl.minimum(tl.load(ranks_ptr + j * rank_g_stride + slot), R)
     if rank <= 0:
         return
-    OUT = tl.where(j == 0, out0, tl.where(j == 1, out1, out2))
-    out_offset = tl.where(j == 0, off0, tl.where(j == 1, off1, off2))
     b_base = tl.load(b_off_ptr + j * S + slot)
     start = tl.load(starts_ptr + seg).to(tl.int64)
     m = m0 + tl.arange(0, BLOCK_M)

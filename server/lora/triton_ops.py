@@ -31,12 +31,14 @@ from __future__ import annotations
 
 import functools
 import os
+import types
 from collections.abc import Sequence
 from typing import Any, Literal, Protocol
 
 import torch
 import triton
 from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import JITFunction
 
 from server.lora.pool import PooledWeight
 from server.lora.triton_kernels import (
@@ -79,7 +81,16 @@ def _interpreted(device: torch.device) -> bool:
 @functools.cache
 def _kernel(fn: Any, interpreted: bool) -> Any:
     """The compiled kernel for CUDA tensors, Triton's interpreter for CPU tensors."""
-    return InterpretedFunction(fn) if interpreted else triton.jit(fn)
+    return InterpretedFunction(_with_interpreted_helpers(fn)) if interpreted else triton.jit(fn)
+
+
+def _with_interpreted_helpers(fn: Any) -> Any:
+    """`fn` seeing interpreted copies of the jitted helpers of its own module: the interpreter cannot call a
+    jitted function (triton's own, such as the sum's combine function, it maps itself)."""
+    helpers = {name: InterpretedFunction(value.fn) for name, value in fn.__globals__.items()
+               if isinstance(value, JITFunction) and value.fn.__module__ == fn.__module__}
+    return types.FunctionType(fn.__code__, {**fn.__globals__, **helpers}, fn.__name__, fn.__defaults__,
+                              fn.__closure__)
 
 
 # ---------------------------------------------------------------------------------------------
