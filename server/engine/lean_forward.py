@@ -33,6 +33,7 @@ from server.engine.attention import AttentionOptions, PagedModel, attend_written
 from server.engine.decode_kernel import decode_kernel_into
 from server.engine.kv_cache import KVCache
 from server.engine.step_plan import StepAttention
+from server.lora.cpu_group import GroupDelta
 from server.lora.layers import LoraLinear
 from server.quant.linear import QuantLinear
 
@@ -47,11 +48,13 @@ def _base(module: nn.Module) -> Any:
 
 
 class Projections:
-    """Sibling projections of one input (q/k/v, or gate/up), as one call where their bases allow it.
+    """Sibling projections of one input (q/k/v, gate/up, or a lone o/down), as few calls as their bases allow.
 
     `__call__(x [T, in])` returns each member's output `[T, out_i]`, LoRA deltas added. With `fused`, the
     members' bases are `QuantLinear`s of one type without bias whose blocks are row slices of one buffer:
     one kernel call computes all of them (each output row is the same dot product the member would compute).
+    With `delta` (every member a LoRA layer of one group in the adapter pool), the group's LoRA deltas are
+    one compiled call too.
     """
 
     def __init__(self, modules: list[Any]) -> None:
@@ -61,12 +64,20 @@ class Projections:
         self.widths = [int(_base(m).out_features) for m in modules]
         self.fused = _fuse_blocks([_base(m) for m in modules])
         self.first = _base(modules[0])
+        self.delta = GroupDelta.of(modules)
+        self.bases = [_base(m).forward for m in modules]
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
-        if self.fused is None:
+        if self.fused is None and self.delta is None:
             return [forward(x) for forward in self.forwards]
-        out = torch.ops.loraplex.quant_linear_forward.default(x, self.fused, self.first.qtype, self.first.int8)
-        parts = list(out.split(self.widths, dim=-1))
+        if self.fused is None:
+            parts = [forward(x) for forward in self.bases]
+        else:
+            out = torch.ops.loraplex.quant_linear_forward.default(x, self.fused, self.first.qtype, self.first.int8)
+            parts = list(out.split(self.widths, dim=-1))
+        if self.delta is not None:
+            self.delta.add_(x, parts, self.modules[0].state.meta)
+            return parts
         for i, lora in enumerate(self.lora):
             if lora is not None:
                 parts[i] = lora.add_lora(parts[i], x, lora.state.meta)
@@ -98,9 +109,9 @@ class LeanLayer:
     input_norm: Any  # modules, called as they are
     post_norm: Any
     qkv: Projections
-    o_proj: Any
+    o_proj: Projections
     gate_up: Projections
-    down_proj: Any
+    down_proj: Projections
     act: Any
     q_norm: Any
     k_norm: Any
@@ -160,8 +171,8 @@ class LeanForward:
         else:
             attn = attend_written(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
                                   kv_cache, index, step, layer.scale, layer.options)
-        gate, up = layer.gate_up(_add_norm(h, layer.o_proj(attn.view(n, -1)), layer.post_norm))
-        return layer.down_proj(layer.act(gate) * up)
+        gate, up = layer.gate_up(_add_norm(h, layer.o_proj(attn.view(n, -1))[0], layer.post_norm))
+        return layer.down_proj(layer.act(gate) * up)[0]
 
 
 def _add_norm(h: torch.Tensor, delta: torch.Tensor | None, norm: Any) -> torch.Tensor:
@@ -182,8 +193,8 @@ def _lean_layer(index: int, layer: Any, config) -> LeanLayer:
     window = getattr(attn, "sliding_window", None) if hasattr(attn, "sliding_window") else \
         getattr(config, "sliding_window", None) if config.model_type == "mistral" else None
     return LeanLayer(index, layer.input_layernorm, layer.post_attention_layernorm,
-                     Projections([attn.q_proj, attn.k_proj, attn.v_proj]), attn.o_proj,
-                     Projections([mlp.gate_proj, mlp.up_proj]), mlp.down_proj, mlp.act_fn,
+                     Projections([attn.q_proj, attn.k_proj, attn.v_proj]), Projections([attn.o_proj]),
+                     Projections([mlp.gate_proj, mlp.up_proj]), Projections([mlp.down_proj]), mlp.act_fn,
                      getattr(attn, "q_norm", None), getattr(attn, "k_norm", None),
                      int(config.num_attention_heads), int(config.num_key_value_heads), head_dim, float(attn.scaling),
                      AttentionOptions(int(window) if window else None))

@@ -112,6 +112,9 @@ SlotPlan slot_plan(const at::Tensor& ptr, const at::Tensor& rows, const at::Tens
           ranks.dim() == 2 ? ranks.size(1) : 0};
 }
 
+// The largest rank the group op keeps a tile's shrink for on the stack (4 rows of it).
+constexpr int64_t MAX_GROUP_RANK = 512;
+
 // A unit of work: rows rows[p0 .. p1) of one slot (CSR positions).
 struct Unit {
   int64_t slot, p0, p1;
@@ -422,8 +425,9 @@ struct PoolPlan {
   int64_t offset(int64_t g, int64_t s) const { return base[s] + rel[g * slots_total + s]; }
 };
 
+// `member0`: the plan's member whose ranks rel's first row goes with (a group member's own B).
 PoolPlan pool_plan(const at::Tensor& pool, const at::Tensor& base, const at::Tensor& rel, const SlotPlan& plan,
-                   int64_t members, int64_t row, int64_t rank_max) {
+                   int64_t members, int64_t row, int64_t rank_max, int64_t member0 = 0) {
   TORCH_CHECK(pool.dim() == 1 && pool.is_contiguous(), "pool must be one contiguous dimension");
   TORCH_CHECK(base.scalar_type() == at::kLong && rel.scalar_type() == at::kLong, "base and rel must be int64");
   TORCH_CHECK(base.is_contiguous() && rel.is_contiguous() && rel.dim() == 2 && rel.size(0) == members &&
@@ -432,7 +436,7 @@ PoolPlan pool_plan(const at::Tensor& pool, const at::Tensor& base, const at::Ten
   for (int64_t s = 0; s < plan.slots; ++s) {
     if (plan.ptr[s + 1] == plan.ptr[s]) continue;
     for (int64_t g = 0; g < members; ++g) {
-      const int64_t r = std::min<int64_t>(plan.rank(g, s), rank_max);
+      const int64_t r = std::min<int64_t>(plan.rank(member0 + g, s), rank_max);
       TORCH_CHECK(r == 0 || (p.offset(g, s) >= 0 && p.offset(g, s) + r * row <= pool.numel()),
                   "a weight block lies outside the pool");
     }
@@ -481,6 +485,83 @@ void expand_pool(const at::Tensor& y, const at::Tensor& t, const at::Tensor& poo
   with_weights(pool, [&](auto* P) { expand_pool_typed(y, t, P, pool, base, rel, ptr, rows, ranks, rank_max); });
 }
 
+// ys[g][row, :] += B_g,s (A_g,s x[row, :]) for every member g of a group (the projections of one input) and
+// every row of slot s. Each unit's rows go through in tiles of up to 4 (2 for decode units): a tile's shrink
+// for member g into a buffer on the stack, then its expand, so t never leaves L1 and the group costs one
+// call instead of a shrink, a column split and an expand per member (per-call costs are most of a
+// single sequence's LoRA time). The same loops as shrink_plan and expand_plan, so the same sums.
+template <typename W>
+void group_pool_typed(const at::Tensor& x, const std::vector<at::Tensor>& ys, const W* P, const at::Tensor& pool,
+                      const at::Tensor& base, const at::Tensor& rel_a, const std::vector<at::Tensor>& rel_b,
+                      const at::Tensor& ptr, const at::Tensor& rows, const at::Tensor& ranks, int64_t rank_max) {
+  const int64_t members = static_cast<int64_t>(ys.size());
+  TORCH_CHECK(members >= 1 && static_cast<int64_t>(rel_b.size()) == members, "one output and one B per member");
+  TORCH_CHECK(rank_max >= 1 && rank_max <= MAX_GROUP_RANK, "rank_max must be 1..", MAX_GROUP_RANK);
+  const SlotPlan plan = slot_plan(ptr, rows, ranks, members);
+  const int64_t in = x.size(1);
+  const PoolPlan pa = pool_plan(pool, base, rel_a, plan, members, in, rank_max);
+  std::vector<PoolPlan> pb;
+  std::vector<float*> Y;
+  std::vector<int64_t> outs, ystrides;
+  for (int64_t g = 0; g < members; ++g) {
+    check_inner_contiguous(ys[g], "y");
+    TORCH_CHECK(ys[g].dim() == 2 && ys[g].size(0) == x.size(0), "each y must be [N, out]");
+    pb.push_back(pool_plan(pool, base, rel_b[g], plan, 1, ys[g].size(1), rank_max, g));
+    Y.push_back(ys[g].data_ptr<float>());
+    outs.push_back(ys[g].size(1));
+    ystrides.push_back(ys[g].stride(0));
+  }
+  const float* X = x.data_ptr<float>();
+  const int64_t xs = x.stride(0);
+  const int64_t* Rw = plan.rows;
+  auto rank = [&](int64_t g, int64_t s) { return std::min<int64_t>(plan.rank(g, s), rank_max); };
+  auto cost = [&](const Unit& u) {
+    int64_t sum = 0;
+    for (int64_t g = 0; g < members; ++g) sum += rank(g, u.slot) * (in + outs[g]);
+    return 1 + sum * (u.rows() <= 2 ? 1 : (u.rows() + 3) / 4);
+  };
+  for_units(plan_units(plan), cost, [&](const Unit& u) {
+    const int64_t s = u.slot;
+    const int64_t tile = u.rows() <= 2 ? 2 : 4;
+    float tbuf[4][MAX_GROUP_RANK];
+    float* tr[4] = {tbuf[0], tbuf[1], tbuf[2], tbuf[3]};
+    for (int64_t p = u.p0; p < u.p1; p += tile) {
+      const int64_t count = std::min<int64_t>(tile, u.p1 - p);
+      const float* xr[4];
+      for (int64_t r = 0; r < count; ++r) xr[r] = X + Rw[p + r] * xs;
+      for (int64_t g = 0; g < members; ++g) {
+        const int64_t rg = rank(g, s);
+        if (rg == 0) continue;
+        const W* ag = P + pa.offset(g, s);
+        const W* bg = P + pb[g].offset(0, s);
+        float* yr[4];
+        for (int64_t r = 0; r < count; ++r) yr[r] = Y[g] + Rw[p + r] * ystrides[g];
+        with_rows(count, [&](auto rows_c) {
+          constexpr int R = decltype(rows_c)::value;
+          if (tile == 4) {
+            shrink_tile<R>(xr, ag, in, rg, in, tr, 0);
+            expand_tile<R>(yr, tr, bg, outs[g], rg, outs[g]);
+          } else {
+            for (int64_t j = 0; j < rg; ++j) dot_row<R>(xr, ag + j * in, in, tr, j);
+            expand_rows<R>(yr, tr, bg, outs[g], rg, outs[g]);
+          }
+        });
+      }
+    }
+  });
+}
+
+void lora_pool_group(const at::Tensor& x, at::TensorList ys, const at::Tensor& pool, const at::Tensor& base,
+                     const at::Tensor& rel_a, at::TensorList rel_b, const at::Tensor& ptr, const at::Tensor& rows,
+                     const at::Tensor& ranks, int64_t rank_max) {
+  check_inner_contiguous(x, "x");
+  check_weights(pool, "pool");
+  const std::vector<at::Tensor> outs(ys.begin(), ys.end()), rels(rel_b.begin(), rel_b.end());
+  with_weights(pool, [&](auto* P) {
+    group_pool_typed(x, outs, P, pool, base, rel_a, rels, ptr, rows, ranks, rank_max);
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY(loraplex, m) {
@@ -490,6 +571,8 @@ TORCH_LIBRARY(loraplex, m) {
         "int members, int rank_max, Tensor(a!) t) -> ()");
   m.def("expand_pool(Tensor(a!) y, Tensor t, Tensor pool, Tensor base, Tensor rel, Tensor ptr, Tensor rows, "
         "Tensor ranks, int rank_max) -> ()");
+  m.def("lora_pool_group(Tensor x, Tensor(a!)[] ys, Tensor pool, Tensor base, Tensor rel_a, Tensor[] rel_b, "
+        "Tensor ptr, Tensor rows, Tensor ranks, int rank_max) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(loraplex, CPU, m) {
@@ -497,4 +580,5 @@ TORCH_LIBRARY_IMPL(loraplex, CPU, m) {
   m.impl("expand_slots", &expand_slots);
   m.impl("shrink_pool", &shrink_pool);
   m.impl("expand_pool", &expand_pool);
+  m.impl("lora_pool_group", &lora_pool_group);
 }

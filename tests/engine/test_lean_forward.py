@@ -98,6 +98,8 @@ def test_lean_steps_equal_the_transformers_path(name, quantize):
         _quantize(model)
     lean, plain = _runner(copy.deepcopy(model), True), _runner(model, False)
     assert lean.lean is not None and plain.lean is None
+    layer = lean.lean.layers[0]  # every group's deltas in one compiled call each (the adapters are pooled)
+    assert all(p.delta is not None for p in (layer.qkv, layer.o_proj, layer.gate_up, layer.down_proj))
     prompts = [[3, 14, 15, 92, 65, 35, 89, 79, 32, 38], [27, 18, 28, 18, 28, 45, 90, 45]]
     for got, expected in zip(_run(lean, prompts), _run(plain, prompts)):
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
