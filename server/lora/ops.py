@@ -24,7 +24,8 @@ kernels (`server.lora.cpu_native`: each slot's rows through a rank-aware mat-vec
 weights once, matmuls for prefill chunks), else the batched-matmul CPU path (`server.lora.cpu_ops`:
 one padded batched matmul over the dense prefix of used slots for decode rows, one matmul per
 segment for prefill chunks); both read plans built on the host, so nothing syncs with the host.
-Triton kernels from `server.lora.triton_ops` on CUDA when importable, and the torch reference
+Triton kernels from `server.lora.triton_ops` on CUDA when importable (`triton_backend`: over the adapter
+pool at each slot's own rank), and the torch reference
 (a per-token gather + bmm, BGMV) everywhere else.
 """
 
@@ -132,10 +133,20 @@ def backend_for(device: torch.device, dtype: torch.dtype = torch.float32,
             raise RuntimeError("--cpu-lora-kernel compiled: the CPU LoRA kernels could not be built (see the log)")
         return CPU
     if device.type == "cuda":
-        ops = _triton_ops()
-        if ops is not None:
-            return Backend("triton", ops.shrink, ops.expand_, plan=plan_segments)
+        triton = triton_backend()
+        if triton is not None:
+            return triton
     return REFERENCE
+
+
+def triton_backend() -> Backend | None:
+    """The Triton kernels over the adapter pool, each slot read at its own rank (the layers' rank tables): one
+    shrink per group whose split-K partial sums go to each member's expand as they are (`shrink_partials`);
+    None without triton. CUDA tensors run compiled, CPU tensors in Triton's interpreter (the tests)."""
+    ops = _triton_ops()
+    if ops is None:
+        return None
+    return Backend("triton", ops.shrink_partials, ops.expand_, ops.partial_columns, pooled=True, plan=plan_segments)
 
 
 def add_lora_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, meta: LoraStepMeta,

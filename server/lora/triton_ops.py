@@ -50,7 +50,8 @@ from server.lora.triton_kernels import (
 from server.lora.triton_plan import SegmentPlan
 from server.lora.triton_weights import Weights, padded_expand, padded_shrink, pooled_expand, pooled_shrink
 
-__all__ = ["MAX_RANK", "SGMV_MIN_SEGMENT", "expand_", "expand_slices_", "lora_", "shrink"]
+__all__ = ["MAX_RANK", "SGMV_MIN_SEGMENT", "expand_", "expand_slices_", "lora_", "partial_columns", "shrink",
+           "shrink_partials"]
 
 MAX_RANK = 256
 # Steps whose longest segment has at least this many tokens take the segment (SGMV) kernels.
@@ -178,6 +179,23 @@ def shrink(x: torch.Tensor, a: torch.Tensor | PooledWeight, meta: StepMeta, *, s
     return _sum_splits(_shrink_partials(x, weights, meta, path, zero_base=True))
 
 
+def shrink_partials(x: torch.Tensor, a: torch.Tensor | PooledWeight, meta: StepMeta, *,
+                    slice_rank: int | None = None, path: Path = "auto", ranks: Any = None) -> torch.Tensor:
+    """The group op's shrink (the first launch of `lora_`): `[splits, N, R]` float32 partial sums of `shrink`
+    over `in`, which `expand_` and `expand_slices_` add up as they load them, so no reduction kernel runs
+    between the two; rows of slot -1 may hold anything (every expand skips them). Arguments as `shrink`'s:
+    over the adapter pool (a `PooledWeight` with the layers' `ranks`) every slot is read at its own rank."""
+    weights = _shrink_weights(x, a, meta, slice_rank, ranks)
+    if x.shape[0] == 0 or _segments(meta).num_segments == 0:
+        return torch.zeros(1, x.shape[0], weights.rows, device=x.device, dtype=torch.float32)
+    return _shrink_partials(x, weights, meta, path, zero_base=False)
+
+
+def partial_columns(t: torch.Tensor, cols: slice) -> torch.Tensor:
+    """One member's columns of a stacked shrink output, partial sums (`[splits, N, R]`) or dense (`[N, R]`)."""
+    return t[..., cols]
+
+
 def _shrink_weights(x: torch.Tensor, a: torch.Tensor | PooledWeight, meta: StepMeta, slice_rank: int | None,
                     ranks: Any) -> Weights:
     """Checks shrink's arguments; returns where the kernels find A."""
@@ -267,19 +285,20 @@ def expand_(y: torch.Tensor, t: torch.Tensor, b: torch.Tensor | PooledWeight, me
     """y[i, out_offset:out_offset + out] += b[slot(i)] @ t[i] for every row whose slot is not -1.
 
     y: [N, >= out_offset + out], updated in place (any strides, e.g. a fused q/k/v output);
-    t: [N, R] (any float dtype and strides, e.g. a column slice of a stacked shrink output);
+    t: [N, R] (any float dtype and strides, e.g. a column slice of a stacked shrink output), or
+    `[splits, N, R]` partial sums from `shrink_partials`, added up as they are loaded;
     b: [S, out, R] with the adapter scale folded in, columns past `meta.slot_ranks[slot]` skipped
     (zero padding); or a `PooledWeight` (rank-major blocks in the adapter pool, R its width), read up
     to each slot's rank in `ranks` (the member's RankTable, required then).
     """
     if isinstance(b, PooledWeight):
         _check(y, b.pool.data.unsqueeze(0).unsqueeze(0), "expand_")
-        if t.shape != (y.shape[0], b.width):
+        if t.dim() not in (2, 3) or t.shape[-2:] != (y.shape[0], b.width):
             raise ValueError(f"expand_: t has shape {tuple(t.shape)}, expected {(y.shape[0], b.width)}")
         _launch_expand(y, t, pooled_expand(b, ranks), [b.row], [out_offset], meta, path)
         return
     _check(y, b, "expand_")
-    if t.shape != (y.shape[0], b.shape[2]):
+    if t.dim() not in (2, 3) or t.shape[-2:] != (y.shape[0], b.shape[2]):
         raise ValueError(f"expand_: t has shape {tuple(t.shape)}, expected {(y.shape[0], b.shape[2])}")
     _expand(y, t, [b], meta, [out_offset], path)
 
@@ -321,10 +340,7 @@ def lora_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bs: Sequence[torch.
     them, so no reduction kernel runs between the two. a: [S, len(bs) * R, in]; `slice_rank`
     as in `shrink` (R, to skip each slot's rank padding).
     """
-    if y.shape[0] == 0 or _segments(meta).num_segments == 0:
-        _shrink_args(x, a, slice_rank)
-        return
-    partial = _shrink_partials(x, _shrink_weights(x, a, meta, slice_rank, None), meta, path, zero_base=False)
+    partial = shrink_partials(x, a, meta, slice_rank=slice_rank, path=path)
     expand_slices_(y, partial, bs, meta, offsets, path=path)
 
 

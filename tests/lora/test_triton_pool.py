@@ -68,6 +68,16 @@ def test_pooled_shrink_and_expand_equal_the_reference(device, weights, slots, pa
         REFERENCE.expand_(y_ref, t_ref[:, cols], b_ref, LoraStepMeta.build(slots, [WIDTH] * SLOTS, "cpu"), 7)
         torch.testing.assert_close(y.cpu(), y_ref, atol=1e-4, rtol=1e-4)
         assert y[:, :7].abs().sum() == 0 and y[:, 7 + OUTS[g]:].abs().sum() == 0
+    # The engine's group op: the shrink's partial sums handed to each member's expand as they are.
+    partials = triton_ops.shrink_partials(x.to(device), a_weight, meta, path=path, ranks=table.group)
+    for g, b_weight in enumerate(b_weights):
+        y = torch.zeros(len(slots), 50, device=device)
+        columns = triton_ops.partial_columns(partials, slice(g * WIDTH, (g + 1) * WIDTH))
+        triton_ops.expand_(y, columns, b_weight, meta, 7, path=path, ranks=table.members[g])
+        y_ref = torch.zeros(len(slots), 50)
+        REFERENCE.expand_(y_ref, t_ref[:, g * WIDTH:(g + 1) * WIDTH], b_dense[g],
+                          LoraStepMeta.build(slots, [WIDTH] * SLOTS, "cpu"), 7)
+        torch.testing.assert_close(y.cpu(), y_ref, atol=1e-4, rtol=1e-4)
 
 
 def test_pooled_op_needs_the_rank_table():
@@ -86,7 +96,7 @@ def test_pooled_triton_model_equals_peft(tmp_path):
     from server.adapters.layout import BaseLayout
     from server.adapters.peft_format import load_peft_adapter
     from server.lora.model import LoraModel
-    from server.lora.ops import Backend
+    from server.lora.ops import triton_backend
     from tests.conftest import tiny_llama
     from tests.lora.padded_batch import forward_logits
     from tests.lora.peft_fixtures import make_peft_adapters
@@ -96,7 +106,7 @@ def test_pooled_triton_model_equals_peft(tmp_path):
     paths = make_peft_adapters(base, tmp_path)
     layout = BaseLayout.from_model(base)
     names = list(paths)
-    backend = Backend("triton", triton_ops.shrink, triton_ops.expand_, pooled=True)
+    backend = triton_backend()  # the engine's: over the pool, partial sums straight to the expands
     lora = LoraModel(copy.deepcopy(base), layout, max_loras=len(names), max_rank=64, backend=backend)
     for slot in reversed(range(len(names))):  # extents out of slot order
         lora.write_slot(slot, load_peft_adapter(paths[names[slot]], layout, 64))

@@ -180,7 +180,8 @@ def test_variant_configs_cover_every_kind():
 def test_triton_kernels_serve_every_kind(variants):
     """The Triton kernels (run by Triton's interpreter on CPU tensors; compiled on a GPU) under the same
     mixed batch: one short row per adapter and a base row."""
-    triton_ops = pytest.importorskip("server.lora.triton_ops")
+    pytest.importorskip("triton")
+    from server.lora.ops import triton_backend
     from tests.lora.test_triton_ops import INTERPRETER_PROBLEM
 
     if INTERPRETER_PROBLEM is not None:
@@ -188,7 +189,7 @@ def test_triton_kernels_serve_every_kind(variants):
     base, paths, oracle = variants
     if not base.config.tie_word_embeddings:
         pytest.skip("one base is enough for the interpreted kernels (seconds per forward): the tied one runs")
-    lora, names, _ = build(base, paths, Backend("triton", triton_ops.shrink, triton_ops.expand_))
+    lora, names, _ = build(base, paths, triton_backend())
     rows = [[5, 6, 7, 200, 9, 3][: 3 + i % 3] for i in range(len(names) + 1)]
     slots = list(range(len(names))) + [-1]
     ours = forward_logits(lora, rows, slots, 0)
