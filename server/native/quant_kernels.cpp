@@ -507,6 +507,7 @@ struct Int8Rows {
   const float* d;
   const float* sums;
   int64_t k, group, span;
+  bool offset;  // q stored + 128, as unsigned bytes (see dot_x)
 };
 
 inline float horizontal_max(__m256 v) {
@@ -537,8 +538,9 @@ void quantize_activations(const float* x, int64_t m_rows, int64_t x_stride, cons
           n[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], inv));  // nearest
         }
         const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(n[0], n[1]), _mm256_packs_epi32(n[2], n[3]));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + i * xr.k + g * xr.group + c * CHUNK),
-                            _mm256_permutevar8x32_epi32(packed, order));
+        __m256i bytes = _mm256_permutevar8x32_epi32(packed, order);
+        if (xr.offset) bytes = _mm256_xor_si256(bytes, _mm256_set1_epi8(static_cast<char>(0x80)));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + i * xr.k + g * xr.group + c * CHUNK), bytes);
         float* s = sums + (i * xr.k + g * xr.group + c * CHUNK) / xr.span;
         if (xr.span == CHUNK) {
           s[0] = horizontal_sum(_mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3])));
@@ -576,6 +578,35 @@ inline __m256i dot_scaled(__m256i acc, __m256i q, __m256i x, __m256i scales) {
 #endif
 }
 
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+// Q8_0's signed quants: activations stored + 128 take them in one unsigned-by-signed dot product (VNNI sums
+// without the 16-bit saturation that rules this out for maddubs), instead of moving signs onto each row's bytes.
+template <int64_t T>
+constexpr bool offset_x = T == Q8_0;
+#else
+template <int64_t T>
+constexpr bool offset_x = false;
+#endif
+
+// q . x per group of 4 bytes, x as Int8Rows holds it for type T (plus dot_x_excess(q) where offset_x<T>).
+template <int64_t T>
+inline __m256i dot_x(__m256i q, __m256i x) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  if constexpr (offset_x<T>) return _mm256_dpbusd_epi32(_mm256_setzero_si256(), x, q);
+#endif
+  return dot_groups<T == Q8_0>(q, x);
+}
+
+// 128 x the sums of q that dot_x adds where x is stored + 128 (per group of 4 bytes).
+template <int64_t T>
+inline __m256i dot_x_excess(__m256i q) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  if constexpr (offset_x<T>) return _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(static_cast<char>(0x80)), q);
+#endif
+  (void)q;
+  return _mm256_setzero_si256();
+}
+
 // The 8 lane sums of p[0..7], in order (unpacks and adds: cheaper than horizontal adds).
 inline __m256i lane_sums(const __m256i p[8]) {
   __m256i t[4];
@@ -605,23 +636,30 @@ void int8_rows_small(const Int8Rows& xr, const uint8_t* blocks, int64_t row_byte
       for (int j = 0; j < 8; ++j)
         visit<T>(row + (b0 + j) * bb, [&](int, const Chunk& ch) { q[j] = ch.q, d[j] = ch.a0, off[j] = ch.b0; });
       const __m256 dw = _mm256_load_ps(d), bw = _mm256_load_ps(off);
+      __m256i excess = _mm256_setzero_si256();
+      if constexpr (offset_x<T>) {
+        __m256i e[8];
+        for (int j = 0; j < 8; ++j) e[j] = dot_x_excess<T>(q[j]);
+        excess = lane_sums(e);
+      }
       for (int i = 0; i < R; ++i) {
         const int8_t* xq = xr.q + i * xr.k + b0 * CHUNK;
         __m256i p[8];
-        for (int j = 0; j < 8; ++j)
-          p[j] = dot_groups<T == Q8_0>(q[j], load32(reinterpret_cast<const uint8_t*>(xq + j * CHUNK)));
+        for (int j = 0; j < 8; ++j) p[j] = dot_x<T>(q[j], load32(reinterpret_cast<const uint8_t*>(xq + j * CHUNK)));
         const int64_t at = i * nb + b0;
         const __m256 scale = _mm256_mul_ps(dw, _mm256_loadu_ps(xr.d + at));
-        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lane_sums(p)), scale, acc[i]);
+        const __m256i dots = _mm256_sub_epi32(lane_sums(p), excess);
+        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), scale, acc[i]);
         if constexpr (T != Q8_0) acc[i] = _mm256_fmadd_ps(bw, _mm256_loadu_ps(xr.sums + at), acc[i]);
       }
     }
     float tail[R] = {};
     for (int64_t b = full; b < nb; ++b)
       visit<T>(row + b * bb, [&](int, const Chunk& ch) {
+        const __m256i excess = dot_x_excess<T>(ch.q);
         for (int i = 0; i < R; ++i) {
           const __m256i xq = load32(reinterpret_cast<const uint8_t*>(xr.q + i * xr.k + b * CHUNK));
-          const __m256 dots = _mm256_cvtepi32_ps(dot_groups<T == Q8_0>(ch.q, xq));
+          const __m256 dots = _mm256_cvtepi32_ps(_mm256_sub_epi32(dot_x<T>(ch.q, xq), excess));
           tail[i] += ch.a0 * xr.d[i * nb + b] * horizontal_sum(dots) + ch.b0 * xr.sums[i * nb + b];
         }
       });
@@ -761,7 +799,8 @@ struct Int8Run {
 
   template <int R>
   void rows(int64_t i0, int64_t t0, int64_t t1) const {
-    const Int8Rows xr{x.q + i0 * x.k, x.d + i0 * (x.k / x.group), x.sums + i0 * (x.k / x.span), x.k, x.group, x.span};
+    const Int8Rows xr{x.q + i0 * x.k, x.d + i0 * (x.k / x.group), x.sums + i0 * (x.k / x.span), x.k, x.group, x.span,
+                      x.offset};
     if constexpr (block_weights(T) == CHUNK)
       int8_rows_small<T, R>(xr, blocks, row_bytes, x.k, t0, t1, out + i0 * out_stride, out_stride);
     else
@@ -779,7 +818,7 @@ void direct_avx(const float* x, int64_t m_rows, int64_t x_stride, const uint8_t*
   auto floats = at::empty({nd + ns}, at::kFloat);
   float* d = floats.data_ptr<float>();
   float* sums = d + nd;
-  const Int8Rows xr{q.data_ptr<int8_t>(), d, sums, k, group, span};
+  const Int8Rows xr{q.data_ptr<int8_t>(), d, sums, k, group, span, offset_x<T>};
   quantize_activations(x, m_rows, x_stride, xr);
   over_tiles(m_rows, n, k, Int8Run<T>{xr, blocks, row_bytes, out, out_stride});
 }
