@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from server.lora.cpu_native import SlotPlan
-from server.lora.layers import LoraLinear
+from server.lora.layers import LoraLinear, pooled
 from server.lora.pool import PooledWeight
 from server.lora.ranks import RankTable
 from server.lora.step import LoraStepMeta
@@ -45,7 +45,8 @@ class GroupDelta:
         self.position = [0] * group.members  # member g's output is outs[position[g]]
         for i, layer in enumerate(layers):
             self.position[layer.index] = i
-        self.bs = [layers[self.position[g]]._op_b for g in range(group.members)]
+        self.a = pooled(group.op_a)  # built only for a group in the pool (`of`)
+        self.bs = [pooled(layers[self.position[g]]._op_b) for g in range(group.members)]
 
     @classmethod
     def of(cls, modules: list[Any]) -> GroupDelta | None:
@@ -63,7 +64,7 @@ class GroupDelta:
         if meta is None or not any(meta.row_mask & mask for mask in self.group.ranks.masks):
             return
         ys = [outs[p] for p in self.position]
-        group_delta_(x, ys, self.group.op_a, self.bs, meta, self.group.ranks.group)
+        group_delta_(x, ys, self.a, self.bs, meta, self.group.ranks.group)
         for layer, y in zip(self.layers, outs):
             if layer.dora is not None and meta.row_mask & layer.dora.mask:
                 layer.dora.apply_(y, getattr(layer.base, "bias", None), meta)

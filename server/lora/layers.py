@@ -8,7 +8,7 @@ Every member keeps PEFT semantics: a module an adapter does not target holds zer
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -31,6 +31,20 @@ class StepState:
         self.head_meta: LoraStepMeta | None = None
 
 
+def pooled(weight: torch.Tensor | PooledWeight) -> PooledWeight:
+    """A layer's weight over the adapter pool (the layer was built with the pool)."""
+    if not isinstance(weight, PooledWeight):
+        raise TypeError("this layer keeps per-slot buffers, not blocks in the adapter pool")
+    return weight
+
+
+def pool_offset(rel: int | None) -> int:
+    """Where a block goes in its slot's extent: required for a write into the adapter pool."""
+    if rel is None:
+        raise ValueError("a write into the adapter pool needs the block's offset in the slot's extent")
+    return rel
+
+
 class LoraGroup(nn.Module):
     """Stacked A of `members` projections of one input.
 
@@ -46,6 +60,9 @@ class LoraGroup(nn.Module):
     adapter's member block `[rank, in]` in its extent of the adapter pool (server/lora/pool.py).
     """
 
+    a_storage: torch.Tensor
+    op_a: torch.Tensor | PooledWeight
+
     def __init__(self, members: int, in_features: int, max_loras: int, max_rank: int,
                  device: torch.device, dtype: torch.dtype, backend: Backend, pool: AdapterPool | None = None) -> None:
         super().__init__()
@@ -55,7 +72,7 @@ class LoraGroup(nn.Module):
         self.ranks = WeightRanks(members, max_loras, device)
         self._cache = _ShrinkCache()
         if pool is not None:  # A lives in the adapter pool, each adapter's block at its own rank
-            self.op_a: torch.Tensor | PooledWeight = PooledWeight(pool, members, in_features, max_rank)
+            self.op_a = PooledWeight(pool, members, in_features, max_rank)
             return
         rows = members * max_rank
         shape = (max_loras, in_features, rows) if self.a_transposed else (max_loras, rows, in_features)
@@ -74,8 +91,9 @@ class LoraGroup(nn.Module):
         or into the padded buffer (zeros past r)."""
         r = a.shape[0]
         if self.pool is not None:
-            self.op_a.place(member, row, rel)
-            self.op_a.block(member, row, r).copy_(a)
+            weight = pooled(self.op_a)
+            weight.place(member, row, pool_offset(rel))
+            weight.block(member, row, r).copy_(a)
             return
         a_rows = self.lora_a[row, member * self.max_rank:(member + 1) * self.max_rank]
         a_rows[:r].copy_(a)
@@ -130,6 +148,9 @@ class LoraLinear(nn.Module):
     adapters are then rescaled per output feature (`dora`, server/lora/dora.py; None until one is written).
     """
 
+    b_storage: torch.Tensor
+    _op_b: torch.Tensor | PooledWeight
+
     def __init__(self, base: nn.Module, in_features: int, out_features: int, group: LoraGroup, index: int,
                  state: StepState) -> None:
         super().__init__()
@@ -144,11 +165,11 @@ class LoraLinear(nn.Module):
         # `lora_b` is always the op's [S, out, R] (a view there). In the pool, B is a rank-major block.
         self.b_transposed = group.backend.b_storage_rank_major
         if group.pool is not None:
-            self._op_b: torch.Tensor | PooledWeight = PooledWeight(group.pool, 1, out_features, rank)
+            self._op_b = PooledWeight(group.pool, 1, out_features, rank)
         else:
-            kw = {"device": weight.device, "dtype": group.a_storage.dtype}
             shape = (slots, rank, out_features) if self.b_transposed else (slots, out_features, rank)
-            self.register_buffer("b_storage", torch.zeros(shape, **kw), persistent=False)
+            self.register_buffer("b_storage", torch.zeros(shape, device=weight.device, dtype=group.a_storage.dtype),
+                                 persistent=False)
             self._op_b = self.lora_b
         # Plain attributes the forward reads (module buffer and property lookups are slow).
         self._backend, self._a_rows = group.backend, self.a_rows
@@ -191,7 +212,7 @@ class LoraLinear(nn.Module):
 
     def base_weight(self) -> torch.Tensor:
         """The base weight as `[out, in]` (a view: GPT-2's Conv1D keeps it as [in, out])."""
-        weight = self.base.weight
+        weight = cast(torch.Tensor, self.base.weight)
         return weight if tuple(weight.shape) == (self.out_features, self.in_features) else weight.t()
 
     def pool_elements(self, rank: int) -> tuple[int, int]:
@@ -208,8 +229,9 @@ class LoraLinear(nn.Module):
         r = a.shape[0]
         self.group.write_a(row, self.index, a, None if at is None else at[0])
         if self.group.pool is not None:
-            self._op_b.place(0, row, at[1])
-            torch.mul(b.t(), scale, out=self._op_b.block(0, row, r))  # scaled first: a narrower dtype rounds once
+            weight = pooled(self._op_b)
+            weight.place(0, row, pool_offset(None if at is None else at[1]))
+            torch.mul(b.t(), scale, out=weight.block(0, row, r))  # scaled first: a narrower dtype rounds once
         else:
             b_row = self.lora_b[row]
             b_row[:, :r].copy_(b * scale)  # scaled first, so that a narrower slot dtype rounds once

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import cast
 
 import torch
-from torch import nn
+from transformers import PreTrainedModel
 
 from server.adapters.layout import BaseLayout
 from server.adapters.peft_format import ParsedAdapter
@@ -39,7 +40,7 @@ class LoraModel:
     validates against the layout can be written into any slot without touching the model.
     """
 
-    def __init__(self, model: nn.Module, layout: BaseLayout, max_loras: int, max_rank: int,
+    def __init__(self, model: PreTrainedModel, layout: BaseLayout, max_loras: int, max_rank: int,
                  backend: Backend | None = None, weight_dtype: torch.dtype | None = None,
                  pool_bytes: int | None = None, page_bytes: int = PAGE_BYTES) -> None:
         """`backend`: the LoRA op (default: `backend_for` the model's device and dtype); `weight_dtype`:
@@ -165,8 +166,8 @@ class LoraModel:
         row = self.row_of[slot]
         for layer in self.layers.values():
             layer.clear_slot(row)
-        for layer in self.special.values():
-            layer.clear_slot(row)
+        for special in self.special.values():
+            special.clear_slot(row)
         self.row_ranks[row] = 0
         if self.pool is not None:
             self.pool.free(row)
@@ -252,13 +253,13 @@ def padded_slot_bytes(layout: BaseLayout, max_rank: int, dtype: torch.dtype) -> 
     return max_rank * sum(fan_in + fan_out for fan_in, fan_out in layout.linear.values()) * itemsize
 
 
-def _special_slot_bytes(model: nn.Module, max_rank: int, dtype: torch.dtype) -> int:
+def _special_slot_bytes(model: PreTrainedModel, max_rank: int, dtype: torch.dtype) -> int:
     """Bytes of LoRA of `max_rank` on the output layer and on the input embedding."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     total = 0
     for module in (model.get_output_embeddings(), model.get_input_embeddings()):
         if module is not None:
-            total += max_rank * sum(module.weight.shape) * itemsize
+            total += max_rank * sum(cast(torch.Tensor, module.weight).shape) * itemsize
     return total
 
 

@@ -45,13 +45,15 @@ from server.lora.triton_plan import plan_segments
 from server.native.loader import load_kernels
 
 
+# The weights `a` / `b` a backend takes: padded per-slot tensors, or `PooledWeight`s for a pooled backend
+# (`Backend.pooled`); the layers hold whichever their backend reads, so the op's signature leaves them open.
 class ShrinkFn(Protocol):
-    def __call__(self, x: torch.Tensor, a: torch.Tensor, meta: LoraStepMeta, *,
+    def __call__(self, x: torch.Tensor, a: Any, meta: LoraStepMeta, *,
                  ranks: RankTable | None = None) -> Any: ...
 
 
 class ExpandFn(Protocol):
-    def __call__(self, y: torch.Tensor, t: Any, b: torch.Tensor, meta: LoraStepMeta,
+    def __call__(self, y: torch.Tensor, t: Any, b: Any, meta: LoraStepMeta,
                  out_offset: int = 0, *, ranks: RankTable | None = None) -> None: ...
 
 

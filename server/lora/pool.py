@@ -74,6 +74,8 @@ class AdapterPool:
         if start is None:
             self._compact()
             start = self._hole(pages)
+        if start is None:  # cannot be: compaction leaves every free page in one run at the end
+            raise RuntimeError(f"no run of {pages} free pages after compaction")
         self.extents[slot] = (start, pages)
         self._set_base(slot, start * self.page)
         return start * self.page

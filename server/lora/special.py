@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from server.lora.layers import LoraGroup, LoraLinear, StepState, _ShrinkCache
+from server.lora.layers import LoraGroup, LoraLinear, StepState, _ShrinkCache, pool_offset, pooled
 from server.lora.ops import Backend
 from server.lora.pool import AdapterPool, PooledWeight
 from server.lora.ranks import WeightRanks
@@ -50,12 +50,13 @@ class EmbeddingGroup(LoraGroup):
         if self.pool is None:
             super().write_a(row, member, a, rel)
             return
-        self.op_a.place(0, row, rel)
+        pooled(self.op_a).place(0, row, pool_offset(rel))
         self._table(row, a.shape[0]).copy_(a.t())
 
     def _table(self, slot: int, rank: int) -> torch.Tensor:
         """A pooled adapter's `[vocab, rank]` block."""
-        return self.pool.view(self.pool.base_host[slot] + self.op_a.rel_host[0][slot], self.vocab, rank)
+        pool = pooled(self.op_a).pool
+        return pool.view(pool.base_host[slot] + pooled(self.op_a).rel_host[0][slot], self.vocab, rank)
 
     def shrink(self, x: torch.Tensor, meta: LoraStepMeta) -> Any:
         """`t [N, R]`: row `slot(i) * vocab + id_i` of the flattened A for token ids `x [..., N]`."""
@@ -86,7 +87,9 @@ class _SpecialLayer(nn.Module):
     def __init__(self, base: nn.Module, max_loras: int, max_rank: int, dtype: torch.dtype, backend: Backend,
                  state: StepState, pool: AdapterPool | None = None) -> None:
         super().__init__()
-        self.base, self.state, self.pool = base, state, pool
+        # nn.Linear, nn.Embedding or a quantized linear: read for the attributes its kind has.
+        self.base: Any = base
+        self.state, self.pool = state, pool
         self.max_loras, self.max_rank, self.dtype, self.backend = max_loras, max_rank, dtype, backend
         self.lora: LoraLinear | None = None
         self.replacements = Replacements()
@@ -172,10 +175,10 @@ class LoraHead(_SpecialLayer):
 class LoraEmbedding(_SpecialLayer):
     """The input embedding with slots; its LoRA's `in_features` is the vocabulary, `out_features` the width."""
 
-    def __init__(self, base: nn.Embedding, *args: Any) -> None:
+    def __init__(self, base: nn.Module, *args: Any) -> None:
         super().__init__(base, *args)
         scale = getattr(base, "embed_scale", None)  # Gemma-style embeddings scale their output
-        self.output_scale = None if scale is None else torch.as_tensor(scale, device=base.weight.device)
+        self.output_scale = None if scale is None else torch.as_tensor(scale, device=self.weight.device)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         meta = self.state.meta
