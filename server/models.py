@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers import (
@@ -118,7 +118,8 @@ def converted_gguf_dir(gguf: Path, target: Path) -> Path:
     log.info("first start: converting %s to safetensors in %s (about 20 s per 100M weights, once)", gguf.name,
              target)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # Any: transformers sets `hf_quantizer` on the instance, its class does not declare it.
+    model: Any = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The weights are dequantized already; drop the GGUF marker so the model saves as plain safetensors.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -190,7 +191,8 @@ def load_base_model(settings: Settings) -> BaseModel:
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load model from {folder}: {exc}") from exc
-    model.to(device).eval().requires_grad_(False)
+    # PreTrainedModel.to is wrapped with functools.wraps, which mypy reads as an unbound function.
+    model.to(device).eval().requires_grad_(False)  # type: ignore[arg-type]
     name = settings.served_model_name or default_name
     return BaseModel(model=model, tokenizer=tokenizer, name=name, device=device, dtype=dtype)
 
@@ -212,8 +214,10 @@ def _load_gguf_blocks(folder: Path, gguf: Path, device: torch.device, dtype: tor
         raise ModelLoadError("--gguf-blocks keep needs the compiled CPU kernels, which could not be built "
                              "(see the log): use --gguf-blocks dequantize")
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    model: PreTrainedModel
     try:
-        model, report = load_gguf_model(config, gguf, int8=int8)
+        built, report = load_gguf_model(config, gguf, int8=int8)
+        model = cast(PreTrainedModel, built)  # built by AutoModelForCausalLM.from_config
         model.generation_config = GenerationConfig.from_pretrained(folder, local_files_only=True)
     except GGUFLoadError as exc:
         log.info("%s; loading it as float32 first, then keeping its blocks", exc)

@@ -28,11 +28,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AttentionInterface
+from transformers import AttentionInterface, PreTrainedModel
 
 # Names other modules import from here live in the decode kernel's and the step plan's modules.
 from server.engine.decode_kernel import CPU_ATTENTION_KERNELS as CPU_ATTENTION_KERNELS
@@ -94,7 +95,8 @@ def paged_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
     """
     if paged_step is None:
         raise RuntimeError(f"{PAGED_ATTENTION} attention called without paged_step (use forward_step)")
-    step, cache, layer = paged_step.step, paged_step.kv_cache, module.layer_idx
+    # Every module handed a step has its cache layer's index (use_paged_attention picks them by it).
+    step, cache, layer = paged_step.step, paged_step.kv_cache, cast(int, module.layer_idx)
     if query.shape[0] != 1 or query.shape[2] != step.num_tokens:
         raise ValueError(f"expected packed query [1, H, {step.num_tokens}, D], got {list(query.shape)}")
     options = AttentionOptions.from_kwargs(kwargs)
@@ -212,11 +214,11 @@ class PagedModel:
     """A causal LM switched to the paged attention function, and the attention modules of its layers
     (those the step context is handed to)."""
 
-    model: nn.Module
+    model: PreTrainedModel
     attention_modules: tuple[nn.Module, ...]
 
 
-def use_paged_attention(model: nn.Module) -> PagedModel:
+def use_paged_attention(model: PreTrainedModel) -> PagedModel:
     """Switch a loaded transformers model (and its sub-models) to the paged attention function.
 
     This sets `model.config._attn_implementation`: a config object shared with another model
@@ -249,7 +251,8 @@ def _hand_step(context: StepContext, module: nn.Module, args: tuple, kwargs: dic
 
 def pack(seqs: list[tuple[list[int], int, list[int]]]) -> tuple[list[SeqSlice], list[int]]:
     """SeqSlices and the flat token ids of `(token_ids_this_step, context_len_after, block_table)` tuples."""
-    slices, tokens = [], []
+    slices: list[SeqSlice] = []
+    tokens: list[int] = []
     for ids, context_len, table in seqs:
         slices.append(SeqSlice(len(tokens), len(ids), context_len, table))
         tokens.extend(ids)

@@ -116,9 +116,10 @@ class GrammarCompiler:
         if fmt.kind == "json_object":
             compiled = compiler.compile_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)
         else:
-            check_schema(json.loads(fmt.schema_json or "null"))
+            schema = fmt.schema_json or "null"
+            check_schema(json.loads(schema))  # refuses a missing schema
             try:
-                compiled = compiler.compile_json_schema(fmt.schema_json, any_whitespace=False)
+                compiled = compiler.compile_json_schema(schema, any_whitespace=False)
             except Exception as exc:  # noqa: BLE001 - xgrammar's C++ errors arrive as several types
                 message = str(exc).strip().splitlines()[-1].split(": ", 1)[-1] if str(exc).strip() else type(exc)
                 raise InvalidRequestError(f"the JSON schema cannot be used for structured output: {message}") from None

@@ -19,10 +19,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+from transformers import PreTrainedModel
 
 from server.engine.attention import PAGED_ATTENTION, PagedModel, StepForward, UnsupportedModelError, packed_forward
 from server.engine.kv_cache import KVCache
 from server.engine.lean_forward import LeanForward, lean_forward_supported
+from server.quant.linear import QuantLinear
 
 log = logging.getLogger(__name__)
 # The transformers path's probe results per model (and the cache they ran on), kept from `probe_model` until
@@ -67,10 +69,10 @@ def probe_model(paged: PagedModel, kv_cache: KVCache, decode_kernel: bool) -> fl
 
 
 @contextmanager
-def _exact_linears(model: torch.nn.Module) -> Iterator[None]:
+def _exact_linears(model: PreTrainedModel) -> Iterator[None]:
     """Quantized linears in their exact mode while probing: int8 activations (`--quant-compute int8`) change
     decode rows by design, and the probe checks the attention path, not that documented deviation."""
-    int8 = [m for m in model.modules() if getattr(m, "int8", False) is True]
+    int8 = [m for m in model.modules() if isinstance(m, QuantLinear) and m.int8]
     for module in int8:
         module.int8 = False
     try:
@@ -90,7 +92,7 @@ def _probe_prompts(config, device: torch.device) -> tuple[torch.Tensor, torch.Te
     return ids[:length].to(device), ids[length:].to(device)
 
 
-def _eager_logprobs(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+def _eager_logprobs(model: PreTrainedModel, ids: torch.Tensor) -> torch.Tensor:
     """Log-probabilities after every prefix of `ids`, by the model's own eager attention: `[len, vocab]`."""
     model.set_attn_implementation("eager")
     try:

@@ -32,20 +32,21 @@ class ModelRunner:
         last-token logits `[len(plan), vocab]` in that order, followed by the logits of the prompt
         positions whose next token's logprob was asked for (`prompt_spans` of the returned plan, in order).
 
-        The step context is built here, once: the attention plan (`StepAttention`) and the
-        LoRA plan (`LoraStepMeta`), both passed explicitly to the forward. Sequences are packed
+        The step context is built here, once: the attention plan (`StepAttention`), passed to the forward,
+        and the LoRA plan (`LoraStepMeta`), which the LoRA layers read from their model's `StepState` for the
+        length of the forward (`LoraModel.stepping`). Sequences are packed
         decode rows first, then prefill chunks, each grouped by adapter row with base last, after
         `LoraModel.place` has moved the step's adapters into a dense prefix of rows.
         """
-        rows = self.lora.place(item.seq.slot for item in plan if item.seq.slot >= 0)
+        rows = self.lora.place(slot for item in plan if (slot := _slot(item.seq)) >= 0)
         last = self.lora.max_loras
-        plan = sorted(plan, key=lambda p: (p.num_tokens != 1, rows.get(p.seq.slot, last)))
+        plan = sorted(plan, key=lambda p: (p.num_tokens != 1, rows.get(_slot(p.seq), last)))
         seqs, token_rows, num_decode = [], [], 0
         for item in plan:
             seq = item.seq
             start, end = seq.num_computed, seq.num_computed + item.num_tokens
             seqs.append((seq.token_ids[start:end], end, seq.blocks))
-            token_rows.extend([rows.get(seq.slot, -1)] * item.num_tokens)
+            token_rows.extend([rows.get(_slot(seq), -1)] * item.num_tokens)
             num_decode += item.num_tokens == 1
         slices, tokens = pack(seqs)
         device = self.kv_cache.device
@@ -61,6 +62,13 @@ class ModelRunner:
             logits = forward_step(self.paged, self.kv_cache, attention, ids) if self.lean is None else \
                 self.lean(self.kv_cache, attention, ids)
         return plan, logits  # the scheduler advances each sequence's num_computed (Scheduler.computed)
+
+
+def _slot(seq: Sequence) -> int:
+    """A scheduled sequence's device slot (-1: the base); the scheduler binds one before it runs."""
+    if seq.slot is None:
+        raise RuntimeError("a sequence was scheduled without a device slot")
+    return seq.slot
 
 
 def prompt_spans(plan: list[ScheduledSeq], advanced: bool) -> list[tuple[Sequence, int, int]]:

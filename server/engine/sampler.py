@@ -104,12 +104,18 @@ def apply_penalties(x: Tensor, options: Sequence[SamplingOptions],
 
 def apply_bias(x: Tensor, options: Sequence[SamplingOptions], banned: Sequence[Sequence[int]] | None) -> Tensor:
     """x plus each row's logit bias, with -inf on its banned tokens: one sparse update over the whole batch."""
-    rows, cols, values = [], [], []
+    rows: list[int] = []
+    cols: list[int] = []
+    values: list[float] = []
     for b, o in enumerate(options):
         for token, bias in o.logit_bias:
-            rows.append(b), cols.append(token), values.append(bias)
+            rows.append(b)
+            cols.append(token)
+            values.append(bias)
         for token in banned[b] if banned is not None else ():
-            rows.append(b), cols.append(token), values.append(float("-inf"))
+            rows.append(b)
+            cols.append(token)
+            values.append(float("-inf"))
     if not rows:
         return x
     index = (torch.tensor(rows, device=x.device), torch.tensor(cols, device=x.device))
@@ -201,8 +207,8 @@ def attach_logprobs(x: Tensor, tokens: Tensor, options: Sequence[SamplingOptions
     ranks = (logprobs > chosen_t).sum(dim=-1).add(1).tolist()
     chosen = chosen_t.squeeze(1).tolist()
     max_k = min(max(k or 0 for k in wanted), x.shape[1])
-    top_values, top_ids = logprobs.topk(max_k, dim=-1) if max_k else (logprobs[:, :0], tokens[:, None][:, :0])
-    top_values, top_ids = top_values.tolist(), top_ids.tolist()
+    top_values_t, top_ids_t = logprobs.topk(max_k, dim=-1) if max_k else (logprobs[:, :0], tokens[:, None][:, :0])
+    top_values, top_ids = top_values_t.tolist(), top_ids_t.tolist()
     outputs = []
     for b, (token, k) in enumerate(zip(token_list, wanted)):
         if k is None:

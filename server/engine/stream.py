@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from server.engine.request import Delta, EngineError, GenerationResult
+from server.engine.request import Delta, EngineError, GenerationResult, TokenLogprob
 
 
 class RequestStream:
@@ -58,7 +58,9 @@ class RequestStream:
 
     async def collect(self) -> GenerationResult:
         """Run the stream to its end and join the deltas into one result."""
-        parts, logprobs, last = [], [], None
+        parts: list[str] = []
+        logprobs: list[TokenLogprob] = []
+        last: Delta | None = None
         try:
             async for delta in self:
                 parts.append(delta.text)
