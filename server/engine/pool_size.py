@@ -1,9 +1,10 @@
 """How much device memory the adapters get: the pool's bytes and the slot-table size, from Settings.
 
-With a pooled LoRA op (the compiled CPU kernels) the pool's bytes bound residency and `--max-loras`
-is only an optional cap on the count. On other ops the weights sit in slots padded to the max rank,
-so `--lora-pool-gb` there sets how many such slots fit; on a GPU without either flag, as many as half
-of what the model and the KV cache leave free holds (8 at least).
+With a pooled LoRA op (the compiled CPU kernels, the Triton kernels) the pool's bytes bound residency and
+`--max-loras` is only an optional cap on the count. On other ops the weights sit in slots padded to the max
+rank, so `--lora-pool-gb` there sets how many such slots fit. On a GPU without `--lora-pool-gb` the adapters
+get the bytes of as many padded slots as half of what the model and the KV cache leave free holds (8 at
+least, 256 at most; `--max-loras` of them when set): a pool of those bytes, or those slots.
 """
 
 from __future__ import annotations
@@ -32,15 +33,23 @@ def lora_capacity(settings: Settings, pooled: bool, padded_slot_bytes: int,
         slots = settings.max_loras or POOL_SLOTS
         if settings.lora_pool_gb is not None:
             return slots, int(settings.lora_pool_gb * 2**30)
+        if device_free is not None:  # a GPU's memory is committed at once: the padded slots' bytes
+            return slots, _gpu_slots(settings, padded_slot_bytes, device_free) * padded_slot_bytes
         return slots, default_cpu_pool_bytes()
     if settings.lora_pool_gb is not None:
         slots = max(1, int(settings.lora_pool_gb * 2**30) // padded_slot_bytes)
         return min(slots, settings.max_loras or POOL_SLOTS), None
-    if settings.max_loras is not None or device_free is None:
+    if device_free is None:
         return settings.max_loras or PADDED_SLOTS, None
-    # A GPU without either flag: padded slots in a share of what the KV cache left, at least the old 8.
+    return _gpu_slots(settings, padded_slot_bytes, device_free), None
+
+
+def _gpu_slots(settings: Settings, padded_slot_bytes: int, device_free: int) -> int:
+    """Padded slots on a GPU without --lora-pool-gb: --max-loras, else a share of what the KV cache left."""
+    if settings.max_loras is not None:
+        return settings.max_loras
     fitting = int(GPU_FREE_SHARE * device_free) // padded_slot_bytes
-    return max(PADDED_SLOTS, min(GPU_SLOTS_MAX, fitting)), None
+    return max(PADDED_SLOTS, min(GPU_SLOTS_MAX, fitting))
 
 
 def device_free_bytes(device: torch.device) -> int | None:

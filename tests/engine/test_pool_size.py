@@ -23,3 +23,10 @@ def test_padded_slots_from_the_pool_flag_or_the_gpu_memory_left():
     assert lora_capacity(Settings(), False, SLOT, device_free=4 * 2**30) == (102, None)  # half of 4 GiB
     assert lora_capacity(Settings(), False, SLOT, device_free=2**28) == (8, None)  # never below 8
     assert lora_capacity(Settings(), False, SLOT, device_free=2**40) == (256, None)
+
+
+def test_gpu_pool_takes_the_bytes_the_padded_slots_took():
+    """The Triton kernels read a pool on a GPU: it gets the bytes the padded slots had, all committed at once."""
+    assert lora_capacity(Settings(), True, SLOT, device_free=4 * 2**30) == (POOL_SLOTS, 102 * SLOT)
+    assert lora_capacity(Settings(max_loras=3), True, SLOT, device_free=2**40) == (3, 3 * SLOT)
+    assert lora_capacity(Settings(lora_pool_gb=0.5), True, SLOT, device_free=2**40) == (POOL_SLOTS, 2**29)
