@@ -15,6 +15,7 @@ import torch
 
 from server.lora.cpu_native import SlotPlan
 from server.lora.layers import LoraLinear, pooled
+from server.lora.ops import CPU_KERNELS
 from server.lora.pool import PooledWeight
 from server.lora.ranks import RankTable
 from server.lora.step import LoraStepMeta
@@ -37,7 +38,8 @@ class GroupDelta:
     """The fused op's view of sibling `LoraLinear`s: every member of one pooled group, each output's position.
 
     `of(modules)` is None where the fused op cannot serve them (a module without LoRA, members of
-    different groups, or a group not in the pool); then each module adds its own delta."""
+    different groups, or a group whose pool another backend reads, as Triton's); then each module adds its
+    own delta."""
 
     def __init__(self, layers: list[LoraLinear]) -> None:
         group = layers[0].group
@@ -53,7 +55,8 @@ class GroupDelta:
         if not modules or not all(isinstance(m, LoraLinear) for m in modules):
             return None
         group = modules[0].group
-        if group.pool is None or len(modules) != group.members or any(m.group is not group for m in modules):
+        if group.pool is None or group.backend is not CPU_KERNELS or len(modules) != group.members \
+                or any(m.group is not group for m in modules):
             return None
         if sorted(m.index for m in modules) != list(range(group.members)):
             return None
