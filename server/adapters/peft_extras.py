@@ -10,6 +10,7 @@ weight (tied), the output layer's rows too.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -168,6 +169,13 @@ def _weight_shape(name: str, layout: BaseLayout) -> tuple[int, int]:
     return (first, second) if _is_input(name, layout) else (second, first)
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or Inf in `tensor` (float16, bfloat16 or float32): its sum in float64 is finite exactly then (a
+    float64 sum of float32 values cannot overflow), one pass without a temporary; `isfinite().all()` made
+    a bool copy and took three quarters of an adapter's parse."""
+    return math.isfinite(tensor.sum(dtype=torch.float64).item())
+
+
 def _weight(key: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """The tensor as saved (an owned, contiguous copy) after dtype, shape and value checks."""
     if tensor.dtype not in _FLOAT_DTYPES:
@@ -177,6 +185,6 @@ def _weight(key: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> torch.Ten
         raise AdapterFormatError(f"tensor {key[:200]!r} has shape {list(tensor.shape)}, expected {list(shape)} "
                                  "(the base model's layer)")
     copy = tensor.contiguous().clone()
-    if not bool(torch.isfinite(copy).all()):
+    if not all_finite(copy):
         raise AdapterFormatError(f"tensor {key[:200]!r} contains NaN or Inf values")
     return copy

@@ -26,7 +26,7 @@ from .peft_config import (
     plan_modules,
     reject_unless_adaptable,
 )
-from .peft_extras import TokenRows, check_base_copies, saved_modules, trainable_tokens
+from .peft_extras import TokenRows, all_finite, check_base_copies, saved_modules, trainable_tokens
 
 __all__ = ["AdapterFormatError", "LoraModuleWeights", "ParsedAdapter", "TokenRows", "load_peft_adapter",
            "looks_like_pickle", "parse_peft_adapter"]
@@ -289,6 +289,6 @@ def _checked(key: str, tensor: torch.Tensor, shape: tuple[int, ...], rank: int) 
             f"(rank {rank} from adapter_config.json and the base layer's size)"
         )
     weight = tensor.to(torch.float32, copy=True).contiguous()
-    if not torch.isfinite(weight).all():
+    if not all_finite(weight):
         raise AdapterFormatError(f"tensor {key!r} contains NaN or Inf values")
     return weight

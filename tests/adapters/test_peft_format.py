@@ -392,3 +392,15 @@ def test_fuzzed_bytes_only_raise_format_errors(make_adapter: MakeAdapter, layout
         except AdapterFormatError:
             outcomes.add("refused")
     assert "refused" in outcomes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_finite_check_refuses_every_nan_and_inf_and_no_large_finite_value(dtype):
+    from server.adapters.peft_extras import all_finite
+
+    big = torch.full((4096,), torch.finfo(dtype).max, dtype=dtype)  # a float32 sum would overflow to inf
+    assert all_finite(big) and all_finite(-big) and all_finite(torch.zeros(0, dtype=dtype))
+    for bad in ([float("nan")], [float("inf")], [-float("inf")], [float("inf"), -float("inf")]):
+        tensor = torch.randn(64, dtype=torch.float32).to(dtype)
+        tensor[3:3 + len(bad)] = torch.tensor(bad, dtype=dtype)
+        assert not all_finite(tensor), bad
