@@ -269,15 +269,17 @@ def _module_weights(
 ) -> LoraModuleWeights:
     in_features, out_features = layout.dims(name)
     a = _checked(*pair["A"], (plan.rank, in_features), plan.rank)
-    b = _checked(*pair["B"], (out_features, plan.rank), plan.rank)
+    b = _checked(*pair["B"], (out_features, plan.rank), plan.rank, rank_major=True)
     magnitude = _checked(*pair["M"], (out_features,), plan.rank) if plan.dora else None
     if magnitude is not None and not bool((magnitude > 0).all()):
         raise AdapterFormatError(f"tensor {pair['M'][0]!r}: a DoRA magnitude must be positive")
     return LoraModuleWeights(a=a, b=b, scale=plan.scale, magnitude=magnitude)
 
 
-def _checked(key: str, tensor: torch.Tensor, shape: tuple[int, ...], rank: int) -> torch.Tensor:
-    """The tensor as float32 (an owned, contiguous copy) after dtype, shape and value checks."""
+def _checked(key: str, tensor: torch.Tensor, shape: tuple[int, ...], rank: int, rank_major: bool = False) -> torch.Tensor:
+    """The tensor as float32 (an owned copy) after dtype, shape and value checks: contiguous, or with
+    `rank_major` (B `[out, r]`) the transpose of a contiguous `[r, out]`, the layout of B's block in the
+    adapter pool, so that the engine thread's write of a loaded adapter is a straight copy."""
     if tensor.dtype not in _FLOAT_DTYPES:
         raise AdapterFormatError(
             f"tensor {key!r} has dtype {str(tensor.dtype).removeprefix('torch.')}; "
@@ -288,7 +290,10 @@ def _checked(key: str, tensor: torch.Tensor, shape: tuple[int, ...], rank: int) 
             f"tensor {key!r} has shape {list(tensor.shape)}, expected {list(shape)} "
             f"(rank {rank} from adapter_config.json and the base layer's size)"
         )
-    weight = tensor.to(torch.float32, copy=True).contiguous()
+    if rank_major:
+        weight = torch.empty(shape[::-1], dtype=torch.float32).copy_(tensor.t()).t()
+    else:
+        weight = tensor.to(torch.float32, copy=True).contiguous()
     if not all_finite(weight):
         raise AdapterFormatError(f"tensor {key!r} contains NaN or Inf values")
     return weight

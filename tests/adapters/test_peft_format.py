@@ -59,7 +59,8 @@ def assert_equals_peft(parsed: ParsedAdapter, model: PeftModel) -> None:
         assert torch.equal(got.a, layer.lora_A["default"].weight.detach()), name
         assert torch.equal(got.b, layer.lora_B["default"].weight.detach()), name
         assert got.scale == pytest.approx(layer.scaling["default"], rel=1e-12), name
-        assert got.a.dtype == got.b.dtype == torch.float32 and got.a.is_contiguous() and got.b.is_contiguous()
+        # A contiguous; B the transpose of a contiguous [r, out] (the pool's rank-major block)
+        assert got.a.dtype == got.b.dtype == torch.float32 and got.a.is_contiguous() and got.b.t().is_contiguous()
     assert parsed.rank == max(layer.r["default"] for layer in layers.values())
 
 
