@@ -62,6 +62,7 @@ constexpr int64_t DIRECT_ROWS = 32;
 constexpr int64_t INT8_DIRECT_ROWS = 256;
 constexpr int64_t TILE_ROWS = 256;
 constexpr int64_t ROW_TILE = 16;
+constexpr int64_t PREFETCH_BYTES = 2048;
 constexpr int64_t MIN_THREAD_WORK = 1 << 17;  // weights x activation rows
 
 // Weight rows per task in parallel_for: at least ROW_TILE, and enough that a thread's share is worth its start.
@@ -282,6 +283,13 @@ struct Chunk {
 
 inline __m256i load32(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 
+// Asks for the weight bytes PREFETCH_BYTES past [p, p + bytes) while p's are computed: with several activation rows
+// per weight block, and in the exact mode, the hardware prefetcher alone leaves the block stream waiting on memory
+// (2048x8192 Q6_K int8 at 8 rows 1.5x faster with it); int8 at one row streams fast enough without (slower with).
+inline void prefetch_ahead(const uint8_t* p, int64_t bytes) {
+  for (int64_t at = 0; at < bytes; at += 64) _mm_prefetch(reinterpret_cast<const char*>(p + PREFETCH_BYTES + at), _MM_HINT_T0);
+}
+
 inline __m256i low_bits(__m256i v, int shift, int mask) {
   return _mm256_and_si256(_mm256_srli_epi16(v, shift), _mm256_set1_epi8(static_cast<char>(mask)));
 }
@@ -360,14 +368,18 @@ inline void k_scales(const uint8_t* blk, KScales& s) {
 template <int64_t T, class F>
 inline __attribute__((always_inline)) void k_quants(const uint8_t* b, F&& f) {
   if constexpr (T == Q2_K) {  // chunk 4h + s: bits 2s of qs[32h + l]
+    #pragma GCC unroll 4
     for (int h = 0; h < 2; ++h) {
       const __m256i raw = load32(b + 16 + 32 * h);
+      #pragma GCC unroll 4
       for (int s = 0; s < 4; ++s) f(4 * h + s, low_bits(raw, 2 * s, 3));
     }
   } else if constexpr (T == Q3_K) {  // and bit c of hmask[l], the third bit
     const __m256i hmask = load32(b);
+    #pragma GCC unroll 4
     for (int h = 0; h < 2; ++h) {
       const __m256i raw = load32(b + 32 + 32 * h);
+      #pragma GCC unroll 4
       for (int s = 0; s < 4; ++s) {
         const int c = 4 * h + s;
         f(c, _mm256_or_si256(low_bits(raw, 2 * s, 3), _mm256_slli_epi16(low_bits(hmask, c, 1), 2)));
@@ -377,8 +389,10 @@ inline __attribute__((always_inline)) void k_quants(const uint8_t* b, F&& f) {
     const uint8_t* qs = b + (T == Q5_K ? 48 : 16);
     __m256i qh = _mm256_setzero_si256();
     if constexpr (T == Q5_K) qh = load32(b + 16);
+    #pragma GCC unroll 4
     for (int p = 0; p < 4; ++p) {
       const __m256i raw = load32(qs + 32 * p);
+      #pragma GCC unroll 4
       for (int half = 0; half < 2; ++half) {
         const int c = 2 * p + half;
         __m256i q = low_bits(raw, 4 * half, 15);
@@ -387,8 +401,10 @@ inline __attribute__((always_inline)) void k_quants(const uint8_t* b, F&& f) {
       }
     }
   } else if constexpr (T == Q6_K) {  // chunk 4h + s: nibble s / 2 of ql[64h + 32 (s % 2) + l], bits 2s of qh
+    #pragma GCC unroll 4
     for (int h = 0; h < 2; ++h) {
       const __m256i lo0 = load32(b + 64 * h), lo1 = load32(b + 64 * h + 32), qh = load32(b + 128 + 32 * h);
+      #pragma GCC unroll 4
       for (int s = 0; s < 4; ++s) {
         const __m256i low = low_bits(s % 2 ? lo1 : lo0, 4 * (s / 2), 15);
         f(4 * h + s, _mm256_or_si256(low, _mm256_slli_epi16(low_bits(qh, 2 * s, 3), 4)));
@@ -470,6 +486,7 @@ void exact_rows(const float* x, int64_t x_stride, const uint8_t* blocks, int64_t
       for (int j = 0; j < A; ++j) acc[i][j] = _mm256_setzero_ps();
     const uint8_t* row = blocks + r * row_bytes;
     for (int64_t b = 0; b < nb; ++b) {
+      prefetch_ahead(row + b * bb, bb);
       if constexpr (T == Q8_0) {  // straight from memory: 8-byte sign-extending loads (the 34-byte blocks split
         const uint8_t* blk = row + b * bb;  // a 32-byte load across cache lines every other block)
         const __m256 d = _mm256_set1_ps(_cvtsh_ss(*reinterpret_cast<const uint16_t*>(blk)));
@@ -507,7 +524,6 @@ struct Int8Rows {
   const float* d;
   const float* sums;
   int64_t k, group, span;
-  bool offset;  // q stored + 128, as unsigned bytes (see dot_x)
 };
 
 inline float horizontal_max(__m256 v) {
@@ -538,9 +554,8 @@ void quantize_activations(const float* x, int64_t m_rows, int64_t x_stride, cons
           n[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], inv));  // nearest
         }
         const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(n[0], n[1]), _mm256_packs_epi32(n[2], n[3]));
-        __m256i bytes = _mm256_permutevar8x32_epi32(packed, order);
-        if (xr.offset) bytes = _mm256_xor_si256(bytes, _mm256_set1_epi8(static_cast<char>(0x80)));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + i * xr.k + g * xr.group + c * CHUNK), bytes);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + i * xr.k + g * xr.group + c * CHUNK),
+                            _mm256_permutevar8x32_epi32(packed, order));
         float* s = sums + (i * xr.k + g * xr.group + c * CHUNK) / xr.span;
         if (xr.span == CHUNK) {
           s[0] = horizontal_sum(_mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3])));
@@ -579,29 +594,32 @@ inline __m256i dot_scaled(__m256i acc, __m256i q, __m256i x, __m256i scales) {
 }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-// Q8_0's signed quants: activations stored + 128 take them in one unsigned-by-signed dot product (VNNI sums
-// without the 16-bit saturation that rules this out for maddubs), instead of moving signs onto each row's bytes.
-template <int64_t T>
-constexpr bool offset_x = T == Q8_0;
+// Q8_0's signed quants over several rows: each row's activations + 128 (one xor) take them in one unsigned-by-
+// signed dot product (VNNI sums without the 16-bit saturation that rules this out for maddubs), and the
+// 128 x sum(q) this adds is the block's, subtracted once for all rows; one row moves the signs instead.
+template <int64_t T, int R>
+constexpr bool offset_x = T == Q8_0 && R > 1;
 #else
-template <int64_t T>
+template <int64_t T, int R>
 constexpr bool offset_x = false;
 #endif
 
-// q . x per group of 4 bytes, x as Int8Rows holds it for type T (plus dot_x_excess(q) where offset_x<T>).
-template <int64_t T>
+// q . x per group of 4 bytes (plus dot_x_excess(q) where offset_x).
+template <int64_t T, int R>
 inline __m256i dot_x(__m256i q, __m256i x) {
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-  if constexpr (offset_x<T>) return _mm256_dpbusd_epi32(_mm256_setzero_si256(), x, q);
+  if constexpr (offset_x<T, R>)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_xor_si256(x, _mm256_set1_epi8(static_cast<char>(0x80))), q);
 #endif
   return dot_groups<T == Q8_0>(q, x);
 }
 
-// 128 x the sums of q that dot_x adds where x is stored + 128 (per group of 4 bytes).
-template <int64_t T>
+// 128 x the sums of q that dot_x adds where offset_x (per group of 4 bytes).
+template <int64_t T, int R>
 inline __m256i dot_x_excess(__m256i q) {
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-  if constexpr (offset_x<T>) return _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(static_cast<char>(0x80)), q);
+  if constexpr (offset_x<T, R>)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(static_cast<char>(0x80)), q);
 #endif
   (void)q;
   return _mm256_setzero_si256();
@@ -631,21 +649,22 @@ void int8_rows_small(const Int8Rows& xr, const uint8_t* blocks, int64_t row_byte
     for (int i = 0; i < R; ++i) acc[i] = _mm256_setzero_ps();
     const uint8_t* row = blocks + r * row_bytes;
     for (int64_t b0 = 0; b0 < full; b0 += 8) {
+      if constexpr (R > 1) prefetch_ahead(row + b0 * bb, 8 * bb);
       __m256i q[8];
       alignas(32) float d[8], off[8];
       for (int j = 0; j < 8; ++j)
         visit<T>(row + (b0 + j) * bb, [&](int, const Chunk& ch) { q[j] = ch.q, d[j] = ch.a0, off[j] = ch.b0; });
       const __m256 dw = _mm256_load_ps(d), bw = _mm256_load_ps(off);
       __m256i excess = _mm256_setzero_si256();
-      if constexpr (offset_x<T>) {
+      if constexpr (offset_x<T, R>) {
         __m256i e[8];
-        for (int j = 0; j < 8; ++j) e[j] = dot_x_excess<T>(q[j]);
+        for (int j = 0; j < 8; ++j) e[j] = dot_x_excess<T, R>(q[j]);
         excess = lane_sums(e);
       }
       for (int i = 0; i < R; ++i) {
         const int8_t* xq = xr.q + i * xr.k + b0 * CHUNK;
         __m256i p[8];
-        for (int j = 0; j < 8; ++j) p[j] = dot_x<T>(q[j], load32(reinterpret_cast<const uint8_t*>(xq + j * CHUNK)));
+        for (int j = 0; j < 8; ++j) p[j] = dot_x<T, R>(q[j], load32(reinterpret_cast<const uint8_t*>(xq + j * CHUNK)));
         const int64_t at = i * nb + b0;
         const __m256 scale = _mm256_mul_ps(dw, _mm256_loadu_ps(xr.d + at));
         const __m256i dots = _mm256_sub_epi32(lane_sums(p), excess);
@@ -656,10 +675,10 @@ void int8_rows_small(const Int8Rows& xr, const uint8_t* blocks, int64_t row_byte
     float tail[R] = {};
     for (int64_t b = full; b < nb; ++b)
       visit<T>(row + b * bb, [&](int, const Chunk& ch) {
-        const __m256i excess = dot_x_excess<T>(ch.q);
+        const __m256i excess = dot_x_excess<T, R>(ch.q);
         for (int i = 0; i < R; ++i) {
           const __m256i xq = load32(reinterpret_cast<const uint8_t*>(xr.q + i * xr.k + b * CHUNK));
-          const __m256 dots = _mm256_cvtepi32_ps(_mm256_sub_epi32(dot_x<T>(ch.q, xq), excess));
+          const __m256 dots = _mm256_cvtepi32_ps(_mm256_sub_epi32(dot_x<T, R>(ch.q, xq), excess));
           tail[i] += ch.a0 * xr.d[i * nb + b] * horizontal_sum(dots) + ch.b0 * xr.sums[i * nb + b];
         }
       });
@@ -735,6 +754,7 @@ void int8_rows_k(const Int8Rows& xr, const uint8_t* blocks, int64_t row_bytes, i
     const uint8_t* row = blocks + r * row_bytes;
     for (int64_t b = 0; b < nb; ++b) {
       const uint8_t* blk = row + b * bb;
+      if constexpr (R > 1) prefetch_ahead(blk, bb);
       KInts s;
       k_ints<T>(blk, s);
       __m256i dots[R];
@@ -799,8 +819,7 @@ struct Int8Run {
 
   template <int R>
   void rows(int64_t i0, int64_t t0, int64_t t1) const {
-    const Int8Rows xr{x.q + i0 * x.k, x.d + i0 * (x.k / x.group), x.sums + i0 * (x.k / x.span), x.k, x.group, x.span,
-                      x.offset};
+    const Int8Rows xr{x.q + i0 * x.k, x.d + i0 * (x.k / x.group), x.sums + i0 * (x.k / x.span), x.k, x.group, x.span};
     if constexpr (block_weights(T) == CHUNK)
       int8_rows_small<T, R>(xr, blocks, row_bytes, x.k, t0, t1, out + i0 * out_stride, out_stride);
     else
@@ -818,7 +837,7 @@ void direct_avx(const float* x, int64_t m_rows, int64_t x_stride, const uint8_t*
   auto floats = at::empty({nd + ns}, at::kFloat);
   float* d = floats.data_ptr<float>();
   float* sums = d + nd;
-  const Int8Rows xr{q.data_ptr<int8_t>(), d, sums, k, group, span, offset_x<T>};
+  const Int8Rows xr{q.data_ptr<int8_t>(), d, sums, k, group, span};
   quantize_activations(x, m_rows, x_stride, xr);
   over_tiles(m_rows, n, k, Int8Run<T>{xr, blocks, row_bytes, out, out_stride});
 }
