@@ -1,6 +1,8 @@
 """Builds and loads the compiled CPU kernels: one library of torch ops in namespace `loraplex`.
 
-    lora_kernels.cpp       loraplex::shrink_slots / expand_slots  (the LoRA op, server/lora/cpu_native.py)
+    lora_kernels.cpp       loraplex::shrink_slots / expand_slots, shrink_pool / expand_pool (the LoRA op,
+                           server/lora/cpu_native.py), loraplex::lora_pool_group (server/lora/cpu_group.py);
+                           its register tiles in lora_tiles.h, its work split in lora_units.h
     attention_kernels.cpp  loraplex::paged_decode_attention        (decode attention, server/engine/decode_kernel.py),
                            loraplex::rope_cache_write              (rotary + cache write, server/engine/lean_forward.py)
     quant_kernels.cpp      loraplex::quant_linear / quant_dequantize (quantized base linears, server/quant/)

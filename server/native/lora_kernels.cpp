@@ -5,8 +5,9 @@
 // Built by server/native/loader.py on first use (torch's JIT extension loader, -O3 -march=native)
 // and registered as torch ops `loraplex::shrink_slots` and `loraplex::expand_slots` (weights in per-slot
 // buffers padded to the max rank), `loraplex::shrink_pool` and `loraplex::expand_pool` (weights in the
-// adapter pool, each at its own rank). Rows are given
-// per slot in CSR form: slot s owns packed rows rows[ptr[s] .. ptr[s+1]) (ptr [S' + 1], rows [n]).
+// adapter pool, each at its own rank), and `loraplex::lora_pool_group` (one projection group's whole
+// delta on the pool: every member's shrink and expand in one call). The register tiles are in
+// lora_tiles.h, the split of the work into units in lora_units.h. Rows are given per slot in CSR form: slot s owns packed rows rows[ptr[s] .. ptr[s+1]) (ptr [S' + 1], rows [n]).
 // Rows are decode rows (one or two per slot: each slot's weights are streamed once, from memory) and
 // prefill chunks (many rows per slot: the weights stay in cache while register tiles of rows go over
 // them), all in one call per weight. Only a slot's adapter's rank in that weight is read (ranks int32;
@@ -25,6 +26,9 @@
 #include <type_traits>
 #include <vector>
 
+#include "lora_tiles.h"
+#include "lora_units.h"
+
 namespace {
 
 void check_inner_contiguous(const at::Tensor& t, const char* name) {
@@ -35,200 +39,6 @@ void check_inner_contiguous(const at::Tensor& t, const char* name) {
 void check_weights(const at::Tensor& w, const char* name) {
   TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16, name,
               " must be float32 or bfloat16");
-}
-
-// 16 floats: GCC's vector extensions lower it to one AVX-512 register or two AVX2 ones (the
-// portable build), with no intrinsics to keep per instruction set; plain loops over short arrays
-// came out as a mix of 128- and 256-bit code with stack round trips.
-constexpr int VL = 16;
-typedef float vfloat __attribute__((vector_size(VL * sizeof(float))));
-typedef uint32_t vuint __attribute__((vector_size(VL * sizeof(uint32_t))));
-typedef uint16_t vhalf __attribute__((vector_size(VL * sizeof(uint16_t))));
-
-// A weight as float32: bfloat16 is the top half of a float32, so widening is a 16-bit shift.
-inline float widen(float w) { return w; }
-inline float widen(uint16_t w) {
-  const uint32_t bits = static_cast<uint32_t>(w) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
-// VL consecutive values as float32 (unaligned loads).
-inline vfloat load(const float* p) {
-  vfloat v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline vfloat load(const uint16_t* p) {
-  vhalf h;
-  std::memcpy(&h, p, sizeof h);
-  const vuint bits = __builtin_convertvector(h, vuint) << 16;
-  vfloat v;
-  std::memcpy(&v, &bits, sizeof v);
-  return v;
-}
-inline void store(float* p, vfloat v) { std::memcpy(p, &v, sizeof v); }
-
-// The sum of a vector's lanes, as a tree of halves.
-inline float lane_sum(vfloat v) {
-  typedef float v8 __attribute__((vector_size(8 * sizeof(float))));
-  typedef float v4 __attribute__((vector_size(4 * sizeof(float))));
-  const v8 h8 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-                __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  const v4 h4 = __builtin_shufflevector(h8, h8, 0, 1, 2, 3) + __builtin_shufflevector(h8, h8, 4, 5, 6, 7);
-  return (h4[0] + h4[2]) + (h4[1] + h4[3]);
-}
-
-// Calls body(W*) with the weights' data as float (float32) or uint16_t (bfloat16 bits).
-template <typename Body>
-void with_weights(const at::Tensor& w, Body&& body) {
-  if (w.scalar_type() == at::kBFloat16)
-    body(reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()));
-  else
-    body(w.data_ptr<float>());
-}
-
-// The rows of each slot (CSR) and the slots' ranks, checked, as raw pointers. `ranks` is [S'] (one
-// rank per slot for every member) or [members, S'] (each member's own: 0 where the slot's adapter
-// does not target it); `rank(g, s)` reads either.
-struct SlotPlan {
-  int64_t slots;
-  const int64_t* ptr;
-  const int64_t* rows;
-  const int32_t* ranks;
-  int64_t member_stride;  // 0 for [S'] ranks
-  int64_t rank(int64_t g, int64_t s) const { return ranks[g * member_stride + s]; }
-};
-
-SlotPlan slot_plan(const at::Tensor& ptr, const at::Tensor& rows, const at::Tensor& ranks, int64_t members) {
-  TORCH_CHECK(ptr.scalar_type() == at::kLong && rows.scalar_type() == at::kLong, "ptr and rows must be int64");
-  TORCH_CHECK(ranks.scalar_type() == at::kInt, "ranks must be int32");
-  TORCH_CHECK(ptr.is_contiguous() && rows.is_contiguous() && ranks.is_contiguous(), "plan tensors must be contiguous");
-  TORCH_CHECK(ranks.dim() == 1 || (ranks.dim() == 2 && ranks.size(0) == members),
-              "ranks must be [slots] or [members, slots]");
-  TORCH_CHECK(ranks.size(-1) >= ptr.numel() - 1, "a rank is needed for every slot of the plan");
-  return {ptr.numel() - 1, ptr.data_ptr<int64_t>(), rows.data_ptr<int64_t>(), ranks.data_ptr<int32_t>(),
-          ranks.dim() == 2 ? ranks.size(1) : 0};
-}
-
-// The largest rank the group op keeps a tile's shrink for on the stack (4 rows of it).
-constexpr int64_t MAX_GROUP_RANK = 512;
-
-// A unit of work: rows rows[p0 .. p1) of one slot (CSR positions).
-struct Unit {
-  int64_t slot, p0, p1;
-  int64_t rows() const { return p1 - p0; }
-};
-
-// A slot's rows are cut into units this long, so that one long prompt chunk, or the 32 decode rows of a
-// step that runs one adapter, spread over the threads; a unit re-reads its slot's weights, from cache.
-constexpr int64_t UNIT_ROWS = 16;
-
-std::vector<Unit> plan_units(const SlotPlan& plan) {
-  std::vector<Unit> units;
-  for (int64_t s = 0; s < plan.slots; ++s)
-    for (int64_t p = plan.ptr[s]; p < plan.ptr[s + 1]; p += UNIT_ROWS)
-      units.push_back({s, p, std::min(p + UNIT_ROWS, plan.ptr[s + 1])});
-  return units;
-}
-
-// body(u) for every unit u, on torch's threads, the units cut into one contiguous run per thread of
-// about equal cost(u) (weights read, times the passes over them): split by count, units of rank 0 or
-// many rows in one half would leave the other thread idle.
-template <typename Cost, typename Body>
-void for_units(const std::vector<Unit>& units, Cost cost, Body body) {
-  const int64_t n = static_cast<int64_t>(units.size());
-  std::vector<int64_t> prefix(n + 1, 0);
-  for (int64_t u = 0; u < n; ++u) prefix[u + 1] = prefix[u] + cost(units[u]);
-  const int64_t total = prefix[n];
-  if (total == 0) return;
-  const int64_t parts = std::min<int64_t>(at::get_num_threads(), n);
-  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t part = p0; part < p1; ++part) {
-      // Unit u belongs to the part its starting cost falls in.
-      const int64_t lo = total * part / parts, hi = total * (part + 1) / parts;
-      const int64_t first = std::lower_bound(prefix.begin(), prefix.begin() + n, lo) - prefix.begin();
-      const int64_t last = std::lower_bound(prefix.begin(), prefix.begin() + n, hi) - prefix.begin();
-      for (int64_t u = first; u < last; ++u) body(units[u]);
-    }
-  });
-}
-
-// Calls f(std::integral_constant<int, R>) for R = n in 1..4 (a tile's row count as a template argument).
-template <typename F>
-void with_rows(int64_t n, F&& f) {
-  switch (n) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    default: f(std::integral_constant<int, 4>{}); break;
-  }
-}
-
-// t[r][col] = a[:] . x[r, :] for ROWS rows: UNROLL independent vector sums per row, so the FMAs do
-// not wait on each other's latency (one running sum per dot product was latency-bound), and each A
-// vector is loaded once for all the rows. A is read in order: reading several rank rows at once
-// was slower from memory.
-template <int ROWS, typename W>
-inline void dot_row(const float* const* x, const W* a, int64_t in, float* const* t, int64_t col) {
-  constexpr int UNROLL = 2;  // 4 was 6% slower from memory in float32, and no faster in bfloat16
-  vfloat acc[ROWS][UNROLL] = {};
-  int64_t i = 0;
-  for (; i + UNROLL * VL <= in; i += UNROLL * VL) {
-    for (int u = 0; u < UNROLL; ++u) {
-      const vfloat w = load(a + i + u * VL);
-      for (int r = 0; r < ROWS; ++r) acc[r][u] += w * load(x[r] + i + u * VL);
-    }
-  }
-  for (; i + VL <= in; i += VL) {
-    const vfloat w = load(a + i);
-    for (int r = 0; r < ROWS; ++r) acc[r][0] += w * load(x[r] + i);
-  }
-  for (int r = 0; r < ROWS; ++r) {
-    float sum = lane_sum(acc[r][0] + acc[r][1]);
-    for (int64_t ii = i; ii < in; ++ii) sum += widen(a[ii]) * x[r][ii];
-    t[r][col] = sum;
-  }
-}
-
-// The prefill form: t[r][col + c] = A[c, :] . x[r, :] for ROWS rows and COLS rank rows of A (`astride`
-// apart), ROWS * COLS independent sums. A is in cache (a unit's rows go over it in tiles), so each
-// vector of x serves COLS rank rows and each vector of A serves ROWS rows: 4 x 4 tiles do 16 FMAs per 8
-// loads, where the decode form's one rank row at a time does 2 per 3.
-template <int ROWS, int COLS, typename W>
-inline void dot_tile(const float* const* x, const W* a, int64_t astride, int64_t in, float* const* t, int64_t col) {
-  vfloat acc[ROWS][COLS] = {};
-  int64_t i = 0;
-  for (; i + VL <= in; i += VL) {
-    vfloat w[COLS];
-    for (int c = 0; c < COLS; ++c) w[c] = load(a + c * astride + i);
-    for (int r = 0; r < ROWS; ++r) {
-      const vfloat xv = load(x[r] + i);
-      for (int c = 0; c < COLS; ++c) acc[r][c] += w[c] * xv;
-    }
-  }
-  for (int r = 0; r < ROWS; ++r) {
-    for (int c = 0; c < COLS; ++c) {
-      float sum = lane_sum(acc[r][c]);
-      for (int64_t ii = i; ii < in; ++ii) sum += widen(a[c * astride + ii]) * x[r][ii];
-      t[r][col + c] = sum;
-    }
-  }
-}
-
-// One tile of up to 4 rows over every rank row of A_g (`rg` of them, `stride` apart), 4 rank rows at a time
-// (16 sums, 8 loads per 16 FMAs), then the last 2 and 1.
-template <int ROWS, typename W>
-inline void shrink_tile(const float* const* x, const W* ag, int64_t stride, int64_t rg, int64_t in, float* const* t,
-                        int64_t col) {
-  int64_t j = 0;
-  for (; j + 4 <= rg; j += 4) dot_tile<ROWS, 4>(x, ag + j * stride, stride, in, t, col + j);
-  if (j + 2 <= rg) {
-    dot_tile<ROWS, 2>(x, ag + j * stride, stride, in, t, col + j);
-    j += 2;
-  }
-  if (j < rg) dot_tile<ROWS, 1>(x, ag + j * stride, stride, in, t, col + j);
 }
 
 // t[row, g*R + j] = A_g,s[j, :] . x[row, :] for j < rank(g, s); 0 for the other columns. x [N, in],
@@ -302,60 +112,6 @@ void shrink_slots(const at::Tensor& x, const at::Tensor& a, const at::Tensor& pt
   with_weights(a, [&](auto* A) { shrink_typed(x, A, a, ptr, rows, ranks, members, t); });
 }
 
-// Up to ROWS rows of one slot: y[r, :] += t[r, j] * B[j, :] for each rank row j in turn, so B is
-// read once, in order, and the rows' outputs stay in L1 between rank rows.
-template <int ROWS, typename W>
-void expand_rows(float* const* y, const float* const* t, const W* b, int64_t br, int64_t rank, int64_t out) {
-  for (int64_t j = 0; j < rank; ++j) {
-    const W* brow = b + j * br;
-    float c[ROWS];
-    for (int r = 0; r < ROWS; ++r) c[r] = t[r][j];
-    int64_t o = 0;
-    for (; o + VL <= out; o += VL) {
-      const vfloat w = load(brow + o);
-      for (int r = 0; r < ROWS; ++r) store(y[r] + o, load(y[r] + o) + c[r] * w);
-    }
-    for (; o < out; ++o) {
-      const float w = widen(brow[o]);
-      for (int r = 0; r < ROWS; ++r) y[r][o] += c[r] * w;
-    }
-  }
-}
-
-// The prefill form: up to ROWS rows' outputs, 4 vectors wide, stay in registers across the whole rank
-// (B, in cache, is read down a column of vectors), so each y vector is loaded and stored once instead
-// of once per rank row. From memory (decode) this was slower than expand_rows; from cache, twice as fast.
-template <int ROWS, int VECS, typename W>
-inline void expand_cols(float* const* y, const float* const* t, const W* b, int64_t br, int64_t rank, int64_t o) {
-  vfloat acc[ROWS][VECS];
-  for (int r = 0; r < ROWS; ++r)
-    for (int v = 0; v < VECS; ++v) acc[r][v] = load(y[r] + o + v * VL);
-  for (int64_t j = 0; j < rank; ++j) {
-    vfloat w[VECS];
-    for (int v = 0; v < VECS; ++v) w[v] = load(b + j * br + o + v * VL);
-    for (int r = 0; r < ROWS; ++r) {
-      const float c = t[r][j];
-      for (int v = 0; v < VECS; ++v) acc[r][v] += c * w[v];
-    }
-  }
-  for (int r = 0; r < ROWS; ++r)
-    for (int v = 0; v < VECS; ++v) store(y[r] + o + v * VL, acc[r][v]);
-}
-
-template <int ROWS, typename W>
-void expand_tile(float* const* y, const float* const* t, const W* b, int64_t br, int64_t rank, int64_t out) {
-  int64_t o = 0;
-  for (; o + 4 * VL <= out; o += 4 * VL) expand_cols<ROWS, 4>(y, t, b, br, rank, o);
-  for (; o + VL <= out; o += VL) expand_cols<ROWS, 1>(y, t, b, br, rank, o);
-  for (; o < out; ++o) {  // the last columns
-    for (int r = 0; r < ROWS; ++r) {
-      float sum = y[r][o];
-      for (int64_t j = 0; j < rank; ++j) sum += t[r][j] * widen(b[j * br + o]);
-      y[r][o] = sum;
-    }
-  }
-}
-
 // y[row, :] += sum_{j < rank(s)} t[row, j] * B_s[j, :]. y [N, out], t [N, >= R]. `block(s)` is where B_s
 // starts, its rank rows `stride` apart: a slot of b [S, out, R] with out contiguous (the [S, R, out] buffer's
 // transposed view), or the rank-major block [rank, out] in the pool. A unit's rows go through in groups of
@@ -411,37 +167,6 @@ void expand_slots(const at::Tensor& y, const at::Tensor& t, const at::Tensor& b,
   check_weights(b, "b");
   TORCH_CHECK(b.stride(1) == 1, "b must have out contiguous");
   with_weights(b, [&](auto* B) { expand_typed(y, t, B, b, ptr, rows, ranks); });
-}
-
-// The pool layout (server/lora/pool.py): every adapter's weights lie in one flat tensor, each weight a
-// block of `rank` rows of `row` elements (A: in features; B: rank-major, out features) at element
-// base[s] + rel[g * S + s] for member g of slot s. Nothing is padded to the largest rank: a rank-4
-// adapter's block is a quarter of a rank-16 one's. The offsets are checked against the pool's size
-// before any thread reads.
-struct PoolPlan {
-  const int64_t* base;
-  const int64_t* rel;
-  int64_t slots_total;  // S: rel's member stride
-  int64_t offset(int64_t g, int64_t s) const { return base[s] + rel[g * slots_total + s]; }
-};
-
-// `member0`: the plan's member whose ranks rel's first row goes with (a group member's own B).
-PoolPlan pool_plan(const at::Tensor& pool, const at::Tensor& base, const at::Tensor& rel, const SlotPlan& plan,
-                   int64_t members, int64_t row, int64_t rank_max, int64_t member0 = 0) {
-  TORCH_CHECK(pool.dim() == 1 && pool.is_contiguous(), "pool must be one contiguous dimension");
-  TORCH_CHECK(base.scalar_type() == at::kLong && rel.scalar_type() == at::kLong, "base and rel must be int64");
-  TORCH_CHECK(base.is_contiguous() && rel.is_contiguous() && rel.dim() == 2 && rel.size(0) == members &&
-              rel.size(1) == base.numel() && base.numel() >= plan.slots, "base [S] and rel [members, S] disagree");
-  const PoolPlan p{base.data_ptr<int64_t>(), rel.data_ptr<int64_t>(), base.numel()};
-  for (int64_t s = 0; s < plan.slots; ++s) {
-    if (plan.ptr[s + 1] == plan.ptr[s]) continue;
-    for (int64_t g = 0; g < members; ++g) {
-      const int64_t r = std::min<int64_t>(plan.rank(member0 + g, s), rank_max);
-      TORCH_CHECK(r == 0 || (p.offset(g, s) >= 0 && p.offset(g, s) + r * row <= pool.numel()),
-                  "a weight block lies outside the pool");
-    }
-  }
-  return p;
 }
 
 template <typename W>
