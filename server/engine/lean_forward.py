@@ -35,6 +35,7 @@ from server.engine.kv_cache import KVCache
 from server.engine.step_plan import StepAttention
 from server.lora.cpu_group import GroupDelta
 from server.lora.layers import LoraLinear
+from server.lora.step import LoraStepMeta
 from server.quant.linear import QuantLinear
 
 log = logging.getLogger(__name__)
@@ -60,27 +61,25 @@ class Projections:
     def __init__(self, modules: list[Any]) -> None:
         self.modules = modules
         self.lora = [m if isinstance(m, LoraLinear) else None for m in modules]
-        self.forwards = [m.forward for m in modules]
         self.widths = [int(_base(m).out_features) for m in modules]
         self.fused = _fuse_blocks([_base(m) for m in modules])
         self.first = _base(modules[0])
         self.delta = GroupDelta.of(modules)
         self.bases = [_base(m).forward for m in modules]
 
-    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
-        if self.fused is None and self.delta is None:
-            return [forward(x) for forward in self.forwards]
+    def __call__(self, x: torch.Tensor, lora: LoraStepMeta | None) -> list[torch.Tensor]:
+        """The members' outputs for `x`, with the deltas of the step's LoRA plan `lora` (None: base rows only)."""
         if self.fused is None:
             parts = [forward(x) for forward in self.bases]
         else:
             out = torch.ops.loraplex.quant_linear_forward.default(x, self.fused, self.first.qtype, self.first.int8)
             parts = list(out.split(self.widths, dim=-1))
         if self.delta is not None:
-            self.delta.add_(x, parts, self.modules[0].state.meta)
+            self.delta.add_(x, parts, lora)
             return parts
-        for i, lora in enumerate(self.lora):
-            if lora is not None:
-                parts[i] = lora.add_lora(parts[i], x, lora.state.meta)
+        for i, layer in enumerate(self.lora):
+            if layer is not None:
+                parts[i] = layer.add_lora(parts[i], x, lora)
         return parts
 
 
@@ -124,13 +123,18 @@ class LeanLayer:
 
 class LeanForward:
     """The decoder loop above over `paged.model`'s modules: `__call__(kv_cache, step, input_ids [T])` returns
-    the logits of `step.last_rows` (`[rows, vocab]`), as `attention.forward_step` does."""
+    the logits of `step.last_rows` (`[rows, vocab]`), as `attention.forward_step` does.
+
+    The step's LoRA plan is read once from the model's `StepState` (set by `LoraModel.stepping`) and handed to
+    every projection with the attention's plan; the embedding and the output head, called as modules, read it
+    there themselves."""
 
     def __init__(self, paged: PagedModel) -> None:
         model: Any = paged.model
         self.model, self.config = model, model.config
         self.decoder: Any = model.get_decoder()
         self.layers = [_lean_layer(i, layer, model.config) for i, layer in enumerate(self.decoder.layers)]
+        self.lora_state = next((m.state for m in model.modules() if isinstance(m, LoraLinear)), None)
 
     def __call__(self, kv_cache: KVCache, step: StepAttention, input_ids: torch.Tensor) -> torch.Tensor:
         decoder, layers = self.decoder, self.layers
@@ -140,9 +144,10 @@ class LeanForward:
         cos, sin = decoder.rotary_emb(h, step.positions[None])
         cos, sin = cos[0].contiguous(), sin[0].contiguous()  # [T, head_dim]
         decode_only = step.decode_kernel and not step.prefills
+        lora = self.lora_state.meta if self.lora_state is not None else None
         x = _add_norm(h, None, layers[0].input_norm)
         for i, layer in enumerate(layers):
-            mlp = self._layer(layer, h, x, cos, sin, kv_cache, step, decode_only)
+            mlp = self._layer(layer, h, x, cos, sin, kv_cache, step, lora, decode_only)
             if i + 1 < len(layers):
                 x = _add_norm(h, mlp, layers[i + 1].input_norm)
             else:
@@ -151,11 +156,11 @@ class LeanForward:
         return finish_logits(self.config, self.model.get_output_embeddings()(hidden))
 
     def _layer(self, layer: LeanLayer, h: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               kv_cache: KVCache, step: StepAttention, decode_only: bool) -> torch.Tensor:
+               kv_cache: KVCache, step: StepAttention, lora: LoraStepMeta | None, decode_only: bool) -> torch.Tensor:
         """One layer on the normed input `x`: `h` gets the attention's output added in place; returns the MLP's
         output (the caller adds it with the next layer's norm)."""
         n = h.shape[0]
-        q, k, v = layer.qkv(x)
+        q, k, v = layer.qkv(x, lora)
         q = q.view(n, layer.heads, layer.head_dim)
         k = k.view(n, layer.kv_heads, layer.head_dim)
         v = v.view(n, layer.kv_heads, layer.head_dim)
@@ -171,8 +176,8 @@ class LeanForward:
         else:
             attn = attend_written(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
                                   kv_cache, index, step, layer.scale, layer.options)
-        gate, up = layer.gate_up(_add_norm(h, layer.o_proj(attn.view(n, -1))[0], layer.post_norm))
-        return layer.down_proj(layer.act(gate) * up)[0]
+        gate, up = layer.gate_up(_add_norm(h, layer.o_proj(attn.view(n, -1), lora)[0], layer.post_norm), lora)
+        return layer.down_proj(layer.act(gate) * up, lora)[0]
 
 
 def _add_norm(h: torch.Tensor, delta: torch.Tensor | None, norm: Any) -> torch.Tensor:

@@ -33,8 +33,9 @@ class ModelRunner:
         positions whose next token's logprob was asked for (`prompt_spans` of the returned plan, in order).
 
         The step context is built here, once: the attention plan (`StepAttention`), passed to the forward,
-        and the LoRA plan (`LoraStepMeta`), which the LoRA layers read from their model's `StepState` for the
-        length of the forward (`LoraModel.stepping`). Sequences are packed
+        and the LoRA plan (`LoraStepMeta`), set on the model's `StepState` for the length of the forward
+        (`LoraModel.stepping`): the lean decoder reads it once and passes it to each projection group, the
+        transformers path's LoRA layers read it there. Sequences are packed
         decode rows first, then prefill chunks, each grouped by adapter row with base last, after
         `LoraModel.place` has moved the step's adapters into a dense prefix of rows.
         """
