@@ -33,7 +33,7 @@ def make_delta(tokenizer, seq: Sequence, text: str, out: SampleOutput | None, re
     if out is not None and out.logprob is not None:
         logprobs = (token_logprob(tokenizer, out),)
     first = len(seq.output_ids) <= 1  # the prompt goes with the first delta only
-    prompt_logprobs = tuple(seq.prompt_logprobs) if first and seq.prompt_logprobs is not None else None
+    prompt_logprobs = _computed(seq.prompt_logprobs) if first and seq.prompt_logprobs is not None else None
     return Delta(text=text, logprobs=logprobs, finish_reason=reason, prompt_tokens=seq.prompt_len,
                  completion_tokens=len(seq.output_ids), prompt_logprobs=prompt_logprobs,
                  prompt_text=seq.echo_text if first else None)
@@ -45,8 +45,21 @@ def record_prompt_logprobs(tokenizer, plan: list[ScheduledSeq], logits: torch.Te
     spans = prompt_spans(plan, advanced=True)
     if not spans:
         return
-    targets = torch.tensor([seq.token_ids[p + 1] for seq, start, count in spans for p in range(start, start + count)])
-    outs = iter(token_logprobs(logits, targets, max(seq.params.prompt_logprobs for seq, _, _ in spans)))
-    for seq, start, count in spans:
+    asked = []
+    for seq, start, count in spans:  # prompt_spans keeps the sequences that asked for prompt logprobs
+        slots, k = seq.prompt_logprobs, seq.params.prompt_logprobs
+        assert slots is not None and k is not None
+        asked.append((seq.token_ids, slots, k, start, count))
+    targets = torch.tensor([ids[p + 1] for ids, _, _, start, count in asked for p in range(start, start + count)])
+    outs = iter(token_logprobs(logits, targets, max(k for _, _, k, _, _ in asked)))
+    for _, slots, k, start, count in asked:
         for p in range(start, start + count):
-            seq.prompt_logprobs[p + 1] = token_logprob(tokenizer, next(outs), seq.params.prompt_logprobs)
+            slots[p + 1] = token_logprob(tokenizer, next(outs), k)
+
+
+def _computed(slots: list[TokenLogprob | None]) -> tuple[TokenLogprob, ...]:
+    """A sequence's prompt logprobs once its prompt is computed (a delta comes only then): every slot is
+    filled, the first (whose logprob is None) from the start, the others by `record_prompt_logprobs`."""
+    filled = tuple(item for item in slots if item is not None)
+    assert len(filled) == len(slots), "prompt logprobs sent before the prompt was computed"
+    return filled

@@ -68,7 +68,8 @@ class Delta:
     finish_reason: str | None = None     # "stop" or "length" on the last delta
     prompt_tokens: int = 0
     completion_tokens: int = 0           # generated so far
-    # First delta only, when asked for: the prompt's text (echo) and its tokens' logprobs (the first's None).
+    # First delta only, when asked for: the prompt's text (echo) and its tokens' logprobs, one per prompt token
+    # (the first's `logprob` None: nothing predicts it).
     prompt_text: str | None = None
     prompt_logprobs: tuple[TokenLogprob, ...] | None = None
 
