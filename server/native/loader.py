@@ -5,7 +5,9 @@
                            its register tiles in lora_tiles.h, its work split in lora_units.h
     attention_kernels.cpp  loraplex::paged_decode_attention        (decode attention, server/engine/decode_kernel.py),
                            loraplex::rope_cache_write              (rotary + cache write, server/engine/lean_forward.py)
-    quant_kernels.cpp      loraplex::quant_linear / quant_dequantize (quantized base linears, server/quant/)
+    quant_kernels.cpp      loraplex::quant_linear / quant_dequantize (quantized base linears, server/quant/);
+                           the block formats in quant_formats.h, the exact and int8 kernels in quant_exact.h
+                           and quant_int8.h
 
 They are compiled on first use with torch's extension loader (a C++ compiler and ninja are needed;
 `-march=native`, so the build folder is keyed by this CPU's instruction-set flags) and cached in
