@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from server.quant.linear import BLOCKS, TYPE_NAMES, QuantEmbedding, QuantLinear, row_bytes
 
@@ -39,7 +40,7 @@ class QuantReport:
     float_bytes: int = 0
 
 
-def quantize_from_gguf(model: nn.Module, gguf_path: Path, int8: bool = False) -> QuantReport:
+def quantize_from_gguf(model: PreTrainedModel, gguf_path: Path, int8: bool = False) -> QuantReport:
     """Replace `model`'s linear layers, token embedding and output head by their GGUF blocks (`int8`: the
     linear layers' decode rows in the int8-activation mode)."""
     import gguf
@@ -58,6 +59,7 @@ def quantize_from_gguf(model: nn.Module, gguf_path: Path, int8: bool = False) ->
         if why is not None:
             report.kept[name] = why
             continue
+        assert tensor is not None  # _why_kept refuses a missing tensor
         layer = QuantLinear(_blocks_in_row_order(tensor, name, arch, model.config), int(tensor.tensor_type),
                             module.in_features, module.out_features, module.bias, int8)
         _swap(model, name, layer, module.weight, report)
@@ -69,17 +71,17 @@ def quantize_from_gguf(model: nn.Module, gguf_path: Path, int8: bool = False) ->
     return report
 
 
-def _swap_embedding_and_head(model: nn.Module, tensors: dict, report: QuantReport, int8: bool) -> None:
+def _swap_embedding_and_head(model: PreTrainedModel, tensors: dict, report: QuantReport, int8: bool) -> None:
     """The token embedding from `token_embd`, the output head from `output` (or `token_embd`, tied)."""
     embedding, output = model.get_input_embeddings(), model.get_output_embeddings()
     table = tensors.get("token_embd.weight")
     tied = output is not None and output.weight is embedding.weight
     table_blocks = None if _why_kept(table) is not None else _blocks_in_row_order(table, "", "", None)
-    if isinstance(embedding, nn.Embedding) and table_blocks is not None:
+    if isinstance(embedding, nn.Embedding) and table is not None and table_blocks is not None:
         layer = QuantEmbedding(table_blocks, int(table.tensor_type), embedding.embedding_dim)
         _swap(model, _name_of(model, embedding), layer, embedding.weight, report)
     head = tensors.get("output.weight", table if tied else None)
-    if isinstance(output, nn.Linear) and output.bias is None and _why_kept(head) is None:
+    if isinstance(output, nn.Linear) and output.bias is None and head is not None and _why_kept(head) is None:
         blocks = table_blocks if head is table else _blocks_in_row_order(head, "", "", None)  # tied: one copy
         layer = QuantLinear(blocks, int(head.tensor_type), output.in_features, output.out_features, int8=int8)
         weight = output.weight
@@ -92,7 +94,8 @@ def _name_of(model: nn.Module, module: nn.Module) -> str:
     return next(n for n, m in model.named_modules() if m is module)
 
 
-def _swap(model: nn.Module, name: str, new: nn.Module, weight: torch.Tensor, report: QuantReport) -> bool:
+def _swap(model: nn.Module, name: str, new: QuantLinear | QuantEmbedding, weight: torch.Tensor,
+          report: QuantReport) -> bool:
     """Put `new` in place of the module `name` if it computes the same weight; whether it did."""
     why = _differs(new, weight)
     if why is not None:
