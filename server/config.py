@@ -52,7 +52,8 @@ class Settings(BaseSettings):
     quant_compute: Literal["exact", "int8"] = Field(
         "exact", description="kept GGUF blocks' decode rows: exact = dequantized in registers times float32 "
         "activations (the float32 model's results up to summation order); int8 = activations rounded to int8 per "
-        "32 and integer dot products (faster; a bounded deviation, docs/models.md)")
+        "block (32 weights; 256 for the k-quants) and integer dot products (faster; a bounded deviation, "
+        "docs/models.md)")
     lora_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="adapter weights in the slots; auto = the model's dtype. bfloat16 on a float32 CPU "
         "model halves the bytes the LoRA op reads per step (it computes in float32; float32-saved weights are "
