@@ -132,9 +132,10 @@ class ClusterIngress:
         return IngressApp(self.settings, self.forward, self.metrics, self.base_name)
 
     async def forward(self, request: ForwardedRequest, model_id: str | None) -> AsyncIterator[ResponseStart | bytes]:
-        handle = self.replicas.options(stream=True, method_name="forward",
-                                       **({"multiplexed_model_id": model_id} if model_id else {}))
-        stream = handle.remote(request)
+        handle = self.replicas.options(stream=True, method_name="forward")
+        if model_id:  # options copy the handle's and update them: still a stream
+            handle = handle.options(multiplexed_model_id=model_id)
+        stream: Any = handle.remote(request)  # with stream=True, a DeploymentResponseGenerator
         try:
             async for item in stream:
                 yield item
