@@ -65,7 +65,7 @@ BUILD_CHECK = textwrap.dedent("""
     from torch.utils.cpp_extension import load
     from server.native.loader import _put_ninja_on_path
     from tests.quant.blocks import TYPES, quantized
-    from tests.quant.test_quant_linear import int8_activations, matmul_tolerance, offsets
+    from tests.quant.test_quant_linear import INT8_ROWS, int8_activations, int8_group, matmul_tolerance, offsets
     arch, int8_exact = sys.argv[1], sys.argv[2] == "exact"
     _put_ninja_on_path()
     load(name="loraplex_quant_" + arch.replace("-", "_"), sources=["server/native/quant_kernels.cpp"],
@@ -79,8 +79,8 @@ BUILD_CHECK = textwrap.dedent("""
             for int8 in (False, True):
                 out = torch.empty(m, 24)
                 torch.ops.loraplex.quant_linear(x, blocks, int(qtype), out, int8)
-                if int8 and not int8_exact and m <= 32:  # the int8 path: quants meet the rounded activations
-                    expected = int8_activations(x) @ (weight - b).T + x @ b.T
+                if int8 and not int8_exact and m <= INT8_ROWS:  # the int8 path: quants meet the rounded activations
+                    expected = int8_activations(x, int8_group(qtype)) @ (weight - b).T + x @ b.T
                 else:
                     expected = x @ weight.T
                 bound = matmul_tolerance(x, weight, b)
