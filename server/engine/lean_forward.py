@@ -59,7 +59,6 @@ class Projections:
     """
 
     def __init__(self, modules: list[Any]) -> None:
-        self.modules = modules
         self.lora = [m if isinstance(m, LoraLinear) else None for m in modules]
         self.widths = [int(_base(m).out_features) for m in modules]
         self.fused = _fuse_blocks([_base(m) for m in modules])

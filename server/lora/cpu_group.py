@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from server.lora.cpu_native import SlotPlan
+from server.lora.cpu_native import plan_of
 from server.lora.layers import LoraLinear, pooled
 from server.lora.ops import CPU_KERNELS
 from server.lora.pool import PooledWeight
@@ -25,9 +25,7 @@ def group_delta_(x: torch.Tensor, ys: list[torch.Tensor], a: PooledWeight, bs: l
                  meta: LoraStepMeta, ranks: RankTable) -> None:
     """Add each member's delta into `ys[g] [N, out_g]` (views with contiguous rows are fine) for `x [N, in]`;
     `a` the group's stacked A in the pool, `bs[g]` member g's B, `ranks.table [members, S]`."""
-    plan = meta.plan
-    if not isinstance(plan, SlotPlan):
-        raise TypeError(f"the fused group op needs the compiled kernels' plan, not {type(plan).__name__}")
+    plan = plan_of(meta)
     if plan.ptr is None:
         return
     torch.ops.loraplex.lora_pool_group(x, ys, a.pool.data, a.pool.base, a.rel, [b.rel for b in bs], plan.ptr,

@@ -65,7 +65,8 @@ def plan_slots(slots: list[int], num_decode: int, to_device: ToDevice) -> SlotPl
     return SlotPlan(to_device(ptr, torch.int64), to_device(rows, torch.int64))
 
 
-def _plan(meta: LoraStepMeta) -> SlotPlan:
+def plan_of(meta: LoraStepMeta) -> SlotPlan:
+    """The step's plan for these kernels (a `TypeError` if another backend's was built)."""
     if not isinstance(meta.plan, SlotPlan):
         raise TypeError(f"the compiled LoRA kernels need a step planned for them, not {type(meta.plan).__name__}")
     return meta.plan
@@ -85,7 +86,7 @@ def shrink(x: torch.Tensor, a: torch.Tensor | PooledWeight, meta: LoraStepMeta, 
     if isinstance(a, PooledWeight):
         return _shrink_pooled(x, a, meta, ranks)
     t = x.new_zeros(x.shape[0], a.shape[1])
-    plan = _plan(meta)
+    plan = plan_of(meta)
     stacked = meta.max_rank and a.shape[1] % meta.max_rank == 0  # members of max_rank columns each
     members = a.shape[1] // meta.max_rank if stacked else 1
     width = a.shape[1] // members
@@ -103,7 +104,7 @@ def expand_(y: torch.Tensor, t: torch.Tensor, b: torch.Tensor | PooledWeight, me
         _expand_pooled(y[:, out_offset:out_offset + b.row], t, b, meta, ranks)
         return
     out = y[:, out_offset:out_offset + b.shape[1]]
-    plan = _plan(meta)
+    plan = plan_of(meta)
     width = b.shape[2]
     if plan.ptr is not None:
         b = b if b.stride(1) == 1 else b.transpose(1, 2).contiguous().transpose(1, 2)  # as the layers keep it
@@ -120,7 +121,7 @@ def _pool_ranks(ranks: RankTable | None) -> RankTable:
 
 def _shrink_pooled(x: torch.Tensor, a: PooledWeight, meta: LoraStepMeta, ranks: RankTable | None) -> torch.Tensor:
     ranks = _pool_ranks(ranks)
-    plan = _plan(meta)
+    plan = plan_of(meta)
     # Rows of the base model stay 0; the kernel writes every LoRA row's columns (zeros past its ranks).
     t = x.new_zeros(x.shape[0], a.members * a.width)
     if plan.ptr is not None:
@@ -132,7 +133,7 @@ def _shrink_pooled(x: torch.Tensor, a: PooledWeight, meta: LoraStepMeta, ranks: 
 def _expand_pooled(out: torch.Tensor, t: torch.Tensor, b: PooledWeight, meta: LoraStepMeta,
                    ranks: RankTable | None) -> None:
     ranks = _pool_ranks(ranks)
-    plan = _plan(meta)
+    plan = plan_of(meta)
     if plan.ptr is not None:
         torch.ops.loraplex.expand_pool(out, t, b.pool.data, b.pool.base, b.rel, plan.ptr, plan.rows, ranks.table,
                                        b.width)
