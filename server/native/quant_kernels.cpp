@@ -6,7 +6,7 @@
 //       out = x @ W^T, W the dequantized weight [N, K].
 //       int8=False (exact): each block is dequantized in registers and multiplied with the float32 activations,
 //         equal to float32 matmul over the dequantized weight up to summation order.
-//       int8=True (M <= INT8_DIRECT_ROWS, AVX2 only; elsewhere, and for larger M, exact): the activations are
+//       int8=True (AVX2 only; elsewhere exact): in slices of INT8_DIRECT_ROWS rows, the activations are
 //         rounded to int8 with one float scale per block (32 weights; 256 for the k-quants) and meet the blocks'
 //         quants in integer dot products; the blocks' offsets b meet the exact float activations. Deviation from
 //         exact: at most half a rounding step (max |x| of the block / 127 / 2) per activation times |a q|.
@@ -39,7 +39,8 @@
 // the integer dot product, so a super-block costs one conversion and one multiply-add per row; the 32-weight
 // types reduce eight blocks' integer sums to one vector first. Larger M dequantizes tiles of TILE_ROWS weight rows
 // and multiplies them with at::mm, a dense GEMM (AVX-512 where the CPU has it): faster than exact direct rows
-// above 32-48 rows; int8 direct rows stayed ahead of it at every M measured (up to 256: 1.1-1.7x).
+// above 32-48 rows; int8 direct rows stay ahead of it at every M (256 and 512 rows of a 1B model's Q4_K and Q6_K
+// linears: 1.4-1.7x), so int8 calls above INT8_DIRECT_ROWS run in slices of it.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -163,7 +164,17 @@ void direct(const float* x, int64_t m_rows, int64_t x_stride, const uint8_t* blo
   direct_ref(x, m_rows, x_stride, blocks, row_bytes, t, n, k, out, out_stride);
 }
 
-// The most rows the direct kernels take; above, dequantized tiles and at::mm.
+// Whether the int8 mode's kernels exist in this build (else int8 calls run exact).
+bool int8_kernels(bool int8) {
+#ifdef LORAPLEX_QUANT_AVX2
+  return int8;
+#else
+  (void)int8;
+  return false;
+#endif
+}
+
+// The most rows one direct call takes; above, exact calls dequantize tiles for at::mm, int8 ones take slices.
 int64_t direct_rows(bool int8) {
 #ifdef LORAPLEX_QUANT_AVX2
   if (int8) return INT8_DIRECT_ROWS;
@@ -198,8 +209,11 @@ void quant_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t qtype, 
   const uint8_t* B = blocks.data_ptr<uint8_t>();
   const int64_t row_bytes = blocks.size(1);
   if (m == 0) return;
-  if (m <= direct_rows(int8)) {
-    direct(x.data_ptr<float>(), m, x.stride(0), B, row_bytes, qtype, n, k, out.data_ptr<float>(), out.stride(0), int8);
+  const int64_t most = direct_rows(int8);
+  if (m <= most || int8_kernels(int8)) {  // int8: direct at every M, in slices (faster than tiles + at::mm)
+    for (int64_t i0 = 0; i0 < m; i0 += most)
+      direct(x.data_ptr<float>() + i0 * x.stride(0), std::min(most, m - i0), x.stride(0), B, row_bytes, qtype, n, k,
+             out.data_ptr<float>() + i0 * out.stride(0), out.stride(0), int8);
     return;
   }
   auto tile = at::empty({std::min(n, TILE_ROWS), k}, x.options());

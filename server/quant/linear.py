@@ -4,8 +4,8 @@
     y = layer(x)          # x [..., in_features] float32 -> [..., out_features]
 
 `blocks [out_features, in_features / block_weights * block_bytes]` uint8 are GGUF's blocks of each weight
-row, as the file stores them (row i of the weight is row i of the blocks). `int8=True` computes calls of
-up to 256 rows with activations quantized to int8 per block (32 weights, 256 for the k-quants; integer dot
+row, as the file stores them (row i of the weight is row i of the blocks). `int8=True` computes with
+activations quantized to int8 per block (32 weights, 256 for the k-quants; integer dot
 products; a bounded deviation from the exact result, see `quant_linear` in server/native/quant_kernels.cpp).
 The LoRA layers wrap it as they wrap `nn.Linear` (`in_features`, `out_features`, and `weight`, which dequantizes on demand: DoRA's
 norms read it once per adapter written to a slot).
