@@ -27,8 +27,11 @@ int64_t row_grain(int64_t m_rows, int64_t k) {
   return std::max(ROW_TILE, MIN_THREAD_WORK / std::max<int64_t>(1, m_rows * k));
 }
 
+// GGML's type ids, and two layouts of our own (ids 100 + the type they hold; see "Lane layouts" below).
 enum QType : int64_t { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q2_K = 10, Q3_K = 11, Q4_K = 12, Q5_K = 13,
-                       Q6_K = 14 };
+                       Q6_K = 14, Q4_K_L = 112, Q6_K_L = 114 };
+
+constexpr bool is_lanes(int64_t t) { return t == Q4_K_L || t == Q6_K_L; }
 
 constexpr int64_t block_weights(int64_t t) { return t >= Q2_K ? 256 : 32; }
 
@@ -44,6 +47,8 @@ constexpr int64_t block_bytes(int64_t t) {
     case Q4_K: return 4 + 12 + 128;
     case Q5_K: return 4 + 12 + 32 + 128;
     case Q6_K: return 128 + 64 + 16 + 2;
+    case Q4_K_L: return 4 + 8 + 8 + 128;
+    case Q6_K_L: return 128 + 64 + 16 + 2;
     default: return 0;
   }
 }
@@ -80,6 +85,21 @@ inline void q3_scales(const uint8_t* s, int sc[16]) {
     const int high = (s[8 + i % 4] >> (2 * (i / 4))) & 3;
     sc[i] = (low | (high << 4)) - 32;
   }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Lane layouts: Q4_K and Q6_K for the int8 mode's VNNI kernel (loraplex::quant_int8_layout converts a tensor). The
+// same quants and scales; the quants reordered so that 32-bit lane j of decoded chunk c holds 4 weights of one
+// sub-block: j (Q4_K_L), j + 8 (c / 4) (Q6_K_L). One unsigned-by-signed dot product per chunk then accumulates
+// every sub-block in its own lane, and the sub-block scales multiply once per super-block instead of once per
+// chunk (the activations take the same order, see permute_lanes).
+//   Q4_K_L (112) 256: d, dmin, scales u8[8], mins u8[8], qs[128]   chunk c: nibble c % 2 of qs[32 (c / 2) + l]
+//   Q6_K_L (114) 256: as Q6_K (chunk c = 4h + s where Q6_K has it)
+
+// The weight (its index in the super-block) at byte l of lane-layout chunk c.
+constexpr int lane_source(int64_t t, int c, int l) {
+  const int j = l / 4, b = l % 4;
+  return t == Q4_K_L ? 32 * j + 4 * c + b : 16 * (j + 8 * (c / 4)) + 4 * (c % 4) + b;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -183,7 +203,62 @@ void unpack_ref(int64_t t, const uint8_t* b, ChunkRef* out) {
       }
       return;
     }
+    case Q4_K_L: case Q6_K_L: {
+      ChunkRef lanes[8];
+      if (t == Q6_K_L) {
+        unpack_ref(Q6_K, b, lanes);  // the quants (chunk order as Q6_K's); the scales set below
+      } else {
+        for (int c = 0; c < 8; ++c)
+          for (int l = 0; l < 32; ++l) lanes[c].q[l] = static_cast<int8_t>((b[20 + 32 * (c / 2) + l] >> (4 * (c % 2))) & 15);
+      }
+      for (int c = 0; c < 8; ++c)
+        for (int l = 0; l < 32; ++l) {
+          const int w = lane_source(t, c, l);
+          out[w / 32].q[w % 32] = lanes[c].q[l];
+        }
+      for (int c = 0; c < 8; ++c) {
+        if (t == Q4_K_L) {
+          const float a = half_at(b) * static_cast<float>(b[4 + c]), off = -(half_at(b + 2) * static_cast<float>(b[12 + c]));
+          set_affine(out[c], a, off, a, off);
+        } else {
+          const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+          const float d = half_at(b + 208), a0 = d * static_cast<float>(sc[2 * c]), a1 = d * static_cast<float>(sc[2 * c + 1]);
+          set_affine(out[c], a0, -32.f * a0, a1, -32.f * a1);
+        }
+      }
+      return;
+    }
     default: TORCH_CHECK(false, "unsupported quantized type ", t);
+  }
+}
+
+// A Q4_K or Q6_K block `from` written in its lane layout `t` at `to`.
+void to_lanes(int64_t t, const uint8_t* from, uint8_t* to) {
+  ChunkRef chunks[8];
+  unpack_ref(t == Q4_K_L ? Q4_K : Q6_K, from, chunks);
+  uint8_t q[8][32];
+  for (int c = 0; c < 8; ++c)
+    for (int l = 0; l < 32; ++l) {
+      const int w = lane_source(t, c, l);
+      q[c][l] = static_cast<uint8_t>(chunks[w / 32].q[w % 32]);
+    }
+  if (t == Q4_K_L) {
+    int sc[8], mn[8];
+    k_scales_mins(from + 4, sc, mn);
+    std::memcpy(to, from, 4);  // d, dmin
+    for (int c = 0; c < 8; ++c) to[4 + c] = static_cast<uint8_t>(sc[c]), to[12 + c] = static_cast<uint8_t>(mn[c]);
+    for (int p = 0; p < 4; ++p)
+      for (int l = 0; l < 32; ++l) to[20 + 32 * p + l] = static_cast<uint8_t>(q[2 * p][l] | (q[2 * p + 1][l] << 4));
+    return;
+  }
+  std::memset(to, 0, 192);  // ql, qh: chunk c = 4h + s as Q6_K stores it
+  std::memcpy(to + 192, from + 192, 18);  // scales, d
+  for (int c = 0; c < 8; ++c) {
+    const int h = c / 4, s = c % 4;
+    for (int l = 0; l < 32; ++l) {
+      to[64 * h + 32 * (s % 2) + l] |= static_cast<uint8_t>((q[c][l] & 15) << (4 * (s / 2)));
+      to[128 + 32 * h + l] |= static_cast<uint8_t>((q[c][l] >> 4) << (2 * s));
+    }
   }
 }
 

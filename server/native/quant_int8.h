@@ -281,6 +281,90 @@ void int8_rows_k(const Int8Rows& xr, const uint8_t* blocks, int64_t row_bytes, i
   }
 }
 
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define LORAPLEX_QUANT_LANES 1
+
+// The lane layouts' activations: each super-block's 32-bit groups of q reordered as the quants are (lane j of
+// chunk c takes the 4 activations of lane_source(T, c, 4 j)).
+template <int64_t T>
+void permute_lanes(const Int8Rows& xr, int64_t m_rows) {
+  int8_t* q = const_cast<int8_t*>(xr.q);
+  for (int64_t at = 0; at < m_rows * xr.k; at += 256) {
+    uint32_t from[64], to[64];
+    std::memcpy(from, q + at, 256);
+    for (int c = 0; c < 8; ++c)
+      for (int j = 0; j < 8; ++j) to[8 * c + j] = from[lane_source(T, c, 4 * j) / 4];
+    std::memcpy(q + at, to, 256);
+  }
+}
+
+// The 8 chunks of a lane-layout super-block (the unsigned quants).
+template <int64_t T>
+inline __attribute__((always_inline)) void lane_quants(const uint8_t* b, __m256i q[8]) {
+  if constexpr (T == Q4_K_L) {
+    for (int p = 0; p < 4; ++p) {
+      const __m256i raw = load32(b + 20 + 32 * p);
+      q[2 * p] = low_bits(raw, 0, 15), q[2 * p + 1] = low_bits(raw, 4, 15);
+    }
+  } else {
+    k_quants<Q6_K>(b, [&](int c, __m256i v) { q[c] = v; });
+  }
+}
+
+// int8, lane layouts: per super-block and row, one dot product per chunk into the lanes of its sub-blocks (Q6_K_L:
+// two sets of 8), one integer multiply by the sub-block scales, one conversion and multiply-add by d d_x; the
+// offsets meet the exact sums of x per sub-block (Q4_K_L: 32; Q6_K_L: 16).
+template <int64_t T, int R>
+void int8_rows_lanes(const Int8Rows& xr, const uint8_t* blocks, int64_t row_bytes, int64_t k, int64_t r0, int64_t r1,
+                     float* out, int64_t out_stride) {
+  constexpr int64_t bb = block_bytes(T);
+  constexpr int sets = T == Q6_K_L ? 2 : 1;
+  constexpr int chains = R < 4 ? 2 : 1;  // Q4_K_L: few rows, a second accumulator breaks the dot products' chain
+  const int64_t nb = k / 256;
+  for (int64_t r = r0; r < r1; ++r) {
+    __m256 acc[R];
+    for (int i = 0; i < R; ++i) acc[i] = _mm256_setzero_ps();
+    const uint8_t* row = blocks + r * row_bytes;
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* blk = row + b * bb;
+      if constexpr (R > 1) prefetch_ahead(blk, bb);
+      __m256i q[8], scales[2];
+      __m256 offsets[2];
+      float d;
+      lane_quants<T>(blk, q);
+      if constexpr (T == Q4_K_L) {
+        d = half_at(blk);
+        scales[0] = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 4)));
+        const __m256 mins = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 12))));
+        offsets[0] = _mm256_mul_ps(_mm256_set1_ps(-half_at(blk + 2)), mins);
+      } else {
+        KInts s;
+        k_ints<Q6_K>(blk, s);
+        d = s.d;
+        scales[0] = _mm256_cvtepi8_epi32(s.scales), scales[1] = _mm256_cvtepi8_epi32(_mm_srli_si128(s.scales, 8));
+        offsets[0] = s.b[0], offsets[1] = s.b[1];
+      }
+      for (int i = 0; i < R; ++i) {
+        const int8_t* xq = xr.q + i * xr.k + b * 256;
+        __m256i lanes[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+        for (int c = 0; c < 8; ++c) {
+          __m256i& into = lanes[sets == 2 ? c / 4 : c % chains];
+          into = _mm256_dpbusd_epi32(into, q[c], load32(reinterpret_cast<const uint8_t*>(xq + 32 * c)));
+        }
+        if constexpr (sets == 1 && chains == 2) lanes[0] = _mm256_add_epi32(lanes[0], lanes[1]);
+        __m256i dots = _mm256_mullo_epi32(lanes[0], scales[0]);
+        if constexpr (sets == 2) dots = _mm256_add_epi32(dots, _mm256_mullo_epi32(lanes[1], scales[1]));
+        const __m256 scale = _mm256_set1_ps(d * xr.d[i * nb + b]);
+        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), scale, acc[i]);
+        const float* sums = xr.sums + (i * nb + b) * (256 / xr.span);
+        for (int h = 0; h < sets; ++h) acc[i] = _mm256_fmadd_ps(offsets[h], _mm256_loadu_ps(sums + 8 * h), acc[i]);
+      }
+    }
+    for (int i = 0; i < R; ++i) out[i * out_stride + r] = horizontal_sum(acc[i]);
+  }
+}
+#endif  // VNNI
+
 }  // namespace
 
 #endif  // LORAPLEX_QUANT_AVX2

@@ -51,6 +51,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <tuple>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -108,6 +109,10 @@ struct Int8Run {
     const Int8Rows xr{x.q + i0 * x.k, x.d + i0 * (x.k / x.group), x.sums + i0 * (x.k / x.span), x.k, x.group, x.span};
     if constexpr (block_weights(T) == CHUNK)
       int8_rows_small<T, R>(xr, blocks, row_bytes, x.k, t0, t1, out + i0 * out_stride, out_stride);
+#ifdef LORAPLEX_QUANT_LANES
+    else if constexpr (is_lanes(T))
+      int8_rows_lanes<T, R>(xr, blocks, row_bytes, x.k, t0, t1, out + i0 * out_stride, out_stride);
+#endif
     else
       int8_rows_k<T, R>(xr, blocks, row_bytes, x.k, t0, t1, out + i0 * out_stride, out_stride);
   }
@@ -116,8 +121,11 @@ struct Int8Run {
 template <int64_t T>
 void direct_avx(const float* x, int64_t m_rows, int64_t x_stride, const uint8_t* blocks, int64_t row_bytes, int64_t n,
                 int64_t k, float* out, int64_t out_stride, bool int8) {
-  if (!int8) return over_tiles(m_rows, n, k, ExactRun<T>{x, x_stride, blocks, row_bytes, k, out, out_stride});
-  constexpr int64_t group = block_weights(T), span = group == CHUNK ? CHUNK : 16;
+  if constexpr (!is_lanes(T)) {
+    if (!int8) return over_tiles(m_rows, n, k, ExactRun<T>{x, x_stride, blocks, row_bytes, k, out, out_stride});
+  }
+  // Exact sums of x per sub-block's offset: 32 for the 32-weight types and Q4_K_L, 16 for the other k-quants.
+  constexpr int64_t group = block_weights(T), span = group == CHUNK || T == Q4_K_L ? CHUNK : 16;
   const int64_t nd = m_rows * k / group, ns = m_rows * k / span;
   auto q = at::empty({m_rows * k}, at::kChar);
   auto floats = at::empty({nd + ns}, at::kFloat);
@@ -125,6 +133,9 @@ void direct_avx(const float* x, int64_t m_rows, int64_t x_stride, const uint8_t*
   float* sums = d + nd;
   const Int8Rows xr{q.data_ptr<int8_t>(), d, sums, k, group, span};
   quantize_activations(x, m_rows, x_stride, xr);
+#ifdef LORAPLEX_QUANT_LANES
+  if constexpr (is_lanes(T)) permute_lanes<T>(xr, m_rows);
+#endif
   over_tiles(m_rows, n, k, Int8Run<T>{xr, blocks, row_bytes, out, out_stride});
 }
 
@@ -152,6 +163,10 @@ void dequantize_rows(const uint8_t* blocks, int64_t row_bytes, int64_t t, int64_
 
 void direct(const float* x, int64_t m_rows, int64_t x_stride, const uint8_t* blocks, int64_t row_bytes, int64_t t,
             int64_t n, int64_t k, float* out, int64_t out_stride, bool int8) {
+#ifdef LORAPLEX_QUANT_LANES
+  if (int8 && t == Q4_K_L) return direct_avx<Q4_K_L>(x, m_rows, x_stride, blocks, row_bytes, n, k, out, out_stride, true);
+  if (int8 && t == Q6_K_L) return direct_avx<Q6_K_L>(x, m_rows, x_stride, blocks, row_bytes, n, k, out, out_stride, true);
+#endif
 #ifdef LORAPLEX_QUANT_AVX2
   switch (t) {
 #define LORAPLEX_CASE(T) \
@@ -224,6 +239,25 @@ void quant_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t qtype, 
   }
 }
 
+// (blocks, qtype) in the layout the int8 mode computes fastest on this build: Q4_K and Q6_K in their lane layouts
+// where the VNNI kernel exists, everything else unchanged (the same tensor).
+std::tuple<at::Tensor, int64_t> quant_int8_layout(const at::Tensor& blocks, int64_t qtype, int64_t k) {
+  check(blocks, qtype, k);
+#ifdef LORAPLEX_QUANT_LANES
+  if (qtype == Q4_K || qtype == Q6_K) {
+    const int64_t lanes = qtype + 100, nb = k / 256, from = block_bytes(qtype), to = block_bytes(lanes);
+    auto out = at::empty({blocks.size(0), nb * to}, blocks.options());
+    const uint8_t* src = blocks.data_ptr<uint8_t>();
+    uint8_t* dst = out.data_ptr<uint8_t>();
+    at::parallel_for(0, blocks.size(0) * nb, 1024, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) to_lanes(lanes, src + b * from, dst + b * to);
+    });
+    return {out, lanes};
+  }
+#endif
+  return {blocks, qtype};
+}
+
 // x [..., K] (float32, any layout) -> [..., N]: the module's forward in one call (it runs ~200 times a step).
 at::Tensor quant_linear_forward(const at::Tensor& x, const at::Tensor& blocks, int64_t qtype, bool int8) {
   TORCH_CHECK(x.dim() >= 1, "x must have a feature dimension");
@@ -242,10 +276,12 @@ TORCH_LIBRARY_FRAGMENT(loraplex, m) {
   m.def("quant_linear(Tensor x, Tensor blocks, int qtype, Tensor(a!) out, bool int8=False) -> ()");
   m.def("quant_linear_forward(Tensor x, Tensor blocks, int qtype, bool int8=False) -> Tensor");
   m.def("quant_dequantize(Tensor blocks, int qtype, int in_features, bool reference=False) -> Tensor");
+  m.def("quant_int8_layout(Tensor blocks, int qtype, int in_features) -> (Tensor, int)");
 }
 
 TORCH_LIBRARY_IMPL(loraplex, CPU, m) {
   m.impl("quant_linear", &quant_linear);
   m.impl("quant_linear_forward", &quant_linear_forward);
   m.impl("quant_dequantize", &quant_dequantize);
+  m.impl("quant_int8_layout", &quant_int8_layout);
 }

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from server.quant.gguf_weights import QuantReport, _field_text, _why_kept
-from server.quant.linear import TYPE_NAMES, QuantEmbedding, QuantLinear
+from server.quant.linear import TYPE_NAMES, QuantEmbedding, QuantLinear, type_name
 
 log = logging.getLogger(__name__)
 
@@ -140,9 +140,10 @@ class _Loader:
             return
         name = next(n for n, m in self.model.named_modules() if m is head)
         if isinstance(embedding, QuantEmbedding) and head.bias is None:
-            self.model.set_submodule(name, QuantLinear(embedding.blocks.data, embedding.qtype, head.in_features,
-                                                       head.out_features, int8=int8))
-            self.report.quantized[name] = TYPE_NAMES[embedding.qtype]
+            tied = QuantLinear(embedding.blocks.data, embedding.qtype, head.in_features, head.out_features, int8=int8)
+            self.model.set_submodule(name, tied)
+            embedding.share(tied)
+            self.report.quantized[name] = type_name(embedding.qtype)
         elif not isinstance(embedding, QuantEmbedding):
             head.weight = embedding.weight
 

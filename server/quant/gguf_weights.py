@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from server.quant.linear import BLOCKS, TYPE_NAMES, QuantEmbedding, QuantLinear, row_bytes
+from server.quant.linear import BLOCKS, TYPE_NAMES, QuantEmbedding, QuantLinear, row_bytes, type_name
 
 log = logging.getLogger(__name__)
 PERMUTED_ARCHS = ("llama", "mistral")  # llama.cpp's converter permutes their q/k rows for its rotary layout
@@ -86,8 +86,11 @@ def _swap_embedding_and_head(model: PreTrainedModel, tensors: dict, report: Quan
         layer = QuantLinear(blocks, int(head.tensor_type), output.in_features, output.out_features, int8=int8)
         weight = output.weight
         if _swap(model, _name_of(model, output), layer, weight, report) and head is table:
-            report.block_bytes -= blocks.numel()  # one table, counted with the embedding
+            report.block_bytes -= layer.blocks.numel()  # one table, counted with the embedding
             report.float_bytes -= weight.numel() * weight.element_size()
+            embedding = model.get_input_embeddings()
+            if isinstance(embedding, QuantEmbedding):
+                embedding.share(layer)
 
 
 def _name_of(model: nn.Module, module: nn.Module) -> str:
@@ -102,7 +105,7 @@ def _swap(model: nn.Module, name: str, new: QuantLinear | QuantEmbedding, weight
         report.kept[name] = why
         return False
     model.set_submodule(name, new)
-    report.quantized[name] = TYPE_NAMES[new.qtype]
+    report.quantized[name] = type_name(new.qtype)
     report.block_bytes += new.blocks.numel()
     report.float_bytes += weight.numel() * weight.element_size()
     return True

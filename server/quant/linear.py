@@ -23,6 +23,13 @@ BLOCKS = {2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34),
           10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176), 14: (256, 210)}
 TYPE_NAMES = {2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0",
               10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K"}
+# The int8 mode's lane layouts (`quant_int8_layout`, VNNI builds): id -> (the ggml type whose quants they hold,
+# reordered; bytes per 256-weight block)
+LANES = {112: (12, 148), 114: (14, 210)}
+
+
+def type_name(qtype: int) -> str:
+    return TYPE_NAMES[LANES[qtype][0]] if qtype in LANES else TYPE_NAMES[qtype]
 
 
 @lru_cache(maxsize=1)
@@ -33,7 +40,7 @@ def _quant_linear():
 
 def row_bytes(qtype: int, features: int) -> int | None:
     """Bytes of one row of `features` weights in `qtype`'s blocks; None if they do not fill whole blocks."""
-    weights, nbytes = BLOCKS[qtype]
+    weights, nbytes = (256, LANES[qtype][1]) if qtype in LANES else BLOCKS[qtype]
     return None if features % weights else features // weights * nbytes
 
 
@@ -48,6 +55,8 @@ class QuantLinear(nn.Module):
         if row_bytes(qtype, in_features) is None or tuple(blocks.shape) != (out_features, row_bytes(qtype, in_features)):
             raise ValueError(f"blocks {tuple(blocks.shape)} do not hold a [{out_features}, {in_features}] "
                              f"{TYPE_NAMES[qtype]} weight")
+        if int8:  # the layout the int8 kernels read fastest on this CPU (where there is one: a reordered copy)
+            blocks, qtype = torch.ops.loraplex.quant_int8_layout(blocks.contiguous(), qtype, in_features)
         self.in_features, self.out_features, self.qtype, self.int8 = in_features, out_features, qtype, int8
         # A parameter (never trained) so that the module's device is where its bytes are.
         self.blocks = nn.Parameter(blocks.contiguous(), requires_grad=False)
@@ -74,7 +83,7 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         mode = ", int8 activations" if self.int8 else ""
-        return f"in_features={self.in_features}, out_features={self.out_features}, {TYPE_NAMES[self.qtype]}{mode}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {type_name(self.qtype)}{mode}"
 
 
 class QuantEmbedding(nn.Module):
@@ -99,5 +108,10 @@ class QuantEmbedding(nn.Module):
         return torch.ops.loraplex.quant_dequantize(rows, self.qtype, self.embedding_dim).view(
             *ids.shape, self.embedding_dim)
 
+    def share(self, head: QuantLinear) -> None:
+        """Read the rows from a tied head's blocks (which may be a reordered copy of this table's) and drop
+        this table's own, so that the model holds the table once."""
+        self.blocks, self.qtype = head.blocks, head.qtype
+
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, {TYPE_NAMES[self.qtype]}"
+        return f"{self.num_embeddings}, {self.embedding_dim}, {type_name(self.qtype)}"

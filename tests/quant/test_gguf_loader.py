@@ -46,8 +46,11 @@ def _config() -> LlamaConfig:
 @pytest.fixture(scope="module")
 def float_model_and_gguf(tmp_path_factory):
     """A 2-layer Llama GGUF of mixed types (F16 v, F32 norms) and the float32 model of its weights."""
+    return _tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf", Q.Q8_0)
+
+
+def _tiny_gguf(path, table_type):
     model = AutoModelForCausalLM.from_config(_config(), dtype=torch.float32).eval().requires_grad_(False)
-    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
     writer = gguf.GGUFWriter(path, "llama")
     shapes = {"attn_q": (HIDDEN, HIDDEN), "attn_k": (HIDDEN // 2, HIDDEN), "attn_v": (HIDDEN // 2, HIDDEN),
               "attn_output": (HIDDEN, HIDDEN), "ffn_gate": (INTERMEDIATE, HIDDEN), "ffn_up": (INTERMEDIATE, HIDDEN),
@@ -68,8 +71,8 @@ def float_model_and_gguf(tmp_path_factory):
         values = rng.uniform(0.5, 1.5, HIDDEN).astype(np.float32)
         writer.add_tensor("output_norm.weight", values)
         model.model.norm.weight.copy_(torch.from_numpy(values))
-        table, weight = file_tensor(Q.Q8_0, VOCAB, HIDDEN, 99)
-        writer.add_tensor("token_embd.weight", table, raw_dtype=Q.Q8_0)
+        table, weight = file_tensor(table_type, VOCAB, HIDDEN, 99)
+        writer.add_tensor("token_embd.weight", table, raw_dtype=table_type)
         model.model.embed_tokens.weight.copy_(weight)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -94,6 +97,25 @@ def test_direct_load_equals_the_float32_first_route(float_model_and_gguf):
     ids = torch.tensor([[5, 17, 3, 90, 41, 8]])
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, float_model(ids).logits, rtol=1e-4, atol=1e-4)
+        assert torch.equal(model(ids).logits, swapped(ids).logits)
+
+
+def test_int8_mode_loads_as_the_float32_first_route_with_one_table(tmp_path):
+    """int8 with a tied Q6_K table: the same modules and blocks as the float32-first route (on a VNNI build, Q4_K
+    and Q6_K in the lane layout), the table held once, its rows read back exactly."""
+    float_model, path = _tiny_gguf(tmp_path / "tiny-q6k.gguf", Q.Q6_K)
+    model, _ = load_gguf_model(_config(), path, int8=True)
+    swapped = AutoModelForCausalLM.from_config(_config(), dtype=torch.float32).eval()
+    swapped.load_state_dict(float_model.state_dict())
+    quantize_from_gguf(swapped, path, int8=True)
+    got, expected = model.state_dict(), swapped.state_dict()
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+    head, table = model.lm_head, model.model.embed_tokens
+    assert head.blocks.data_ptr() == table.blocks.data_ptr() and head.qtype == table.qtype
+    assert head.qtype == swapped.lm_head.qtype and head.qtype in (Q.Q6_K, 114)
+    ids = torch.tensor([[5, 17, 3, 90, 41, 8]])
+    with torch.no_grad():
+        assert torch.equal(table(ids), float_model.model.embed_tokens(ids))
         assert torch.equal(model(ids).logits, swapped(ids).logits)
 
 

@@ -57,9 +57,18 @@ def file_tensor(qtype, rows: int, cols: int, seed: int) -> tuple[np.ndarray, tor
 @pytest.fixture(scope="module")
 def model_and_gguf(tmp_path_factory) -> tuple[torch.nn.Module, Path]:
     """A tiny Llama holding the float32 weights transformers would read from the GGUF written beside it."""
+    return tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf", Q.Q8_0)
+
+
+@pytest.fixture(scope="module")
+def model_and_q6_k_table(tmp_path_factory) -> tuple[torch.nn.Module, Path]:
+    """The same with a Q6_K token table (a type the int8 mode holds in its lane layout)."""
+    return tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny-q6k.gguf", Q.Q6_K)
+
+
+def tiny_gguf(path: Path, table_type) -> tuple[torch.nn.Module, Path]:
     torch.manual_seed(0)
     model = tiny_llama()
-    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
     writer = gguf.GGUFWriter(path, "llama")
     layer = model.model.layers[0]
     shapes = {"attn_q": (HIDDEN, HIDDEN), "attn_k": (HIDDEN // 2, HIDDEN), "attn_v": (HIDDEN // 2, HIDDEN),
@@ -72,8 +81,8 @@ def model_and_gguf(tmp_path_factory) -> tuple[torch.nn.Module, Path]:
             if key in ("attn_q", "attn_k"):
                 weight = weight[rotary_order(weight.shape[0], HEADS if key == "attn_q" else KV_HEADS)]
             layer.get_submodule(MODULES[key]).weight.copy_(weight)
-        table, weight = file_tensor(Q.Q8_0, VOCAB, HIDDEN, 99)
-        writer.add_tensor("token_embd.weight", table, raw_dtype=Q.Q8_0)
+        table, weight = file_tensor(table_type, VOCAB, HIDDEN, 99)
+        writer.add_tensor("token_embd.weight", table, raw_dtype=table_type)
         model.model.embed_tokens.weight.copy_(weight)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -116,3 +125,24 @@ def test_int8_mode_stays_near_the_float32_model(model_and_gguf):
     got = torch.log_softmax(logits(model, ids[:, :1]), -1)
     difference = float((got - expected).abs().max())
     assert 0 < difference < 0.1, difference  # a random model: the real bound is test_int8_accuracy.py's
+
+
+def test_int8_mode_holds_a_tied_table_once_in_its_layout(model_and_q6_k_table):
+    """int8 on a VNNI build: the Q4_K and Q6_K linears and the tied Q6_K table in the lane layout, the table held
+    once (the embedding reads its rows from the head's blocks), its rows read back exactly. (The direct loader's
+    route: test_gguf_loader.py.)"""
+    float_model, path = model_and_q6_k_table
+    model = copy.deepcopy(float_model)
+    quantize_from_gguf(model, path, int8=True)
+    head, table = model.lm_head, model.model.embed_tokens
+    assert isinstance(head, QuantLinear) and isinstance(table, QuantEmbedding)
+    assert head.blocks.data_ptr() == table.blocks.data_ptr() and head.qtype == table.qtype
+    if head.qtype == Q.Q6_K:
+        pytest.skip("this build has no VNNI int8 kernel, so no lane layout")
+    assert head.qtype == 114 and model.model.layers[0].self_attn.q_proj.qtype == 112
+    ids = torch.tensor([[5, 17, 3, 90, 41, 8]])
+    with torch.no_grad():
+        assert torch.equal(table(ids), float_model.model.embed_tokens(ids))
+    expected = torch.log_softmax(logits(float_model, ids[:, :1]), -1)
+    difference = float((torch.log_softmax(logits(model, ids[:, :1]), -1) - expected).abs().max())
+    assert 0 < difference < 0.2, difference  # the head in int8 too (0.12 here in either layout); bound: test_quant_linear

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from server.native.loader import load_kernels
-from server.quant.linear import QuantEmbedding, QuantLinear
+from server.quant.linear import QuantEmbedding, QuantLinear, row_bytes
 from tests.quant.blocks import K_QUANTS, QUANT_BYTES, SMALL, TYPES, Q, quantized
 
 
@@ -101,6 +101,23 @@ def test_int8_mode_rounds_only_the_activations_that_meet_the_quants(qtype, m, wi
     steps = x.reshape(m, -1, group).abs().amax(-1, keepdim=True).expand(-1, -1, group).reshape(m, k) / 127
     bound = (steps / 2) @ (weight - b).abs().T + matmul_tolerance(x, weight, b)
     assert bool(((out - x @ weight.T).abs() <= bound).all())
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=[t.name for t in TYPES])
+def test_int8_layout_holds_the_same_weights(qtype):
+    """Q4_K and Q6_K in the lane layout (VNNI builds): the same weights through both decoders; other types (and
+    builds without the kernel) keep their blocks as they are."""
+    k = width(qtype)
+    blocks, _ = quantized(qtype, 24, k, seed=4)
+    held, held_type = torch.ops.loraplex.quant_int8_layout(blocks, int(qtype), k)
+    expected = torch.ops.loraplex.quant_dequantize(blocks, int(qtype), k, True)
+    if held_type == int(qtype):
+        assert held is blocks
+        return
+    assert qtype in (Q.Q4_K, Q.Q6_K) and held_type == int(qtype) + 100
+    assert held.shape == (24, row_bytes(held_type, k)) and held.numel() <= 1.03 * blocks.numel()
+    for reference in (False, True):
+        assert torch.equal(torch.ops.loraplex.quant_dequantize(held, held_type, k, reference), expected)
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=[t.name for t in TYPES])
