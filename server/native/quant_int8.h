@@ -319,7 +319,6 @@ void int8_rows_lanes(const Int8Rows& xr, const uint8_t* blocks, int64_t row_byte
                      float* out, int64_t out_stride) {
   constexpr int64_t bb = block_bytes(T);
   constexpr int sets = T == Q6_K_L ? 2 : 1;
-  constexpr int chains = R < 4 ? 2 : 1;  // Q4_K_L: few rows, a second accumulator breaks the dot products' chain
   const int64_t nb = k / 256;
   for (int64_t r = r0; r < r1; ++r) {
     __m256 acc[R];
@@ -344,16 +343,17 @@ void int8_rows_lanes(const Int8Rows& xr, const uint8_t* blocks, int64_t row_byte
         scales[0] = _mm256_cvtepi8_epi32(s.scales), scales[1] = _mm256_cvtepi8_epi32(_mm_srli_si128(s.scales, 8));
         offsets[0] = s.b[0], offsets[1] = s.b[1];
       }
+#pragma GCC unroll 8
       for (int i = 0; i < R; ++i) {
         const int8_t* xq = xr.q + i * xr.k + b * 256;
-        __m256i lanes[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+        __m256i lanes[2][2] = {};  // [set][chain]
         for (int c = 0; c < 8; ++c) {
-          __m256i& into = lanes[sets == 2 ? c / 4 : c % chains];
+          __m256i& into = lanes[sets == 2 ? c / 4 : 0][c % 2];
           into = _mm256_dpbusd_epi32(into, q[c], load32(reinterpret_cast<const uint8_t*>(xq + 32 * c)));
         }
-        if constexpr (sets == 1 && chains == 2) lanes[0] = _mm256_add_epi32(lanes[0], lanes[1]);
-        __m256i dots = _mm256_mullo_epi32(lanes[0], scales[0]);
-        if constexpr (sets == 2) dots = _mm256_add_epi32(dots, _mm256_mullo_epi32(lanes[1], scales[1]));
+        __m256i dots = _mm256_mullo_epi32(_mm256_add_epi32(lanes[0][0], lanes[0][1]), scales[0]);
+        if constexpr (sets == 2)
+          dots = _mm256_add_epi32(dots, _mm256_mullo_epi32(_mm256_add_epi32(lanes[1][0], lanes[1][1]), scales[1]));
         const __m256 scale = _mm256_set1_ps(d * xr.d[i * nb + b]);
         acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), scale, acc[i]);
         const float* sums = xr.sums + (i * nb + b) * (256 / xr.span);
