@@ -312,8 +312,8 @@ inline __attribute__((always_inline)) void lane_quants(const uint8_t* b, __m256i
 }
 
 // int8, lane layouts: per super-block and row, one dot product per chunk into the lanes of its sub-blocks (Q6_K_L:
-// two sets of 8), one integer multiply by the sub-block scales, one conversion and multiply-add by d d_x; the
-// offsets meet the exact sums of x per sub-block (Q4_K_L: 32; Q6_K_L: 16).
+// two sets of 8), then one conversion and one multiply by the sub-blocks' d x scale per set and one multiply-add
+// by d_x; the offsets meet the exact sums of x per sub-block (Q4_K_L: 32; Q6_K_L: 16).
 template <int64_t T, int R>
 void int8_rows_lanes(const Int8Rows& xr, const uint8_t* blocks, int64_t row_bytes, int64_t k, int64_t r0, int64_t r1,
                      float* out, int64_t out_stride) {
@@ -327,20 +327,21 @@ void int8_rows_lanes(const Int8Rows& xr, const uint8_t* blocks, int64_t row_byte
     for (int64_t b = 0; b < nb; ++b) {
       const uint8_t* blk = row + b * bb;
       if constexpr (R > 1) prefetch_ahead(blk, bb);
-      __m256i q[8], scales[2];
-      __m256 offsets[2];
-      float d;
+      __m256i q[8];
+      __m256 scales[2], offsets[2];  // per sub-block: d x scale, and the offset b
       lane_quants<T>(blk, q);
       if constexpr (T == Q4_K_L) {
-        d = half_at(blk);
-        scales[0] = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 4)));
-        const __m256 mins = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 12))));
-        offsets[0] = _mm256_mul_ps(_mm256_set1_ps(-half_at(blk + 2)), mins);
+        auto floats = [&](int at) {
+          return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + at))));
+        };
+        scales[0] = _mm256_mul_ps(_mm256_set1_ps(half_at(blk)), floats(4));
+        offsets[0] = _mm256_mul_ps(_mm256_set1_ps(-half_at(blk + 2)), floats(12));
       } else {
         KInts s;
         k_ints<Q6_K>(blk, s);
-        d = s.d;
-        scales[0] = _mm256_cvtepi8_epi32(s.scales), scales[1] = _mm256_cvtepi8_epi32(_mm_srli_si128(s.scales, 8));
+        const __m256 d = _mm256_set1_ps(s.d);
+        scales[0] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(s.scales)));
+        scales[1] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(s.scales, 8))));
         offsets[0] = s.b[0], offsets[1] = s.b[1];
       }
 #pragma GCC unroll 8
@@ -351,11 +352,11 @@ void int8_rows_lanes(const Int8Rows& xr, const uint8_t* blocks, int64_t row_byte
           __m256i& into = lanes[sets == 2 ? c / 4 : 0][c % 2];
           into = _mm256_dpbusd_epi32(into, q[c], load32(reinterpret_cast<const uint8_t*>(xq + 32 * c)));
         }
-        __m256i dots = _mm256_mullo_epi32(_mm256_add_epi32(lanes[0][0], lanes[0][1]), scales[0]);
+        // The sub-blocks' integer sums (exact in float: at most 32 x 63 x 127) times d x scale, then times d_x.
+        __m256 dots = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(lanes[0][0], lanes[0][1])), scales[0]);
         if constexpr (sets == 2)
-          dots = _mm256_add_epi32(dots, _mm256_mullo_epi32(_mm256_add_epi32(lanes[1][0], lanes[1][1]), scales[1]));
-        const __m256 scale = _mm256_set1_ps(d * xr.d[i * nb + b]);
-        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), scale, acc[i]);
+          dots = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(lanes[1][0], lanes[1][1])), scales[1], dots);
+        acc[i] = _mm256_fmadd_ps(dots, _mm256_set1_ps(xr.d[i * nb + b]), acc[i]);
         const float* sums = xr.sums + (i * nb + b) * (256 / xr.span);
         for (int h = 0; h < sets; ++h) acc[i] = _mm256_fmadd_ps(offsets[h], _mm256_loadu_ps(sums + 8 * h), acc[i]);
       }
