@@ -232,23 +232,44 @@ void unpack_ref(int64_t t, const uint8_t* b, ChunkRef* out) {
   }
 }
 
-// A Q4_K or Q6_K block `from` written in its lane layout `t` at `to`.
-void to_lanes(int64_t t, const uint8_t* from, uint8_t* to) {
-  ChunkRef chunks[8];
-  unpack_ref(t == Q4_K_L ? Q4_K : Q6_K, from, chunks);
-  uint8_t q[8][32];
-  for (int c = 0; c < 8; ++c)
-    for (int l = 0; l < 32; ++l) {
-      const int w = lane_source(t, c, l);
-      q[c][l] = static_cast<uint8_t>(chunks[w / 32].q[w % 32]);
+// A lane layout's weight order: source[32 c + l] = lane_source(T, c, l).
+template <int64_t T>
+struct LaneOrder {
+  uint8_t source[256];
+  constexpr LaneOrder() : source() {
+    for (int c = 0; c < 8; ++c)
+      for (int l = 0; l < 32; ++l) source[32 * c + l] = static_cast<uint8_t>(lane_source(T, c, l));
+  }
+};
+
+// A Q4_K (T = Q4_K_L) or Q6_K (Q6_K_L) block `from` written in its lane layout at `to`.
+template <int64_t T>
+void to_lanes(const uint8_t* from, uint8_t* to) {
+  static constexpr LaneOrder<T> order;
+  uint8_t q[256], lanes[256];  // the quants in weight order, then in lane order
+  if constexpr (T == Q4_K_L) {  // chunk 2p + half: nibble `half` of qs[32p + l]
+    for (int p = 0; p < 4; ++p)
+      for (int l = 0; l < 32; ++l) {
+        const uint8_t v = from[16 + 32 * p + l];
+        q[64 * p + l] = v & 15, q[64 * p + 32 + l] = v >> 4;
+      }
+  } else {  // chunk 4h + s: nibble s / 2 of ql[64h + 32 (s % 2) + l], bits 2s of qh[32h + l]
+    for (int c = 0; c < 8; ++c) {
+      const int h = c / 4, s = c % 4;
+      for (int l = 0; l < 32; ++l)
+        q[32 * c + l] = static_cast<uint8_t>(((from[64 * h + 32 * (s % 2) + l] >> (4 * (s / 2))) & 15) |
+                                             (((from[128 + 32 * h + l] >> (2 * s)) & 3) << 4));
     }
-  if (t == Q4_K_L) {
+  }
+  for (int i = 0; i < 256; ++i) lanes[i] = q[order.source[i]];
+  if constexpr (T == Q4_K_L) {
     int sc[8], mn[8];
     k_scales_mins(from + 4, sc, mn);
     std::memcpy(to, from, 4);  // d, dmin
     for (int c = 0; c < 8; ++c) to[4 + c] = static_cast<uint8_t>(sc[c]), to[12 + c] = static_cast<uint8_t>(mn[c]);
     for (int p = 0; p < 4; ++p)
-      for (int l = 0; l < 32; ++l) to[20 + 32 * p + l] = static_cast<uint8_t>(q[2 * p][l] | (q[2 * p + 1][l] << 4));
+      for (int l = 0; l < 32; ++l)
+        to[20 + 32 * p + l] = static_cast<uint8_t>(lanes[64 * p + l] | (lanes[64 * p + 32 + l] << 4));
     return;
   }
   std::memset(to, 0, 192);  // ql, qh: chunk c = 4h + s as Q6_K stores it
@@ -256,8 +277,8 @@ void to_lanes(int64_t t, const uint8_t* from, uint8_t* to) {
   for (int c = 0; c < 8; ++c) {
     const int h = c / 4, s = c % 4;
     for (int l = 0; l < 32; ++l) {
-      to[64 * h + 32 * (s % 2) + l] |= static_cast<uint8_t>((q[c][l] & 15) << (4 * (s / 2)));
-      to[128 + 32 * h + l] |= static_cast<uint8_t>((q[c][l] >> 4) << (2 * s));
+      to[64 * h + 32 * (s % 2) + l] |= static_cast<uint8_t>((lanes[32 * c + l] & 15) << (4 * (s / 2)));
+      to[128 + 32 * h + l] |= static_cast<uint8_t>((lanes[32 * c + l] >> 4) << (2 * s));
     }
   }
 }

@@ -250,7 +250,8 @@ std::tuple<at::Tensor, int64_t> quant_int8_layout(const at::Tensor& blocks, int6
     const uint8_t* src = blocks.data_ptr<uint8_t>();
     uint8_t* dst = out.data_ptr<uint8_t>();
     at::parallel_for(0, blocks.size(0) * nb, 1024, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) to_lanes(lanes, src + b * from, dst + b * to);
+      for (int64_t b = b0; b < b1; ++b)
+        (qtype == Q4_K ? to_lanes<Q4_K_L> : to_lanes<Q6_K_L>)(src + b * from, dst + b * to);
     });
     return {out, lanes};
   }
