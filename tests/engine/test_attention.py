@@ -132,6 +132,31 @@ def test_step_plan_indices():
         StepAttention.build([SeqSlice(0, 1, 5, [0])], block_size=4, device="cpu")
 
 
+@pytest.mark.parametrize("decode_kernel", [False, True], ids=["torch", "kernel"])
+def test_decode_only_plan_matches_the_general_plan(decode_kernel):
+    """A step of decode rows only is planned from Python ints: the same tensors as the general path gives
+    those rows when a prefill chunk shares the step (decode rows are packed first)."""
+    rng = random.Random(0)
+    for _ in range(50):
+        block = rng.choice([1, 4, 16])
+        decode = []
+        for i in range(rng.randint(1, 6)):
+            context = rng.randint(1, 60)
+            blocks = -(-context // block) + rng.randint(0, 2)  # tables may hold blocks past the context
+            decode.append(SeqSlice(i, 1, context, rng.sample(range(200), blocks)))
+        prefill = SeqSlice(len(decode), 3, 3, [197, 198, 199])
+        alone = StepAttention.build(decode, block, "cpu", decode_kernel=decode_kernel)
+        mixed = StepAttention.build([*decode, prefill], block, "cpu", decode_kernel=decode_kernel)
+        n = len(decode)
+        for name in ("slot_mapping", "positions", "last_rows"):
+            assert torch.equal(getattr(alone, name), getattr(mixed, name)[:n]), name
+        for name in ("decode_rows", "decode_blocks", "decode_lens") + (() if decode_kernel else ("decode_bias",)):
+            assert torch.equal(getattr(alone, name), getattr(mixed, name)), name
+        assert alone.prefills == [] and (alone.decode_bias is None) == decode_kernel
+        assert alone.max_context == max(s.context_len for s in decode)
+        assert all(getattr(alone, f).dtype == torch.long for f in ("slot_mapping", "positions", "decode_blocks"))
+
+
 def test_packed_forward_creates_no_transformers_cache(models, monkeypatch):
     _, paged = models
 
