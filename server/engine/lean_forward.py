@@ -72,7 +72,7 @@ class Projections:
             parts = [forward(x) for forward in self.bases]
         else:
             out = torch.ops.loraplex.quant_linear_forward.default(x, self.fused, self.first.qtype, self.first.int8)
-            parts = list(out.split(self.widths, dim=-1))
+            parts = list(torch.split_with_sizes(out, self.widths, -1))  # not Tensor.split's Python wrapper
         if self.delta is not None:
             self.delta.add_(x, parts, lora)
             return parts
@@ -176,7 +176,7 @@ class LeanForward:
             attn = attend_written(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
                                   kv_cache, index, step, layer.scale, layer.options)
         gate, up = layer.gate_up(_add_norm(h, layer.o_proj(attn.view(n, -1), lora)[0], layer.post_norm), lora)
-        return layer.down_proj(layer.act(gate) * up, lora)[0]
+        return layer.down_proj(layer.act(gate).mul_(up), lora)[0]  # in place: nothing reads gate or act(gate) again
 
 
 def _add_norm(h: torch.Tensor, delta: torch.Tensor | None, norm: Any) -> torch.Tensor:
