@@ -117,7 +117,7 @@ def profile(rig: DecodeRig, count: int, steps: int = 3, rows: int = 18) -> str:
 # Profiler op names -> the part of a step they are (anything else, and Python, is "rest").
 PARTS = {"quantized linears": ("loraplex::quant_linear_forward", "loraplex::quant_linear"),
          "float linears": ("aten::linear",),  # (a quantized linear's prefill tiles call aten::mm: not these)
-         "LoRA op": ("loraplex::shrink", "loraplex::expand"),
+         "LoRA op": ("loraplex::shrink", "loraplex::expand", "loraplex::lora_pool_group"),
          "attention kernels": ("loraplex::paged_decode_attention", "loraplex::rope_cache_write"),
          "add+norm kernel": ("loraplex::add_rms_norm",)}
 

@@ -7,7 +7,7 @@
                            loraplex::rope_cache_write              (rotary + cache write, server/engine/lean_forward.py)
     quant_kernels.cpp      loraplex::quant_linear / quant_dequantize (quantized base linears, server/quant/);
                            the block formats in quant_formats.h, the exact and int8 kernels in quant_exact.h
-                           and quant_int8.h
+                           and quant_int8.h, the lane layouts' kernels in quant_lanes.h
 
 They are compiled on first use with torch's extension loader (a C++ compiler and ninja are needed;
 `-march=native`, so the build folder is keyed by this CPU's instruction-set flags) and cached in

@@ -61,6 +61,7 @@
 #include "quant_formats.h"
 #include "quant_exact.h"
 #include "quant_int8.h"
+#include "quant_lanes.h"
 
 namespace {
 
@@ -118,12 +119,39 @@ struct Int8Run {
   }
 };
 
+#ifdef LORAPLEX_QUANT_LANES
+template <int64_t T>
+struct ExactLanesRun {
+  static_assert(is_lanes(T));
+  const float* x;  // [M, K] in lane order
+  int64_t k;
+  const uint8_t* blocks;
+  int64_t row_bytes;
+  float* out;
+  int64_t out_stride;
+
+  template <int R>
+  void rows(int64_t i0, int64_t t0, int64_t t1) const {
+    exact_rows_lanes<T, R>(x + i0 * k, k, blocks, row_bytes, t0, t1, out + i0 * out_stride, out_stride);
+  }
+};
+#endif
+
 template <int64_t T>
 void direct_avx(const float* x, int64_t m_rows, int64_t x_stride, const uint8_t* blocks, int64_t row_bytes, int64_t n,
                 int64_t k, float* out, int64_t out_stride, bool int8) {
   if constexpr (!is_lanes(T)) {
     if (!int8) return over_tiles(m_rows, n, k, ExactRun<T>{x, x_stride, blocks, row_bytes, k, out, out_stride});
   }
+#ifdef LORAPLEX_QUANT_LANES
+  if constexpr (is_lanes(T)) {
+    if (!int8) {
+      auto ordered = at::empty({m_rows * k}, at::kFloat);
+      permute_lanes_float<T>(x, m_rows, x_stride, k, ordered.data_ptr<float>());
+      return over_tiles(m_rows, n, k, ExactLanesRun<T>{ordered.data_ptr<float>(), k, blocks, row_bytes, out, out_stride});
+    }
+  }
+#endif
   // Exact sums of x per sub-block's offset: 32 for the 32-weight types and Q4_K_L, 16 for the other k-quants.
   constexpr int64_t group = block_weights(T), span = group == CHUNK || T == Q4_K_L ? CHUNK : 16;
   const int64_t nd = m_rows * k / group, ns = m_rows * k / span;
@@ -164,8 +192,8 @@ void dequantize_rows(const uint8_t* blocks, int64_t row_bytes, int64_t t, int64_
 void direct(const float* x, int64_t m_rows, int64_t x_stride, const uint8_t* blocks, int64_t row_bytes, int64_t t,
             int64_t n, int64_t k, float* out, int64_t out_stride, bool int8) {
 #ifdef LORAPLEX_QUANT_LANES
-  if (int8 && t == Q4_K_L) return direct_avx<Q4_K_L>(x, m_rows, x_stride, blocks, row_bytes, n, k, out, out_stride, true);
-  if (int8 && t == Q6_K_L) return direct_avx<Q6_K_L>(x, m_rows, x_stride, blocks, row_bytes, n, k, out, out_stride, true);
+  if (t == Q4_K_L) return direct_avx<Q4_K_L>(x, m_rows, x_stride, blocks, row_bytes, n, k, out, out_stride, int8);
+  if (t == Q6_K_L) return direct_avx<Q6_K_L>(x, m_rows, x_stride, blocks, row_bytes, n, k, out, out_stride, int8);
 #endif
 #ifdef LORAPLEX_QUANT_AVX2
   switch (t) {
@@ -225,7 +253,8 @@ void quant_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t qtype, 
   const int64_t row_bytes = blocks.size(1);
   if (m == 0) return;
   const int64_t most = direct_rows(int8);
-  if (m <= most || int8_kernels(int8)) {  // int8: direct at every M, in slices (faster than tiles + at::mm)
+  // int8: direct at every M, in slices (faster than tiles + at::mm); the lane layouts: no vector tile decoder
+  if (m <= most || int8_kernels(int8) || is_lanes(qtype)) {
     for (int64_t i0 = 0; i0 < m; i0 += most)
       direct(x.data_ptr<float>() + i0 * x.stride(0), std::min(most, m - i0), x.stride(0), B, row_bytes, qtype, n, k,
              out.data_ptr<float>() + i0 * out.stride(0), out.stride(0), int8);

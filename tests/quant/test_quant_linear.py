@@ -118,6 +118,11 @@ def test_int8_layout_holds_the_same_weights(qtype):
     assert held.shape == (24, row_bytes(held_type, k)) and held.numel() <= 1.03 * blocks.numel()
     for reference in (False, True):
         assert torch.equal(torch.ops.loraplex.quant_dequantize(held, held_type, k, reference), expected)
+    for m in (1, 13, 70):  # the exact mode on the lane layout (the start-up check runs every linear exact)
+        x = torch.randn(m, k)
+        out = torch.empty(m, 24)
+        torch.ops.loraplex.quant_linear(x, held, held_type, out, False)
+        assert_matmul_close(out, x @ expected.T, matmul_tolerance(x, expected))
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=[t.name for t in TYPES])

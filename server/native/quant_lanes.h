@@ -1,0 +1,158 @@
+// The lane layouts' kernels (VNNI builds; the layouts are described in quant_formats.h): int8 with one `dpbusd`
+// per 32 weights and row, and exact (for the start-up check, which runs every linear exact); included by
+// quant_kernels.cpp only, after quant_int8.h.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(LORAPLEX_QUANT_AVX2) && defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define LORAPLEX_QUANT_LANES 1
+
+namespace {
+
+// The lane layouts' activations: each super-block's 32-bit groups of q reordered as the quants are (lane j of
+// chunk c takes the 4 activations of lane_source(T, c, 4 j)).
+template <int64_t T>
+void permute_lanes(const Int8Rows& xr, int64_t m_rows) {
+  int8_t* q = const_cast<int8_t*>(xr.q);
+  for (int64_t at = 0; at < m_rows * xr.k; at += 256) {
+    uint32_t from[64], to[64];
+    std::memcpy(from, q + at, 256);
+    for (int c = 0; c < 8; ++c)
+      for (int j = 0; j < 8; ++j) to[8 * c + j] = from[lane_source(T, c, 4 * j) / 4];
+    std::memcpy(q + at, to, 256);
+  }
+}
+
+// The 8 chunks of a lane-layout super-block (the unsigned quants).
+template <int64_t T>
+inline __attribute__((always_inline)) void lane_quants(const uint8_t* b, __m256i q[8]) {
+  if constexpr (T == Q4_K_L) {
+    for (int p = 0; p < 4; ++p) {
+      const __m256i raw = load32(b + 20 + 32 * p);
+      q[2 * p] = low_bits(raw, 0, 15), q[2 * p + 1] = low_bits(raw, 4, 15);
+    }
+  } else {
+    k_quants<Q6_K>(b, [&](int c, __m256i v) { q[c] = v; });
+  }
+}
+
+// int8, lane layouts: per super-block and row, one dot product per chunk into the lanes of its sub-blocks (Q6_K_L:
+// two sets of 8), then one conversion and one multiply by the sub-blocks' d x scale per set and one multiply-add
+// by d_x; the offsets meet the exact sums of x per sub-block (Q4_K_L: 32; Q6_K_L: 16).
+template <int64_t T, int R>
+void int8_rows_lanes(const Int8Rows& xr, const uint8_t* blocks, int64_t row_bytes, int64_t k, int64_t r0, int64_t r1,
+                     float* out, int64_t out_stride) {
+  constexpr int64_t bb = block_bytes(T);
+  constexpr int sets = T == Q6_K_L ? 2 : 1;
+  const int64_t nb = k / 256;
+  for (int64_t r = r0; r < r1; ++r) {
+    __m256 acc[R];
+    for (int i = 0; i < R; ++i) acc[i] = _mm256_setzero_ps();
+    const uint8_t* row = blocks + r * row_bytes;
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* blk = row + b * bb;
+      if constexpr (R > 1) prefetch_ahead(blk, bb);
+      __m256i q[8];
+      __m256 scales[2], offsets[2];  // per sub-block: d x scale, and the offset b
+      lane_quants<T>(blk, q);
+      if constexpr (T == Q4_K_L) {
+        auto floats = [&](int at) {
+          return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + at))));
+        };
+        scales[0] = _mm256_mul_ps(_mm256_set1_ps(half_at(blk)), floats(4));
+        offsets[0] = _mm256_mul_ps(_mm256_set1_ps(-half_at(blk + 2)), floats(12));
+      } else {
+        KInts s;
+        k_ints<Q6_K>(blk, s);
+        const __m256 d = _mm256_set1_ps(s.d);
+        scales[0] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(s.scales)));
+        scales[1] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(s.scales, 8))));
+        offsets[0] = s.b[0], offsets[1] = s.b[1];
+      }
+#pragma GCC unroll 8
+      for (int i = 0; i < R; ++i) {
+        const int8_t* xq = xr.q + i * xr.k + b * 256;
+        __m256i lanes[2][2] = {};  // [set][chain]
+        for (int c = 0; c < 8; ++c) {
+          __m256i& into = lanes[sets == 2 ? c / 4 : 0][c % 2];
+          into = _mm256_dpbusd_epi32(into, q[c], load32(reinterpret_cast<const uint8_t*>(xq + 32 * c)));
+        }
+        // The sub-blocks' integer sums (exact in float: at most 32 x 63 x 127) times d x scale, then times d_x.
+        __m256 dots = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(lanes[0][0], lanes[0][1])), scales[0]);
+        if constexpr (sets == 2)
+          dots = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(lanes[1][0], lanes[1][1])), scales[1], dots);
+        acc[i] = _mm256_fmadd_ps(dots, _mm256_set1_ps(xr.d[i * nb + b]), acc[i]);
+        const float* sums = xr.sums + (i * nb + b) * (256 / xr.span);
+        for (int h = 0; h < sets; ++h) acc[i] = _mm256_fmadd_ps(offsets[h], _mm256_loadu_ps(sums + 8 * h), acc[i]);
+      }
+    }
+    for (int i = 0; i < R; ++i) out[i * out_stride + r] = horizontal_sum(acc[i]);
+  }
+}
+
+// Exact, lane layouts: x reordered as the quants are (per super-block, 4 floats per lane), then each chunk's
+// weights fma(a, q, b) in registers (a, b per lane: its sub-block's), the same floats as the file order's
+// decoder, four multiply-adds per row; sums in lane order.
+template <int64_t T>
+void permute_lanes_float(const float* x, int64_t m_rows, int64_t x_stride, int64_t k, float* to) {
+  for (int64_t i = 0; i < m_rows; ++i)
+    for (int64_t at = 0; at < k; at += 256)
+      for (int c = 0; c < 8; ++c)
+        for (int j = 0; j < 8; ++j)
+          std::memcpy(to + i * k + at + 32 * c + 4 * j, x + i * x_stride + at + lane_source(T, c, 4 * j), 16);
+}
+
+template <int64_t T, int R>
+void exact_rows_lanes(const float* x, int64_t k, const uint8_t* blocks, int64_t row_bytes, int64_t r0, int64_t r1,
+                      float* out, int64_t out_stride) {
+  constexpr int64_t bb = block_bytes(T);
+  constexpr int sets = T == Q6_K_L ? 2 : 1;
+  const int64_t nb = k / 256;
+  __m256i pick[4];  // weights 8v..8v+7 of a chunk: lanes 2v (4 weights) and 2v + 1
+  for (int v = 0; v < 4; ++v) pick[v] = _mm256_setr_epi32(2 * v, 2 * v, 2 * v, 2 * v, 2 * v + 1, 2 * v + 1, 2 * v + 1, 2 * v + 1);
+  for (int64_t r = r0; r < r1; ++r) {
+    __m256 acc[R];
+    for (int i = 0; i < R; ++i) acc[i] = _mm256_setzero_ps();
+    const uint8_t* row = blocks + r * row_bytes;
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* blk = row + b * bb;
+      prefetch_ahead(blk, bb);
+      __m256i q[8];
+      __m256 a[2], off[2];  // per sub-block (set h: sub-blocks 8h..8h+7)
+      lane_quants<T>(blk, q);
+      if constexpr (T == Q4_K_L) {
+        auto floats = [&](int at) {
+          return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + at))));
+        };
+        a[0] = _mm256_mul_ps(_mm256_set1_ps(half_at(blk)), floats(4));
+        off[0] = _mm256_mul_ps(_mm256_set1_ps(-half_at(blk + 2)), floats(12));
+      } else {
+        KScales s;
+        k_scales<Q6_K>(blk, s);
+        a[0] = _mm256_load_ps(s.a), a[1] = _mm256_load_ps(s.a + 8), off[0] = _mm256_load_ps(s.b), off[1] = _mm256_load_ps(s.b + 8);
+      }
+      for (int c = 0; c < 8; ++c) {
+        const int h = sets == 2 ? c / 4 : 0;
+        const __m128i lo = _mm256_castsi256_si128(q[c]), hi = _mm256_extracti128_si256(q[c], 1);
+        const __m128i part[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+        for (int v = 0; v < 4; ++v) {
+          const __m256 w = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(a[h], pick[v]),
+                                           _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(part[v])),
+                                           _mm256_permutevar8x32_ps(off[h], pick[v]));
+          for (int i = 0; i < R; ++i)
+            acc[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + i * k + b * 256 + 32 * c + 8 * v), acc[i]);
+        }
+      }
+    }
+    for (int i = 0; i < R; ++i) out[i * out_stride + r] = horizontal_sum(acc[i]);
+  }
+}
+
+}  // namespace
+
+#endif  // LORAPLEX_QUANT_LANES
