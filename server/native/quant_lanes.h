@@ -41,6 +41,24 @@ inline __attribute__((always_inline)) void lane_quants(const uint8_t* b, __m256i
   }
 }
 
+// A lane-layout super-block decoded: its chunks' quants, and per sub-block d x scale (`a`) and offset (`b`),
+// set h holding sub-blocks 8h..8h+7 (Q6_K_L has two sets): the same floats as the file order's decoders.
+template <int64_t T>
+inline __attribute__((always_inline)) void lane_block(const uint8_t* blk, __m256i q[8], __m256 a[2], __m256 b[2]) {
+  lane_quants<T>(blk, q);
+  if constexpr (T == Q4_K_L) {
+    auto floats = [&](int at) {
+      return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + at))));
+    };
+    a[0] = _mm256_mul_ps(_mm256_set1_ps(half_at(blk)), floats(4));
+    b[0] = _mm256_mul_ps(_mm256_set1_ps(-half_at(blk + 2)), floats(12));
+  } else {
+    KScales s;
+    k_scales<Q6_K>(blk, s);
+    a[0] = _mm256_load_ps(s.a), a[1] = _mm256_load_ps(s.a + 8), b[0] = _mm256_load_ps(s.b), b[1] = _mm256_load_ps(s.b + 8);
+  }
+}
+
 // int8, lane layouts: per super-block and row, one dot product per chunk into the lanes of its sub-blocks (Q6_K_L:
 // two sets of 8), then one conversion and one multiply by the sub-blocks' d x scale per set and one multiply-add
 // by d_x; the offsets meet the exact sums of x per sub-block (Q4_K_L: 32; Q6_K_L: 16).
@@ -59,21 +77,7 @@ void int8_rows_lanes(const Int8Rows& xr, const uint8_t* blocks, int64_t row_byte
       if constexpr (R > 1) prefetch_ahead(blk, bb);
       __m256i q[8];
       __m256 scales[2], offsets[2];  // per sub-block: d x scale, and the offset b
-      lane_quants<T>(blk, q);
-      if constexpr (T == Q4_K_L) {
-        auto floats = [&](int at) {
-          return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + at))));
-        };
-        scales[0] = _mm256_mul_ps(_mm256_set1_ps(half_at(blk)), floats(4));
-        offsets[0] = _mm256_mul_ps(_mm256_set1_ps(-half_at(blk + 2)), floats(12));
-      } else {
-        KInts s;
-        k_ints<Q6_K>(blk, s);
-        const __m256 d = _mm256_set1_ps(s.d);
-        scales[0] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(s.scales)));
-        scales[1] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(s.scales, 8))));
-        offsets[0] = s.b[0], offsets[1] = s.b[1];
-      }
+      lane_block<T>(blk, q, scales, offsets);
 #pragma GCC unroll 8
       for (int i = 0; i < R; ++i) {
         const int8_t* xq = xr.q + i * xr.k + b * 256;
@@ -123,19 +127,8 @@ void exact_rows_lanes(const float* x, int64_t k, const uint8_t* blocks, int64_t 
       const uint8_t* blk = row + b * bb;
       prefetch_ahead(blk, bb);
       __m256i q[8];
-      __m256 a[2], off[2];  // per sub-block (set h: sub-blocks 8h..8h+7)
-      lane_quants<T>(blk, q);
-      if constexpr (T == Q4_K_L) {
-        auto floats = [&](int at) {
-          return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + at))));
-        };
-        a[0] = _mm256_mul_ps(_mm256_set1_ps(half_at(blk)), floats(4));
-        off[0] = _mm256_mul_ps(_mm256_set1_ps(-half_at(blk + 2)), floats(12));
-      } else {
-        KScales s;
-        k_scales<Q6_K>(blk, s);
-        a[0] = _mm256_load_ps(s.a), a[1] = _mm256_load_ps(s.a + 8), off[0] = _mm256_load_ps(s.b), off[1] = _mm256_load_ps(s.b + 8);
-      }
+      __m256 a[2], off[2];
+      lane_block<T>(blk, q, a, off);
       for (int c = 0; c < 8; ++c) {
         const int h = sets == 2 ? c / 4 : 0;
         const __m128i lo = _mm256_castsi256_si128(q[c]), hi = _mm256_extracti128_si256(q[c], 1);
