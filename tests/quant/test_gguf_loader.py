@@ -127,6 +127,7 @@ def test_a_parameter_without_a_tensor_is_refused(float_model_and_gguf):
         load_gguf_model(config, path)
 
 
+@pytest.mark.full  # 15 s: two loads of the embedded model (the tiny model's test above covers the route itself)
 def test_embedded_model_loads_directly_as_the_float32_first_route_gives_it():
     model = load_base_model(Settings(device="cpu", gguf_blocks="keep")).model
     reference = AutoModelForCausalLM.from_pretrained(embedded_model_dir(Settings().cache_dir), dtype=torch.float32)
