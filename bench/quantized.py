@@ -12,12 +12,11 @@ bytes of the model's parameters (quantized blocks counted once where tied).
 Writes bench/results/quantized.md and quantized.json.
 
 --kernels: `quant_linear` per call (best of 5 timed loops, the same threads) at M = 1, 8, 64 activation rows,
-exact and int8 modes, every type on the weight shapes [out, in] of SmolLM2-135M (576x576: q/o; 1536x576:
-gate/up; 576x1536: down) and of a 1B-class Llama's down projection (2048x8192), beside float32 `F.linear`
-on the same shape (the dequantized model's matmul). Each call reads a different copy of its weights (copies
-past the 32 MiB L3 together), so every shape is timed from memory as in a decode step. The k-quants need
-rows of whole 256-weight blocks, so
-they skip in=576 (llama.cpp's quantizer gives such tensors Q5_0, Q5_1 or Q8_0 instead).
+exact and int8 modes (int8 on the layout the int8 mode holds), every type on the weight shapes [out, in] of
+SmolLM2-135M (576x576: q/o; 1536x576: gate/up; 576x1536: down) and of a 1B-class Llama's down projection
+(2048x8192), beside float32 `F.linear` on the same shape (the dequantized model's matmul). Each call reads a
+different copy of its weights (copies past the 32 MiB L3 together), so every shape is timed from memory as in a
+decode step. The k-quants need rows of whole 256-weight blocks, so they skip in=576 (llama.cpp's quantizer gives such tensors Q5_0, Q5_1 or Q8_0 instead).
 Writes bench/results/quantized-kernels.md and quantized-kernels.json.
 """
 
@@ -135,12 +134,15 @@ def kernel_rows(threads: int) -> list[dict]:
         for name, (qtype, block_weights, _, _) in KERNEL_TYPES.items():
             if in_features % block_weights:
                 continue
-            blocks = streamed(random_blocks(name, out_features, in_features))
+            file_blocks = random_blocks(name, out_features, in_features)
+            # int8 times the layout `QuantLinear(int8=True)` holds (Q4_K, Q6_K reordered where the build has VNNI)
+            held, held_type = torch.ops.loraplex.quant_int8_layout(file_blocks, qtype, in_features)
+            modes = {"exact": (streamed(file_blocks), qtype), "int8": (streamed(held), held_type)}
             for m in KERNEL_ROWS:
                 x, out = torch.randn(m, in_features), torch.empty(m, out_features)
-                for mode in ("exact", "int8"):
+                for mode, (blocks, kernel_type) in modes.items():
                     call = partial(lambda x, bs, *args: torch.ops.loraplex.quant_linear(x, next(bs), *args),
-                                   x, blocks, qtype, out, mode == "int8")
+                                   x, blocks, kernel_type, out, mode == "int8")
                     rows.append({"type": name, "mode": mode, "shape": f"{out_features}x{in_features}", "m": m,
                                  "us": microseconds(call)})
         print(f"{out_features}x{in_features} done", flush=True)

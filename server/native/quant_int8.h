@@ -281,7 +281,6 @@ void int8_rows_k(const Int8Rows& xr, const uint8_t* blocks, int64_t row_bytes, i
   }
 }
 
-
 }  // namespace
 
 #endif  // LORAPLEX_QUANT_AVX2

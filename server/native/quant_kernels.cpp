@@ -140,18 +140,16 @@ struct ExactLanesRun {
 template <int64_t T>
 void direct_avx(const float* x, int64_t m_rows, int64_t x_stride, const uint8_t* blocks, int64_t row_bytes, int64_t n,
                 int64_t k, float* out, int64_t out_stride, bool int8) {
-  if constexpr (!is_lanes(T)) {
-    if (!int8) return over_tiles(m_rows, n, k, ExactRun<T>{x, x_stride, blocks, row_bytes, k, out, out_stride});
-  }
+  if (!int8) {
 #ifdef LORAPLEX_QUANT_LANES
-  if constexpr (is_lanes(T)) {
-    if (!int8) {
+    if constexpr (is_lanes(T)) {
       auto ordered = at::empty({m_rows * k}, at::kFloat);
       permute_lanes_float<T>(x, m_rows, x_stride, k, ordered.data_ptr<float>());
       return over_tiles(m_rows, n, k, ExactLanesRun<T>{ordered.data_ptr<float>(), k, blocks, row_bytes, out, out_stride});
     }
-  }
 #endif
+    if constexpr (!is_lanes(T)) return over_tiles(m_rows, n, k, ExactRun<T>{x, x_stride, blocks, row_bytes, k, out, out_stride});
+  }
   // Exact sums of x per sub-block's offset: 32 for the 32-weight types and Q4_K_L, 16 for the other k-quants.
   constexpr int64_t group = block_weights(T), span = group == CHUNK || T == Q4_K_L ? CHUNK : 16;
   const int64_t nd = m_rows * k / group, ns = m_rows * k / span;

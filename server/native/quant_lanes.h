@@ -14,17 +14,22 @@
 
 namespace {
 
-// The lane layouts' activations: each super-block's 32-bit groups of q reordered as the quants are (lane j of
-// chunk c takes the 4 activations of lane_source(T, c, 4 j)).
+// One super-block of activations (256 values of type E) in lane order: lane j of chunk c takes the 4 values at
+// lane_source(T, c, 4 j), as the quants are reordered.
+template <int64_t T, typename E>
+inline void to_lane_order(const E* from, E* to) {
+  for (int c = 0; c < 8; ++c)
+    for (int j = 0; j < 8; ++j) std::memcpy(to + 32 * c + 4 * j, from + lane_source(T, c, 4 * j), 4 * sizeof(E));
+}
+
+// The int8 activations of every row in lane order, in place.
 template <int64_t T>
 void permute_lanes(const Int8Rows& xr, int64_t m_rows) {
   int8_t* q = const_cast<int8_t*>(xr.q);
   for (int64_t at = 0; at < m_rows * xr.k; at += 256) {
-    uint32_t from[64], to[64];
+    int8_t from[256];
     std::memcpy(from, q + at, 256);
-    for (int c = 0; c < 8; ++c)
-      for (int j = 0; j < 8; ++j) to[8 * c + j] = from[lane_source(T, c, 4 * j) / 4];
-    std::memcpy(q + at, to, 256);
+    to_lane_order<T>(from, q + at);
   }
 }
 
@@ -105,10 +110,7 @@ void int8_rows_lanes(const Int8Rows& xr, const uint8_t* blocks, int64_t row_byte
 template <int64_t T>
 void permute_lanes_float(const float* x, int64_t m_rows, int64_t x_stride, int64_t k, float* to) {
   for (int64_t i = 0; i < m_rows; ++i)
-    for (int64_t at = 0; at < k; at += 256)
-      for (int c = 0; c < 8; ++c)
-        for (int j = 0; j < 8; ++j)
-          std::memcpy(to + i * k + at + 32 * c + 4 * j, x + i * x_stride + at + lane_source(T, c, 4 * j), 16);
+    for (int64_t at = 0; at < k; at += 256) to_lane_order<T>(x + i * x_stride + at, to + i * k + at);
 }
 
 template <int64_t T, int R>
