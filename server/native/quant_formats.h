@@ -19,6 +19,7 @@ constexpr int64_t DIRECT_ROWS = 32;
 constexpr int64_t INT8_DIRECT_ROWS = 256;
 constexpr int64_t TILE_ROWS = 256;
 constexpr int64_t ROW_TILE = 16;
+constexpr int64_t L1_ACTIVATION_BYTES = 32 << 10;  // int8 activations a row group keeps in a core's L1
 constexpr int64_t PREFETCH_BYTES = 2048;
 constexpr int64_t MIN_THREAD_WORK = 1 << 17;  // weights x activation rows
 

@@ -104,6 +104,10 @@ struct Int8Run {
   int64_t row_bytes;
   float* out;
   int64_t out_stride;
+  // Lane layouts: two weight rows per pass when groups of 8 activation rows outgrow L1 (the 1B model's 8192-long
+  // down rows) and weight tiles are re-read from cache by several groups: each activation load then feeds two
+  // rows (at one group, the weights' stream from memory is the limit and one row per pass is faster).
+  bool pairs;
 
   template <int R>
   void rows(int64_t i0, int64_t t0, int64_t t1) const {
@@ -111,8 +115,12 @@ struct Int8Run {
     if constexpr (block_weights(T) == CHUNK)
       int8_rows_small<T, R>(xr, blocks, row_bytes, x.k, t0, t1, out + i0 * out_stride, out_stride);
 #ifdef LORAPLEX_QUANT_LANES
-    else if constexpr (is_lanes(T))
-      int8_rows_lanes<T, R>(xr, blocks, row_bytes, x.k, t0, t1, out + i0 * out_stride, out_stride);
+    else if constexpr (is_lanes(T)) {
+      if (R == 8 && pairs)
+        int8_rows_lanes_pairs<T, R>(xr, blocks, row_bytes, x.k, t0, t1, out + i0 * out_stride, out_stride);
+      else
+        int8_rows_lanes<T, R>(xr, blocks, row_bytes, x.k, t0, t1, out + i0 * out_stride, out_stride);
+    }
 #endif
     else
       int8_rows_k<T, R>(xr, blocks, row_bytes, x.k, t0, t1, out + i0 * out_stride, out_stride);
@@ -162,7 +170,8 @@ void direct_avx(const float* x, int64_t m_rows, int64_t x_stride, const uint8_t*
 #ifdef LORAPLEX_QUANT_LANES
   if constexpr (is_lanes(T)) permute_lanes<T>(xr, m_rows);
 #endif
-  over_tiles(m_rows, n, k, Int8Run<T>{xr, blocks, row_bytes, out, out_stride});
+  const bool pairs = m_rows >= 16 && 8 * k > L1_ACTIVATION_BYTES;
+  over_tiles(m_rows, n, k, Int8Run<T>{xr, blocks, row_bytes, out, out_stride, pairs});
 }
 
 #define LORAPLEX_FOR_EACH_TYPE(CASE) \

@@ -73,6 +73,7 @@ void int8_rows_lanes(const Int8Rows& xr, const uint8_t* blocks, int64_t row_byte
   constexpr int64_t bb = block_bytes(T);
   constexpr int sets = T == Q6_K_L ? 2 : 1;
   const int64_t nb = k / 256;
+  TORCH_CHECK(xr.span * 8 * sets == 256);
   for (int64_t r = r0; r < r1; ++r) {
     __m256 acc[R];
     for (int i = 0; i < R; ++i) acc[i] = _mm256_setzero_ps();
@@ -96,12 +97,59 @@ void int8_rows_lanes(const Int8Rows& xr, const uint8_t* blocks, int64_t row_byte
         if constexpr (sets == 2)
           dots = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(lanes[1][0], lanes[1][1])), scales[1], dots);
         acc[i] = _mm256_fmadd_ps(dots, _mm256_set1_ps(xr.d[i * nb + b]), acc[i]);
-        const float* sums = xr.sums + (i * nb + b) * (256 / xr.span);
+        const float* sums = xr.sums + (i * nb + b) * (8 * sets);  // 8 x sets sums per super-block (span 32 or 16)
         for (int h = 0; h < sets; ++h) acc[i] = _mm256_fmadd_ps(offsets[h], _mm256_loadu_ps(sums + 8 * h), acc[i]);
       }
     }
     for (int i = 0; i < R; ++i) out[i * out_stride + r] = horizontal_sum(acc[i]);
   }
+}
+
+// The same over two weight rows per pass: each activation chunk loaded once feeds both rows' dot products, which
+// halves the activation loads per product (the single-row loop above is load-bound at 8 rows).
+template <int64_t T, int R>
+void int8_rows_lanes_pairs(const Int8Rows& xr, const uint8_t* blocks, int64_t row_bytes, int64_t k, int64_t r0,
+                           int64_t r1, float* out, int64_t out_stride) {
+  constexpr int64_t bb = block_bytes(T);
+  constexpr int sets = T == Q6_K_L ? 2 : 1;
+  const int64_t nb = k / 256;
+  int64_t r = r0;
+  for (; r + 2 <= r1; r += 2) {
+    __m256 acc[2][R];
+    for (int w = 0; w < 2; ++w)
+      for (int i = 0; i < R; ++i) acc[w][i] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+      __m256i q[2][8];
+      __m256 scales[2][2], offsets[2][2];
+      for (int w = 0; w < 2; ++w) {
+        const uint8_t* blk = blocks + (r + w) * row_bytes + b * bb;
+        prefetch_ahead(blk, bb);
+        lane_block<T>(blk, q[w], scales[w], offsets[w]);
+      }
+#pragma GCC unroll 8
+      for (int i = 0; i < R; ++i) {
+        const int8_t* xq = xr.q + i * xr.k + b * 256;
+        __m256i lanes[2][2] = {};  // [weight row][set]
+        for (int c = 0; c < 8; ++c) {
+          const __m256i xc = load32(reinterpret_cast<const uint8_t*>(xq + 32 * c));
+          const int h = sets == 2 ? c / 4 : 0;
+          lanes[0][h] = _mm256_dpbusd_epi32(lanes[0][h], q[0][c], xc);
+          lanes[1][h] = _mm256_dpbusd_epi32(lanes[1][h], q[1][c], xc);
+        }
+        const __m256 dx = _mm256_set1_ps(xr.d[i * nb + b]);
+        const float* sums = xr.sums + (i * nb + b) * (8 * sets);  // 8 x sets sums per super-block (span 32 or 16)
+        for (int w = 0; w < 2; ++w) {
+          __m256 dots = _mm256_mul_ps(_mm256_cvtepi32_ps(lanes[w][0]), scales[w][0]);
+          if constexpr (sets == 2) dots = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lanes[w][1]), scales[w][1], dots);
+          acc[w][i] = _mm256_fmadd_ps(dots, dx, acc[w][i]);
+          for (int h = 0; h < sets; ++h) acc[w][i] = _mm256_fmadd_ps(offsets[w][h], _mm256_loadu_ps(sums + 8 * h), acc[w][i]);
+        }
+      }
+    }
+    for (int w = 0; w < 2; ++w)
+      for (int i = 0; i < R; ++i) out[i * out_stride + r + w] = horizontal_sum(acc[w][i]);
+  }
+  if (r < r1) int8_rows_lanes<T, R>(xr, blocks, row_bytes, k, r, r1, out, out_stride);
 }
 
 // Exact, lane layouts: x reordered as the quants are (per super-block, 4 floats per lane), then each chunk's

@@ -88,10 +88,21 @@ def test_int8_mode_rounds_only_the_activations_that_meet_the_quants(qtype, m, wi
     """out = (a q) . x_int8 + b . x: the quants meet the rounded activations, the offsets the exact ones; so
     the deviation from exact is at most half a rounding step per activation times |a q|. Wide rows: the
     32-weight types' eight-block groups and a ragged tail (11 blocks), the k-quants' three super-blocks."""
-    k = (352 if qtype in SMALL else 768) if wide else width(qtype)
-    blocks, weight = quantized(qtype, 72, k, seed=2)
+    assert_int8_bound(qtype, m, (352 if qtype in SMALL else 768) if wide else width(qtype), 72)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K], ids=["Q4_K", "Q6_K"])
+@pytest.mark.parametrize("m", [8, 16, 70])
+def test_int8_mode_on_rows_longer_than_l1(qtype, m):
+    """Rows of 17 super-blocks (8 activation rows of them outgrow L1: from 16 rows the lane layouts take two
+    weight rows per pass) over an odd count of weight rows (the last one alone)."""
+    assert_int8_bound(qtype, m, 17 * 256, 73)
+
+
+def assert_int8_bound(qtype, m: int, k: int, n: int) -> None:
+    blocks, weight = quantized(qtype, n, k, seed=2)
     b = offsets(qtype, blocks)
-    layer = QuantLinear(blocks, int(qtype), k, 72, int8=True)
+    layer = QuantLinear(blocks, int(qtype), k, n, int8=True)
     x = torch.randn(m, k)
     x[0, :int8_group(qtype)] = 0  # an all-zero group (no scale to divide by)
     out = layer(x)
