@@ -18,6 +18,10 @@ SmolLM2-135M (576x576: q/o; 1536x576: gate/up; 576x1536: down) and of a 1B-class
 different copy of its weights (copies past the 32 MiB L3 together), so every shape is timed from memory as in a
 decode step. The k-quants need rows of whole 256-weight blocks, so they skip in=576 (llama.cpp's quantizer gives such tensors Q5_0, Q5_1 or Q8_0 instead).
 Writes bench/results/quantized-kernels.md and quantized-kernels.json.
+
+--pages: the same calls at M = 1 and 8 on a 1B-class model's gate (Q4_K, 8192x2048) and down (Q6_K, 2048x8192),
+the weights read from 4 KiB pages against copies in 2 MiB pages (server/huge_pages.py, as the server holds
+them), the two alternated; GB/s of the weights read. Writes bench/results/quantized-pages.md and .json.
 """
 
 from __future__ import annotations
@@ -167,6 +171,54 @@ def kernel_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+PAGE_SHAPES = [("Q4_K", 8192, 2048), ("Q6_K", 2048, 8192)]  # a 1B-class Llama's gate and down
+
+
+def page_rows(threads: int) -> list[dict]:
+    from server.huge_pages import in_huge_pages
+    from server.native.loader import load_kernels
+
+    assert load_kernels(), "the compiled CPU kernels could not be built"
+    torch.set_num_threads(threads)
+    rows = []
+    for name, out_features, in_features in PAGE_SHAPES:
+        qtype = KERNEL_TYPES[name][0]
+        file_blocks = random_blocks(name, out_features, in_features)
+        held, held_type = torch.ops.loraplex.quant_int8_layout(file_blocks, qtype, in_features)
+        for mode, (blocks, kernel_type) in {"exact": (file_blocks, qtype), "int8": (held, held_type)}.items():
+            small = list(itertools.islice(streamed(blocks), 96 * 2**20 // blocks.numel()))
+            pages = {"4 KiB": itertools.cycle(small), "2 MiB": itertools.cycle([in_huge_pages(b) for b in small])}
+            for m in (1, 8):
+                x, out = torch.randn(m, in_features), torch.empty(m, out_features)
+                best = {size: float("inf") for size in pages}
+                for _ in range(3):  # alternated, the best of each
+                    for size, copies in pages.items():
+                        call = partial(lambda bs: torch.ops.loraplex.quant_linear(x, next(bs), kernel_type, out,
+                                                                                  mode == "int8"), copies)
+                        best[size] = min(best[size], _microseconds(call, repeats=3, budget_s=0.2))
+                rows.append({"type": name, "shape": f"{out_features}x{in_features}", "mode": mode, "m": m,
+                             **{f"{size} us": us for size, us in best.items()},
+                             **{f"{size} GB/s": blocks.numel() / us / 1e3 for size, us in best.items()}})
+                print(rows[-1], flush=True)
+    return rows
+
+
+def pages_main(args) -> None:
+    threads = args.threads or torch.get_num_threads()
+    rows = page_rows(threads)
+    lines = [f"quant_linear from 4 KiB and 2 MiB pages, {threads} threads (GB/s of the weights read)", "",
+             "| weights | mode | M | 4 KiB pages | 2 MiB pages | ratio |", "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        small, huge = r["4 KiB GB/s"], r["2 MiB GB/s"]
+        lines.append(f"| {r['type']} {r['shape']} | {r['mode']} | {r['m']} | {small:.1f} | {huge:.1f} | "
+                     f"{huge / small:.2f}x |")
+    table = "\n".join(lines)
+    print(table)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "quantized-pages.md").write_text(table + "\n")
+    write_json("quantized-pages.json", {"threads": threads, "rows": rows})
+
+
 def kernels_main(args) -> None:
     threads = args.threads or torch.get_num_threads()
     rows = kernel_rows(threads)
@@ -182,11 +234,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--kernels", action="store_true", help="time the kernels alone (no engine)")
+    parser.add_argument("--pages", action="store_true", help="the kernels from 4 KiB against 2 MiB pages")
     parser.add_argument("--threads", type=int, default=None, help="engine threads (default: torch's)")
     parser.add_argument("--cache-dir", type=Path, default=Settings().cache_dir)
     args = parser.parse_args()
     if args.kernels:
         return kernels_main(args)
+    if args.pages:
+        return pages_main(args)
     best: dict[str, dict] = {}
     for mode in (*MODES, *reversed(MODES)):
         row = measure(mode, args)

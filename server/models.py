@@ -29,6 +29,7 @@ from transformers import (
 )
 
 from server.config import Settings
+from server.huge_pages import in_huge_pages
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +194,8 @@ def load_base_model(settings: Settings) -> BaseModel:
         raise ModelLoadError(f"cannot load model from {folder}: {exc}") from exc
     # PreTrainedModel.to is wrapped with functools.wraps, which mypy reads as an unbound function.
     model.to(device).eval().requires_grad_(False)  # type: ignore[arg-type]
+    for param in model.parameters():  # each tied one once; a decode step streams them all
+        param.data = in_huge_pages(param.data)
     name = settings.served_model_name or default_name
     return BaseModel(model=model, tokenizer=tokenizer, name=name, device=device, dtype=dtype)
 

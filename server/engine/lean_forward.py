@@ -33,6 +33,7 @@ from server.engine.attention import AttentionOptions, PagedModel, attend_written
 from server.engine.decode_kernel import decode_kernel_into
 from server.engine.kv_cache import KVCache
 from server.engine.step_plan import StepAttention
+from server.huge_pages import in_huge_pages
 from server.lora.cpu_group import GroupDelta
 from server.lora.layers import LoraLinear
 from server.lora.step import LoraStepMeta
@@ -90,7 +91,7 @@ def _fuse_blocks(bases: list[Any]) -> torch.Tensor | None:
     first = bases[0]
     if any(b.qtype != first.qtype or b.int8 != first.int8 or b.in_features != first.in_features for b in bases):
         return None
-    fused = torch.cat([b.blocks.data for b in bases])
+    fused = in_huge_pages(torch.cat([b.blocks.data for b in bases]))
     start = 0
     for b in bases:
         rows = b.blocks.shape[0]

@@ -9,8 +9,8 @@ extent (compaction) changes `base[s]` only.
 
 Extents are placed first-fit; when the free pages suffice but no hole does, the extents are slid
 down to the start (between steps, on the engine thread that also runs the op), so an allocation
-that fits by bytes never fails. On the CPU the tensor is allocated uncommitted (`torch.empty`):
-pages are committed as adapters are first written into them.
+that fits by bytes never fails. On the CPU the tensor is allocated uncommitted, in 2 MiB pages
+(server/huge_pages.py): pages are committed as adapters are first written into them.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
+from server.huge_pages import empty_in_huge_pages
 
 PAGE_BYTES = 64 * 1024  # the allocation unit: small beside an adapter (a rank-4 q/v adapter of the default model: 1.7 MB)
 
@@ -33,7 +35,10 @@ class AdapterPool:
         self.page = max(1, page_bytes // itemsize)  # elements per page
         self.page_bytes = self.page * itemsize
         self.num_pages = max(1, nbytes // self.page_bytes)
-        self.data = torch.empty(self.num_pages * self.page, device=device, dtype=dtype)
+        elements = self.num_pages * self.page
+        # Each decode step streams every in-flight adapter's weights: on the CPU from 2 MiB pages
+        on_cpu = torch.device(device).type == "cpu"
+        self.data = empty_in_huge_pages(elements, dtype) if on_cpu else torch.empty(elements, device=device, dtype=dtype)
         self.base = torch.zeros(slots, dtype=torch.int64, device=device)  # element offset of each slot's extent
         self.base_host = [0] * slots
         self.extents: dict[int, tuple[int, int]] = {}  # slot -> (first page, pages)

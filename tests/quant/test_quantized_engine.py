@@ -12,6 +12,8 @@ import gguf
 import pytest
 from peft import PeftModel
 
+from server.huge_pages import HUGE_PAGE
+from server.huge_pages import available as huge_pages_available
 from server.models import embedded_gguf_path, load_base_model
 from server.quant.linear import QuantEmbedding, QuantLinear
 from tests.engine.conftest import greedy, make_engine, run_all
@@ -41,6 +43,9 @@ def test_every_layer_is_served_from_the_blocks_within_the_files_size(engine):
     resident = sum(t.numel() * t.element_size() for t in {p.data_ptr(): p for p in model.parameters()}.values())
     file_weights = sum(int(t.n_bytes) for t in gguf.GGUFReader(str(embedded_gguf_path())).tensors)
     assert resident <= 1.1 * file_weights, (resident, file_weights)
+    if huge_pages_available():  # the tied head's 17.7 MB of blocks, streamed every step: from 2 MiB pages
+        largest = max(model.parameters(), key=lambda p: p.numel() * p.element_size())
+        assert largest.numel() >= 8 * HUGE_PAGE and largest.data_ptr() % HUGE_PAGE == 0
 
 
 def test_mixed_batch_equals_peft_on_the_float32_weights(engine, default_settings):
