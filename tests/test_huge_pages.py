@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from server.engine.memory import tensor_bytes
 from server.huge_pages import HUGE_PAGE, available, empty_in_huge_pages, in_huge_pages
 
 THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
@@ -80,3 +81,12 @@ def test_an_empty_tensor_commits_nothing_until_written():
     pool[: HUGE_PAGE // 4].fill_(1.0)  # one page's worth
     assert mapping_of(pool.data_ptr())["Rss"] <= 2 * HUGE_PAGE // 1024
     assert float(pool[: HUGE_PAGE // 4].sum()) == HUGE_PAGE // 4
+
+
+def test_the_memory_metric_counts_a_copy_by_its_own_bytes():
+    """`loraplex_memory_bytes{owner="model"}` sums storages by the span their tensors cover: a copy counts its
+    bytes, not its mapping's alignment slack; views of one buffer count it once."""
+    source = torch.randn(1_000_000)
+    assert tensor_bytes([in_huge_pages(source)]) == source.numel() * 4
+    fused = in_huge_pages(torch.randn(3, 1_000_000))
+    assert tensor_bytes([fused[0], fused[1:]]) == fused.numel() * 4

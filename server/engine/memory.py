@@ -14,12 +14,22 @@ from torch import nn
 
 
 def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    """Bytes of the distinct storages behind `tensors`."""
-    storages = {}
+    """Bytes of the distinct storages behind `tensors`, each the span its tensors cover (views of one buffer
+    count once; a tensor placed inside a larger mapping, as server/huge_pages.py places them, counts its own
+    bytes, not the mapping's alignment slack)."""
+    spans: dict[tuple[torch.device, int], tuple[int, int]] = {}
     for t in tensors:
-        storage = t.untyped_storage()
-        storages[(t.device, storage.data_ptr())] = storage.nbytes()
-    return sum(storages.values())
+        start = t.data_ptr()
+        end = start + (_extent(t) * t.element_size() if t.numel() else 0)
+        key = (t.device, t.untyped_storage().data_ptr())
+        low, high = spans.get(key, (start, end))
+        spans[key] = (min(low, start), max(high, end))
+    return sum(high - low for low, high in spans.values())
+
+
+def _extent(t: torch.Tensor) -> int:
+    """Elements from a tensor's first to one past its last (its strides' reach)."""
+    return 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()) if size > 0)
 
 
 def module_bytes(model: nn.Module) -> int:
