@@ -193,8 +193,8 @@ def page_rows(threads: int) -> list[dict]:
                 best = {size: float("inf") for size in pages}
                 for _ in range(3):  # alternated, the best of each
                     for size, copies in pages.items():
-                        call = partial(lambda bs: torch.ops.loraplex.quant_linear(x, next(bs), kernel_type, out,
-                                                                                  mode == "int8"), copies)
+                        call = partial(lambda x, bs, *args: torch.ops.loraplex.quant_linear(x, next(bs), *args),
+                                       x, copies, kernel_type, out, mode == "int8")
                         best[size] = min(best[size], _microseconds(call, repeats=3, budget_s=0.2))
                 rows.append({"type": name, "shape": f"{out_features}x{in_features}", "mode": mode, "m": m,
                              **{f"{size} us": us for size, us in best.items()},
@@ -212,11 +212,15 @@ def pages_main(args) -> None:
         small, huge = r["4 KiB GB/s"], r["2 MiB GB/s"]
         lines.append(f"| {r['type']} {r['shape']} | {r['mode']} | {r['m']} | {small:.1f} | {huge:.1f} | "
                      f"{huge / small:.2f}x |")
-    table = "\n".join(lines)
+    publish("quantized-pages", "\n".join(lines), {"threads": threads, "rows": rows})
+
+
+def publish(stem: str, table: str, data: dict) -> None:
+    """Print the table and write it (bench/results/<stem>.md) and the figures (<stem>.json)."""
     print(table)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "quantized-pages.md").write_text(table + "\n")
-    write_json("quantized-pages.json", {"threads": threads, "rows": rows})
+    (RESULTS / f"{stem}.md").write_text(table + "\n")
+    write_json(f"{stem}.json", data)
 
 
 def kernels_main(args) -> None:
@@ -224,10 +228,7 @@ def kernels_main(args) -> None:
     rows = kernel_rows(threads)
     clock = "CPU time of the calling thread" if threads == 1 else "wall time"
     table = f"quant_linear, microseconds per call ({clock}), {threads} threads\n\n" + kernel_table(rows)
-    print(table)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "quantized-kernels.md").write_text(table + "\n")
-    write_json("quantized-kernels.json", {"threads": threads, "rows": rows})
+    publish("quantized-kernels", table, {"threads": threads, "rows": rows})
 
 
 def main() -> None:
@@ -258,11 +259,7 @@ def main() -> None:
     ratio = {k: best["keep"][k] / best["dequantize"][k] for k in ("base_tok_s", "adapter_tok_s", "concurrent_tok_s")}
     lines.append(f"| blocks / float32 | {ratio['base_tok_s']:.2f}x | {ratio['adapter_tok_s']:.2f}x | "
                  f"{ratio['concurrent_tok_s']:.2f}x | {best['keep']['weights_mib'] / best['dequantize']['weights_mib']:.2f}x |")
-    table = "\n".join(lines)
-    print(table)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "quantized.md").write_text(table + "\n")
-    write_json("quantized.json", {"best": best, "ratio": ratio, "quick": args.quick})
+    publish("quantized", "\n".join(lines), {"best": best, "ratio": ratio, "quick": args.quick})
 
 
 if __name__ == "__main__":
