@@ -63,6 +63,7 @@ def test_mixed_batch_equals_peft_on_the_float32_weights(engine, default_settings
     assert results[0].text != results[1].text  # the adapters change the answer
 
 
+@pytest.mark.full  # a second engine of the embedded model (10 s); the int8 kernels' bounds run in make test
 def test_int8_mode_starts_and_keeps_its_linears_int8():
     """The start-up probe checks attention with the linears exact (int8 differs by design) and leaves them int8."""
     engine = make_engine(None, ROOT / "adapters", gguf_blocks="keep", quant_compute="int8", max_loras=4)
