@@ -4,8 +4,8 @@
 
 A decode step reads the model's weights (and every in-flight adapter's A and B) once each, in long runs. From
 4 KiB pages the core's streaming read stops short of its rate: on a Zen 4 core the int8 kernel at one row
-read a 1B-class model's Q4_K gate at 19.2 GB/s from 4 KiB pages and 24.6 GB/s from 2 MiB ones, its Q6_K down
-at 20.0 and 27.5 (`python bench/quantized.py --pages --threads 1`). Linux gives an anonymous mapping 2 MiB pages where it is asked to
+read a 1B-class model's Q4_K gate at 19.2-24.0 GB/s from 4 KiB pages and 24.6-27.0 GB/s from 2 MiB ones, its
+Q6_K down at 20.0-25.0 and 27.3-27.5 (two runs of `python bench/quantized.py --pages --threads 1`). Linux gives an anonymous mapping 2 MiB pages where it is asked to
 (`madvise(MADV_HUGEPAGE)`, which works under the default `madvise` setting of transparent huge pages and
 under `always`); torch's own allocator asks only when `THP_MEM_ALLOC_ENABLE` is set, for every large
 allocation, so the weights are placed here instead.
