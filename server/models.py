@@ -29,7 +29,7 @@ from transformers import (
 )
 
 from server.config import Settings
-from server.huge_pages import in_huge_pages
+from server.huge_pages import in_huge_pages, release_freed_heap
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +195,10 @@ def load_base_model(settings: Settings) -> BaseModel:
     # PreTrainedModel.to is wrapped with functools.wraps, which mypy reads as an unbound function.
     model.to(device).eval().requires_grad_(False)  # type: ignore[arg-type]
     for param in model.parameters():  # each tied one once; a decode step streams them all
-        param.data = in_huge_pages(param.data)
+        moved = in_huge_pages(param.data)
+        if moved is not param.data:
+            param.data = moved
+            release_freed_heap()  # the old copy's pages, before the next one is made: no second model in memory
     name = settings.served_model_name or default_name
     return BaseModel(model=model, tokenizer=tokenizer, name=name, device=device, dtype=dtype)
 
