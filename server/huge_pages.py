@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import mmap
+from functools import lru_cache
 
 import torch
 
@@ -62,7 +63,12 @@ def release_freed_heap() -> None:
     """Hand the heap's free pages back to the OS (glibc's `malloc_trim`; elsewhere nothing): the 4 KiB copies
     freed once a model's weights have moved keep the process's resident set up otherwise (by their size, 510
     MiB for a 1B-class model, until later allocations reuse them)."""
-    name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(name) if name else None
+    libc = _libc()
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
+
+
+@lru_cache(maxsize=1)
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")  # runs ldconfig: once
+    return ctypes.CDLL(name) if name else None
