@@ -5,10 +5,10 @@
 A decode step reads the model's weights (and every in-flight adapter's A and B) once each, in long runs. From
 4 KiB pages the core's streaming read stops short of its rate: on a Zen 4 core the int8 kernel at one row
 read a 1B-class model's Q4_K gate at 19.2-24.0 GB/s from 4 KiB pages and 24.6-27.0 GB/s from 2 MiB ones, its
-Q6_K down at 20.0-25.0 and 27.3-27.5 (two runs of `python bench/quantized.py --pages --threads 1`). Linux gives an anonymous mapping 2 MiB pages where it is asked to
-(`madvise(MADV_HUGEPAGE)`, which works under the default `madvise` setting of transparent huge pages and
-under `always`); torch's own allocator asks only when `THP_MEM_ALLOC_ENABLE` is set, for every large
-allocation, so the weights are placed here instead.
+Q6_K down at 20.0-25.0 and 27.3-27.5 (two runs of `python bench/quantized.py --pages --threads 1`). Linux
+gives an anonymous mapping 2 MiB pages where it is asked to (`madvise(MADV_HUGEPAGE)`, which works under the
+default `madvise` setting of transparent huge pages and under `always`); torch's own allocator asks only when
+`THP_MEM_ALLOC_ENABLE` is set, for every large allocation, so the weights are placed here instead.
 
 Only the whole 2 MiB pages inside a tensor's bytes are advised, so no page reaches past its end and a
 tensor holds no more memory than its bytes. Elsewhere (no `MADV_HUGEPAGE`, a non-CPU tensor, under 2 MiB)
@@ -42,11 +42,12 @@ def in_huge_pages(tensor: torch.Tensor) -> torch.Tensor:
     return copy
 
 
-def empty_in_huge_pages(numel: int, dtype: torch.dtype) -> torch.Tensor:
-    """An uncommitted CPU tensor (its pages are committed, 2 MiB at a time, as they are first written)."""
+def empty_in_huge_pages(numel: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """An uncommitted tensor, on the CPU in 2 MiB pages (committed 2 MiB at a time as they are first written);
+    `torch.empty` where that cannot apply."""
     nbytes = numel * torch.empty((), dtype=dtype).element_size()
-    if nbytes < HUGE_PAGE or not available():
-        return torch.empty(numel, dtype=dtype)
+    if torch.device(device).type != "cpu" or nbytes < HUGE_PAGE or not available():
+        return torch.empty(numel, dtype=dtype, device=device)
     return _mapped(nbytes).view(dtype)
 
 

@@ -35,10 +35,8 @@ class AdapterPool:
         self.page = max(1, page_bytes // itemsize)  # elements per page
         self.page_bytes = self.page * itemsize
         self.num_pages = max(1, nbytes // self.page_bytes)
-        elements = self.num_pages * self.page
         # Each decode step streams every in-flight adapter's weights: on the CPU from 2 MiB pages
-        on_cpu = torch.device(device).type == "cpu"
-        self.data = empty_in_huge_pages(elements, dtype) if on_cpu else torch.empty(elements, device=device, dtype=dtype)
+        self.data = empty_in_huge_pages(self.num_pages * self.page, dtype, device)
         self.base = torch.zeros(slots, dtype=torch.int64, device=device)  # element offset of each slot's extent
         self.base_host = [0] * slots
         self.extents: dict[int, tuple[int, int]] = {}  # slot -> (first page, pages)

@@ -116,10 +116,10 @@ struct Int8Run {
       int8_rows_small<T, R>(xr, blocks, row_bytes, x.k, t0, t1, out + i0 * out_stride, out_stride);
 #ifdef LORAPLEX_QUANT_LANES
     else if constexpr (is_lanes(T)) {
-      if (R == 8 && pairs)
-        int8_rows_lanes_pairs<T, R>(xr, blocks, row_bytes, x.k, t0, t1, out + i0 * out_stride, out_stride);
-      else
-        int8_rows_lanes<T, R>(xr, blocks, row_bytes, x.k, t0, t1, out + i0 * out_stride, out_stride);
+      if constexpr (R == 8) {
+        if (pairs) return int8_rows_lanes_pairs<T, R>(xr, blocks, row_bytes, x.k, t0, t1, out + i0 * out_stride, out_stride);
+      }
+      int8_rows_lanes<T, R>(xr, blocks, row_bytes, x.k, t0, t1, out + i0 * out_stride, out_stride);
     }
 #endif
     else

@@ -106,7 +106,8 @@ void int8_rows_lanes(const Int8Rows& xr, const uint8_t* blocks, int64_t row_byte
 }
 
 // The same over two weight rows per pass: each activation chunk loaded once feeds both rows' dot products, which
-// halves the activation loads per product (the single-row loop above is load-bound at 8 rows).
+// halves the activation loads per product (where 8 activation rows outgrow L1, the single-row loop above re-reads
+// them from L2 for every weight row).
 template <int64_t T, int R>
 void int8_rows_lanes_pairs(const Int8Rows& xr, const uint8_t* blocks, int64_t row_bytes, int64_t k, int64_t r0,
                            int64_t r1, float* out, int64_t out_stride) {
